@@ -1,0 +1,1 @@
+"""The `qdtk` command line (installed as the package qdtk.cli)."""

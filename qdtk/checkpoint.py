@@ -1,0 +1,408 @@
+"""Hugging Face checkpoint folders, tensor by tensor, without torch.
+
+Reading: one `model.safetensors`, or shards listed by `model.safetensors.index.json`. Headers are
+parsed here (not by the safetensors package) so that every damaged file gets an error naming it,
+and tensors are memory-mapped: reading one never loads another. bfloat16 comes back as
+`ml_dtypes.bfloat16` (bit-exact) or as float32 on request.
+
+Writing: `CheckpointWriter` streams tensors into shards of bounded size; shards are written under
+temporary names and renamed, then the index, so a killed write leaves no file under a final name
+that is incomplete.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+import shutil
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from qdtk.errors import QdtkError
+from qdtk.io import atomic_path, fingerprint, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# safetensors dtype code <-> NumPy dtype (little endian on disk).
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+CODES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+# Weights inside numbered blocks (layers.3., blocks.12., layer.0., h.5.) are the Linears of the
+# transformer stack; embeddings, norms and the output head live outside or are excluded by name.
+_IN_BLOCK = re.compile(r"\.\d+\.")
+_NOT_LINEAR = re.compile(r"(norm|ln_|layernorm|embed|wte|wpe)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file and absolute byte range, from the header alone."""
+
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    begin: int  # absolute byte offset in `file`
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: tensors (by name, file order) and metadata."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise QdtkError(f"{path}: truncated safetensors file (no header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or 8 + n > size:
+                raise QdtkError(f"{path}: bad header length {n} for a file of {size} bytes")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise QdtkError(f"{path}: shard file is missing") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QdtkError(f"{path}: bad JSON header ({e})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape = entry["dtype"], tuple(int(s) for s in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise QdtkError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if dtype not in DTYPES:
+            raise QdtkError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+        if end - begin != expected or begin < 0:
+            raise QdtkError(
+                f"{path}: tensor {name!r} spans {end - begin} bytes but shape {list(shape)} "
+                f"of {dtype} needs {expected}"
+            )
+        if base + end > size:
+            raise QdtkError(
+                f"{path}: data shorter than the header says (tensor {name!r} ends at byte "
+                f"{base + end}, file has {size}); the file is truncated"
+            )
+        tensors[name] = TensorInfo(name, dtype, shape, path, base + begin, base + end)
+    ordered = dict(sorted(tensors.items(), key=lambda kv: kv[1].begin))
+    return ordered, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _match(name: str, pattern: str) -> bool:
+    """A pattern is a glob (`*.q_proj.weight`), or a regex when written `re:...`."""
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+class Checkpoint:
+    """A read-only view of a checkpoint folder: headers parsed eagerly, data mapped lazily."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise QdtkError(f"{self.folder}: model folder not found")
+        self.files = self._shard_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[Path, dict[str, str]] = {}
+        for file in self.files:
+            infos, meta = read_header(file)
+            self.metadata[file] = meta
+            for name, info in infos.items():
+                if name in self.tensors:
+                    raise QdtkError(
+                        f"{file}: tensor {name!r} is also in {self.tensors[name].file.name}"
+                    )
+                self.tensors[name] = info
+        self._check_index()
+        self._maps: dict[Path, np.memmap] = {}
+
+    def _shard_files(self) -> list[Path]:
+        index = self.folder / INDEX_NAME
+        if index.exists():
+            from qdtk.io import read_json
+
+            self.index = read_json(index)
+            weight_map = self.index.get("weight_map") if isinstance(self.index, dict) else None
+            if not isinstance(weight_map, dict):
+                raise QdtkError(f"{index}: no weight_map")
+            names = sorted(set(weight_map.values()))
+            for n in names:
+                if not (self.folder / n).is_file():
+                    raise QdtkError(f"{index}: names shard {n!r}, which is missing")
+            return [self.folder / n for n in names]
+        self.index = None
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise QdtkError(f"{self.folder}: no .safetensors files (and no {INDEX_NAME})")
+        return files
+
+    def _check_index(self) -> None:
+        if self.index is None:
+            return
+        for name, shard in self.index["weight_map"].items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise QdtkError(f"{self.folder / INDEX_NAME}: tensor {name!r} not found in {shard}")
+            if info.file.name != shard:
+                raise QdtkError(
+                    f"{self.folder / INDEX_NAME}: tensor {name!r} listed in {shard} "
+                    f"but stored in {info.file.name}"
+                )
+
+    @property
+    def config(self) -> dict:
+        path = self.folder / "config.json"
+        if not path.exists():
+            return {}
+        from qdtk.io import read_json
+
+        return read_json(path)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise QdtkError(f"{self.folder}: no tensor named {name!r}") from None
+
+    def read(self, name: str, dtype: np.dtype | type | None = None) -> np.ndarray:
+        """One tensor as a NumPy array (a read-only memory map unless `dtype` converts it)."""
+        info = self.info(name)
+        mm = self._maps.get(info.file)
+        if mm is None:
+            mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
+        arr = mm[info.begin : info.end].view(DTYPES[info.dtype]).reshape(info.shape)
+        return arr if dtype is None else arr.astype(dtype)
+
+    def linear_names(
+        self, include: Iterable[str] = (), exclude: Iterable[str] = ()
+    ) -> list[str]:
+        """The Linear weights to quantize.
+
+        Default: 2-D `*.weight` tensors inside numbered blocks, minus norms and embeddings.
+        `include` patterns replace that default selection; `exclude` patterns remove from it.
+        A tensor named by an include pattern that is not 2-D is an error.
+        """
+        include, exclude = list(include), list(exclude)
+        if include:
+            chosen = [n for n in self.tensors if any(_match(n, p) for p in include)]
+            for n in chosen:
+                if len(self.tensors[n].shape) != 2:
+                    raise QdtkError(
+                        f"{self.tensors[n].file}: tensor {n!r} has shape "
+                        f"{list(self.tensors[n].shape)}; only 2-D Linear weights can be quantized"
+                    )
+        else:
+            chosen = [
+                n
+                for n, info in self.tensors.items()
+                if len(info.shape) == 2
+                and n.endswith(".weight")
+                and _IN_BLOCK.search(n)
+                and not _NOT_LINEAR.search(n)
+            ]
+        return [n for n in chosen if not any(_match(n, p) for p in exclude)]
+
+    def fingerprint(self) -> str:
+        """Changes when any shard's header or size changes (cheap: no data is hashed)."""
+        parts = []
+        for file in self.files:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                parts.append([file.name, file.stat().st_size, f.read(n).hex()])
+        return fingerprint(parts)
+
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+
+def _encode_header(entries: dict[str, dict], metadata: dict[str, str] | None) -> bytes:
+    header = dict(entries)
+    if metadata:
+        header = {"__metadata__": metadata, **header}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(
+    path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
+    """Write one safetensors file atomically (tensors in the given order)."""
+    entries, offset = {}, 0
+    arrays = {}
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype.newbyteorder("<") not in CODES and arr.dtype not in CODES:
+            raise QdtkError(f"{path}: tensor {name!r} has unsupported dtype {arr.dtype}")
+        code = CODES.get(arr.dtype) or CODES[arr.dtype.newbyteorder("<")]
+        arr = arr.astype(DTYPES[code], copy=False)
+        arrays[name] = arr
+        entries[name] = {
+            "dtype": code,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(_encode_header(entries, metadata))
+        for arr in arrays.values():
+            f.write(arr.tobytes())
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read a whole (small) safetensors file: arrays copied into memory, and its metadata."""
+    infos, meta = read_header(path)
+    data = Path(path).read_bytes()
+    out = {
+        name: np.frombuffer(data, DTYPES[i.dtype], i.numel, i.begin).reshape(i.shape).copy()
+        for name, i in infos.items()
+    }
+    return out, meta
+
+
+class CheckpointWriter:
+    """Stream tensors into a sharded checkpoint folder; use as a context manager.
+
+    Shards hold at most `max_shard_bytes` (a single larger tensor gets a shard of its own).
+    Nothing gets a final name until `close()` succeeds: shards are renamed from temporaries to
+    `model-0000i-of-0000N.safetensors` (or `model.safetensors` when one suffices), then the
+    index is written.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        max_shard_bytes: int = 5 * 2**30,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob("*.partial"):  # left by a killed writer
+            stale.unlink()
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = metadata or {"format": "pt"}
+        self._pending: dict[str, np.ndarray] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []  # temporary path, tensor names
+        self._names: set[str] = set()
+        self.total_bytes = 0
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if name in self._names:
+            raise QdtkError(f"{self.folder}: tensor {name!r} written twice")
+        self._names.add(name)
+        if self._pending and self._pending_bytes + array.nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = array
+        self._pending_bytes += array.nbytes
+        self.total_bytes += array.nbytes
+
+    def _flush(self) -> None:
+        tmp = self.folder / f"shard-{len(self._shards) + 1:05d}.safetensors.partial"
+        write_safetensors(tmp, self._pending, self.metadata)
+        self._shards.append((tmp, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Finish: name the shards and write the index. Returns the shard paths."""
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        finals = []
+        if n == 1:
+            finals.append(self.folder / SINGLE_NAME)
+        else:
+            finals += [
+                self.folder / f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)
+            ]
+        for (tmp, _), final in zip(self._shards, finals, strict=True):
+            tmp.replace(final)
+        index = self.folder / INDEX_NAME
+        if n > 1:
+            weight_map = {
+                name: f.name
+                for (_, names), f in zip(self._shards, finals, strict=True)
+                for name in names
+            }
+            write_json_atomic(
+                index, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            )
+        elif index.exists():
+            index.unlink()
+        return finals
+
+    def abort(self) -> None:
+        for tmp, _ in self._shards:
+            tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+
+
+def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy every non-weight file: config, tokenizer, remote code, pooling folders."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.name.startswith(".") or p.name == INDEX_NAME or p.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(p, dst / p.name)
+        copied.append(p.name)
+    return copied

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random checkpoints saved as real folders.
+
+NUMBA_ENABLE_CUDASIM must be set before numba is first imported, so that the CUDA kernels run
+(slowly) on the CPU simulator here.
+"""
+
+import os
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer BertForMaskedLM (hidden 64, intermediate 160: a ragged 128-group) on disk."""
+    pytest.importorskip("torch")
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=160, max_position_embeddings=64, mask_token_id=4,
+    )
+    model = BertForMaskedLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer LlamaForCausalLM (hidden 64, intermediate 192) on disk."""
+    pytest.importorskip("torch")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=192, max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path, safe_serialization=True)
+    return path
