@@ -50,6 +50,19 @@ def group_index(m: int, group: int = GROUP) -> np.ndarray:
     return np.arange(m) // group
 
 
+def dequantize_block(signs: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[n, w] float32 sum_k (a_k b_k^T) (.) B_k of one group, planes added in order k = 0, 1, ...
+
+    signs [K, n, w] bool (True = +1); a [K, n] and b [K, w] as stored (float16). This is the
+    canonical evaluation: the solver reports errors with it and unpack reproduces it exactly.
+    """
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    What = np.zeros(signs.shape[1:], np.float32)
+    for k in range(signs.shape[0]):
+        What += np.outer(a[k], b[k]) * np.where(signs[k], np.float32(1), np.float32(-1))
+    return What
+
+
 @dataclass
 class BinaryCodedLayer:
     orders: np.ndarray  # [G] int, planes per group
@@ -66,16 +79,12 @@ class BinaryCodedLayer:
     def dequantize(self) -> np.ndarray:
         """[n, m] float32 What, the canonical evaluation."""
         n, m = self.shape
-        g = group_index(m)
-        a = self.row_scale.astype(np.float32)  # [K, G, n]
-        b = self.col_scale.astype(np.float32)  # [K, m]
-        What = np.zeros((n, m), np.float32)
-        for k in range(self.signs.shape[0]):
-            active = k < self.orders[g]  # [m]
-            term = (a[k][g].T * b[k][None, :]) * np.where(self.signs[k], 1.0, -1.0).astype(
-                np.float32
+        What = np.empty((n, m), np.float32)
+        for g, cols in enumerate(group_slices(m)):
+            o = int(self.orders[g])
+            What[:, cols] = dequantize_block(
+                self.signs[:o, :, cols], self.row_scale[:o, g], self.col_scale[:o, cols]
             )
-            What += np.where(active[None, :], term, np.float32(0))
         return What
 
     def storage_bits(self) -> int:
