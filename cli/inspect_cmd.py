@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import click
+
 from qdtk.cli.options import exclude_option, include_option
 
 
