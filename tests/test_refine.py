@@ -1,0 +1,146 @@
+"""qdtk.refine: every step lowers tr(D H D^T); the row refit is the exact least squares."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qdtk.bits import group_slices
+from qdtk.refine import (
+    balance_scales,
+    output_error,
+    refine_layer,
+    refine_signs,
+    refit_col_scales,
+    refit_row_scales,
+    state_from_layer,
+)
+from qdtk.solution import BinaryCodedLayer
+
+
+def correlated_H(rng, m: int, T: int = 400) -> np.ndarray:
+    """H = 2/T X^T X with X = Z A: strongly correlated input columns."""
+    Z = rng.standard_normal((T, m))
+    A = rng.standard_normal((m, m)) / np.sqrt(m) + np.eye(m)
+    X = Z @ A
+    return 2 / T * X.T @ X
+
+
+def random_layer(rng, n: int, m: int, orders) -> BinaryCodedLayer:
+    """A random binary-coded layer; inactive planes are False / 0 as the format requires."""
+    orders = np.asarray(orders, np.int64)
+    K = int(orders.max())
+    slices = group_slices(m)
+    signs = rng.random((K, n, m)) < 0.5
+    row = np.abs(rng.standard_normal((K, len(slices), n))) * 0.5
+    col = np.abs(rng.standard_normal((K, m)))
+    for g, cols in enumerate(slices):
+        signs[orders[g] :, :, cols] = False
+        row[orders[g] :, g] = 0
+        col[orders[g] :, cols] = 0
+    return BinaryCodedLayer(orders, signs, row.astype(np.float16), col.astype(np.float16))
+
+
+@pytest.fixture(params=[(24, 200, [2, 1]), (16, 300, [3, 2, 1]), (10, 128, [2])])
+def problem(request, rng):
+    n, m, orders = request.param
+    W = rng.standard_normal((n, m))
+    H = correlated_H(rng, m)
+    return W, H, random_layer(rng, n, m, orders)
+
+
+@pytest.mark.parametrize("step", [refit_row_scales, refit_col_scales, refine_signs])
+def test_each_step_never_increases_the_error(problem, step):
+    W, H, layer = problem
+    state = state_from_layer(layer)
+    f = output_error(W, state.dequantize(), H)
+    for _ in range(3):
+        state = step(W, H, state)
+        f_new = output_error(W, state.dequantize(), H)
+        assert f_new <= f * (1 + 1e-12)
+        f = f_new
+    assert f < output_error(W, layer.dequantize(), H)  # a random start is always improvable
+
+
+def test_column_refit_in_chunks_never_increases_and_joint_is_best(problem):
+    W, H, layer = problem
+    state = state_from_layer(layer)
+    f0 = output_error(W, state.dequantize(), H)
+    joint = output_error(W, refit_col_scales(W, H, state).dequantize(), H)
+    chunked = output_error(W, refit_col_scales(W, H, state, max_unknowns=1).dequantize(), H)
+    assert joint <= chunked * (1 + 1e-9) and chunked <= f0
+
+
+def test_row_refit_equals_brute_force_lstsq(rng):
+    n, m, orders = 6, 200, np.array([2, 3])
+    W, H = rng.standard_normal((n, m)), correlated_H(rng, m)
+    state = state_from_layer(random_layer(rng, n, m, orders))
+    C = np.linalg.cholesky(H)  # H = C C^T: (w - Phi a)^T H (w - Phi a) = |C^T (w - Phi a)|^2
+    got = refit_row_scales(W, H, state).a
+    for i in range(n):
+        Phi = np.zeros((m, 0))
+        cols_of = []
+        for g, cols in enumerate(group_slices(m)):
+            for k in range(orders[g]):
+                col = np.zeros(m)
+                col[cols] = state.b[k, cols] * state.S[k, i, cols]
+                Phi = np.column_stack([Phi, col])
+                cols_of.append((k, g))
+        a_ref = np.linalg.lstsq(C.T @ Phi, C.T @ W[i], rcond=None)[0]
+        np.testing.assert_allclose([got[k, g, i] for k, g in cols_of], a_ref, rtol=1e-6)
+
+
+def test_row_refit_with_identity_H_is_the_closed_form(rng):
+    # H = I, one plane: a = sum_j w_j b_j B_j / sum_j b_j^2 per row and group.
+    n, m = 5, 256
+    W = rng.standard_normal((n, m))
+    state = state_from_layer(random_layer(rng, n, m, [1, 1]))
+    a = refit_row_scales(W, np.eye(m), state).a
+    for g, cols in enumerate(group_slices(m)):
+        V = state.S[0][:, cols] * state.b[0, cols]  # [n, w]
+        np.testing.assert_allclose(a[0, g], np.sum(W[:, cols] * V, 1) / np.sum(V**2, 1))
+
+
+def test_balance_keeps_What(problem):
+    _, _, layer = problem
+    state = state_from_layer(layer)
+    np.testing.assert_allclose(balance_scales(state).dequantize(), state.dequantize(), rtol=1e-12)
+
+
+def test_refine_layer_improves_and_is_valid(problem):
+    W, H, layer = problem
+    out = refine_layer(W, H, layer, rounds=2)
+    out.validate("layer")
+    assert out.row_scale.dtype == np.float16 and out.col_scale.dtype == np.float16
+    assert out.signs.shape == layer.signs.shape and out.signs.dtype == bool
+    for g, cols in enumerate(group_slices(W.shape[1])):  # the format's padding stays empty
+        o = layer.orders[g]
+        assert not out.signs[o:, :, cols].any() and not out.row_scale[o:, g].any()
+        assert not out.col_scale[o:, cols].any()
+    assert output_error(W, out.dequantize(), H) < output_error(W, layer.dequantize(), H)
+
+
+def test_refine_layer_keeps_a_layer_it_cannot_improve(rng):
+    # W exactly representable: the input is optimal and must come back unchanged.
+    layer = random_layer(rng, 8, 128, [2])
+    W = layer.dequantize().astype(np.float64)
+    out = refine_layer(W, correlated_H(rng, 128), layer, rounds=1)
+    np.testing.assert_array_equal(out.dequantize(), layer.dequantize())
+
+
+def test_degenerate_inputs_stay_finite(rng):
+    n, m = 8, 256
+    W = rng.standard_normal((n, m))
+    W[3] = 0  # zero row
+    H = correlated_H(rng, m)
+    dead = np.arange(m) % 7 == 0  # dead columns: no calibration token excites them
+    H[dead, :] = 0
+    H[:, dead] = 0
+    W[:, dead] = 0
+    layer = random_layer(rng, n, m, [2, 2])
+    layer.row_scale[:, 1, 5] = 0  # a row whose scales are zero in one group
+    layer.col_scale[1, :128] = 0  # a plane with zero column scales
+    out = refine_layer(W, H, layer, rounds=2)
+    out.validate("layer")
+    assert np.all(np.isfinite(out.dequantize()))
+    assert np.all(np.isfinite(out.row_scale)) and np.all(np.isfinite(out.col_scale))
