@@ -1,0 +1,247 @@
+"""DAQ on a GPU (SPEC 4, 5): Numba CUDA kernels for the block solver, CuPy for the layer's algebra.
+
+The block solver follows reference.py step for step (same update order, EPS placement, sign(0)
+= +1, sign-search tie rule). A block Wb [n, w <= 128] is cut into tiles of up to ROWS rows;
+one thread block owns one tile. One launch of `plane_pass` is one fused pass over the data:
+
+    load the tile (coalesced along the columns) into shared memory, optionally re-choosing every
+    element's K signs first (the sign search of the previous round, 2^K patterns in registers),
+    Wt = Wb - sum_{l != k} planes                      (tile, shared)
+    a_k = row reduction of the tile                    (exact for the tile's rows)
+    partial column sums of plane k's b_k update        -> part [2, tiles, w]
+
+and `finalize` reduces the partials over tiles in a fixed order (deterministic, no atomics)
+into b_k. Per round that is K passes + K tiny reductions; the sign search rides on the first
+pass of the next round, so the data is read K times per round and nothing of size n*w*2^K is
+ever formed. All state (W, E, signs, a, b) stays on the device between launches.
+
+The whole-layer helpers at the bottom (U from H, the compensation update) need CuPy on a real
+GPU; `qdtk.backend` decides when they are used.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numba
+import numpy as np
+from numba import cuda
+
+from qdtk.bits import GROUP
+from qdtk.daq.reference import EPS
+
+ROWS = 16  # rows per tile (thread block); shared memory: ROWS x (GROUP + 1) x (2 x 4 + 1) bytes
+KMAX = 4  # the most planes the kernels hold per element
+THREADS = 128  # threads per block: one per column in the load, several per row in reductions
+INIT, UPDATE, SEARCH = 0, 1, 2  # plane_pass modes: greedy init, scale update, sign search only
+
+
+@cache
+def _kernels(dtype: np.dtype):
+    """(plane_pass, finalize) compiled for float dtype `dtype` (float32 on GPUs, float64 too)."""
+    T = numba.from_dtype(dtype)
+    i8 = numba.int8
+    eps = T(EPS)
+    PAD = GROUP + 1  # odd row stride: threads walking down a column hit distinct banks
+
+    @cuda.jit(device=True)
+    def search_signs(x, at, bt, r, j, K, s):
+        """s[:K] = the sign pattern whose value is nearest to x (smallest pattern on ties)."""
+        best = T(0)
+        for p in range(1 << K):
+            v = T(0)
+            for l in range(K):
+                c = at[l, r] * bt[l, j]
+                v = v + c if (p >> l) & 1 else v - c
+            d = abs(x - v)
+            if p == 0 or d < best:
+                best = d
+                for l in range(K):
+                    s[l] = i8(1) if (p >> l) & 1 else i8(-1)
+
+    @cuda.jit
+    def plane_pass(W, E, has_E, S, a, b, part, k, mode, search, R):
+        """One fused pass for plane k over the tile of R rows owned by this thread block.
+
+        W, E [n, w]; S [K, n, w] int8 +-1; a [K, n]; b [K, w]; part [2, tiles, w].
+        mode INIT: S_k = sign(residual r of planes < k), a_k = mean_j |r|, part[0] = sum_i |r|/a_k.
+        mode UPDATE: a_k = exact row minimiser, part = numerator, denominator of b_k's update.
+        search: first give every element its best sign pattern (all planes) under a, b.
+        """
+        n, w = W.shape
+        K = S.shape[0]
+        tid = cuda.threadIdx.x
+        tpb = cuda.blockDim.x
+        tile = cuda.blockIdx.x
+        r0 = tile * R
+        rows = min(R, n - r0)
+        Xt = cuda.shared.array((ROWS, PAD), T)  # Wt (UPDATE) or |residual| (INIT)
+        Et = cuda.shared.array((ROWS, PAD), T)
+        St = cuda.shared.array((ROWS, PAD), i8)  # plane k's signs
+        at = cuda.shared.array((KMAX, ROWS), T)
+        bt = cuda.shared.array((KMAX, GROUP), T)
+        red = cuda.shared.array((2, THREADS), T)
+        s = cuda.local.array(KMAX, i8)
+
+        for q in range(tid, K * w, tpb):
+            bt[q // w, q % w] = b[q // w, q % w]
+        for q in range(tid, K * rows, tpb):
+            at[q // rows, q % rows] = a[q // rows, r0 + q % rows]
+        cuda.syncthreads()
+
+        planes = k if mode == INIT else K  # INIT: planes >= k do not exist yet
+        for q in range(tid, rows * w, tpb):
+            r = q // w
+            j = q % w
+            i = r0 + r
+            x = W[i, j]
+            if search:
+                search_signs(x, at, bt, r, j, K, s)
+                for l in range(K):
+                    S[l, i, j] = s[l]
+            else:
+                for l in range(planes):
+                    s[l] = S[l, i, j]
+            if mode != SEARCH:
+                for l in range(planes):
+                    if l != k:
+                        x -= at[l, r] * bt[l, j] * s[l]
+                if mode == INIT:
+                    sk = i8(1) if x >= 0 else i8(-1)
+                    S[k, i, j] = sk
+                    x = abs(x)
+                else:
+                    sk = s[k]
+                Xt[r, j] = x
+                St[r, j] = sk
+                Et[r, j] = E[i, j] if has_E else T(1)
+        if mode == SEARCH:
+            return
+        cuda.syncthreads()
+
+        # Row reduction: `segs` threads per row, each over a strided share of the columns.
+        segs = max(1, tpb // rows)
+        if tid < rows * segs:
+            r = tid % rows
+            num = T(0)
+            den = T(0)
+            for j in range(tid // rows, w, segs):
+                if mode == INIT:
+                    num += Xt[r, j]
+                else:
+                    e = Et[r, j]
+                    bj = bt[k, j]
+                    num += e * bj * St[r, j] * Xt[r, j]
+                    den += e * bj * bj
+            red[0, tid] = num
+            red[1, tid] = den
+        cuda.syncthreads()
+        for r in range(tid, rows, tpb):
+            num = T(0)
+            den = T(0)
+            for g in range(segs):
+                num += red[0, r + g * rows]
+                den += red[1, r + g * rows]
+            ak = num / w if mode == INIT else num / (den + eps)
+            at[k, r] = ak
+            a[k, r0 + r] = ak
+        cuda.syncthreads()
+
+        # Column partial sums over this tile's rows, with the new a_k.
+        for j in range(tid, w, tpb):
+            num = T(0)
+            den = T(0)
+            for r in range(rows):
+                ak = at[k, r]
+                if mode == INIT:
+                    if ak > 0:
+                        num += Xt[r, j] / ak
+                else:
+                    e = Et[r, j]
+                    num += e * ak * St[r, j] * Xt[r, j]
+                    den += e * ak * ak
+            part[0, tile, j] = num
+            part[1, tile, j] = den
+
+    @cuda.jit
+    def finalize(part, b, k, mode, n):
+        """b_k = the tiles' partial sums reduced in tile order (INIT: a mean over n rows)."""
+        w = b.shape[1]
+        for j in range(cuda.threadIdx.x, w, cuda.blockDim.x):
+            num = T(0)
+            den = T(0)
+            for t in range(part.shape[1]):
+                num += part[0, t, j]
+                den += part[1, t, j]
+            b[k, j] = num / n if mode == INIT else num / (den + eps)
+
+    return plane_pass, finalize
+
+
+def _is_cupy(x) -> bool:
+    return type(x).__module__.startswith("cupy")
+
+
+def solve_block(
+    W,
+    order: int,
+    E=None,
+    *,
+    iters: int = 15,
+    refit: bool = True,
+    rows: int = ROWS,
+    threads: int = THREADS,
+):
+    """(signs [K, n, w] bool, a [K, n], b [K, w]) as reference.solve_block computes them.
+
+    W, E: NumPy arrays (copied to the device) or CuPy arrays (used in place; the results then
+    come back as CuPy arrays). Computes in W's dtype when it is float64, else float32.
+    `rows` (<= ROWS) and `threads` (<= THREADS) shape the launch; tests shrink them.
+    """
+    K, (n, w) = int(order), W.shape
+    if not 1 <= K <= KMAX:
+        raise ValueError(f"the CUDA DAQ kernels handle orders 1..{KMAX}, got {K}")
+    if w > GROUP or not 1 <= rows <= ROWS or not rows <= threads <= THREADS:
+        raise ValueError(f"width {w} > {GROUP}, or not 1 <= rows {rows} <= threads {threads}")
+    on_gpu = _is_cupy(W)
+    dtype = np.dtype(np.float64 if W.dtype == np.float64 else np.float32)
+    plane_pass, finalize = _kernels(dtype)
+
+    if on_gpu:
+        import cupy
+
+        W_d = cuda.as_cuda_array(cupy.ascontiguousarray(W, dtype=dtype))
+        E_d = cuda.as_cuda_array(cupy.ascontiguousarray(E, dtype=dtype)) if E is not None else None
+    else:
+        W_d = cuda.to_device(np.ascontiguousarray(W, dtype=dtype))
+        E_d = cuda.to_device(np.ascontiguousarray(E, dtype=dtype)) if E is not None else None
+    has_E = E_d is not None
+    if not has_E:
+        E_d = cuda.device_array((1, 1), dtype)  # never read
+    tiles = -(-n // rows)
+    S = cuda.device_array((K, n, w), np.int8)
+    a = cuda.to_device(np.zeros((K, n), dtype))
+    b = cuda.to_device(np.zeros((K, w), dtype))
+    part = cuda.device_array((2, tiles, w), dtype)
+
+    def scales(mode: int, search_first: bool) -> None:
+        for k in range(K):
+            plane_pass[tiles, threads](
+                W_d, E_d, has_E, S, a, b, part, k, mode, search_first and k == 0, rows
+            )
+            finalize[1, threads](part, b, k, mode, n)
+
+    scales(INIT, False)
+    search = K >= 2  # K = 1 keeps the initial signs
+    for t in range(iters):
+        scales(UPDATE, search and t > 0)  # the previous round's sign search, fused
+    if refit:
+        scales(UPDATE, search and iters > 0)
+    elif search and iters > 0:
+        plane_pass[tiles, threads](W_d, E_d, has_E, S, a, b, part, 0, SEARCH, True, rows)
+
+    if on_gpu:
+        import cupy
+
+        return cupy.asarray(S) > 0, cupy.asarray(a), cupy.asarray(b)
+    return S.copy_to_host() > 0, a.copy_to_host(), b.copy_to_host()
