@@ -5,6 +5,7 @@ and return (signs [K, n, w] bool, a [K, n], b [K, w]) in W's dtype, not yet roun
 
     reference   plain NumPy, the readable truth
     cpu         Numba kernels, parallel over rows (the default on CPU)
+    cuda        Numba CUDA kernels (a GPU, or Numba's simulator in tests)
 
 A backend is a module with `solve_block(W, order, E, *, iters, refit)`; add one by naming its
 module in BACKENDS.
@@ -22,6 +23,7 @@ from qdtk.errors import QdtkError
 BACKENDS: dict[str, str] = {
     "reference": "qdtk.daq.reference",
     "cpu": "qdtk.daq.cpu",
+    "cuda": "qdtk.daq.cuda",
 }
 
 __all__ = ["BACKENDS", "EPS", "error_weights", "solve_block"]
