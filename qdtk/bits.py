@@ -31,6 +31,12 @@ def group_bits(n: int, width: int | np.ndarray, order: int | np.ndarray) -> np.n
     return order * n * width + SCALE_BITS * order * (n + width)
 
 
+def group_plane_bits(n: int, width: int | np.ndarray, order: int | np.ndarray) -> np.ndarray:
+    """Nominal sign-plane bits of a group, o*n*w, scales left out (the papers' "bits")."""
+    width, order = np.asarray(width, np.int64), np.asarray(order, np.int64)
+    return order * n * width
+
+
 def bcq_bits(n: int, m: int, orders: Sequence[int] | np.ndarray, group: int = GROUP) -> int:
     """Total storage bits of an n x m binary-coded layer with the given per-group orders."""
     return int(group_bits(n, group_widths(m, group), np.asarray(orders)).sum())
