@@ -64,6 +64,15 @@ def gpu_available() -> bool:
     return gpu_status()[0]
 
 
+def array_module(x) -> ModuleType:
+    """numpy or cupy: the module of array x (without importing CuPy for NumPy arrays)."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
 def _cupy() -> ModuleType:
     import cupy
 

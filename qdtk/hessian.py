@@ -9,6 +9,7 @@ H^-1 = R^-T R^-1 and U = R^-1, itself upper triangular with a positive diagonal.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,9 +47,16 @@ def inverse_cholesky_upper(H: np.ndarray) -> np.ndarray | None:
 
 
 def prepare_hessian(
-    H: np.ndarray, percdamp: float = 0.01, retries: int = 6, name: str = "layer"
+    H: np.ndarray,
+    percdamp: float = 0.01,
+    retries: int = 6,
+    name: str = "layer",
+    factor: Callable[[np.ndarray], np.ndarray | None] = inverse_cholesky_upper,
 ) -> PreparedHessian:
-    """Damp H (delta = percdamp * mean diag, x10 per failed try) and factor it."""
+    """Damp H (delta = percdamp * mean diag, x10 per failed try) and factor it.
+
+    `factor` maps a damped H to U or None (not positive definite); the GPU passes its own.
+    """
     if not np.all(np.isfinite(H)):
         raise QdtkError(f"{name}: the statistic H contains NaN or Inf")
     H = np.array(H, dtype=np.float64)  # a copy: the caller's H is not changed
@@ -61,7 +69,7 @@ def prepare_hessian(
     for attempt in range(retries + 1):
         Hd = H.copy()
         Hd[idx, idx] += delta
-        U = inverse_cholesky_upper(Hd)
+        U = factor(Hd)
         if U is not None:
             if attempt:
                 log.warning("%s: H needed damping %.3g (%d retries)", name, delta, attempt)

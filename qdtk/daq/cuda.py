@@ -27,8 +27,10 @@ import numba
 import numpy as np
 from numba import cuda
 
+from qdtk.backend import array_module
 from qdtk.bits import GROUP
 from qdtk.daq.reference import EPS
+from qdtk.errors import QdtkError
 
 ROWS = 16  # rows per tile (thread block); shared memory: ROWS x (GROUP + 1) x (2 x 4 + 1) bytes
 KMAX = 4  # the most planes the kernels hold per element
@@ -178,10 +180,6 @@ def _kernels(dtype: np.dtype):
     return plane_pass, finalize
 
 
-def _is_cupy(x) -> bool:
-    return type(x).__module__.startswith("cupy")
-
-
 def solve_block(
     W,
     order: int,
@@ -200,10 +198,10 @@ def solve_block(
     """
     K, (n, w) = int(order), W.shape
     if not 1 <= K <= KMAX:
-        raise ValueError(f"the CUDA DAQ kernels handle orders 1..{KMAX}, got {K}")
+        raise QdtkError(f"the CUDA DAQ kernels handle orders 1..{KMAX}, got {K}")
     if w > GROUP or not 1 <= rows <= ROWS or not rows <= threads <= THREADS:
         raise ValueError(f"width {w} > {GROUP}, or not 1 <= rows {rows} <= threads {threads}")
-    on_gpu = _is_cupy(W)
+    on_gpu = array_module(W) is not np
     dtype = np.dtype(np.float64 if W.dtype == np.float64 else np.float32)
     plane_pass, finalize = _kernels(dtype)
 
@@ -245,3 +243,41 @@ def solve_block(
 
         return cupy.asarray(S) > 0, cupy.asarray(a), cupy.asarray(b)
     return S.copy_to_host() > 0, a.copy_to_host(), b.copy_to_host()
+
+
+# ---- The layer driver's algebra on the GPU (SPEC 2, 5): CuPy, i.e. cuSOLVER and cuBLAS. ----
+#
+# A layer on the GPU: prepare_hessian(H, factor=inverse_cholesky_upper_gpu) (the damping policy
+# stays in qdtk.hessian), U and W uploaded once, then per group g: solve_block on the device
+# slice W[:, g], Q_g from the float16-rounded scales, compensate(W, Q_g, U, g) (one cuBLAS GEMM
+# of [n, 128] x [128, m - g_end]). Only signs and scales come back to the host.
+
+
+def inverse_cholesky_upper_gpu(H: np.ndarray) -> np.ndarray | None:
+    """hessian.inverse_cholesky_upper on the GPU: U upper with U^T U = H^-1, or None.
+
+    Same reversal trick (chol(J H J) = L, R = J L J, U = R^-1) with cuSOLVER's potrf and a
+    cuBLAS triangular solve; H in and U out are NumPy (the damping loop runs on the host).
+    """
+    import cupy
+    import cupyx
+    from cupyx.scipy.linalg import solve_triangular
+
+    try:
+        with cupyx.errstate(linalg="raise"):  # potrf's info != 0 raises instead of NaN
+            L = cupy.linalg.cholesky(cupy.asarray(np.ascontiguousarray(H[::-1, ::-1])))
+    except np.linalg.LinAlgError:
+        return None
+    R = cupy.ascontiguousarray(L[::-1, ::-1])  # upper, H = R R^T
+    U = solve_triangular(R, cupy.eye(H.shape[0], dtype=R.dtype), lower=False)
+    if not bool(cupy.isfinite(U).all()):
+        return None
+    return U.get()
+
+
+def compensate(W, Q, U, cols: slice) -> None:
+    """SPEC 5, in place on NumPy or CuPy arrays: Err = (W_g - Q_g) / d_g, then
+    W[:, later] -= Err @ U[g rows, later] (d_g = the group's diagonal of U)."""
+    d = U[cols, cols].diagonal()  # [w]
+    Err = (W[:, cols] - Q) / d[None, :]  # [n, w]
+    W[:, cols.stop :] -= Err @ U[cols, cols.stop :]
