@@ -362,6 +362,31 @@ def budget_bits(bits: float, weights: int) -> int:
     return math.floor(round(bits * weights, 6))
 
 
+def check_orders(orders: Sequence[int]) -> tuple[int, ...]:
+    """The allowed orders, sorted and unique, each 1..4 (`--orders 1,2,3`)."""
+    out = tuple(sorted({int(o) for o in orders}))
+    if not out or out[0] < 1 or out[-1] > 4:
+        raise QdtkError(f"--orders must be a non-empty subset of 1,2,3,4, got {list(orders)}")
+    return out
+
+
+def check_budget(
+    scope: str, shapes: Sequence[tuple[int, int]], bits: float, count: str, order: int = 1
+) -> int:
+    """The budget in bits of layers of these (n, m) shapes; an error if every group at the
+    lowest allowed `order` already exceeds it. Cheap: call it before any solve."""
+    n_weights = sum(n * m for n, m in shapes)
+    need = int(sum(group_costs(n, m, (order,), count).sum() for n, m in shapes))
+    budget = budget_bits(bits, n_weights)
+    if budget < need:
+        what = "scales included" if count == "real" else "sign planes only"
+        raise QdtkError(
+            f"{scope}: --bits {bits} is below the minimum of {need / n_weights:.4f} bits per "
+            f"weight (every group at order {order}, {what})"
+        )
+    return budget
+
+
 def allocate_layer(cand: LayerCandidates, bits: float, count: str = "real") -> np.ndarray:
     """[G] knapsack orders of one layer on its own budget of `bits` per weight."""
     return allocate_model([cand], bits, count)[0]
@@ -394,18 +419,10 @@ def allocate_model(
             )
         values.append(wl * cand.E)
         costs.append(cost)
-    V, C = np.concatenate(values), np.concatenate(costs)
-    n_weights = sum(cand.n * cand.m for cand in cands)
-    budget = budget_bits(bits, n_weights)
-    need = int(C.min(axis=1).sum())
-    if budget < need:
-        scope = cands[0].name if len(cands) == 1 else f"the model ({len(cands)} layers)"
-        what = "scales included" if count == "real" else "sign planes only"
-        raise QdtkError(
-            f"{scope}: --bits {bits} is below the minimum of {need / n_weights:.4f} bits per "
-            f"weight (every group at order {min(cands[0].orders)}, {what})"
-        )
-    ks = knapsack(V, C, budget)
+    scope = cands[0].name if len(cands) == 1 else f"the model ({len(cands)} layers)"
+    shapes = [(cand.n, cand.m) for cand in cands]
+    budget = check_budget(scope, shapes, bits, count, min(min(c.orders) for c in cands))
+    ks = knapsack(np.concatenate(values), np.concatenate(costs), budget)
     if ks.gap > 0:
         log.info("knapsack (%s): value within %.3g of the optimum", ks.method, ks.gap)
     out, start = [], 0

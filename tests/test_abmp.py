@@ -339,3 +339,17 @@ def test_daq_group_solver_memoises_and_matches_the_stored_solution(rng, monkeypa
     solver.clear()
     abmp.group_errors(W, prep.H, prep.d, (1,), solver)
     assert len(calls) == 6
+
+
+def test_check_orders_and_early_budget_check():
+    assert abmp.check_orders([3, 1, 2, 2]) == (1, 2, 3)
+    with pytest.raises(QdtkError, match="--orders"):
+        abmp.check_orders([0, 2])
+    with pytest.raises(QdtkError, match="--orders"):
+        abmp.check_orders([])
+    shapes = [(64, 300), (128, 128)]
+    n_weights = 64 * 300 + 128 * 128
+    minimum = (bcq_bits(64, 300, [2, 2, 2]) + bcq_bits(128, 128, [2])) / n_weights
+    with pytest.raises(QdtkError, match=rf"the model: --bits 2\.1 .*{minimum:.4f}.*order 2"):
+        abmp.check_budget("the model", shapes, 2.1, "real", order=2)
+    assert abmp.check_budget("the model", shapes, 2.5, "real") == int(2.5 * n_weights)
