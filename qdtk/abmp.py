@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from qdtk.backend import Backend
 from qdtk.bits import (
     bcq_bits,
     group_bits,
@@ -46,13 +47,18 @@ DP_MAX_CELLS = 1 << 28
 GroupSolver = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
 
 
+def _host(x, dtype) -> np.ndarray:
+    """x (NumPy or CuPy) as a NumPy array of `dtype`: the allocation runs on the host."""
+    return Backend.to_host(x).astype(dtype, copy=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Scores and the published swap
 
 
 def group_scores(W: np.ndarray, d: np.ndarray) -> np.ndarray:
     """[G] S_g = sum of the salience s_ij = W_ij^2 / d_j^2 over the group's columns, all rows."""
-    s = salience(np.asarray(W, np.float64), np.asarray(d, np.float64))  # [n, m]
+    s = salience(_host(W, np.float64), _host(d, np.float64))  # [n, m]
     colsum = s.sum(axis=0)  # [m]
     return np.array([colsum[cols].sum() for cols in group_slices(W.shape[1])])
 
@@ -109,12 +115,12 @@ def group_errors(
     H is the layer's prepared (damped) H, d = diag(U); no compensation between groups. A
     memoising solver (`DaqGroupSolver`) makes repeated calls and the final solve free.
     """
-    W = np.asarray(W, np.float32)
-    s = salience(W.astype(np.float64), np.asarray(d, np.float64))  # [n, m]
+    W, H = _host(W, np.float32), _host(H, np.float64)
+    s = salience(W.astype(np.float64), _host(d, np.float64))  # [n, m]
     cols_list = group_slices(W.shape[1])
     E = np.empty((len(cols_list), len(orders)))
     for g, cols in enumerate(cols_list):
-        Hgg = np.asarray(H[cols, cols], np.float64)
+        Hgg = H[cols, cols]
         for c, o in enumerate(orders):
             What = solve(W[:, cols], int(o), s[:, cols])
             E[g, c] = output_error(W[:, cols] - What, Hgg)
@@ -125,8 +131,8 @@ def dequantize_orders(
     W: np.ndarray, d: np.ndarray, orders: np.ndarray, solve: GroupSolver
 ) -> np.ndarray:
     """[n, m] What with every group solved alone at its order (no compensation)."""
-    W = np.asarray(W, np.float32)
-    s = salience(W.astype(np.float64), np.asarray(d, np.float64))
+    W = _host(W, np.float32)
+    s = salience(W.astype(np.float64), _host(d, np.float64))
     What = np.empty_like(W)
     for g, cols in enumerate(group_slices(W.shape[1])):
         What[:, cols] = solve(W[:, cols], int(orders[g]), s[:, cols])
@@ -452,7 +458,7 @@ def sensitivity(
     tr((W - What) H (W - What)^T) with the same H the group values use, so sensitivity * E
     predicts a model output change. A layer quantized without any error gets weight 0.
     """
-    err = output_error(np.asarray(W, np.float64) - What, np.asarray(H, np.float64))
+    err = output_error(_host(W, np.float64) - _host(What, np.float64), _host(H, np.float64))
     change = float(output_change(name, What))
     if not math.isfinite(change) or change < 0:
         raise QdtkError(f"{name}: the measured output change is {change}, not a finite value >= 0")
