@@ -17,3 +17,10 @@ exclude_option = click.option(
     metavar="PATTERN",
     help="Leave these weights in full precision (glob or 're:REGEX'); repeatable.",
 )
+device_option = click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the solver runs: 'cuda' needs a GPU that CuPy sees; 'auto' uses one if present.",
+)

@@ -1,0 +1,140 @@
+"""The CUDA DAQ kernels against the NumPy reference, on Numba's CUDA simulator (tiny shapes).
+
+Launches are shrunk (rows per tile, threads per block) so that every block spans several
+thread blocks, the last one ragged, and every thread strides over several columns.
+"""
+
+import numpy as np
+import pytest
+
+from qdtk import backend
+from qdtk.daq import cuda as daq_cuda
+from qdtk.daq import reference, solve_block
+from qdtk.errors import QdtkError
+from qdtk.hessian import inverse_cholesky_upper
+
+needs_gpu = pytest.mark.skipif(
+    not backend.gpu_available(), reason="needs a CUDA GPU (CuPy reports none)"
+)
+SMALL = {"rows": 3, "threads": 8}  # 7 rows -> tiles of 3, 3, 1; 8 threads over up to 37 columns
+
+
+def block(rng, n=7, w=37, dtype=np.float64):
+    W = rng.standard_normal((n, w)).astype(dtype)
+    E = np.where(rng.random((n, w)) < 0.15, 3.0, 1.0).astype(dtype)
+    return W, E
+
+
+def assert_same(got, want, rtol=1e-9):
+    (s1, a1, b1), (s0, a0, b0) = got, want
+    assert s1.dtype == bool and s1.shape == s0.shape
+    np.testing.assert_array_equal(s1, s0)
+    np.testing.assert_allclose(a1, a0, rtol=rtol, atol=1e-12)
+    np.testing.assert_allclose(b1, b0, rtol=rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_matches_reference_ragged(rng, K):
+    W, E = block(rng)
+    want = reference.solve_block(W, K, E, iters=3)
+    assert_same(daq_cuda.solve_block(W, K, E, iters=3, **SMALL), want)
+
+
+def test_default_iterations(rng):
+    """The default 15 rounds + refit."""
+    W, E = block(rng, n=5, w=12)
+    assert_same(daq_cuda.solve_block(W, 2, E, **SMALL), reference.solve_block(W, 2, E))
+
+
+def test_dispatch_and_default_launch(rng):
+    """Registered in qdtk.daq; the default launch shape (one tile of 16 rows, 128 threads)."""
+    W, E = block(rng, n=17, w=5)
+    want = reference.solve_block(W, 2, E, iters=1)
+    assert_same(solve_block(W, 2, E, iters=1, backend="cuda"), want)
+
+
+def test_no_refit_and_no_weights(rng):
+    """refit=False ends on a standalone sign-search pass; E=None means all ones."""
+    W, _ = block(rng, n=6, w=20)
+    want = reference.solve_block(W, 3, None, iters=2, refit=False)
+    assert_same(daq_cuda.solve_block(W, 3, None, iters=2, refit=False, **SMALL), want)
+
+
+def test_float32_objective_close(rng):
+    W, E = block(rng, n=6, w=24, dtype=np.float32)
+    s, a, b = daq_cuda.solve_block(W, 2, E, iters=2, **SMALL)
+    assert a.dtype == np.float32 and b.dtype == np.float32
+    s0, a0, b0 = reference.solve_block(W, 2, E, iters=2)
+    loss = reference.objective(W, E, s, a, b)
+    assert loss == pytest.approx(reference.objective(W, E, s0, a0, b0), rel=1e-4)
+    assert loss < reference.objective(W, E, *reference.greedy_init(W, 2))
+
+
+def test_zero_rows_columns_and_constant_block(rng):
+    W, E = block(rng, n=5, w=9)
+    W[1] = 0
+    W[:, 4] = 0
+    want = reference.solve_block(W, 2, E, iters=2)
+    got = daq_cuda.solve_block(W, 2, E, iters=2, **SMALL)
+    assert all(np.all(np.isfinite(x)) for x in got[1:])
+    assert_same(got, want)
+    C = np.full((4, 6), 0.5)
+    s, a, b = daq_cuda.solve_block(C, 2, None, iters=1, **SMALL)
+    np.testing.assert_allclose(reference.reconstruct(s, a, b), C, atol=1e-6)
+
+
+def test_bad_requests(rng):
+    W, _ = block(rng, n=2, w=4)
+    with pytest.raises(QdtkError, match="orders 1..4"):
+        daq_cuda.solve_block(W, 5)
+    with pytest.raises(ValueError, match="rows"):
+        daq_cuda.solve_block(W, 1, rows=8, threads=4)
+    with pytest.raises(ValueError, match="width"):
+        daq_cuda.solve_block(np.zeros((2, 129)), 1)
+
+
+def test_compensation_is_the_obs_update(rng):
+    """A one-column group: the update of the later columns is the exact minimiser of
+    tr(D H D^T) over them (D = change of W), i.e. (D H)[:, later] = 0."""
+    n, m = 4, 6
+    X = rng.standard_normal((40, m))
+    H = X.T @ X / 40 + 0.1 * np.eye(m)
+    U = inverse_cholesky_upper(H)
+    W0 = rng.standard_normal((n, m))
+    W = W0.copy()
+    Q = np.round(W[:, :1])
+    daq_cuda.compensate(W, Q, U, slice(0, 1))
+    D = W - W0
+    D[:, 0] = Q[:, 0] - W0[:, 0]
+    np.testing.assert_allclose((D @ H)[:, 1:], 0, atol=1e-10)
+    np.testing.assert_array_equal(W[:, 0], W0[:, 0])  # the group itself is left to the caller
+
+
+@needs_gpu
+def test_gpu_factor_and_compensation_match_cpu(rng):
+    import cupy
+
+    m = 300
+    X = rng.standard_normal((400, m))
+    H = X.T @ X / 400 + 0.01 * np.eye(m)
+    U = daq_cuda.inverse_cholesky_upper_gpu(H)
+    np.testing.assert_allclose(U, inverse_cholesky_upper(H), rtol=1e-6, atol=1e-9)
+    assert daq_cuda.inverse_cholesky_upper_gpu(-np.eye(4)) is None
+    W = rng.standard_normal((64, m))
+    Q = np.sign(W[:, 128:256])
+    W_d = cupy.asarray(W)
+    daq_cuda.compensate(W_d, cupy.asarray(Q), cupy.asarray(U), slice(128, 256))
+    daq_cuda.compensate(W, Q, U, slice(128, 256))
+    np.testing.assert_allclose(W_d.get(), W, rtol=1e-9, atol=1e-9)
+
+
+@needs_gpu
+def test_gpu_solver_on_device_arrays(rng):
+    import cupy
+
+    W, E = block(rng, n=1000, w=128, dtype=np.float32)
+    s, a, b = daq_cuda.solve_block(cupy.asarray(W), 3, cupy.asarray(E))
+    assert isinstance(a, cupy.ndarray)
+    s0, a0, b0 = reference.solve_block(W, 3, E)
+    loss = reference.objective(W, E, s.get(), a.get(), b.get())
+    assert loss == pytest.approx(reference.objective(W, E, s0, a0, b0), rel=1e-3)
