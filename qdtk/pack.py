@@ -1,0 +1,661 @@
+"""The deployable checkpoint "qdtk-bcq/1": real bit planes on disk, and the way back to floats.
+
+Scope: bit packing kernels (Numba), the packed form of one quantized layer (`PackedBCQ`,
+`PackedAffine`), a reference matmul on packed planes, and the two stages `pack_checkpoint`
+(QUANT folder + original model -> packed folder) and `unpack_checkpoint` (packed folder -> dense
+checkpoint). docs/FORMAT.md is the normative description of the files; this module implements it.
+
+Bit streams: along each row, value j of width `width` occupies stream bits [j*width, (j+1)*width);
+stream bit q is bit q % wb of word q // wb (wb = 8 or 32), least significant bit first. For 1-bit
+sign planes a set bit means +1. Unpacking reproduces the solver's What bit for bit: it rebuilds a
+`BinaryCodedLayer` / `AffineLayer` and evaluates it with their canonical `dequantize`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from numba import njit, prange
+
+from qdtk.bits import GROUP, affine_bits, bcq_bits, group_slices, group_widths
+from qdtk.checkpoint import (
+    DTYPES,
+    INDEX_NAME,
+    SINGLE_NAME,
+    Checkpoint,
+    CheckpointWriter,
+    copy_aux_files,
+)
+from qdtk.errors import QdtkError
+from qdtk.io import fingerprint, read_json, write_json_atomic
+from qdtk.solution import FORMAT as QUANT_FORMAT
+from qdtk.solution import (
+    REPORT,
+    AffineLayer,
+    BinaryCodedLayer,
+    QuantizedLayer,
+    read_solution_block,
+    solution_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "qdtk-bcq/1"
+QUANT_METHOD = "qdtk"
+WORD = np.uint32  # the word of the packed format
+WORD_BITS = 32
+MAX_ORDER = 8
+DEFAULT_SHARD_BYTES = 2 * 2**30
+
+# Word types the kernels pack into: numba specialises one kernel per word type.
+WORD_TYPES: dict[str, type] = {"uint8": np.uint8, "uint32": np.uint32}
+
+OUT_DTYPES: dict[str, np.dtype] = {
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float32": np.dtype(np.float32),
+}
+_FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
+
+
+# --------------------------------------------------------------------------- bit kernels
+
+
+@njit(parallel=True, cache=True)
+def _pack_kernel(codes, width, words):  # codes [r, c] uint8 < 2^width; words [r, nw] out
+    r, c = codes.shape
+    nw = words.shape[1]
+    wb = words.itemsize * 8
+    mask = (np.uint64(1) << np.uint64(wb)) - np.uint64(1)
+    for i in prange(r):
+        for q in range(nw):
+            lo = q * wb  # the word's first stream bit
+            j1 = min(c, (lo + wb + width - 1) // width)
+            acc = np.uint64(0)
+            for j in range(lo // width, j1):
+                pos = j * width - lo
+                v = np.uint64(codes[i, j])
+                if pos >= 0:
+                    acc |= v << np.uint64(pos)
+                else:  # the value straddles from the previous word
+                    acc |= v >> np.uint64(-pos)
+            words[i, q] = acc & mask
+
+
+@njit(parallel=True, cache=True)
+def _unpack_kernel(words, width, codes):  # words [r, nw]; codes [r, c] uint8 out
+    r, c = codes.shape
+    nw = words.shape[1]
+    wb = words.itemsize * 8
+    cmask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
+    for i in prange(r):
+        for j in range(c):
+            pos = j * width
+            q = pos // wb
+            s = pos - q * wb
+            v = np.uint64(words[i, q]) >> np.uint64(s)
+            if s + width > wb and q + 1 < nw:
+                v |= np.uint64(words[i, q + 1]) << np.uint64(wb - s)
+            codes[i, j] = v & cmask
+
+
+def n_words(count: int, width: int, word: str = "uint32") -> int:
+    """Words needed for `count` values of `width` bits in one row."""
+    return -(-count * width // (8 * np.dtype(WORD_TYPES[word]).itemsize))
+
+
+def pack_bits(
+    codes: np.ndarray, width: int, word: str = "uint32", out: np.ndarray | None = None
+) -> np.ndarray:
+    """[r, c] values < 2^width -> [r, n_words(c)] words, LSB first along each row."""
+    if word not in WORD_TYPES or not 1 <= width <= 8:
+        raise ValueError(f"unsupported packing: {width} bits into {word}")
+    codes = np.asarray(codes)
+    codes = codes.view(np.uint8) if codes.dtype == bool else codes.astype(np.uint8, copy=False)
+    if codes.size and int(codes.max()) >> width:
+        raise ValueError(f"a value does not fit in {width} bits")
+    shape = (codes.shape[0], n_words(codes.shape[1], width, word))
+    if out is None:
+        out = np.empty(shape, WORD_TYPES[word])
+    assert out.shape == shape and out.dtype == WORD_TYPES[word], (out.shape, shape)
+    _pack_kernel(codes, width, out)
+    return out
+
+
+def unpack_bits(
+    words: np.ndarray, width: int, count: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """[r, nw] words -> [r, count] uint8 values: the inverse of `pack_bits`."""
+    if words.dtype.name not in WORD_TYPES or not 1 <= width <= 8:
+        raise ValueError(f"unsupported unpacking: {width} bits from {words.dtype}")
+    if words.shape[1] != n_words(count, width, words.dtype.name):
+        raise ValueError(f"{words.shape[1]} words cannot hold {count} values of {width} bits")
+    if out is None:
+        out = np.empty((words.shape[0], count), np.uint8)
+    _unpack_kernel(words, width, out)
+    return out
+
+
+# --------------------------------------------------------------------------- packed layers
+
+
+@dataclass(frozen=True)
+class PlaneLayout:
+    """Where plane p (group-major: group 0's planes k = 0..o_0-1, then group 1's, ...) lives."""
+
+    group: np.ndarray  # [P] its group g
+    k: np.ndarray  # [P] its index inside the group
+    start: np.ndarray  # [P] first input column of the group
+    width: np.ndarray  # [P] w_g
+    word: np.ndarray  # [P] first word in a row of `planes`
+    col: np.ndarray  # [P] first entry in `col_scale`
+    words: int  # words per row of `planes`
+    cols: int  # length of `col_scale`
+
+
+def plane_layout(orders: np.ndarray, m: int, group: int = GROUP) -> PlaneLayout:
+    orders = np.asarray(orders, np.int64)
+    w = group_widths(m, group)  # [G]
+    g = np.repeat(np.arange(len(w)), orders)  # [P]
+    first = np.concatenate([[0], np.cumsum(orders)[:-1]])  # [G] first plane of each group
+    k = np.arange(len(g)) - first[g]
+    u = -(-w[g] // WORD_BITS)  # [P] words per row of each plane
+    word = np.concatenate([[0], np.cumsum(u)[:-1]]).astype(np.int64)
+    col = np.concatenate([[0], np.cumsum(w[g])[:-1]]).astype(np.int64)
+    return PlaneLayout(g, k, g * group, w[g], word, col, int(u.sum()), int(w[g].sum()))
+
+
+@dataclass
+class PackedBCQ:
+    """A binary-coded layer as stored: only the real planes of each group, no padding."""
+
+    shape: tuple[int, int]
+    orders: np.ndarray  # [G] uint8
+    planes: np.ndarray  # [n, sum_g o_g ceil(w_g/32)] uint32
+    row_scale: np.ndarray  # [sum_g o_g, n] float16
+    col_scale: np.ndarray  # [sum_g o_g w_g] float16
+
+    kind = "bcq"
+    FIELDS = ("orders", "planes", "row_scale", "col_scale")
+
+    @classmethod
+    def from_layer(cls, layer: BinaryCodedLayer) -> PackedBCQ:
+        n, m = layer.shape
+        L = plane_layout(layer.orders, m)
+        planes = np.empty((n, L.words), WORD)  # [n, words]
+        for p in range(len(L.group)):
+            cols = slice(L.start[p], L.start[p] + L.width[p])
+            u = n_words(int(L.width[p]), 1)
+            pack_bits(layer.signs[L.k[p], :, cols], 1, out=planes[:, L.word[p] : L.word[p] + u])
+        row_scale = layer.row_scale[L.k, L.group].astype(np.float16)  # [P, n]
+        col_scale = np.concatenate(
+            [layer.col_scale[k, s : s + w] for k, s, w in zip(L.k, L.start, L.width, strict=True)]
+        ).astype(np.float16)
+        return cls((n, m), layer.orders.astype(np.uint8), planes, row_scale, col_scale)
+
+    def to_layer(self) -> BinaryCodedLayer:
+        n, m = self.shape
+        L = plane_layout(self.orders, m)
+        K = int(self.orders.max())
+        signs = np.zeros((K, n, m), bool)  # [K, n, m]
+        row_scale = np.zeros((K, len(self.orders), n), np.float16)  # [K, G, n]
+        col_scale = np.zeros((K, m), np.float16)  # [K, m]
+        for p in range(len(L.group)):
+            k, s, w = L.k[p], L.start[p], L.width[p]
+            u = n_words(int(w), 1)
+            bits = unpack_bits(self.planes[:, L.word[p] : L.word[p] + u], 1, int(w))
+            signs[k, :, s : s + w] = bits.view(bool)
+            row_scale[k, L.group[p]] = self.row_scale[p]
+            col_scale[k, s : s + w] = self.col_scale[L.col[p] : L.col[p] + w]
+        return BinaryCodedLayer(self.orders.astype(np.int64), signs, row_scale, col_scale)
+
+    def expected(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        return bcq_expected(self.shape, self.orders)
+
+    def tensors(self, module: str) -> dict[str, np.ndarray]:
+        return {f"{module}.{f}": getattr(self, f) for f in self.FIELDS}
+
+    def storage_bits(self) -> int:
+        return bcq_bits(*self.shape, self.orders)
+
+
+def bcq_expected(shape: tuple[int, int], orders: np.ndarray) -> dict[str, tuple]:
+    """dtype and shape of every tensor of a packed binary-coded layer."""
+    n, m = shape
+    L = plane_layout(orders, m)
+    P = len(L.group)
+    return {
+        "orders": (np.dtype(np.uint8), (len(group_widths(m)),)),
+        "planes": (np.dtype(WORD), (n, L.words)),
+        "row_scale": (np.dtype(np.float16), (P, n)),
+        "col_scale": (np.dtype(np.float16), (L.cols,)),
+    }
+
+
+@dataclass
+class PackedAffine:
+    """An integer-coded layer (RTN, GPTQ) as stored: codes as a `bits`-wide bit stream per row."""
+
+    shape: tuple[int, int]
+    bits: int
+    codes: np.ndarray  # [n, ceil(m*bits/32)] uint32
+    scale: np.ndarray  # [n, G] float16
+    zero: np.ndarray  # [n, G] float16
+
+    kind = "affine"
+    FIELDS = ("codes", "scale", "zero")
+
+    @classmethod
+    def from_layer(cls, layer: AffineLayer) -> PackedAffine:
+        codes = pack_bits(layer.codes, layer.bits)
+        return cls(layer.shape, layer.bits, codes, layer.scale.astype(np.float16),
+                   layer.zero.astype(np.float16))
+
+    def to_layer(self) -> AffineLayer:
+        codes = unpack_bits(self.codes, self.bits, self.shape[1])
+        return AffineLayer(codes, self.scale, self.zero, self.bits)
+
+    def expected(self) -> dict[str, tuple]:
+        return affine_expected(self.shape, self.bits)
+
+    def tensors(self, module: str) -> dict[str, np.ndarray]:
+        return {f"{module}.{f}": getattr(self, f) for f in self.FIELDS}
+
+    def storage_bits(self) -> int:
+        return affine_bits(*self.shape, self.bits)
+
+
+def affine_expected(shape: tuple[int, int], bits: int) -> dict[str, tuple]:
+    n, m = shape
+    G = len(group_slices(m))
+    return {
+        "codes": (np.dtype(WORD), (n, n_words(m, bits))),
+        "scale": (np.dtype(np.float16), (n, G)),
+        "zero": (np.dtype(np.float16), (n, G)),
+    }
+
+
+PackedLayer = PackedBCQ | PackedAffine
+
+
+def pack_layer(layer: QuantizedLayer) -> PackedLayer:
+    if isinstance(layer, BinaryCodedLayer):
+        if layer.orders.max(initial=1) > MAX_ORDER:
+            raise QdtkError(f"order {layer.orders.max()} exceeds the format's {MAX_ORDER}")
+        return PackedBCQ.from_layer(layer)
+    return PackedAffine.from_layer(layer)
+
+
+# --------------------------------------------------------------------------- packed matmul
+
+
+@njit(parallel=True, cache=True)
+def _bcq_matmul_kernel(x, planes, a, b, start, width, word, col, y):
+    """y[t, i] = sum_p a[p, i] * sum_j b_p[j] x[t, start_p + j] B_p[i, j].
+
+    Per token and plane, the 8 columns of each byte of signs are summed for all 256 sign
+    patterns once (a lookup table); every output row then costs one lookup per byte.
+    """
+    T = x.shape[0]
+    n = planes.shape[0]
+    P = start.shape[0]
+    nch = (width + 7) // 8  # [P] bytes per plane row
+    off = np.zeros(P + 1, np.int64)
+    for p in range(P):
+        off[p + 1] = off[p] + nch[p]
+    lut = np.empty((off[P], 256), np.float32)
+    for t in range(T):
+        for p in prange(P):
+            for c in range(nch[p]):
+                r = off[p] + c
+                total = np.float32(0)
+                for e in range(8):
+                    j = 8 * c + e
+                    if j < width[p]:
+                        total += x[t, start[p] + j] * b[col[p] + j]
+                lut[r, 0] = -total  # every sign -1
+                for e in range(8):
+                    j = 8 * c + e
+                    v = x[t, start[p] + j] * b[col[p] + j] if j < width[p] else np.float32(0)
+                    for pat in range(1 << e, 2 << e):  # patterns whose highest set bit is e
+                        lut[r, pat] = lut[r, pat - (1 << e)] + 2 * v
+        for i in prange(n):
+            acc = np.float32(0)
+            for p in range(P):
+                s = np.float32(0)
+                for c in range(nch[p]):
+                    byte = (planes[i, word[p] + c // 4] >> np.uint32(8 * (c % 4))) & np.uint32(255)
+                    s += lut[off[p] + c, byte]
+                acc += a[p, i] * s
+            y[t, i] = acc
+
+
+def bcq_matmul(x: np.ndarray, W: PackedBCQ) -> np.ndarray:
+    """y = x What^T [T, n] from the packed planes and scales, without materialising What."""
+    n, m = W.shape
+    x = np.ascontiguousarray(x, np.float32)  # [T, m]
+    if x.ndim != 2 or x.shape[1] != m:
+        raise ValueError(f"x has shape {list(x.shape)}, expected [T, {m}]")
+    L = plane_layout(W.orders, m)
+    y = np.empty((x.shape[0], n), np.float32)
+    _bcq_matmul_kernel(x, W.planes, W.row_scale.astype(np.float32),
+                       W.col_scale.astype(np.float32), L.start, L.width, L.word, L.col, y)
+    return y
+
+
+# --------------------------------------------------------------------------- config
+
+
+def module_name(weight: str) -> str:
+    """The module a quantized weight belongs to: its name without '.weight'."""
+    if not weight.endswith(".weight"):
+        raise QdtkError(f"tensor {weight!r}: only Linear weights named '*.weight' can be packed")
+    return weight[: -len(".weight")]
+
+
+def read_quantization_config(folder: str | Path) -> dict:
+    """The validated quantization_config of a packed folder."""
+    path = Path(folder) / "config.json"
+    qc = read_json(path).get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise QdtkError(f"{path}: no qdtk quantization_config; not a packed checkpoint")
+    if qc.get("format") != FORMAT:
+        raise QdtkError(
+            f"{path}: quantization_config format {qc.get('format')!r} is not supported "
+            f"(this qdtk reads {FORMAT!r})"
+        )
+    if qc.get("group_size") != GROUP or qc.get("word_bits") != WORD_BITS:
+        raise QdtkError(
+            f"{path}: group_size {qc.get('group_size')} / word_bits {qc.get('word_bits')}; "
+            f"{FORMAT} needs {GROUP} / {WORD_BITS}"
+        )
+    modules = qc.get("modules")
+    if not isinstance(modules, dict):
+        raise QdtkError(f"{path}: quantization_config has no 'modules' object")
+    for module, info in modules.items():
+        ok = (
+            isinstance(info, dict)
+            and info.get("kind") in ("bcq", "affine")
+            and isinstance(info.get("shape"), list)
+            and len(info["shape"]) == 2
+            and all(isinstance(s, int) and s > 0 for s in info["shape"])
+            and (info["kind"] == "bcq" or info.get("bits") in range(1, 9))
+        )
+        if not ok:
+            raise QdtkError(f"{path}: quantization_config entry for module {module!r} is invalid")
+    return qc
+
+
+def is_packed(folder: str | Path) -> bool:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    qc = read_json(path).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def _check_tensor(ckpt: Checkpoint, name: str, dtype: np.dtype, shape: tuple, module: str):
+    if name not in ckpt:
+        raise QdtkError(
+            f"{ckpt.folder}: tensor {name!r} of quantized module {module!r} is missing"
+        )
+    info = ckpt.info(name)
+    if DTYPES[info.dtype] != dtype or info.shape != tuple(shape):
+        raise QdtkError(
+            f"{info.file}: tensor {name!r} is {info.dtype} {list(info.shape)}, expected "
+            f"{dtype.name} {list(shape)}"
+        )
+
+
+def read_packed_layer(ckpt: Checkpoint, module: str, info: dict) -> PackedLayer:
+    """One module's packed tensors, every dtype and shape checked against the format."""
+    shape = (int(info["shape"][0]), int(info["shape"][1]))
+    if info["kind"] == "affine":
+        expected = affine_expected(shape, int(info["bits"]))
+    else:
+        G = len(group_widths(shape[1]))
+        _check_tensor(ckpt, f"{module}.orders", np.dtype(np.uint8), (G,), module)
+        orders = ckpt.read(f"{module}.orders")
+        if orders.min() < 1 or orders.max() > MAX_ORDER:
+            raise QdtkError(
+                f"{ckpt.info(module + '.orders').file}: tensor {module + '.orders'!r} holds "
+                f"orders outside 1..{MAX_ORDER}"
+            )
+        expected = bcq_expected(shape, orders)
+    for field, (dtype, fshape) in expected.items():
+        _check_tensor(ckpt, f"{module}.{field}", dtype, fshape, module)
+    t = {f: np.array(ckpt.read(f"{module}.{f}")) for f in expected}
+    if info["kind"] == "affine":
+        return PackedAffine(shape, int(info["bits"]), t["codes"], t["scale"], t["zero"])
+    return PackedBCQ(shape, t["orders"], t["planes"], t["row_scale"], t["col_scale"])
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _finished(out: Path, fp: str, packed: bool) -> bool:
+    """A previous run with the same inputs completed: config.json is written last."""
+    if not (out / "config.json").is_file():
+        return False
+    try:
+        ckpt = Checkpoint(out)
+        has_qc = "quantization_config" in read_json(out / "config.json")
+    except QdtkError:
+        return False
+    return has_qc == packed and all(
+        meta.get("qdtk_fingerprint") == fp for meta in ckpt.metadata.values()
+    )
+
+
+def _start_output(out: Path, *inputs: Path) -> None:
+    out = out.resolve()
+    for folder in inputs:
+        if out == folder.resolve():
+            raise QdtkError(f"{out}: the output folder must differ from the input {folder}")
+    out.mkdir(parents=True, exist_ok=True)
+    # A stale config.json would mark a half-rewritten folder as finished: it goes first.
+    (out / "config.json").unlink(missing_ok=True)
+
+
+def _remove_stale_shards(out: Path, written: list[Path]) -> None:
+    keep = {p.name for p in written}
+    for p in out.glob("*.safetensors"):
+        if p.name not in keep:
+            p.unlink()
+
+
+def _read_report(quant: Path) -> dict:
+    report = read_json(quant / REPORT)
+    if not isinstance(report, dict) or report.get("format") != QUANT_FORMAT:
+        raise QdtkError(f"{quant / REPORT}: format {report.get('format')!r}, expected "
+                        f"{QUANT_FORMAT!r}")
+    blocks = report.get("blocks")
+    if not isinstance(blocks, list) or not all(isinstance(b, dict) and "file" in b for b in blocks):
+        raise QdtkError(f"{quant / REPORT}: 'blocks' must list objects with a 'file'")
+    return report
+
+
+def _block_paths(quant: Path, report: dict) -> list[Path]:
+    """Every solution file, checked to exist and to be the one the report describes."""
+    paths = []
+    for block in report["blocks"]:
+        path = quant / block["file"]
+        if not path.is_file():
+            raise QdtkError(f"{quant / REPORT}: block file {block['file']!r} is missing")
+        fp = block.get("fingerprint")
+        if fp is not None and solution_fingerprint(path) != fp:
+            raise QdtkError(
+                f"{path}: its fingerprint does not match {quant / REPORT}; rerun quantize"
+            )
+        paths.append(path)
+    return paths
+
+
+def _quantization_config(
+    report: dict, modules: dict[str, dict], packed: dict[str, int], fp: str, model_bytes: int
+) -> dict:
+    weights = sum(info["shape"][0] * info["shape"][1] for info in modules.values())
+    kinds = sorted({info["kind"] for info in modules.values()})
+    method = report.get("options", {}).get("method") if isinstance(report.get("options"),
+                                                                   dict) else None
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "method": method if isinstance(method, str) else "+".join(kinds),
+        "group_size": GROUP,
+        "word_bits": WORD_BITS,
+        "orders_allowed": sorted({o for i in modules.values() for o in i.get("orders", [])}),
+        "bits_per_weight": sum(packed.values()) / weights if weights else None,
+        "quantized_weights": weights,
+        "original_size_bytes": model_bytes,
+        "fingerprint": fp,
+        "modules": modules,
+    }
+
+
+def pack_checkpoint(
+    quant: str | Path,
+    out: str | Path,
+    model: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """The stage `qdtk pack`: solution store + original model -> packed checkpoint folder."""
+    from tqdm import tqdm
+
+    quant, out = Path(quant), Path(out)
+    report = _read_report(quant)
+    if model is None:
+        model = (report.get("model") or {}).get("path")
+        if not model:
+            raise QdtkError(f"{quant / REPORT}: records no model path; pass --model")
+    ckpt = Checkpoint(model)
+    fp = fingerprint(FORMAT, _file_hash(quant / REPORT), ckpt.fingerprint(), max_shard_bytes)
+    if _finished(out, fp, packed=True):
+        log.info("%s: already packed from these inputs; nothing to do", out)
+        return out
+    recorded = (report.get("model") or {}).get("fingerprint")
+    if recorded and recorded != ckpt.fingerprint():
+        log.warning("%s: model fingerprint differs from the one %s records", ckpt.folder,
+                    quant / REPORT)
+    paths = _block_paths(quant, report)
+    _start_output(out, ckpt.folder, quant)
+
+    modules: dict[str, dict] = {}
+    packed_bits: dict[str, int] = {}
+    meta = {"format": "pt", "qdtk_format": FORMAT, "qdtk_fingerprint": fp}
+    with CheckpointWriter(out, max_shard_bytes, meta) as writer:
+        for path in tqdm(paths, desc="pack", unit="block"):
+            for weight, layer in read_solution_block(path).items():
+                module = module_name(weight)
+                if weight not in ckpt:
+                    raise QdtkError(f"{path}: layer {weight!r} is not a tensor of {ckpt.folder}")
+                info = ckpt.info(weight)
+                if info.shape != layer.shape:
+                    raise QdtkError(f"{path}: layer {weight!r} has shape {list(layer.shape)}, "
+                                    f"the model's is {list(info.shape)}")
+                p = pack_layer(layer)
+                for name, arr in p.tensors(module).items():
+                    writer.add(name, arr)
+                modules[module] = {"kind": p.kind, "shape": list(p.shape), "dtype": info.dtype}
+                if isinstance(p, PackedBCQ):
+                    modules[module]["orders"] = sorted({int(o) for o in p.orders})
+                else:
+                    modules[module]["bits"] = p.bits
+                packed_bits[module] = p.storage_bits()
+        quantized = {m + ".weight" for m in modules}
+        for name in ckpt.names():
+            if name not in quantized:
+                writer.add(name, ckpt.read(name))
+    _remove_stale_shards(out, _shards(out))
+
+    copy_aux_files(ckpt.folder, out)
+    config = ckpt.config
+    config["quantization_config"] = _quantization_config(
+        report, modules, packed_bits, fp, ckpt.nbytes()
+    )
+    write_json_atomic(out / "config.json", config)
+    log.info("%s: %d modules packed at %.3f bits/weight", out, len(modules),
+             config["quantization_config"]["bits_per_weight"] or 0.0)
+    return out
+
+
+def _shards(out: Path) -> list[Path]:
+    """The shard files the writer just finalised (one file, or those the index names)."""
+    index = out / INDEX_NAME
+    if index.exists():
+        return [out / n for n in set(read_json(index)["weight_map"].values())]
+    return [out / SINGLE_NAME]
+
+
+def unpack_checkpoint(
+    packed: str | Path,
+    out: str | Path,
+    dtype: str = "float16",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """The stage `qdtk unpack`: packed folder -> dense checkpoint the model's own code loads."""
+    from tqdm import tqdm
+
+    packed, out = Path(packed), Path(out)
+    if dtype not in OUT_DTYPES:
+        raise QdtkError(f"unknown dtype {dtype!r}; choose one of {sorted(OUT_DTYPES)}")
+    to = OUT_DTYPES[dtype]
+    qc = read_quantization_config(packed)
+    ckpt = Checkpoint(packed)
+    fp = fingerprint("unpack", FORMAT, _file_hash(packed / "config.json"), ckpt.fingerprint(),
+                     dtype, max_shard_bytes)
+    if _finished(out, fp, packed=False):
+        log.info("%s: already unpacked from these inputs; nothing to do", out)
+        return out
+    modules = qc["modules"]
+    owned: set[str] = set()
+    for module, info in modules.items():  # validate everything before writing anything
+        fields = PackedAffine.FIELDS if info["kind"] == "affine" else PackedBCQ.FIELDS
+        owned |= {f"{module}.{f}" for f in fields}
+        read_packed_layer(ckpt, module, info)
+    _start_output(out, packed)
+
+    with CheckpointWriter(out, max_shard_bytes, {"format": "pt", "qdtk_fingerprint": fp}) as w:
+        for module, info in tqdm(modules.items(), desc="unpack", unit="layer"):
+            What = read_packed_layer(ckpt, module, info).to_layer().dequantize()  # [n, m] f32
+            w.add(f"{module}.weight", What.astype(to))
+        for name in ckpt.names():
+            if name not in owned:
+                arr = ckpt.read(name)
+                w.add(name, arr.astype(to) if ckpt.info(name).dtype in _FLOAT_CODES else arr)
+    _remove_stale_shards(out, _shards(out))
+
+    copy_aux_files(packed, out)
+    config = read_json(packed / "config.json")
+    del config["quantization_config"]
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = dtype
+    write_json_atomic(out / "config.json", config)
+    log.info("%s: %d modules unpacked to %s", out, len(modules), dtype)
+    return out
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '1.5GiB' or a plain number of bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper()
+    num = s.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[s[len(num):]]
+    except (ValueError, KeyError):
+        raise QdtkError(f"bad size {text!r}; write e.g. 2GB or 500MB") from None
+    if not math.isfinite(value) or value < 1:
+        raise QdtkError(f"bad size {text!r}")
+    return int(value)
