@@ -1,0 +1,67 @@
+"""`qdtk eval`: compare a quantized model with the original on held-out text."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+LABELS = {
+    "perplexity": "perplexity",
+    "hidden_cosine": "cosine of final hidden states",
+    "embedding_cosine": "cosine of mean-pooled embeddings",
+}
+
+
+def format_table(result: dict) -> str:
+    """The comparison as a small text table: metric, A, B, B/A (or one value for cosines)."""
+    lines = [f"{'metric':<34} {'A':>12} {'B':>12} {'B/A':>9}"]
+    for key, m in result["metrics"].items():
+        label = LABELS.get(key, key.replace("masked_ce@", "masked-token CE, mask ratio "))
+        if "value" in m:
+            lines.append(f"{label:<34} {'':>12} {m['value']:>12.4f}")
+        else:
+            lines.append(f"{label:<34} {m['a']:>12.4g} {m['b']:>12.4g} {m['ratio']:>9.4f}")
+    return "\n".join(lines)
+
+
+@click.command("eval")
+@click.argument("model_a", type=click.Path())
+@click.argument("model_b", type=click.Path())
+@click.option("--text", "text_src", type=click.Path(), default=None,
+              help="UTF-8 text file to evaluate on. Default: the built-in held-out text.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Number of token windows, evenly spaced over the text.")
+@click.option("-L", "--length", "L", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens per window, special tokens included.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the masks (masked-LM models); both models get the same masks.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Torch device to run the models on (cpu, cuda, cuda:1, ...).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              default="float32", show_default=True, help="Dtype the models run in.")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Windows per forward pass.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow the model's own code from its folder (LLaDA, Dream).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
+def eval_(model_a, model_b, text_src, n, L, seed, device, dtype, batch, trust_remote_code,
+          as_json) -> None:
+    """Compare MODEL_B (e.g. quantized) with MODEL_A (the original) on held-out text.
+
+    Each model is a checkpoint folder or a .gguf file. The metric follows the model: masked-token
+    cross-entropy at mask ratios 0.15/0.5/0.85 (masked-LM heads, dLLMs), perplexity (causal
+    LMs), and for every model the cosine similarity of the final hidden states and of the
+    mean-pooled sentence embeddings (the metric of encoders without a head).
+    """
+    from qdtk.evaluate import compare, read_text
+
+    text = read_text(text_src)
+    result = compare(model_a, model_b, text, n=n, L=L, seed=seed, device=device, dtype=dtype,
+                     batch=batch, trust_remote_code=trust_remote_code)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"A = {result['model_a']}\nB = {result['model_b']}\n"
+               f"{result['kind']} model, {n} windows of {L} tokens")
+    click.echo(format_table(result))

@@ -1,0 +1,347 @@
+"""Layer errors and model-level metrics: how far a quantized model is from the original.
+
+Layer level (NumPy): the relative output error of What on inputs with second moment H,
+    ||X W^T - X What^T||^2 / ||X W^T||^2 = tr(D H D^T) / tr(W H W^T),  D = W - What,
+the solver's proxy error with the calibration H and the held-out layer error with a held-out H.
+
+Model level (torch, imported inside the functions): the metric that fits the model kind:
+- "mlm" (a masked-LM head, dLLMs included): masked-token cross-entropy at mask ratios
+  0.15 / 0.5 / 0.85, on masks drawn from a seeded generator once and given to both models;
+- "causal": perplexity of next-token prediction;
+- "encoder" (no head, e.g. MiniLM): nothing beyond the two cosines below, which every kind gets:
+  cosine of the final hidden states (per token) and of the attention-mask-weighted mean-pooled
+  sentence embeddings (per window).
+The models run one after the other on the same token windows, so only one is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qdtk.errors import QdtkError
+
+log = logging.getLogger(__name__)
+
+MASK_RATIOS = (0.15, 0.5, 0.85)
+DTYPES = ("float32", "bfloat16", "float16")
+# dLLMs with remote code: their logits are masked-token predictions.
+MASKED_LM_ARCHITECTURES = {"LLaDAModelLM", "DreamModel"}
+DEFAULT_MASK_IDS = {"llada": 126336, "dream": 151666}
+
+
+# ---------------------------------------------------------------- layer level (no torch)
+
+
+def proxy_error(W: np.ndarray, What: np.ndarray, H: np.ndarray) -> float:
+    """tr(D H D^T) / tr(W H W^T) with D = W - What, in float64 (0 when W H W^T vanishes)."""
+    W = np.asarray(W, np.float64)
+    H = np.asarray(H, np.float64)
+    D = W - np.asarray(What, np.float64)  # [n, m]
+    num = float(np.einsum("ij,ij->", D @ H, D))
+    den = float(np.einsum("ij,ij->", W @ H, W))
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def layer_errors(model_dir: str | Path, quant_dir: str | Path, stats_dir: str | Path
+                 ) -> dict[str, float]:
+    """Relative output error of every quantized layer on the inputs a stats folder describes.
+
+    With a stats folder captured on held-out text this is the held-out layer error.
+    """
+    from qdtk.checkpoint import Checkpoint
+    from qdtk.io import read_json
+    from qdtk.solution import REPORT, read_solution_block
+    from qdtk.stats import Stats
+
+    ckpt, stats = Checkpoint(model_dir), Stats(stats_dir)
+    report = read_json(Path(quant_dir) / REPORT)
+    errors: dict[str, float] = {}
+    for block in report.get("blocks", []):
+        for name, layer in read_solution_block(Path(quant_dir) / block["file"]).items():
+            W = ckpt.read(name, np.float32)
+            H, _ = stats.hessian(name, W.shape[1])
+            errors[name] = proxy_error(W, layer.dequantize(), H)
+    return errors
+
+
+# ---------------------------------------------------------------- text and tokens
+
+
+def heldout_text() -> str:
+    """The built-in held-out text: the second half of the stdlib's pydoc topics."""
+    import pydoc_data.topics
+
+    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    return text[len(text) // 2 :]
+
+
+def read_text(src: str | Path | None) -> str:
+    """The text of SRC (a UTF-8 file), or the built-in held-out text when SRC is None."""
+    if src is None:
+        return heldout_text()
+    path = Path(src)
+    if not path.is_file():
+        raise QdtkError(f"{path}: text file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise QdtkError(f"{path}: not UTF-8 text") from None
+
+
+@dataclass
+class Windows:
+    ids: np.ndarray  # [N, L] int64 token ids
+    special: np.ndarray  # [N, L] bool, special tokens added around the text (never masked)
+
+
+def _special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS] ... [SEP], BOS ...)."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for p in range(len(full) - len(bare) + 1):
+        if full[p : p + len(bare)] == bare:
+            return list(full[:p]), list(full[p + len(bare) :])
+    return [], []
+
+
+def token_windows(text: str, tokenizer, vocab_size: int, n: int, L: int) -> Windows:
+    """n windows of L tokens, evenly spaced over the text, each wrapped in the special tokens.
+
+    Without a tokenizer (test checkpoints) the text's bytes modulo the vocabulary are the ids.
+    """
+    if tokenizer is None:
+        stream, before, after = np.frombuffer(text.encode(), np.uint8) % vocab_size, [], []
+    else:
+        stream = np.array(tokenizer(text, add_special_tokens=False)["input_ids"], np.int64)
+        before, after = _special_wrapping(tokenizer)
+    width = L - len(before) - len(after)
+    if width < 1 or len(stream) < width:
+        raise QdtkError(f"the text has {len(stream)} tokens: too few for windows of {L} tokens")
+    starts = np.linspace(0, len(stream) - width, n).astype(np.int64)
+    body = np.stack([stream[s : s + width] for s in starts])  # [N, width]
+    ids = np.concatenate(
+        [np.tile(before, (n, 1)), body, np.tile(after, (n, 1))], axis=1
+    ).astype(np.int64)
+    special = np.zeros_like(ids, bool)
+    special[:, : len(before)] = True
+    special[:, L - len(after) :] = True
+    return Windows(ids, special)
+
+
+def mask_positions(special: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """[N, L] bool: round(ratio * visible) positions per window (at least 1), seeded per window."""
+    out = np.zeros_like(special)
+    for i, sp in enumerate(special):
+        free = np.flatnonzero(~sp)
+        k = max(1, round(ratio * len(free)))
+        rng = np.random.default_rng([seed, i, round(ratio * 1000)])
+        out[i, rng.choice(free, size=k, replace=False)] = True
+    return out
+
+
+# ---------------------------------------------------------------- models
+
+
+def _gguf(path: Path) -> tuple[Path, dict]:
+    """(folder, extra from_pretrained kwargs) of a checkpoint folder or a .gguf file."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, {"gguf_file": path.name}
+    if not path.is_dir():
+        raise QdtkError(f"{path}: no such model folder or .gguf file")
+    if not (path / "config.json").is_file():
+        raise QdtkError(f"{path}: not a model folder (config.json missing)")
+    return path, {}
+
+
+def model_kind(config) -> str:
+    """'mlm' (masked-LM head or a dLLM), 'causal' or 'encoder' (no head)."""
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForMaskedLM") or a in MASKED_LM_ARCHITECTURES for a in archs):
+        return "mlm"
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return "causal"
+    return "encoder"
+
+
+def mask_token_id(config, tokenizer) -> int:
+    """The mask token: the config's, else the tokenizer's, else the known dLLM defaults."""
+    for value in (getattr(config, "mask_token_id", None),
+                  getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None,
+                  DEFAULT_MASK_IDS.get(str(getattr(config, "model_type", "")).lower())):
+        if value is not None:
+            return int(value)
+    raise QdtkError("the model has a masked-LM head but no mask token id in its config or "
+                    "tokenizer")
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # torch.nn.Module in eval mode
+    tokenizer: Any  # or None when the folder has none
+    kind: str
+    config: Any
+
+
+def load_for_eval(path: str | Path, dtype: str = "float32", device: str = "cpu",
+                  trust_remote_code: bool = False) -> LoadedModel:
+    """Load a checkpoint folder (or a .gguf file) with the head that fits its kind."""
+    import torch
+    import transformers as tf
+
+    if dtype not in DTYPES:
+        raise QdtkError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    folder, extra = _gguf(Path(path))
+    try:
+        config = tf.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                               **extra)
+    except (OSError, ValueError) as e:
+        raise QdtkError(f"{path}: cannot read the model config: {e}") from None
+    # A GGUF file holds a causal LM whose config names no architecture.
+    kind = "causal" if extra else model_kind(config)
+    auto = {"mlm": tf.AutoModelForMaskedLM, "causal": tf.AutoModelForCausalLM,
+            "encoder": tf.AutoModel}[kind]
+    if any(a in MASKED_LM_ARCHITECTURES for a in (config.architectures or [])):
+        auto = tf.AutoModel  # dLLMs register their masked-LM class as AutoModel
+    try:
+        model = auto.from_pretrained(folder, dtype=getattr(torch, dtype),
+                                     trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as e:
+        raise QdtkError(f"{path}: cannot load the model: {e}") from None
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    return LoadedModel(model.to(device).eval(), tokenizer, kind, config)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a checkpoint folder or .gguf file, or None when it has none."""
+    import transformers as tf
+
+    folder, extra = _gguf(Path(path))
+    try:
+        return tf.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                **extra)
+    except (OSError, ValueError, TypeError):
+        log.info("%s: no tokenizer; using byte ids", path)
+        return None
+
+
+def _forward(model, ids, hidden: bool):
+    """(logits or None, final hidden states) of one batch; no padding, so mask = all ones."""
+    import torch
+
+    attention = torch.ones_like(ids)
+    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=hidden)
+    logits = getattr(out, "logits", None)
+    states = out.hidden_states[-1] if getattr(out, "hidden_states", None) is not None else None
+    if states is None:
+        states = getattr(out, "last_hidden_state", None)
+    return logits, states
+
+
+def model_outputs(lm: LoadedModel, windows: Windows, masks: dict[float, np.ndarray],
+                  mask_id: int | None, batch: int = 8, device: str = "cpu") -> dict[str, Any]:
+    """Everything the comparison needs from one model, as NumPy arrays.
+
+    hidden [N, L, d] and embedding [N, d] (mean over the attention mask) on the plain windows;
+    per mask ratio the masked tokens' negative log-likelihoods (mlm); per token next-token NLLs
+    (causal).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    ids_all = torch.from_numpy(windows.ids)
+    hidden, nll_causal = [], []
+    nll_masked: dict[float, list] = {r: [] for r in masks}
+    with torch.inference_mode():
+        for s in range(0, len(ids_all), batch):
+            ids = ids_all[s : s + batch].to(device)
+            logits, states = _forward(lm.model, ids, hidden=True)
+            hidden.append(states.float().cpu().numpy())
+            if lm.kind == "causal":
+                nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
+                                      reduction="none")
+                nll_causal.append(nll.cpu().numpy())
+            for r, mask in masks.items():
+                m = torch.from_numpy(mask[s : s + batch]).to(device)
+                logits, _ = _forward(lm.model, ids.masked_fill(m, mask_id), hidden=False)
+                nll = F.cross_entropy(logits[m].float(), ids[m], reduction="none")
+                nll_masked[r].append(nll.cpu().numpy())
+    H = np.concatenate(hidden)  # [N, L, d]
+    out: dict[str, Any] = {"hidden": H, "embedding": mean_pool(H, np.ones(H.shape[:2]))}
+    if nll_causal:
+        out["nll"] = np.concatenate(nll_causal)
+    out["masked_nll"] = {r: np.concatenate(v) for r, v in nll_masked.items()}
+    return out
+
+
+def mean_pool(H: np.ndarray, attention: np.ndarray) -> np.ndarray:
+    """[N, d] sentence embeddings: the attention-mask-weighted mean of H [N, L, d] over L."""
+    w = np.asarray(attention, np.float64)  # [N, L]
+    return np.einsum("nl,nld->nd", w, H) / np.maximum(w.sum(1, keepdims=True), 1e-12)
+
+
+def mean_cosine(A: np.ndarray, B: np.ndarray) -> float:
+    """Mean over rows of cos(A_i, B_i) (last axis), in float64; zero vectors count as 0."""
+    A = np.asarray(A, np.float64).reshape(-1, A.shape[-1])
+    B = np.asarray(B, np.float64).reshape(-1, B.shape[-1])
+    den = np.linalg.norm(A, axis=1) * np.linalg.norm(B, axis=1)
+    cos = np.divide(np.einsum("ij,ij->i", A, B), den, out=np.zeros(len(A)), where=den > 0)
+    return float(np.clip(cos, -1, 1).mean())
+
+
+def compare_outputs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """metric -> {"a", "b", "ratio"} for losses, metric -> {"value"} for cosines."""
+    metrics: dict[str, dict[str, float]] = {}
+    for r in a["masked_nll"]:
+        ce_a, ce_b = float(a["masked_nll"][r].mean()), float(b["masked_nll"][r].mean())
+        metrics[f"masked_ce@{r:g}"] = {"a": ce_a, "b": ce_b, "ratio": ce_b / ce_a}
+    if "nll" in a:
+        ppl_a, ppl_b = float(np.exp(a["nll"].mean())), float(np.exp(b["nll"].mean()))
+        metrics["perplexity"] = {"a": ppl_a, "b": ppl_b, "ratio": ppl_b / ppl_a}
+    metrics["hidden_cosine"] = {"value": mean_cosine(a["hidden"], b["hidden"])}
+    metrics["embedding_cosine"] = {"value": mean_cosine(a["embedding"], b["embedding"])}
+    return metrics
+
+
+def compare(model_a: str | Path, model_b: str | Path, text: str | None = None, n: int = 32,
+            L: int = 128, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+            batch: int = 8, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Compare model B (e.g. quantized) with model A (the original) on windows of `text`.
+
+    `text` defaults to the built-in held-out text. The token windows and the masks are made
+    once, from model A's tokenizer (else B's) and the seed, and given to both models.
+    """
+    if n < 1 or L < 2:
+        raise QdtkError(f"need at least one window of at least 2 tokens (got n={n}, L={L})")
+    text = heldout_text() if text is None else text
+    outputs, kinds, shared = [], [], {}
+    for path in (model_a, model_b):
+        lm = load_for_eval(path, dtype, device, trust_remote_code)
+        if not shared:
+            tokenizer = lm.tokenizer
+            if tokenizer is None:
+                tokenizer = load_tokenizer(model_b, trust_remote_code)
+            longest = getattr(lm.config, "max_position_embeddings", None)
+            if longest is not None and longest < L:
+                raise QdtkError(f"{path}: windows of {L} tokens exceed the model's {longest}")
+            windows = token_windows(text, tokenizer, lm.config.vocab_size, n, L)
+            mask_id = mask_token_id(lm.config, tokenizer) if lm.kind == "mlm" else None
+            masks = {r: mask_positions(windows.special, r, seed) for r in MASK_RATIOS}
+            shared = {"windows": windows, "mask_id": mask_id,
+                      "masks": masks if lm.kind == "mlm" else {}}
+        elif lm.kind != kinds[0]:
+            raise QdtkError(f"{path}: a {lm.kind} model, but {model_a} is a {kinds[0]} model")
+        kinds.append(lm.kind)
+        log.info("evaluating %s (%s) on %d windows of %d tokens", path, lm.kind, n, L)
+        outputs.append(model_outputs(lm, shared["windows"], shared["masks"], shared["mask_id"],
+                                     batch, device))
+        del lm
+    return {
+        "model_a": str(model_a), "model_b": str(model_b), "kind": kinds[0],
+        "windows": n, "length": L, "seed": seed,
+        "metrics": compare_outputs(*outputs),
+    }
