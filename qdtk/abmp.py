@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 ORDERS = (1, 2, 3)
 COUNTS = ("real", "planes")
-# Largest exact DP table (items x budget cells, one byte each); beyond it the Lagrangian runs.
-DP_MAX_CELLS = 1 << 28
+# Memory cap of the exact DP (a byte per item and budget cell, two float64 rows); beyond it the
+# Lagrangian runs.
+DP_MAX_BYTES = 1 << 28
 
 # solve(W_g [n, w], order, s_g [n, w] salience) -> What_g [n, w] float32, the group solved alone.
 GroupSolver = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
@@ -308,13 +309,13 @@ def _mckp_lagrange(v: np.ndarray, c: np.ndarray, cap: int) -> tuple[np.ndarray, 
 
 
 def knapsack(
-    values: np.ndarray, costs: np.ndarray, budget: int, *, max_cells: int = DP_MAX_CELLS
+    values: np.ndarray, costs: np.ndarray, budget: int, *, dp_bytes: int = DP_MAX_BYTES
 ) -> Knapsack:
     """Pick one option per item minimising the summed value with summed cost <= budget.
 
     values [I, C] float (finite), costs [I, C] integers (bits). Costs are shifted by each item's
     cheapest option and divided by their GCD; when the resulting exact grid (I x cells) fits in
-    `max_cells` an exact DP in Numba solves it (gap 0). Otherwise a Lagrangian sweep over the
+    `dp_bytes` an exact DP in Numba solves it (gap 0). Otherwise a Lagrangian sweep over the
     lower convex hulls plus a greedy repair runs; it is never over budget and its value exceeds
     the optimum by at most the certified `gap` = value - LP bound, which is at most the value
     drop of one hull segment. Both are deterministic.
@@ -337,7 +338,7 @@ def knapsack(
     unit = int(np.gcd.reduce(c0.ravel())) if I else 0
     cap = (budget - need) // unit if unit else 0
     cap = min(cap, int(c0.max(axis=1).sum()) // unit if unit else 0)  # more never helps
-    if I * (cap + 1) <= max_cells:
+    if (I + 16) * (cap + 1) <= dp_bytes:
         choice = _mckp_dp(v, c0 // max(unit, 1), cap) if I else np.zeros(0, np.int64)
         gap, method = 0.0, "dp"
     else:

@@ -159,7 +159,7 @@ def test_knapsack_dp_equals_brute_force(inst):
 @given(instances())
 def test_knapsack_lagrange_within_its_certified_gap(inst):
     v, c, budget = inst
-    ks = abmp.knapsack(v, c, budget, max_cells=0)  # force the Lagrangian path
+    ks = abmp.knapsack(v, c, budget, dp_bytes=0)  # force the Lagrangian path
     assert ks.method == "lagrange"
     assert ks.cost <= budget
     opt = brute_force(v, c, budget)
@@ -169,8 +169,8 @@ def test_knapsack_lagrange_within_its_certified_gap(inst):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.floats(1.0, 3.2), st.sampled_from([0, abmp.DP_MAX_CELLS]))
-def test_knapsack_never_over_budget_on_layer_costs(seed, bits, max_cells):
+@given(st.integers(0, 2**32 - 1), st.floats(1.0, 3.2), st.sampled_from([0, abmp.DP_MAX_BYTES]))
+def test_knapsack_never_over_budget_on_layer_costs(seed, bits, dp_bytes):
     """Many groups of several layers (different n, ragged widths): both methods stay in budget."""
     r = np.random.default_rng(seed)
     shapes = [(int(r.integers(8, 200)), int(r.integers(1, 700))) for _ in range(4)]
@@ -179,9 +179,9 @@ def test_knapsack_never_over_budget_on_layer_costs(seed, bits, max_cells):
     budget = abmp.budget_bits(bits, sum(n * m for n, m in shapes))
     if budget < costs[:, 0].sum():
         with pytest.raises(QdtkError):
-            abmp.knapsack(values, costs, budget, max_cells=max_cells)
+            abmp.knapsack(values, costs, budget, dp_bytes=dp_bytes)
         return
-    ks = abmp.knapsack(values, costs, budget, max_cells=max_cells)
+    ks = abmp.knapsack(values, costs, budget, dp_bytes=dp_bytes)
     assert ks.cost <= budget
 
 
@@ -200,8 +200,8 @@ def test_knapsack_beats_swap_at_swaps_budget(rng):
 def test_knapsack_is_deterministic_with_ties():
     v = np.ones((6, 3))  # every allocation is optimal
     c = np.tile([1, 2, 3], (6, 1))
-    for max_cells in (abmp.DP_MAX_CELLS, 0):
-        picks = {tuple(abmp.knapsack(v, c, 12, max_cells=max_cells).choice) for _ in range(3)}
+    for dp_bytes in (abmp.DP_MAX_BYTES, 0):
+        picks = {tuple(abmp.knapsack(v, c, 12, dp_bytes=dp_bytes).choice) for _ in range(3)}
         assert len(picks) == 1
 
 
