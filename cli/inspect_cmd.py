@@ -1,4 +1,8 @@
-"""`qdtk inspect`: what a checkpoint holds and what quantizing it would give."""
+"""`qdtk inspect`: what a checkpoint holds and what quantizing it would give.
+
+A packed folder (config.json with a qdtk quantization_config, docs/FORMAT.md) is described by
+what it stores: bits per weight per layer and overall, and its size against the original.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,50 @@ from collections import Counter
 import click
 
 from qdtk.cli.options import exclude_option, include_option
+
+
+def describe_packed(folder: str) -> dict:
+    """A packed checkpoint: per quantized module its orders and bits per weight, and sizes."""
+    from qdtk.bits import affine_bits, bcq_bits
+    from qdtk.checkpoint import Checkpoint
+    from qdtk.pack import PackedAffine, PackedBCQ, read_quantization_config
+
+    qc = read_quantization_config(folder)
+    ckpt = Checkpoint(folder)
+    rows, q_bits, q_weights, q_bytes = [], 0, 0, 0
+    for module, info in qc["modules"].items():
+        n, m = info["shape"]
+        fields = PackedBCQ.FIELDS if info["kind"] == "bcq" else PackedAffine.FIELDS
+        stored = sum(ckpt.info(f"{module}.{f}").nbytes for f in fields)
+        row = {"name": module, "kind": info["kind"], "shape": [n, m], "stored_bytes": stored}
+        if info["kind"] == "bcq":
+            orders = ckpt.read(f"{module}.orders")
+            bits = bcq_bits(n, m, orders)
+            row["orders"] = dict(sorted(Counter(int(o) for o in orders).items()))
+        else:
+            bits = affine_bits(n, m, info["bits"])
+            row["bits"] = info["bits"]
+        row["bits_per_weight"] = bits / (n * m)
+        rows.append(row)
+        q_bits, q_weights, q_bytes = q_bits + bits, q_weights + n * m, q_bytes + stored
+    size = sum(f.stat().st_size for f in ckpt.files)
+    original = qc.get("original_size_bytes")
+    return {
+        "folder": str(ckpt.folder),
+        "packed": True,
+        "format": qc["format"],
+        "method": qc.get("method"),
+        "files": [f.name for f in ckpt.files],
+        "tensors": len(ckpt.tensors),
+        "modules": rows,
+        "quantized_parameters": q_weights,
+        "bits_per_weight": q_bits / q_weights if q_weights else None,
+        "stored_bits_per_weight": 8 * q_bytes / q_weights if q_weights else None,
+        "other_bytes": ckpt.nbytes() - q_bytes,
+        "file_bytes": size,
+        "original_bytes": original,
+        "compression": original / size if original else None,
+    }
 
 
 def describe(folder: str, include=(), exclude=()) -> dict:
@@ -47,6 +95,27 @@ def _mb(x: int) -> str:
     return f"{x / 2**20:,.1f} MiB"
 
 
+def _show_packed(d: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(f"{d['folder']}: packed checkpoint ({d['format']}, method {d['method']}), "
+               f"{d['tensors']} tensors in {len(d['files'])} file(s)")
+    click.echo(f"Quantized modules: {len(d['modules'])} ({d['quantized_parameters']:,} weights)")
+    for r in d["modules"]:
+        detail = (" ".join(f"o{o}:{c}" for o, c in r["orders"].items()) if r["kind"] == "bcq"
+                  else f"{r['bits']}-bit affine")
+        click.echo(f"  {r['name']:<55} {r['shape'][0]:>6} x {r['shape'][1]:<6} "
+                   f"{r['bits_per_weight']:.3f} bits/weight  ({detail})")
+    if d["bits_per_weight"] is not None:
+        click.echo(f"Overall {d['bits_per_weight']:.3f} bits/weight with scales "
+                   f"({d['stored_bits_per_weight']:.3f} as stored, word padding included)")
+    line = f"Files {_mb(d['file_bytes'])}"
+    if d["original_bytes"]:
+        line += f" vs original {_mb(d['original_bytes'])} ({d['compression']:.2f}x smaller)"
+    click.echo(line)
+
+
 @click.command()
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @include_option
@@ -55,9 +124,17 @@ def _mb(x: int) -> str:
 def inspect(model_dir: str, include, exclude, as_json: bool) -> None:
     """Show the tensors of MODEL_DIR, the Linears qdtk would quantize, and the size at 2 bits.
 
+    For a packed checkpoint (qdtk pack): bits per weight per module and overall, and the size
+    on disk against the original; --include/--exclude do not apply.
+
     The 2-bit size counts the scales honestly (order 2 per 128-column group, float16 row and
     column scales per plane) and keeps every other tensor as it is.
     """
+    from qdtk.pack import is_packed
+
+    if is_packed(model_dir):
+        _show_packed(describe_packed(model_dir), as_json)
+        return
     d = describe(model_dir, include, exclude)
     if as_json:
         click.echo(json.dumps(d, indent=2))
