@@ -1,0 +1,650 @@
+"""MCS capture: run the real model block by block on masked sequences and record H per input.
+
+The only library module that runs a model (torch and transformers are imported inside the
+functions). The flow, for S masked sequences in chunks of `chunk_size`:
+
+1. Embed: a forward of the whole model per chunk, stopped by a sentinel exception at the first
+   block's pre-forward hook, yields the hidden states entering block 0 and the block's extra
+   arguments (attention mask, rotary position embeddings, ...) as the model itself builds them.
+   Those extra arguments are rebuilt the same way whenever a chunk enters a block, so the
+   generic path assumes every block takes the same ones as block 0 (true for BERT, Llama,
+   Qwen2, LLaDA and Dream; not for models alternating sliding-window layers).
+2. For each block b: forward hooks on every nn.Linear of the block accumulate sum x x^T over
+   the non-padding tokens, in float64. Linears reading the same tensor object (q/k/v,
+   gate/up) form one input and are counted once, under the module path of the first reader.
+   The block's outputs replace its inputs in the store (host memory, or files with offload):
+   only the block being run is on the device.
+3. The sums become H = (2/T) sum x x^T in the stats format of qdtk.stats, one file per block.
+
+Resume: StatsWriter keeps finished blocks; a rerun recomputes the hidden states entering the
+first unfinished block by re-running the finished blocks' forward without hooks (cheaper than
+capturing, and no hidden states need to survive a kill).
+
+HF Conv1D (GPT-2 style, weight stored [in, out]) is not captured: quantize expects [out, in].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qdtk.errors import QdtkError
+from qdtk.mcs import MaskedBatch, MaskOptions, cut_windows, mask_batch, resolve_mask_token_id
+from qdtk.stats import InputStat, StatsWriter, hessian_from_sums
+
+log = logging.getLogger(__name__)
+
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+ACCUMULATE = ("float64", "float32")
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "cache", "layer_past")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def split_model_path(path: str | Path) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None): a path to a .gguf file loads through its folder."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise QdtkError(f"{path}: GGUF file not found")
+        return path.parent, path.name
+    if not path.is_dir():
+        raise QdtkError(f"{path}: model folder not found")
+    return path, None
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    try:
+        return getattr(torch, DTYPE_NAMES[name])
+    except KeyError:
+        raise QdtkError(f"unknown dtype {name!r} (float32, bfloat16 or float16)") from None
+
+
+def _auto_class(config: Any, gguf: str | None):
+    """The class that loads the checkpoint's own tensor names: its architecture when
+    transformers has it, else the remote code's auto_map (LLaDA, Dream), else AutoModel."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    auto_map = getattr(config, "auto_map", None) or {}
+    for name in ("AutoModelForMaskedLM", "AutoModelForCausalLM", "AutoModel"):
+        if name in auto_map:
+            return getattr(transformers, name)
+    return transformers.AutoModelForCausalLM if gguf else transformers.AutoModel
+
+
+def load_model(
+    path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
+):
+    """A model from a local folder or .gguf file, in eval mode without gradients, on `device`."""
+    import transformers
+
+    folder, gguf = split_model_path(path)
+    extra = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            folder, trust_remote_code=trust_remote_code, **extra
+        )
+        cls = _auto_class(config, gguf)
+        model = cls.from_pretrained(
+            folder, config=config, dtype=_torch_dtype(dtype),
+            trust_remote_code=trust_remote_code, **extra,
+        )
+    except (OSError, ValueError, KeyError) as e:
+        hint = " (LLaDA/Dream need --trust-remote-code)" if "trust_remote_code" in str(e) else ""
+        raise QdtkError(f"{path}: cannot load the model{hint}: {e}") from None
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    import transformers
+
+    folder, gguf = split_model_path(path)
+    extra = {"gguf_file": gguf} if gguf else {}
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(
+            folder, trust_remote_code=trust_remote_code, **extra
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QdtkError(f"{path}: cannot load the tokenizer: {e}") from None
+    tok.model_max_length = 1 << 62  # the calibration stream is long; windows are cut later
+    return tok
+
+
+def model_fingerprint(path: str | Path) -> tuple[str, list[str] | None]:
+    """(fingerprint, checkpoint tensor names or None for a GGUF file)."""
+    from qdtk.checkpoint import Checkpoint
+    from qdtk.io import fingerprint
+
+    folder, gguf = split_model_path(path)
+    if gguf:
+        st = (folder / gguf).stat()
+        return fingerprint(gguf, st.st_size, st.st_mtime_ns), None
+    ckpt = Checkpoint(folder)
+    return ckpt.fingerprint(), ckpt.names()
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def find_blocks(model) -> tuple[str, Any]:
+    """(name, ModuleList) of the transformer block stack: the longest nn.ModuleList of blocks of
+    one class that is not nested in another such list (so MoE expert lists lose)."""
+    from torch import nn
+
+    lists = [
+        (name, mod) for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(m) for m in mod}) == 1
+    ]
+    outer = [(n, m) for n, m in lists if not any(n.startswith(o + ".") for o, _ in lists if o)]
+    if not outer:
+        raise QdtkError(f"{type(model).__name__}: no stack of transformer blocks (nn.ModuleList)")
+    return max(outer, key=lambda nm: len(nm[1]))
+
+
+@dataclass(frozen=True)
+class NameMap:
+    """Model parameter names -> checkpoint tensor names: strip one prefix, add another (a head
+    model loading a base checkpoint has "bert."/"model." more; the reverse has one less)."""
+
+    strip: str = ""
+    add: str = ""
+
+    def __call__(self, name: str) -> str:
+        return self.add + name[len(self.strip):] if name.startswith(self.strip) else name
+
+
+def name_map(model_names: Iterable[str], ckpt_names: Iterable[str] | None) -> NameMap:
+    """The prefix fix that maps every model weight name to a checkpoint tensor name."""
+    model_names = list(model_names)
+    if ckpt_names is None:
+        return NameMap()
+    ckpt = set(ckpt_names)
+
+    def prefixes(names):
+        out = {""}
+        for n in names:
+            parts = n.split(".")
+            out |= {".".join(parts[:k]) + "." for k in (1, 2) if len(parts) > k}
+        return out
+
+    candidates = [(s, a) for s in prefixes(model_names) for a in prefixes(ckpt)]
+    best = max(candidates, key=lambda sa: (
+        sum(NameMap(*sa)(n) in ckpt and n.startswith(sa[0]) for n in model_names),
+        -len(sa[0]) - len(sa[1]),
+    ))
+    fix = NameMap(*best)
+    missing = [n for n in model_names if fix(n) not in ckpt]
+    if missing:
+        raise QdtkError(
+            f"the checkpoint has no tensor for the model's Linear weight {missing[0]!r} "
+            f"({len(missing)} unmatched); is the folder the model's own checkpoint?"
+        )
+    return fix
+
+
+def block_linears(block, prefix: str, fix: NameMap) -> dict[str, Any]:
+    """Checkpoint weight name -> nn.Linear for the Linears of one block."""
+    from torch import nn
+
+    return {
+        fix(f"{prefix}.{rel}.weight"): mod
+        for rel, mod in block.named_modules()
+        if isinstance(mod, nn.Linear)
+    }
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+
+def xtx(X, accumulate: str = "float64"):
+    """sum over rows of x x^T as float64 [m, m] from X [T, m].
+
+    "float64": products and sums in float64 (SPEC 1). "float32": products summed in float32
+    within this call (bf16/fp16 inputs on CUDA: tensor cores, exact products), then float64.
+    """
+    import torch
+
+    if accumulate == "float64":
+        Xd = X.to(torch.float64)
+        return Xd.T @ Xd
+    if X.is_cuda and X.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(X.T, X, out_dtype=torch.float32).to(torch.float64)
+    Xf = X.to(torch.float32)
+    return (Xf.T @ Xf).to(torch.float64)
+
+
+class Recorder:
+    """Forward hooks on the Linears of one block: sum x x^T per distinct input tensor.
+
+    The first Linear to read a tensor accumulates it; later readers of the same object (weakly
+    referenced, so a freed tensor's reused id cannot alias) only join its members.
+    """
+
+    def __init__(self, block, linears: dict[str, Any], accumulate: str):
+        self.accumulate = accumulate
+        self.keep = None  # [B*L] bool on the device: the tokens that count
+        self.sums: dict[str, Any] = {}  # key -> float64 [m, m]
+        self.members: dict[str, list[str]] = {}  # key -> checkpoint weight names
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._handles = [block.register_forward_pre_hook(lambda *_: self._seen.clear())]
+        for name, mod in linears.items():
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        key_of = name.removesuffix(".weight")
+
+        def hook(module, args, output):
+            x = args[0]
+            hit = self._seen.get(id(x))
+            if hit is not None and hit[0]() is x:
+                if name not in self.members[hit[1]]:
+                    self.members[hit[1]].append(name)
+                return
+            self._seen[id(x)] = (weakref.ref(x), key_of)
+            self.members.setdefault(key_of, [name])
+            X = x.reshape(-1, x.shape[-1])  # [B*L, m]
+            if X.shape[0] != self.keep.numel():
+                raise QdtkError(f"{name}: input of shape {list(x.shape)} is not [batch, length, "
+                                f"features]; cannot tell padding apart")
+            S = xtx(X[self.keep], self.accumulate)
+            if key_of in self.sums:
+                self.sums[key_of] += S
+            else:
+                self.sums[key_of] = S
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- hidden states
+
+
+class HiddenStore:
+    """The hidden states of every chunk between two blocks: host memory, or one file per chunk
+    under `folder` (offload). Outputs of a block overwrite its inputs chunk by chunk."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder
+        self._mem: dict[int, Any] = {}
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def __setitem__(self, c: int, h) -> None:
+        import torch
+
+        h = h.detach().to("cpu")
+        if self.folder is None:
+            self._mem[c] = h
+        else:
+            torch.save(h, self.folder / f"{c:05d}.pt")
+
+    def __getitem__(self, c: int):
+        import torch
+
+        if self.folder is None:
+            return self._mem[c]
+        return torch.load(self.folder / f"{c:05d}.pt", weights_only=True)
+
+    def close(self) -> None:
+        self._mem.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Stop(Exception):
+    """Raised by the first block's pre-hook to end the embedding forward."""
+
+    def __init__(self, args, kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+def _to(obj, device):
+    """Tensors inside nested tuples/lists/dicts moved to `device`."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+class BlockSession:
+    """S masked sequences flowing through the block stack of `model`, one block at a time.
+
+    `position` is the block whose inputs the store holds. `run_block(b)` runs block b (which
+    must be `position`) on every chunk, optionally recording H, optionally advancing.
+    """
+
+    def __init__(
+        self,
+        model,
+        ids: np.ndarray,
+        attention: np.ndarray,
+        *,
+        device: str = "cpu",
+        chunk_size: int = 8,
+        offload: Path | None = None,
+        accumulate: str = "float64",
+        ckpt_names: Iterable[str] | None = None,
+        progress: bool = False,
+    ):
+        import torch
+
+        if accumulate not in ACCUMULATE:
+            raise QdtkError(f"unknown accumulation {accumulate!r} (float64 or float32)")
+        self.model, self.device, self.accumulate = model, device, accumulate
+        self.progress = progress
+        self.stack, self.blocks = find_blocks(model)
+        self.ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))  # [S, L]
+        self.attention = torch.as_tensor(np.asarray(attention, dtype=bool))  # [S, L]
+        S = self.ids.shape[0]
+        self.chunks = [slice(i, min(i + max(chunk_size, 1), S)) for i in range(0, S, chunk_size)]
+        self.tokens = int(self.attention.sum())
+        model_weights = [
+            f"{self.stack}.{b}.{rel}.weight"
+            for b, blk in enumerate(self.blocks)
+            for rel, mod in blk.named_modules()
+            if isinstance(mod, torch.nn.Linear)
+        ]
+        self.fix = name_map(model_weights, ckpt_names)
+        self.linears = [
+            block_linears(blk, f"{self.stack}.{b}", self.fix) for b, blk in enumerate(self.blocks)
+        ]
+        self.store = HiddenStore(offload)
+        self.position = 0
+        with torch.inference_mode():
+            for c in range(len(self.chunks)):
+                self.store[c] = self._entry(c)[0][0]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def block_name(self, b: int) -> str:
+        """The block's name in checkpoint naming, e.g. "model.layers.3"."""
+        return self.fix(f"{self.stack}.{b}.").rstrip(".")
+
+    # The model's own forward builds the block arguments; the first block's pre-hook stops it.
+    def _entry(self, c: int) -> tuple[tuple, dict]:
+        sl = self.chunks[c]
+        ids, att = self.ids[sl], self.attention[sl].long()
+
+        def stop(module, args, kwargs):
+            raise _Stop(args, kwargs)
+
+        handle = self.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            try:
+                self.model(input_ids=ids, attention_mask=att, use_cache=False)
+            except TypeError as e:
+                if "use_cache" not in str(e):
+                    raise
+                self.model(input_ids=ids, attention_mask=att)
+        except _Stop as s:
+            args, kwargs = s.args, dict(s.kwargs)
+        else:
+            raise QdtkError(f"{type(self.model).__name__}: the forward never reached "
+                            f"{self.stack}.0; cannot capture its blocks")
+        finally:
+            handle.remove()
+        for k in _CACHE_KWARGS:
+            if k in kwargs:
+                kwargs[k] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        if not args:  # hidden states passed by keyword
+            if "hidden_states" not in kwargs:
+                raise QdtkError(f"{self.stack}.0: cannot find the hidden states among its inputs")
+            args = (kwargs.pop("hidden_states"),)
+        return args, kwargs
+
+    def _call(self, b: int, c: int):
+        """Block b on chunk c's stored hidden states; returns the block's output hidden states."""
+        args, kwargs = self._entry(c)
+        h = self.store[c].to(self.device)
+        out = self.blocks[b](h, *_to(args[1:], self.device), **_to(kwargs, self.device))
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def run_block(
+        self, b: int, record: bool | Iterable[str] = True, advance: bool = True
+    ) -> list[InputStat]:
+        """Run block b on every chunk. record: True (every Linear), False, or the checkpoint
+        weight names whose H to return. advance: the outputs become block b+1's inputs."""
+        import torch
+        from tqdm import tqdm
+
+        if b != self.position:
+            raise QdtkError(f"block {b} requested, but the hidden states are at block "
+                            f"{self.position}")
+        block, linears = self.blocks[b], self.linears[b]
+        only = None if isinstance(record, bool) else set(record)
+        if only is not None and not only <= set(linears):
+            raise QdtkError(f"{self.block_name(b)}: no Linear named {sorted(only - set(linears))}")
+        rec = Recorder(block, linears, self.accumulate) if record else None
+        block.to(self.device)
+        try:
+            with torch.inference_mode():
+                bar = tqdm(total=int(self.ids.shape[0]), desc=self.block_name(b), unit="seq",
+                           leave=False, disable=not self.progress)
+                for c, sl in enumerate(self.chunks):
+                    if rec is not None:
+                        rec.keep = self.attention[sl].reshape(-1).to(self.device)
+                    h = self._call(b, c)
+                    if advance:
+                        self.store[c] = h
+                    bar.update(sl.stop - sl.start)
+                bar.close()
+        finally:
+            if rec is not None:
+                rec.remove()
+            if self.device != "cpu":
+                block.to("cpu")
+        if advance:
+            self.position = b + 1
+        if rec is None:
+            return []
+        stats = []
+        for key, members in rec.members.items():
+            chosen = [m for m in members if only is None or m in only]
+            if chosen:
+                H = hessian_from_sums(rec.sums[key].cpu().numpy(), self.tokens)
+                stats.append(InputStat(key, chosen, H, self.tokens))
+        return stats
+
+    def set_weights(self, b: int, weights: dict[str, np.ndarray]) -> None:
+        """Replace Linear weights of block b (checkpoint name -> [n, m] array)."""
+        import torch
+
+        for name, W in weights.items():
+            mod = self.linears[b].get(name)
+            if mod is None:
+                raise QdtkError(f"{self.block_name(b)}: no Linear weight named {name!r}")
+            if tuple(W.shape) != tuple(mod.weight.shape):
+                raise QdtkError(f"{name}: new weight has shape {list(W.shape)}, the model's is "
+                                f"{list(mod.weight.shape)}")
+            with torch.no_grad():
+                mod.weight.copy_(torch.as_tensor(np.asarray(W, dtype=np.float32)))
+
+    def hidden(self, c: int):
+        """The stored hidden states of chunk c (the inputs of block `position`), on the CPU."""
+        return self.store[c]
+
+    def estimate_bytes(self) -> int:
+        """H storage of the whole stack (float32), from block 0's inputs on the first chunk."""
+        block, linears = self.blocks[0], self.linears[0]
+        import torch
+
+        rec = Recorder(block, linears, self.accumulate)
+        try:
+            with torch.inference_mode():
+                rec.keep = self.attention[self.chunks[0]].reshape(-1).to(self.device)
+                block.to(self.device)
+                self._call(0, 0)
+        finally:
+            rec.remove()
+            if self.device != "cpu":
+                block.to("cpu")
+        per_block = sum(linears[m[0]].in_features ** 2 * 4 for m in rec.members.values())
+        return per_block * len(self.blocks)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def sequential_block(
+    session: BlockSession,
+    b: int,
+    steps: list[list[str]],
+    solve: Callable[[list[InputStat]], dict[str, np.ndarray]],
+) -> list[InputStat]:
+    """The published error-propagating order inside block b (SPEC 1).
+
+    For each step (checkpoint weight names), H of those weights is captured with the block's
+    current weights (earlier steps already replaced), `solve` returns their new weights, which
+    are installed. Finally the block's outputs with the new weights become block b+1's inputs.
+    Returns the statistics in step order.
+    """
+    done = []
+    for step in steps:
+        stats = session.run_block(b, record=step, advance=False)
+        session.set_weights(b, solve(stats))
+        done += stats
+    session.run_block(b, record=False, advance=True)
+    return done
+
+
+# LLaDA's published order, then Qwen2/Llama's (Dream); leaf module names per step.
+_ORDERS = (
+    (("attn_out",), ("ff_out",), ("q_proj", "k_proj", "v_proj"), ("ff_proj", "up_proj")),
+    (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)),
+)
+
+
+def sequential_steps(names: list[str]) -> list[list[str]]:
+    """The published step order for a block's weight names (LLaDA or Qwen2-style); any other
+    block: one step per weight, in the given (forward) order."""
+    leaf = {n: n.removesuffix(".weight").rsplit(".", 1)[-1] for n in names}
+    for order in _ORDERS:
+        steps = [[n for n in names if leaf[n] in step] for step in order]
+        if sum(len(s) for s in steps) == len(names) and all(steps):
+            return steps
+    return [[n] for n in names]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class CaptureOptions:
+    n: int = 128
+    L: int = 2048
+    mask: MaskOptions = MaskOptions()
+    mask_token_id: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    chunk_size: int = 8
+    offload: bool = False
+    accumulate: str = "float64"
+    trust_remote_code: bool = False
+
+
+def calibration_batch(
+    model_path: str | Path, model, tokenizer, calib: str | Path | None, opts: CaptureOptions
+) -> tuple[MaskedBatch, dict]:
+    """Tokenised, windowed and masked calibration sequences, and what identifies them."""
+    from qdtk.calib import calibration_text
+
+    config = model.config.to_dict()
+    max_pos = config.get("max_position_embeddings")
+    if max_pos and max_pos < opts.L:
+        raise QdtkError(f"{model_path}: -L {opts.L} exceeds the model's max_position_embeddings "
+                        f"{max_pos}")
+    text = calibration_text(calib)
+    stream = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    mask_id = None
+    if opts.mask.mask:
+        mask_id = resolve_mask_token_id(
+            config, getattr(tokenizer, "mask_token_id", None), opts.mask_token_id, str(model_path)
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, attention = cut_windows(stream, opts.n, opts.L, opts.mask.seed, pad_id)
+    batch = mask_batch(ids, attention, mask_id, opts.mask)
+    ident = {
+        "calib": {"source": str(calib or "builtin"),
+                  "sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+                  "stream_tokens": int(len(stream))},
+        "mask_token_id": mask_id,
+    }
+    return batch, ident
+
+
+def capture(
+    model_path: str | Path,
+    calib: str | Path | None,
+    out: str | Path,
+    opts: CaptureOptions | None = None,
+    echo: Callable[[str], None] = log.info,
+    progress: bool = True,
+) -> Path:
+    """`qdtk capture`: write the statistics folder `out` (resumes a killed run)."""
+    from tqdm import tqdm
+
+    opts = opts or CaptureOptions()
+    out = Path(out)
+    model_fp, ckpt_names = model_fingerprint(model_path)
+    model = load_model(model_path, opts.dtype, "cpu", opts.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, opts.trust_remote_code)
+    batch, ident = calibration_batch(model_path, model, tokenizer, calib, opts)
+    options = {"n": opts.n, "L": opts.L, **opts.mask.as_dict(), **ident, "dtype": opts.dtype,
+               "accumulate": opts.accumulate, "sequences": int(len(batch.t)),
+               "tokens": batch.tokens, "masked_tokens": int(batch.masked.sum())}
+    writer = StatsWriter(out, str(model_path), model_fp, options)
+    if writer.complete:
+        echo(f"{out}: capture already complete")
+        return out
+    offload = out / ".hidden" if opts.offload else None
+    session = BlockSession(
+        model, batch.ids, batch.attention, device=opts.device, chunk_size=opts.chunk_size,
+        offload=offload, accumulate=opts.accumulate, ckpt_names=ckpt_names, progress=progress,
+    )
+    try:
+        hidden = batch.ids.size * model.config.to_dict().get("hidden_size", 0) * \
+            session.store[0].element_size()
+        echo(f"{len(batch.t)} sequences x {opts.L} tokens ({batch.tokens} counted, "
+             f"{int(batch.masked.sum())} masked); {len(session)} blocks; estimated H storage "
+             f"{session.estimate_bytes() / 2**20:,.1f} MiB; hidden states "
+             f"{hidden / 2**20:,.1f} MiB {'on disk' if offload else 'in memory'}")
+        todo = [b for b in range(len(session)) if not writer.done(session.block_name(b))]
+        if len(todo) < len(session):
+            echo(f"resuming: {len(session) - len(todo)} blocks already captured")
+        last = max(todo, default=-1)
+        for b in tqdm(range(last + 1), desc="blocks", unit="block", disable=not progress):
+            stats = session.run_block(b, record=b in todo, advance=True)
+            if b in todo:
+                writer.write_block(b, session.block_name(b), stats)
+        writer.finish()
+    finally:
+        session.close()
+    return out

