@@ -29,7 +29,8 @@ def format_table(result: dict) -> str:
 @click.argument("model_a", type=click.Path())
 @click.argument("model_b", type=click.Path())
 @click.option("--text", "text_src", type=click.Path(), default=None,
-              help="UTF-8 text file to evaluate on. Default: the built-in held-out text.")
+              help="Text to evaluate on: a .txt file, a .jsonl file with a \"text\" field, or a "
+              "folder of them. Default: the built-in held-out text (never used for calibration).")
 @click.option("--n", "n", type=click.IntRange(min=1), default=32, show_default=True,
               help="Number of token windows, evenly spaced over the text.")
 @click.option("-L", "--length", "L", type=click.IntRange(min=2), default=128, show_default=True,

@@ -28,10 +28,8 @@ from qdtk.errors import QdtkError
 log = logging.getLogger(__name__)
 
 MASK_RATIOS = (0.15, 0.5, 0.85)
-DTYPES = ("float32", "bfloat16", "float16")
 # dLLMs with remote code: their logits are masked-token predictions.
-MASKED_LM_ARCHITECTURES = {"LLaDAModelLM", "DreamModel"}
-DEFAULT_MASK_IDS = {"llada": 126336, "dream": 151666}
+MASKED_LM_CLASSES = {"LLaDAModelLM", "DreamModel"}
 
 
 # ---------------------------------------------------------------- layer level (no torch)
@@ -72,25 +70,16 @@ def layer_errors(model_dir: str | Path, quant_dir: str | Path, stats_dir: str | 
 # ---------------------------------------------------------------- text and tokens
 
 
-def heldout_text() -> str:
-    """The built-in held-out text: the second half of the stdlib's pydoc topics."""
-    import pydoc_data.topics
-
-    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-    return text[len(text) // 2 :]
-
-
 def read_text(src: str | Path | None) -> str:
-    """The text of SRC (a UTF-8 file), or the built-in held-out text when SRC is None."""
+    """The text of SRC (.txt, .jsonl or a folder of them; see qdtk.calib), or the built-in
+    held-out text (never seen by calibration) when SRC is None."""
+    from qdtk.calib import builtin_text, calibration_text
+
     if src is None:
-        return heldout_text()
-    path = Path(src)
-    if not path.is_file():
-        raise QdtkError(f"{path}: text file not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise QdtkError(f"{path}: not UTF-8 text") from None
+        return builtin_text("heldout")
+    if not Path(src).exists():
+        raise QdtkError(f"{src}: text source not found")
+    return calibration_text(src)
 
 
 @dataclass
@@ -147,36 +136,14 @@ def mask_positions(special: np.ndarray, ratio: float, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------- models
 
 
-def _gguf(path: Path) -> tuple[Path, dict]:
-    """(folder, extra from_pretrained kwargs) of a checkpoint folder or a .gguf file."""
-    if path.is_file() and path.suffix == ".gguf":
-        return path.parent, {"gguf_file": path.name}
-    if not path.is_dir():
-        raise QdtkError(f"{path}: no such model folder or .gguf file")
-    if not (path / "config.json").is_file():
-        raise QdtkError(f"{path}: not a model folder (config.json missing)")
-    return path, {}
-
-
-def model_kind(config) -> str:
-    """'mlm' (masked-LM head or a dLLM), 'causal' or 'encoder' (no head)."""
-    archs = list(getattr(config, "architectures", None) or [])
-    if any(a.endswith("ForMaskedLM") or a in MASKED_LM_ARCHITECTURES for a in archs):
+def model_kind(model) -> str:
+    """'mlm' (masked-LM head or a dLLM), 'causal' or 'encoder' (no head), from the model class."""
+    cls = type(model).__name__
+    if cls.endswith("ForMaskedLM") or cls in MASKED_LM_CLASSES:
         return "mlm"
-    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
         return "causal"
     return "encoder"
-
-
-def mask_token_id(config, tokenizer) -> int:
-    """The mask token: the config's, else the tokenizer's, else the known dLLM defaults."""
-    for value in (getattr(config, "mask_token_id", None),
-                  getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None,
-                  DEFAULT_MASK_IDS.get(str(getattr(config, "model_type", "")).lower())):
-        if value is not None:
-            return int(value)
-    raise QdtkError("the model has a masked-LM head but no mask token id in its config or "
-                    "tokenizer")
 
 
 @dataclass
@@ -184,49 +151,28 @@ class LoadedModel:
     model: Any  # torch.nn.Module in eval mode
     tokenizer: Any  # or None when the folder has none
     kind: str
-    config: Any
-
-
-def load_for_eval(path: str | Path, dtype: str = "float32", device: str = "cpu",
-                  trust_remote_code: bool = False) -> LoadedModel:
-    """Load a checkpoint folder (or a .gguf file) with the head that fits its kind."""
-    import torch
-    import transformers as tf
-
-    if dtype not in DTYPES:
-        raise QdtkError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    folder, extra = _gguf(Path(path))
-    try:
-        config = tf.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code,
-                                               **extra)
-    except (OSError, ValueError) as e:
-        raise QdtkError(f"{path}: cannot read the model config: {e}") from None
-    # A GGUF file holds a causal LM whose config names no architecture.
-    kind = "causal" if extra else model_kind(config)
-    auto = {"mlm": tf.AutoModelForMaskedLM, "causal": tf.AutoModelForCausalLM,
-            "encoder": tf.AutoModel}[kind]
-    if any(a in MASKED_LM_ARCHITECTURES for a in (config.architectures or [])):
-        auto = tf.AutoModel  # dLLMs register their masked-LM class as AutoModel
-    try:
-        model = auto.from_pretrained(folder, dtype=getattr(torch, dtype),
-                                     trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as e:
-        raise QdtkError(f"{path}: cannot load the model: {e}") from None
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    return LoadedModel(model.to(device).eval(), tokenizer, kind, config)
+    config: dict
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """The tokenizer of a checkpoint folder or .gguf file, or None when it has none."""
-    import transformers as tf
+    from qdtk import capture
 
-    folder, extra = _gguf(Path(path))
     try:
-        return tf.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
-                                                **extra)
-    except (OSError, ValueError, TypeError):
+        return capture.load_tokenizer(path, trust_remote_code)
+    except QdtkError:
         log.info("%s: no tokenizer; using byte ids", path)
         return None
+
+
+def load_for_eval(path: str | Path, dtype: str = "float32", device: str = "cpu",
+                  trust_remote_code: bool = False) -> LoadedModel:
+    """A checkpoint folder or .gguf file, loaded with its head (qdtk.capture.load_model)."""
+    from qdtk import capture
+
+    model = capture.load_model(path, dtype, device, trust_remote_code)
+    return LoadedModel(model, load_tokenizer(path, trust_remote_code), model_kind(model),
+                       model.config.to_dict())
 
 
 def _forward(model, ids, hidden: bool):
@@ -317,7 +263,9 @@ def compare(model_a: str | Path, model_b: str | Path, text: str | None = None, n
     """
     if n < 1 or L < 2:
         raise QdtkError(f"need at least one window of at least 2 tokens (got n={n}, L={L})")
-    text = heldout_text() if text is None else text
+    from qdtk.mcs import resolve_mask_token_id
+
+    text = read_text(None) if text is None else text
     outputs, kinds, shared = [], [], {}
     for path in (model_a, model_b):
         lm = load_for_eval(path, dtype, device, trust_remote_code)
@@ -325,11 +273,14 @@ def compare(model_a: str | Path, model_b: str | Path, text: str | None = None, n
             tokenizer = lm.tokenizer
             if tokenizer is None:
                 tokenizer = load_tokenizer(model_b, trust_remote_code)
-            longest = getattr(lm.config, "max_position_embeddings", None)
+            longest = lm.config.get("max_position_embeddings")
             if longest is not None and longest < L:
                 raise QdtkError(f"{path}: windows of {L} tokens exceed the model's {longest}")
-            windows = token_windows(text, tokenizer, lm.config.vocab_size, n, L)
-            mask_id = mask_token_id(lm.config, tokenizer) if lm.kind == "mlm" else None
+            windows = token_windows(text, tokenizer, lm.config["vocab_size"], n, L)
+            mask_id = None
+            if lm.kind == "mlm":
+                mask_id = resolve_mask_token_id(
+                    lm.config, getattr(tokenizer, "mask_token_id", None), where=str(path))
             masks = {r: mask_positions(windows.special, r, seed) for r in MASK_RATIOS}
             shared = {"windows": windows, "mask_id": mask_id,
                       "masks": masks if lm.kind == "mlm" else {}}
