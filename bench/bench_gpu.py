@@ -1,0 +1,203 @@
+"""DAQ layer sweep on GPU vs CPU, on the CPU bench's shapes, against its floors.
+
+For each layer shape n x m (uniform order K, T rounds): factor H (U), then per 128-column group
+solve the block (SPEC 4) and compensate the later columns (SPEC 5). Printed per shape:
+
+    floors   DAQ kernels: bytes every pass moves / bandwidth (and the one-pass ideal: read W
+             and E once, write the signs); compensation: max(flops / GEMM rate, bytes / bw);
+             factorisation: fp64 flops / rate; launches per layer
+    measured GPU and CPU time per phase (CPU: the first --cpu-groups groups, scaled up)
+
+and the projection for an LLaDA-8B layer set (32 blocks of 4 x 4096x4096, 2 x 12288x4096,
+1 x 4096x12288; 4 distinct H per block). Peaks are measured on the GPU (copy bandwidth, fp32
+and fp64 GEMM); without a GPU the floors use H100 SXM datasheet peaks and say so.
+
+    .venv/bin/python bench/bench_gpu.py [--order 2] [--iters 15] [--cpu-groups 2] [--no-cpu]
+
+Timings are noisy on a shared machine: rerun on an idle one before quoting them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from qdtk import backend
+from qdtk.bits import group_slices
+from qdtk.daq import cuda as daq_cuda
+from qdtk.daq import error_weights, solve_block
+from qdtk.hessian import inverse_cholesky_upper, prepare_hessian
+
+SHAPES = [(4096, 4096), (4096, 12288), (12288, 4096)]
+H100 = {"bw": 3.35e12, "fp32": 67e12, "fp64": 67e12}  # datasheet: HBM3 B/s, flop/s
+LLADA_SET = {(4096, 4096): 4, (12288, 4096): 2, (4096, 12288): 1}  # per block, x 32 blocks
+LLADA_H = {4096: 3, 12288: 1}  # distinct H per block by size m
+
+
+def measure_peaks() -> dict[str, float]:
+    """Copy bandwidth and GEMM rates of the current GPU (best of a few runs)."""
+    import cupy
+
+    def best(f, reps=5):
+        f()
+        cupy.cuda.Device().synchronize()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            cupy.cuda.Device().synchronize()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    x, y = cupy.ones(2**28, cupy.float32), cupy.empty(2**28, cupy.float32)  # 1 GiB each
+    bw = 2 * x.nbytes / best(lambda: cupy.copyto(y, x))
+    A = cupy.ones((8192, 8192), cupy.float32)
+    fp32 = 2 * 8192**3 / best(lambda: A @ A)
+    B = cupy.ones((4096, 4096), cupy.float64)
+    fp64 = 2 * 4096**3 / best(lambda: B @ B)
+    return {"bw": bw, "fp32": fp32, "fp64": fp64}
+
+
+def floors(n: int, m: int, K: int, T: int, peaks: dict[str, float]) -> dict[str, float]:
+    """Seconds each phase needs at least, from the bytes and flops it must move and do."""
+    nm = n * m
+    passes = K * (T + 2)  # init, T rounds and the refit, K planes each
+    daq_bytes = nm * (passes * (4 + 4 + K) + T * K)  # W, E, signs read per pass; search writes
+    ideal_bytes = nm * (4 + 4 + K)  # read W and E once, write the signs
+    later = sum(m - s.stop for s in group_slices(m))  # columns compensated, summed over groups
+    comp_flops = 2 * n * 128 * later
+    comp_bytes = 8 * n * later  # W[:, later] read and written
+    fact_flops = m**3 / 3 + m**3  # potrf, then a triangular solve against I
+    return {
+        "daq": daq_bytes / peaks["bw"],
+        "daq_ideal": ideal_bytes / peaks["bw"],
+        "daq_bytes": daq_bytes,
+        "comp": max(comp_flops / peaks["fp32"], comp_bytes / peaks["bw"]),
+        "factor": fact_flops / peaks["fp64"],
+        "launches": len(group_slices(m)) * 2 * passes,
+    }
+
+
+def random_layer(n: int, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """W [n, m] float32 and a well-conditioned H [m, m] with a decaying spectrum."""
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((n, m), dtype=np.float32)
+    X = rng.standard_normal((m // 4, m)) * np.linspace(1, 0.1, m)
+    return W, X.T @ X / X.shape[0]
+
+
+def sweep(W, U, K: int, T: int, daq: str, groups: int | None, sync) -> dict[str, float]:
+    """SPEC 5 on the first `groups` groups of W (in place); seconds in DAQ and compensation."""
+    xp = backend.array_module(W)
+    d = U.diagonal()
+    t_daq = t_comp = 0.0
+    for cols in group_slices(W.shape[1])[:groups]:
+        t = time.perf_counter()
+        Wg = W[:, cols]
+        E = error_weights((Wg / d[cols][None, :]) ** 2)
+        signs, a, b = solve_block(Wg, K, E, iters=T, backend=daq)
+        sync()
+        t_daq += time.perf_counter() - t
+        t = time.perf_counter()
+        a, b = a.astype(xp.float16).astype(xp.float32), b.astype(xp.float16).astype(xp.float32)
+        Q = xp.zeros_like(Wg)
+        for k in range(K):
+            Q += xp.outer(a[k], b[k]) * xp.where(signs[k], 1, -1).astype(xp.float32)
+        daq_cuda.compensate(W, Q, U, cols)
+        sync()
+        t_comp += time.perf_counter() - t
+    return {"daq": t_daq, "comp": t_comp}
+
+
+def run_gpu(n: int, m: int, K: int, T: int) -> dict[str, float]:
+    import cupy
+
+    W, H = random_layer(n, m)
+    sync = cupy.cuda.Device().synchronize
+    t = time.perf_counter()
+    U = prepare_hessian(H, factor=daq_cuda.inverse_cholesky_upper_gpu).U
+    t_factor = time.perf_counter() - t
+    W_d, U_d = cupy.asarray(W), cupy.asarray(U, cupy.float32)
+    sweep(W_d[:, :256].copy(), U_d[:256, :256], K, T, "cuda", 1, sync)  # compile the kernels
+    out = sweep(W_d, U_d, K, T, "cuda", None, sync)
+    return {"factor": t_factor, **out}
+
+
+def run_cpu(n: int, m: int, K: int, T: int, groups: int) -> dict[str, float]:
+    """CPU times; DAQ scaled by G / groups, compensation by its share of the flops."""
+    W, H = random_layer(n, m)
+    t = time.perf_counter()
+    U = prepare_hessian(H, factor=inverse_cholesky_upper).U.astype(np.float32)
+    t_factor = time.perf_counter() - t
+    sweep(W[:8, :256].copy(), U[:256, :256], K, T, "cpu", 1, lambda: None)  # compile
+    slices = group_slices(m)
+    out = sweep(W, U, K, T, "cpu", groups, lambda: None)
+    done = sum(m - s.stop for s in slices[:groups])
+    total = sum(m - s.stop for s in slices)
+    return {
+        "factor": t_factor,
+        "daq": out["daq"] * len(slices) / groups,
+        "comp": out["comp"] * total / max(done, 1),
+    }
+
+
+def ms(x: float) -> str:
+    return f"{1e3 * x:9.1f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--order", type=int, default=2, help="planes per group (uniform)")
+    p.add_argument("--iters", type=int, default=15, help="DAQ rounds T")
+    p.add_argument("--cpu-groups", type=int, default=2, help="groups timed on CPU, scaled up")
+    p.add_argument("--no-cpu", action="store_true", help="skip the CPU timings")
+    args = p.parse_args()
+    K, T = args.order, args.iters
+
+    gpu, why = backend.gpu_status()
+    peaks = measure_peaks() if gpu else H100
+    print(f"GPU: {why}" if gpu else f"no GPU ({why}): floors use H100 SXM datasheet peaks")
+    print(
+        f"peaks: {peaks['bw'] / 1e12:.2f} TB/s, fp32 {peaks['fp32'] / 1e12:.1f} TFLOP/s, "
+        f"fp64 {peaks['fp64'] / 1e12:.1f} TFLOP/s;  order {K}, {T} rounds\n"
+    )
+    print(
+        "shape (n x m)   | floor ms: DAQ  1-pass   comp  factor | launches"
+        " | GPU ms: factor     DAQ    comp  DAQ/floor | CPU ms: factor     DAQ    comp"
+    )
+    gpu_times: dict[tuple[int, int], float] = {}
+    factor_times: dict[int, float] = {}
+    for n, m in SHAPES:
+        f = floors(n, m, K, T, peaks)
+        row = (
+            f"{n:5d} x {m:<6d}  | {ms(f['daq'])}{ms(f['daq_ideal'])}{ms(f['comp'])}"
+            f"{ms(f['factor'])} | {f['launches']:8d} |"
+        )
+        if gpu:
+            g = run_gpu(n, m, K, T)
+            gpu_times[n, m] = g["daq"] + g["comp"]
+            factor_times[m] = g["factor"]
+            ratio = g["daq"] / f["daq"]
+            row += f"        {ms(g['factor'])}{ms(g['daq'])}{ms(g['comp'])}{ratio:10.1f} |"
+        else:
+            row += " " * 46 + "|"
+        if not args.no_cpu:
+            c = run_cpu(n, m, K, T, args.cpu_groups)
+            row += f"        {ms(c['factor'])}{ms(c['daq'])}{ms(c['comp'])}"
+        print(row, flush=True)
+
+    if gpu:
+        total = 32 * sum(c * gpu_times[s] for s, c in LLADA_SET.items())
+        total += 32 * sum(c * factor_times[m] for m, c in LLADA_H.items())
+        print(f"\nLLaDA-8B layer set (32 blocks) projected on this GPU: {total / 60:.1f} min")
+    else:
+        print(
+            "\nno GPU here: GPU columns are empty. The floors above are what an H100 cannot beat;"
+            " run this script on a GPU machine for the measured columns and the projection."
+        )
+
+
+if __name__ == "__main__":
+    main()
