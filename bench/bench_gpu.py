@@ -80,6 +80,44 @@ def floors(n: int, m: int, K: int, T: int, peaks: dict[str, float]) -> dict[str,
     }
 
 
+def kernel_times(n: int, K: int, reps: int = 20) -> dict[str, float]:
+    """Device seconds of one plane_pass (the heaviest kind: sign search + update) and one
+    finalize on an n x 128 block. A 1 GiB copy queued first keeps the GPU busy while the
+    launches are enqueued, so the events time the kernels back to back, not Python."""
+    import cupy
+    from numba import cuda
+
+    plane_pass, finalize = daq_cuda.kernels(np.dtype(np.float32))
+    rng = np.random.default_rng(0)
+    W = cuda.to_device(rng.standard_normal((n, 128), dtype=np.float32))
+    E = cuda.to_device(np.ones((n, 128), np.float32))
+    S = cuda.to_device(rng.choice(np.array([-1, 1], np.int8), (K, n, 128)))
+    a = cuda.to_device(rng.random((K, n), dtype=np.float32))
+    b = cuda.to_device(rng.random((K, 128), dtype=np.float32))
+    tiles = -(-n // daq_cuda.ROWS)
+    part = cuda.device_array((2, tiles, 128), np.float32)
+    x, y = cupy.ones(2**28, cupy.float32), cupy.empty(2**28, cupy.float32)
+
+    def timed(launch) -> float:
+        launch()
+        cupy.cuda.Device().synchronize()
+        cupy.copyto(y, x)
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        for _ in range(reps):
+            launch()
+        stop.record()
+        stop.synchronize()
+        return cupy.cuda.get_elapsed_time(start, stop) / 1e3 / reps
+
+    args = (W, E, True, S, a, b, part, 0, daq_cuda.UPDATE, K >= 2, daq_cuda.ROWS)
+    return {
+        "pass": timed(lambda: plane_pass[tiles, daq_cuda.THREADS](*args)),
+        "finalize": timed(lambda: finalize[1, daq_cuda.THREADS](part, b, 0, daq_cuda.UPDATE, n)),
+        "bytes": n * 128 * (4 + 4 + 2 * K),  # W, E and the K signs read; the K signs written
+    }
+
+
 def random_layer(n: int, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """W [n, m] float32 and a well-conditioned H [m, m] with a decaying spectrum."""
     rng = np.random.default_rng(seed)
@@ -189,6 +227,14 @@ def main() -> None:
         print(row, flush=True)
 
     if gpu:
+        print("\nkernels on one n x 128 block (device time, 20 back-to-back launches):")
+        for n in (4096, 12288):
+            kt = kernel_times(n, K)
+            floor = kt["bytes"] / peaks["bw"]
+            print(
+                f"  n = {n:5d}: plane_pass {1e6 * kt['pass']:7.1f} us (floor {1e6 * floor:5.1f} us,"
+                f" {kt['pass'] / floor:4.1f}x), finalize {1e6 * kt['finalize']:5.1f} us"
+            )
         total = 32 * sum(c * gpu_times[s] for s, c in LLADA_SET.items())
         total += 32 * sum(c * factor_times[m] for m, c in LLADA_H.items())
         print(f"\nLLaDA-8B layer set (32 blocks) projected on this GPU: {total / 60:.1f} min")

@@ -39,7 +39,7 @@ INIT, UPDATE, SEARCH = 0, 1, 2  # plane_pass modes: greedy init, scale update, s
 
 
 @cache
-def _kernels(dtype: np.dtype):
+def kernels(dtype: np.dtype):
     """(plane_pass, finalize) compiled for float dtype `dtype` (float32 on GPUs, float64 too)."""
     T = numba.from_dtype(dtype)
     i8 = numba.int8
@@ -203,7 +203,7 @@ def solve_block(
         raise ValueError(f"width {w} > {GROUP}, or not 1 <= rows {rows} <= threads {threads}")
     on_gpu = array_module(W) is not np
     dtype = np.dtype(np.float64 if W.dtype == np.float64 else np.float32)
-    plane_pass, finalize = _kernels(dtype)
+    plane_pass, finalize = kernels(dtype)
 
     if on_gpu:
         import cupy
