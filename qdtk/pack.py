@@ -67,13 +67,15 @@ _FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
 # --------------------------------------------------------------------------- bit kernels
 
 
-@njit(parallel=True, cache=True)
+# The bit kernels run serially: they are called per plane on slices of a few hundred thousand
+# values, where a parallel launch costs more than it saves (and a loaded machine makes it worse).
+@njit(cache=True)
 def _pack_kernel(codes, width, words):  # codes [r, c] uint8 < 2^width; words [r, nw] out
     r, c = codes.shape
     nw = words.shape[1]
     wb = words.itemsize * 8
     mask = (np.uint64(1) << np.uint64(wb)) - np.uint64(1)
-    for i in prange(r):
+    for i in range(r):
         for q in range(nw):
             lo = q * wb  # the word's first stream bit
             j1 = min(c, (lo + wb + width - 1) // width)
@@ -88,17 +90,18 @@ def _pack_kernel(codes, width, words):  # codes [r, c] uint8 < 2^width; words [r
             words[i, q] = acc & mask
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _unpack_kernel(words, width, codes):  # words [r, nw]; codes [r, c] uint8 out
     r, c = codes.shape
     nw = words.shape[1]
     wb = words.itemsize * 8
+    shift = 3 if wb == 8 else 5  # log2(wb): word and bit of a stream position by shifts
     cmask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
-    for i in prange(r):
+    for i in range(r):
         for j in range(c):
             pos = j * width
-            q = pos // wb
-            s = pos - q * wb
+            q = pos >> shift
+            s = pos & (wb - 1)
             v = np.uint64(words[i, q]) >> np.uint64(s)
             if s + width > wb and q + 1 < nw:
                 v |= np.uint64(words[i, q + 1]) << np.uint64(wb - s)
@@ -295,21 +298,27 @@ def pack_layer(layer: QuantizedLayer) -> PackedLayer:
 # --------------------------------------------------------------------------- packed matmul
 
 
+ROW_BLOCK = 128  # output rows per task of the packed matmul
+
+
 @njit(parallel=True, cache=True)
-def _bcq_matmul_kernel(x, planes, a, b, start, width, word, col, y):
+def _bcq_matmul_kernel(x, planes8, a, b, start, width, word, col, y):
     """y[t, i] = sum_p a[p, i] * sum_j b_p[j] x[t, start_p + j] B_p[i, j].
 
     Per token and plane, the 8 columns of each byte of signs are summed for all 256 sign
-    patterns once (a lookup table); every output row then costs one lookup per byte.
+    patterns once (a lookup table, 1 KiB per byte position); every output row then costs one
+    lookup per byte. Rows go in blocks so that one table row serves a whole block from L1.
+    planes8 is M.planes viewed as bytes: byte 4u + c of a row is byte c of word u (little end).
     """
     T = x.shape[0]
-    n = planes.shape[0]
+    n = planes8.shape[0]
     P = start.shape[0]
     nch = (width + 7) // 8  # [P] bytes per plane row
     off = np.zeros(P + 1, np.int64)
     for p in range(P):
         off[p + 1] = off[p] + nch[p]
-    lut = np.empty((off[P], 256), np.float32)
+    lut = np.empty((off[P], 256), np.float32)  # [sum_p nch_p, 256]
+    blocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
     for t in range(T):
         for p in prange(P):
             for c in range(nch[p]):
@@ -325,15 +334,22 @@ def _bcq_matmul_kernel(x, planes, a, b, start, width, word, col, y):
                     v = x[t, start[p] + j] * b[col[p] + j] if j < width[p] else np.float32(0)
                     for pat in range(1 << e, 2 << e):  # patterns whose highest set bit is e
                         lut[r, pat] = lut[r, pat - (1 << e)] + 2 * v
-        for i in prange(n):
-            acc = np.float32(0)
+        for blk in prange(blocks):
+            i0 = blk * ROW_BLOCK
+            rows = min(n, i0 + ROW_BLOCK) - i0
+            s = np.empty(ROW_BLOCK, np.float32)  # [rows] one plane's signed sums
+            acc = np.zeros(ROW_BLOCK, np.float32)  # [rows]
             for p in range(P):
-                s = np.float32(0)
+                s[:] = 0
                 for c in range(nch[p]):
-                    byte = (planes[i, word[p] + c // 4] >> np.uint32(8 * (c % 4))) & np.uint32(255)
-                    s += lut[off[p] + c, byte]
-                acc += a[p, i] * s
-            y[t, i] = acc
+                    byte = 4 * word[p] + c
+                    r = off[p] + c
+                    for ii in range(rows):
+                        s[ii] += lut[r, planes8[i0 + ii, byte]]
+                for ii in range(rows):
+                    acc[ii] += a[p, i0 + ii] * s[ii]
+            for ii in range(rows):
+                y[t, i0 + ii] = acc[ii]
 
 
 def bcq_matmul(x: np.ndarray, W: PackedBCQ) -> np.ndarray:
@@ -344,7 +360,8 @@ def bcq_matmul(x: np.ndarray, W: PackedBCQ) -> np.ndarray:
         raise ValueError(f"x has shape {list(x.shape)}, expected [T, {m}]")
     L = plane_layout(W.orders, m)
     y = np.empty((x.shape[0], n), np.float32)
-    _bcq_matmul_kernel(x, W.planes, W.row_scale.astype(np.float32),
+    planes8 = W.planes.astype("<u4", copy=False).view(np.uint8)  # [n, 4 words]
+    _bcq_matmul_kernel(x, planes8, W.row_scale.astype(np.float32),
                        W.col_scale.astype(np.float32), L.start, L.width, L.word, L.col, y)
     return y
 
