@@ -26,7 +26,21 @@ BACKENDS: dict[str, str] = {
     "cuda": "qdtk.daq.cuda",
 }
 
-__all__ = ["BACKENDS", "EPS", "error_weights", "solve_block"]
+__all__ = ["BACKENDS", "EPS", "error_weights", "resolve_backend", "solve_block"]
+
+
+def resolve_backend(name: str) -> str:
+    """`auto` -> "cuda" when that backend is registered and a GPU is usable, else "cpu"."""
+    if name != "auto":
+        if name not in BACKENDS:
+            raise QdtkError(f"unknown DAQ backend {name!r}; choose auto or {', '.join(BACKENDS)}")
+        return name
+    if "cuda" in BACKENDS:
+        from qdtk.backend import gpu_available
+
+        if gpu_available():
+            return "cuda"
+    return "cpu"
 
 
 def solve_block(

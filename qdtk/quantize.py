@@ -1,0 +1,349 @@
+"""The layer driver (SPEC 5) and the `qdtk quantize` stage.
+
+Layer driver: blocks of 128 columns left to right; block g is solved by DAQ at order o_g on the
+error-compensated weights, its scales rounded to float16, Q_g taken from the canonical
+`dequantize_block`, and the error Err_g = (W_g - Q_g) / d_g is fed forward as in GPTQ:
+    W[:, later] -= Err_g @ U[g, later],      H^-1 = U^T U, U = R^-1, H = R R^T.
+We never form U. With Y = Err U (so Y R = Err, a blocked triangular solve) the correction of
+block g is c_g = sum_{h<g} Err_h U_hg = -(Y_<g R_<g,g) U_gg, and Y_g = (Err_g - S_g) U_gg with
+S_g = Y_<g R_<g,g: one [n, 128 g] x [128 g, 128] product per block (left-looking, the
+n m^2 flops of GPTQ), and only the 128 x 128 diagonal blocks of U (R_gg^-1).
+
+Stage: for every statistics block, its selected Linears are solved by a pluggable layer solver
+`solver(W, H, options) -> (QuantizedLayer, report dict)` (DAQ here; RTN and GPTQ in
+qdtk.baselines share the signature) and written as one solution file; a rerun skips blocks whose
+file carries the same fingerprint (model, statistics block, options, layer names).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.linalg import blas, lapack
+
+from qdtk.bits import bcq_bits, group_slices
+from qdtk.daq import error_weights, solve_block
+from qdtk.errors import QdtkError
+from qdtk.hessian import PreparedHessian, prepare_hessian, salience
+from qdtk.io import clean_stale_temporaries, fingerprint, read_json, write_json_atomic
+from qdtk.solution import (
+    FORMAT,
+    REPORT,
+    BinaryCodedLayer,
+    QuantizedLayer,
+    dequantize_block,
+    solution_fingerprint,
+    write_solution_block,
+)
+
+log = logging.getLogger(__name__)
+
+# orders as an array [G], or a function of (W, prepared H) giving them (ABMP)
+Orders = Sequence[int] | np.ndarray | Callable[[np.ndarray, PreparedHessian], np.ndarray]
+LayerSolver = Callable[[np.ndarray, np.ndarray, Mapping[str, Any]], tuple[QuantizedLayer, dict]]
+
+
+@dataclass
+class LayerReport:
+    orders: list[int]
+    proxy_error: float  # tr(D H D^T) / tr(W H W^T), H undamped
+    output_error: float  # tr(D H D^T)
+    weight_energy: float  # tr(W H W^T)
+    bits_per_weight: float  # honest, with the float16 scales (qdtk.bits)
+    damping: float
+    retries: int
+    dead_columns: int
+    compensated: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "daq", **asdict(self)}
+
+
+# ---------------------------------------------------------------------------------------------
+# One group
+
+
+def solve_group(
+    Wg: np.ndarray,
+    order: int,
+    dg: np.ndarray,
+    *,
+    iters: int = 15,
+    tau: float = 2.0,
+    lam: float = 3.0,
+    refit: bool = True,
+    backend: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """DAQ of one group Wg [n, w] with salience weights from dg = diag(U) of its columns.
+
+    Returns (signs [K, n, w] bool, a [K, n] float16, b [K, w] float16, Q [n, w] float32), Q the
+    canonical dequantisation of the stored solution.
+    """
+    E = error_weights(salience(Wg, dg), tau, lam)  # [n, w]
+    signs, a, b = solve_block(Wg, order, E, iters=iters, refit=refit, backend=backend)
+    a16, b16 = a.astype(np.float16), b.astype(np.float16)
+    return signs, a16, b16, dequantize_block(signs, a16, b16)
+
+
+def group_error(
+    Wg: np.ndarray, Hgg: np.ndarray, order: int, dg: np.ndarray, **solver: Any
+) -> float:
+    """e_g(o) = tr(D_g H_gg D_g^T), D_g = Wg - Q_g, the group solved alone (no compensation)."""
+    Q = solve_group(Wg, order, dg, **solver)[3]
+    D = np.asarray(Wg, np.float64) - Q
+    return float(np.einsum("ij,ij->", D @ np.asarray(Hgg, np.float64), D))
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer
+
+
+def sweep(
+    W: np.ndarray,
+    P: PreparedHessian,
+    orders: np.ndarray,
+    solve: Callable[[np.ndarray, int, np.ndarray], tuple],
+    compensate: bool = True,
+) -> BinaryCodedLayer:
+    """Solve the groups of W [n, m] left to right with GPTQ-style compensation through R."""
+    n, m = W.shape
+    slices = group_slices(m)
+    R, d = P.R, P.d.astype(W.dtype)  # [m, m] upper, [m]
+    K = int(orders.max())
+    signs = np.zeros((K, n, m), bool)
+    row_scale = np.zeros((K, len(slices), n), np.float16)
+    col_scale = np.zeros((K, m), np.float16)
+    YT = np.empty((m, n), W.dtype) if compensate else None  # [m, n] Y^T, Y R = Err
+    for g, cols in enumerate(slices):
+        o = int(orders[g])
+        Wg = W[:, cols]  # [n, w]
+        if compensate:
+            trtri = lapack.strtri if R.dtype == np.float32 else lapack.dtrtri
+            Ugg = trtri(R[cols, cols], lower=0)[0]  # [w, w] R_gg^-1 = U_gg
+            S = (R[: cols.start, cols].T @ YT[: cols.start]).T  # [n, w] Y_<g R_<g,g
+            Wg = Wg + S @ Ugg  # the compensated block (W_g - c_g)
+        sg, a, b, Q = solve(np.ascontiguousarray(Wg), o, d[cols])
+        signs[:o, :, cols], row_scale[:o, g], col_scale[:o, cols] = sg, a, b
+        if compensate:
+            Err = (Wg - Q) / d[cols]  # [n, w]
+            YT[cols] = ((Err - S) @ Ugg).T
+    return BinaryCodedLayer(np.asarray(orders, np.int64), signs, row_scale, col_scale)
+
+
+def quadratic_form(X: np.ndarray, P: PreparedHessian) -> float:
+    """tr(X H X^T) for the undamped H, from H_damped = R R^T: ||X R||^2 - corrections.
+
+    H_damped = H + delta I + (1 on dead columns), so subtracting delta ||X||^2 and the dead
+    columns' ||X_j||^2 is exact; X R costs n m^2 flops (a triangular product), half of X H.
+    """
+    R = P.R
+    trmm = blas.strmm if R.dtype == np.float32 else blas.dtrmm
+    XRt = trmm(1.0, R.T, np.asarray(X, R.dtype).T, side=0, lower=1)  # [m, n] (X R)^T
+    total = float(np.sum(np.square(XRt, dtype=np.float64)))
+    total -= P.damping * float(np.sum(np.square(X, dtype=np.float64)))
+    total -= float(np.sum(np.square(X[:, P.dead], dtype=np.float64)))
+    return max(total, 0.0)
+
+
+def resolve_orders(orders: Orders, W: np.ndarray, P: PreparedHessian, name: str) -> np.ndarray:
+    G = len(group_slices(W.shape[1]))
+    o = np.asarray(orders(W, P) if callable(orders) else orders, np.int64).reshape(-1)
+    if o.shape != (G,) or o.min() < 1:
+        raise QdtkError(f"{name}: need {G} group orders >= 1, got {o.tolist()}")
+    return o
+
+
+def quantize_layer(
+    W: np.ndarray,
+    H: np.ndarray,
+    orders: Orders,
+    *,
+    iters: int = 15,
+    tau: float = 2.0,
+    lam: float = 3.0,
+    percdamp: float = 0.01,
+    compensate: bool = True,
+    refit: bool = True,
+    backend: str = "cpu",
+    name: str = "layer",
+) -> tuple[BinaryCodedLayer, LayerReport]:
+    """DAQ of one Linear weight W [n, m] against its statistic H [m, m] (SPEC 5)."""
+    t0 = time.perf_counter()
+    W = np.array(W, dtype=np.float32)  # [n, m] a copy: the sweep compensates in place
+    n, m = W.shape
+    if H.shape != (m, m):
+        raise QdtkError(f"{name}: H has shape {list(H.shape)}, expected {[m, m]}")
+    if not np.all(np.isfinite(W)):
+        raise QdtkError(f"{name}: the weight contains NaN or Inf")
+    P = prepare_hessian(H, percdamp, name=name, dtype=np.float32)
+    o = resolve_orders(orders, W, P, name)
+    W0 = W.copy()
+    W[:, P.dead] = 0
+
+    def solve(Wg, order, dg):
+        return solve_group(
+            Wg, order, dg, iters=iters, tau=tau, lam=lam, refit=refit, backend=backend
+        )
+
+    layer = sweep(W, P, o, solve, compensate)
+    if not (np.all(np.isfinite(layer.row_scale)) and np.all(np.isfinite(layer.col_scale))):
+        raise QdtkError(f"{name}: scales overflow float16 (weights beyond 65504?)")
+    err = quadratic_form(W0 - layer.dequantize(), P)
+    energy = quadratic_form(W0, P)
+    report = LayerReport(
+        orders=o.tolist(),
+        proxy_error=err / energy if energy > 0 else (0.0 if err == 0 else float("inf")),
+        output_error=err,
+        weight_energy=energy,
+        bits_per_weight=bcq_bits(n, m, o) / (n * m),
+        damping=P.damping,
+        retries=P.retries,
+        dead_columns=int(P.dead.sum()),
+        compensated=compensate,
+        seconds=time.perf_counter() - t0,
+    )
+    return layer, report
+
+
+def solve_daq(
+    W: np.ndarray, H: np.ndarray, options: Mapping[str, Any], orders: Orders | None = None
+) -> tuple[BinaryCodedLayer, dict[str, Any]]:
+    """DAQ as a pluggable layer solver. options: bits (uniform order unless `orders` is given:
+    per-group orders or a function of (W, prepared H), e.g. ABMP), iters, tau, lam, percdamp,
+    compensate, refit, backend, name."""
+    G = len(group_slices(W.shape[1]))
+    layer, report = quantize_layer(
+        W,
+        H,
+        orders if orders is not None else [int(options.get("bits", 2))] * G,
+        iters=int(options.get("iters", 15)),
+        tau=float(options.get("tau", 2.0)),
+        lam=float(options.get("lam", 3.0)),
+        percdamp=float(options.get("percdamp", 0.01)),
+        compensate=bool(options.get("compensate", True)),
+        refit=bool(options.get("refit", True)),
+        backend=str(options.get("backend", "cpu")),
+        name=str(options.get("name", "layer")),
+    )
+    return layer, report.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _summary(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    weights = sum(r["shape"][0] * r["shape"][1] for r in layers.values())
+    bits = sum(r["storage_bits"] for r in layers.values())
+    errors = [r["proxy_error"] for r in layers.values() if r.get("proxy_error") is not None]
+    return {
+        "layers": len(layers),
+        "weights": weights,
+        "storage_bits": bits,
+        "bits_per_weight": bits / weights if weights else None,
+        "mean_proxy_error": float(np.mean(errors)) if errors else None,
+        "seconds": sum(r.get("seconds", r.get("time_s", 0.0)) for r in layers.values()),
+    }
+
+
+def quantize_model(
+    model_dir: str | Path,
+    stats_dir: str | Path,
+    out_dir: str | Path,
+    options: Mapping[str, Any],
+    solver: LayerSolver = solve_daq,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quantize every selected Linear of MODEL with its statistic; returns the report.
+
+    `options` are passed to `solver` (with the layer's "name") and fingerprinted: they must
+    name everything that changes the result (the method, orders, ...).
+    """
+    from tqdm.auto import tqdm
+
+    from qdtk.checkpoint import Checkpoint
+    from qdtk.stats import Stats
+
+    ckpt, stats = Checkpoint(model_dir), Stats(stats_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out)
+    selected = ckpt.linear_names(include, exclude)
+    have = set(stats.layers())
+    missing = [w for w in selected if w not in have]
+    if missing:
+        raise QdtkError(
+            f"{stats.folder}: no statistic for {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}; recapture or --exclude them"
+        )
+    chosen = set(selected)
+    plan = []  # (file, block name, weights)
+    for i, block in enumerate(stats.blocks):
+        weights = [w for w in stats.layers_of(block.name) if w in chosen]
+        if weights:
+            plan.append((f"block_{i:04d}.safetensors", block.name, weights))
+
+    old = read_json(out / REPORT) if (out / REPORT).exists() else {}
+    old_layers = old.get("layers", {}) if old.get("format") == FORMAT else {}
+    model_fp = ckpt.fingerprint()
+    report: dict[str, Any] = {
+        "format": FORMAT,
+        "model": {"path": str(ckpt.folder), "fingerprint": model_fp},
+        "stats": {"path": str(stats.folder), "fingerprint": stats.fingerprint},
+        "options": dict(options),
+        "blocks": [],
+        "layers": {},
+        "summary": {},
+    }
+    planned = {file for file, _, _ in plan}
+    for stale in out.glob("block_*.safetensors"):  # blocks no longer selected
+        if stale.name not in planned:
+            stale.unlink()
+
+    bar = tqdm(total=len(selected), unit="layer", disable=not progress)
+    try:
+        for file, block, weights in plan:
+            fp = fingerprint(model_fp, stats.block_fingerprint(block), dict(options), weights)
+            entry = {"name": block, "file": file, "fingerprint": fp, "layers": weights}
+            done = solution_fingerprint(out / file) == fp and all(
+                old_layers.get(w, {}).get("fingerprint") == fp for w in weights
+            )
+            if done:
+                log.debug("%s: already solved, skipping", block)
+                report["layers"].update({w: old_layers[w] for w in weights})
+                bar.update(len(weights))
+            else:
+                solutions = {}
+                for w in weights:
+                    bar.set_postfix_str(w, refresh=True)
+                    W = ckpt.read(w, np.float32)
+                    if W.ndim != 2:
+                        raise QdtkError(f"{ckpt.info(w).file}: {w!r} is not a 2-D weight")
+                    H, _ = stats.hessian(w, dim=W.shape[1])
+                    layer, rep = solver(W, H, {**options, "name": w})
+                    solutions[w] = layer
+                    report["layers"][w] = {
+                        **rep,
+                        "shape": list(W.shape),
+                        "storage_bits": layer.storage_bits(),
+                        "fingerprint": fp,
+                    }
+                    bar.update(1)
+                write_solution_block(out / file, solutions, fp)
+            report["blocks"].append(entry)
+            report["summary"] = _summary(report["layers"])
+            write_json_atomic(out / REPORT, report)
+    finally:
+        bar.close()
+    report["summary"] = _summary(report["layers"])
+    write_json_atomic(out / REPORT, report)
+    return report
