@@ -4,6 +4,11 @@ Launches are shrunk (rows per tile, threads per block) so that every block spans
 thread blocks, the last one ragged, and every thread strides over several columns.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -91,6 +96,34 @@ def test_bad_requests(rng):
         daq_cuda.solve_block(W, 1, rows=8, threads=4)
     with pytest.raises(ValueError, match="width"):
         daq_cuda.solve_block(np.zeros((2, 129)), 1)
+
+
+PTX_CHECK = """
+import json, sys
+from numba.cuda.cudadrv import nvvm
+try:
+    nvvm.NVVM()
+except Exception as e:
+    print(e)
+    sys.exit(3)
+from qdtk.daq.cuda import ptx
+print(json.dumps({k: [".local" in v, ".f64" in v] for k, v in ptx().items()}))
+"""
+
+
+def test_kernels_compile_for_a_real_gpu():
+    """The simulator runs Python, not the CUDA target: compile the float32 kernels to sm_90 PTX
+    (no GPU needed) so typing errors show here. Signs live in registers (no local memory) and
+    the float32 kernels do no float64 arithmetic."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    r = subprocess.run(
+        [sys.executable, "-c", PTX_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
+    if r.returncode == 3:
+        pytest.skip(f"needs NVVM (the CUDA toolkit's compiler library): {r.stdout.strip()}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    uses = json.loads(r.stdout.strip().splitlines()[-1])
+    assert uses == {"plane_pass": [False, False], "finalize": [False, False]}
 
 
 def test_compensation_is_the_obs_update(rng):

@@ -13,7 +13,8 @@ one thread block owns one tile. One launch of `plane_pass` is one fused pass ove
 and `finalize` reduces the partials over tiles in a fixed order (deterministic, no atomics)
 into b_k. Per round that is K passes + K tiny reductions; the sign search rides on the first
 pass of the next round, so the data is read K times per round and nothing of size n*w*2^K is
-ever formed. All state (W, E, signs, a, b) stays on the device between launches.
+ever formed. An element's K signs are one byte (bit k = plane k is +1), held in a register
+inside the kernels. All state (W, E, signs, a, b) stays on the device between launches.
 
 The whole-layer helpers at the bottom (U from H, the compensation update) need CuPy on a real
 GPU; `qdtk.backend` decides when they are used.
@@ -32,7 +33,7 @@ from qdtk.bits import GROUP
 from qdtk.daq.reference import EPS
 from qdtk.errors import QdtkError
 
-ROWS = 16  # rows per tile (thread block); shared memory: ROWS x (GROUP + 1) x (2 x 4 + 1) bytes
+ROWS = 16  # rows per tile (thread block): about 19 KB of shared memory in float32
 KMAX = 4  # the most planes the kernels hold per element
 THREADS = 128  # threads per block: one per column in the load, several per row in reductions
 INIT, UPDATE, SEARCH = 0, 1, 2  # plane_pass modes: greedy init, scale update, sign search only
@@ -46,44 +47,29 @@ def kernels(dtype: np.dtype):
     eps = T(EPS)
     PAD = GROUP + 1  # odd row stride: threads walking down a column hit distinct banks
 
-    @cuda.jit(device=True)
-    def search_signs(x, at, bt, r, j, K, s):
-        """s[:K] = the sign pattern whose value is nearest to x (smallest pattern on ties)."""
-        best = T(0)
-        for p in range(1 << K):
-            v = T(0)
-            for l in range(K):
-                c = at[l, r] * bt[l, j]
-                v = v + c if (p >> l) & 1 else v - c
-            d = abs(x - v)
-            if p == 0 or d < best:
-                best = d
-                for l in range(K):
-                    s[l] = i8(1) if (p >> l) & 1 else i8(-1)
-
     @cuda.jit
-    def plane_pass(W, E, has_E, S, a, b, part, k, mode, search, R):
+    def plane_pass(W, E, has_E, P, K, a, b, part, k, mode, search, R):
         """One fused pass for plane k over the tile of R rows owned by this thread block.
 
-        W, E [n, w]; S [K, n, w] int8 +-1; a [K, n]; b [K, w]; part [2, tiles, w].
-        mode INIT: S_k = sign(residual r of planes < k), a_k = mean_j |r|, part[0] = sum_i |r|/a_k.
+        W, E [n, w]; P [n, w] uint8, bit l = plane l's sign is +1; a [K, n]; b [K, w];
+        part [2, tiles, w].
+        mode INIT: plane k = sign(residual r of planes < k), a_k = mean_j |r|,
+                   part[0] = sum_i |r| / a_k.
         mode UPDATE: a_k = exact row minimiser, part = numerator, denominator of b_k's update.
         search: first give every element its best sign pattern (all planes) under a, b.
         """
         n, w = W.shape
-        K = S.shape[0]
         tid = cuda.threadIdx.x
         tpb = cuda.blockDim.x
         tile = cuda.blockIdx.x
         r0 = tile * R
-        rows = min(R, n - r0)
+        rows = R if r0 + R <= n else n - r0  # the last tile may be ragged
         Xt = cuda.shared.array((ROWS, PAD), T)  # Wt (UPDATE) or |residual| (INIT)
         Et = cuda.shared.array((ROWS, PAD), T)
-        St = cuda.shared.array((ROWS, PAD), i8)  # plane k's signs
+        St = cuda.shared.array((ROWS, PAD), i8)  # plane k's signs, +-1
         at = cuda.shared.array((KMAX, ROWS), T)
         bt = cuda.shared.array((KMAX, GROUP), T)
         red = cuda.shared.array((2, THREADS), T)
-        s = cuda.local.array(KMAX, i8)
 
         for q in range(tid, K * w, tpb):
             bt[q // w, q % w] = b[q // w, q % w]
@@ -92,37 +78,48 @@ def kernels(dtype: np.dtype):
         cuda.syncthreads()
 
         planes = k if mode == INIT else K  # INIT: planes >= k do not exist yet
-        for q in range(tid, rows * w, tpb):
+        for q in range(tid, rows * w, tpb):  # consecutive threads, consecutive columns
             r = q // w
             j = q % w
             i = r0 + r
             x = W[i, j]
-            if search:
-                search_signs(x, at, bt, r, j, K, s)
-                for l in range(K):
-                    S[l, i, j] = s[l]
+            if search:  # 2^K patterns, values built plane by plane as in the reference
+                best = T(0)
+                bits = 0
+                for p in range(1 << K):
+                    v = T(0)
+                    for l in range(K):
+                        c = at[l, r] * bt[l, j]
+                        v = v + c if (p >> l) & 1 else v - c
+                    d = abs(x - v)
+                    if p == 0 or d < best:  # strict: ties keep the smaller pattern
+                        best = d
+                        bits = p
+                P[i, j] = bits
+            elif planes == 0:
+                bits = 0
             else:
-                for l in range(planes):
-                    s[l] = S[l, i, j]
-            if mode != SEARCH:
-                for l in range(planes):
-                    if l != k:
-                        x -= at[l, r] * bt[l, j] * s[l]
-                if mode == INIT:
-                    sk = i8(1) if x >= 0 else i8(-1)
-                    S[k, i, j] = sk
-                    x = abs(x)
-                else:
-                    sk = s[k]
-                Xt[r, j] = x
-                St[r, j] = sk
-                Et[r, j] = E[i, j] if has_E else T(1)
+                bits = P[i, j]
+            if mode == SEARCH:
+                continue
+            for l in range(planes):
+                if l != k:
+                    c = at[l, r] * bt[l, j]
+                    x = x - c if (bits >> l) & 1 else x + c
+            if mode == INIT:
+                if x >= 0:  # sign(0) = +1
+                    bits |= 1 << k
+                P[i, j] = bits
+                x = abs(x)
+            Xt[r, j] = x
+            St[r, j] = i8(1) if (bits >> k) & 1 else i8(-1)
+            Et[r, j] = E[i, j] if has_E else T(1)
         if mode == SEARCH:
             return
         cuda.syncthreads()
 
         # Row reduction: `segs` threads per row, each over a strided share of the columns.
-        segs = max(1, tpb // rows)
+        segs = tpb // rows  # >= 1: the host ensures rows <= threads
         if tid < rows * segs:
             r = tid % rows
             num = T(0)
@@ -144,7 +141,7 @@ def kernels(dtype: np.dtype):
             for g in range(segs):
                 num += red[0, r + g * rows]
                 den += red[1, r + g * rows]
-            ak = num / w if mode == INIT else num / (den + eps)
+            ak = num / T(w) if mode == INIT else num / (den + eps)
             at[k, r] = ak
             a[k, r0 + r] = ak
         cuda.syncthreads()
@@ -175,9 +172,25 @@ def kernels(dtype: np.dtype):
             for t in range(part.shape[1]):
                 num += part[0, t, j]
                 den += part[1, t, j]
-            b[k, j] = num / n if mode == INIT else num / (den + eps)
+            b[k, j] = num / T(n) if mode == INIT else num / (den + eps)
 
     return plane_pass, finalize
+
+
+def ptx(dtype=np.float32, cc: tuple[int, int] = (9, 0)) -> dict[str, str]:
+    """PTX of both kernels for compute capability `cc`, built without a GPU (needs NVVM and
+    NUMBA_ENABLE_CUDASIM unset): shows the kernels type-check and compile for a real device."""
+    T = numba.from_dtype(np.dtype(dtype))
+    A2, A3 = numba.types.Array(T, 2, "C"), numba.types.Array(T, 3, "C")
+    P2 = numba.types.Array(numba.uint8, 2, "C")
+    i, flag, void = numba.int64, numba.boolean, numba.types.void
+    plane_pass, finalize = kernels(np.dtype(dtype))
+    sigs = {
+        "plane_pass": void(A2, A2, flag, P2, i, A2, A2, A3, i, i, flag, i),
+        "finalize": void(A3, A2, i, i, i),
+    }
+    kern = {"plane_pass": plane_pass, "finalize": finalize}
+    return {name: cuda.compile_ptx(kern[name].py_func, sig, cc=cc)[0] for name, sig in sigs.items()}
 
 
 def solve_block(
@@ -217,7 +230,7 @@ def solve_block(
     if not has_E:
         E_d = cuda.device_array((1, 1), dtype)  # never read
     tiles = -(-n // rows)
-    S = cuda.device_array((K, n, w), np.int8)
+    P = cuda.device_array((n, w), np.uint8)  # bit k: plane k's sign is +1
     a = cuda.to_device(np.zeros((K, n), dtype))
     b = cuda.to_device(np.zeros((K, w), dtype))
     part = cuda.device_array((2, tiles, w), dtype)
@@ -225,7 +238,7 @@ def solve_block(
     def scales(mode: int, search_first: bool) -> None:
         for k in range(K):
             plane_pass[tiles, threads](
-                W_d, E_d, has_E, S, a, b, part, k, mode, search_first and k == 0, rows
+                W_d, E_d, has_E, P, K, a, b, part, k, mode, search_first and k == 0, rows
             )
             finalize[1, threads](part, b, k, mode, n)
 
@@ -236,13 +249,17 @@ def solve_block(
     if refit:
         scales(UPDATE, search and iters > 0)
     elif search and iters > 0:
-        plane_pass[tiles, threads](W_d, E_d, has_E, S, a, b, part, 0, SEARCH, True, rows)
+        plane_pass[tiles, threads](W_d, E_d, has_E, P, K, a, b, part, 0, SEARCH, True, rows)
 
     if on_gpu:
         import cupy
 
-        return cupy.asarray(S) > 0, cupy.asarray(a), cupy.asarray(b)
-    return S.copy_to_host() > 0, a.copy_to_host(), b.copy_to_host()
+        P, a, b = cupy.asarray(P), cupy.asarray(a), cupy.asarray(b)
+    else:
+        P, a, b = P.copy_to_host(), a.copy_to_host(), b.copy_to_host()
+    xp = array_module(P)
+    signs = (P[None] >> xp.arange(K, dtype=xp.uint8)[:, None, None]) & 1  # [K, n, w]
+    return signs.astype(bool), a, b
 
 
 # ---- The layer driver's algebra on the GPU (SPEC 2, 5): CuPy, i.e. cuSOLVER and cuBLAS. ----
