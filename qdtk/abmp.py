@@ -21,6 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -40,11 +41,13 @@ log = logging.getLogger(__name__)
 
 ORDERS = (1, 2, 3)
 COUNTS = ("real", "planes")
+METHODS = ("none", "swap", "knapsack")
 # Memory cap of the exact DP (a byte per item and budget cell, two float64 rows); beyond it the
 # Lagrangian runs.
 DP_MAX_BYTES = 1 << 28
 
-# solve(W_g [n, w], order, s_g [n, w] salience) -> What_g [n, w] float32, the group solved alone.
+# solve(W_g [n, w], order, d_g [w] = diag(U) of its columns) -> What_g [n, w] float32: the group
+# solved alone (the salience weights of DAQ come from W_g and d_g).
 GroupSolver = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
 
 
@@ -111,85 +114,72 @@ def group_errors(
     orders: Sequence[int],
     solve: GroupSolver,
 ) -> np.ndarray:
-    """[G, C] e_g(o) = tr(D_g H_gg D_g^T), D_g = W_g - solve(W_g, o), each group alone.
+    """[G, C] e_g(o) = tr(D_g H_gg D_g^T), D_g = W_g - solve(W_g, o, d_g), each group alone.
 
-    H is the layer's prepared (damped) H, d = diag(U); no compensation between groups. A
-    memoising solver (`DaqGroupSolver`) makes repeated calls and the final solve free.
+    H is the layer's prepared (damped) H, d = diag(U); no compensation between groups. W and d
+    are passed on in float32, as the layer driver passes them, so that a memoising solver
+    (`DaqGroupSolver`) serves the driver's uncompensated solves from its cache.
     """
-    W, H = _host(W, np.float32), _host(H, np.float64)
-    s = salience(W.astype(np.float64), _host(d, np.float64))  # [n, m]
-    cols_list = group_slices(W.shape[1])
-    E = np.empty((len(cols_list), len(orders)))
-    for g, cols in enumerate(cols_list):
-        Hgg = H[cols, cols]
-        for c, o in enumerate(orders):
-            What = solve(W[:, cols], int(o), s[:, cols])
-            E[g, c] = output_error(W[:, cols] - What, Hgg)
-    return E
+    G = len(group_slices(W.shape[1]))
+    return np.stack([_errors(W, H, d, np.full(G, o), solve) for o in orders], axis=1)
+
+
+def chosen_errors(
+    W: np.ndarray, H: np.ndarray, d: np.ndarray, orders: np.ndarray, solve: GroupSolver
+) -> np.ndarray:
+    """[G] e_g(o_g): the predicted error of each group at its allocated order."""
+    return _errors(W, H, d, orders, solve)
+
+
+def _errors(W, H, d, orders, solve) -> np.ndarray:
+    W, H, d = _host(W, np.float32), _host(H, np.float64), _host(d, np.float32)
+    out = []
+    for g, cols in enumerate(group_slices(W.shape[1])):
+        Wg = np.ascontiguousarray(W[:, cols])  # [n, w]
+        out.append(output_error(Wg - solve(Wg, int(orders[g]), d[cols]), H[cols, cols]))
+    return np.array(out)
 
 
 def dequantize_orders(
     W: np.ndarray, d: np.ndarray, orders: np.ndarray, solve: GroupSolver
 ) -> np.ndarray:
     """[n, m] What with every group solved alone at its order (no compensation)."""
-    W = _host(W, np.float32)
-    s = salience(W.astype(np.float64), _host(d, np.float64))
+    W, d = _host(W, np.float32), _host(d, np.float32)
     What = np.empty_like(W)
     for g, cols in enumerate(group_slices(W.shape[1])):
-        What[:, cols] = solve(W[:, cols], int(orders[g]), s[:, cols])
+        What[:, cols] = solve(np.ascontiguousarray(W[:, cols]), int(orders[g]), d[cols])
     return What
 
 
 class DaqGroupSolver:
-    """The DAQ solver as a `GroupSolver`, memoised on (group content, order).
+    """DAQ (`qdtk.quantize.solve_group`) as a `GroupSolver`, memoised on (W_g, order, d_g).
 
-    Scales are rounded to float16 and What comes from the canonical `dequantize_block`, so the
-    errors the knapsack sees are those of the stored solution. `solution` returns the cached
-    (signs [K, n, w] bool, a [K, n] float16, b [K, w] float16) for the stage to reuse when it
-    quantizes without compensation; `clear` drops the cache (call it after each layer).
+    `solution(W_g, order, d_g)` returns the cached (signs [K, n, w] bool, a [K, n] float16,
+    b [K, w] float16, Q [n, w] float32), the signature of the layer driver's `sweep` solver, so
+    an uncompensated sweep after `group_errors` solves nothing twice; calling it returns Q, the
+    canonical dequantisation of the stored solution, so the knapsack sees stored errors. Call
+    `clear` after each layer (the cache holds every order of every group).
     """
 
-    def __init__(
-        self,
-        tau: float = 2.0,
-        lam: float = 3.0,
-        iters: int = 15,
-        refit: bool = True,
-        backend: str = "cpu",
-    ) -> None:
-        self.tau, self.lam, self.iters, self.refit, self.backend = tau, lam, iters, refit, backend
-        self._cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    @staticmethod
-    def _key(W_g: np.ndarray, order: int, s_g: np.ndarray) -> tuple:
-        h = hashlib.blake2b(digest_size=16)
-        h.update(np.ascontiguousarray(W_g, np.float32).tobytes())
-        h.update(np.ascontiguousarray(s_g, np.float64).tobytes())
-        return (W_g.shape, order, h.digest())
+    def __init__(self, **options: Any) -> None:
+        self.options = options  # iters, tau, lam, refit, backend of solve_group
+        self._cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def solution(
-        self, W_g: np.ndarray, order: int, s_g: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        from qdtk.daq import error_weights, solve_block
+        self, W_g: np.ndarray, order: int, d_g: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        from qdtk.quantize import solve_group
 
-        key = self._key(W_g, order, s_g)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(np.ascontiguousarray(W_g).tobytes())
+        h.update(np.ascontiguousarray(d_g).tobytes())
+        key = (W_g.shape, W_g.dtype.str, d_g.dtype.str, int(order), h.digest())
         if key not in self._cache:
-            E = error_weights(s_g, self.tau, self.lam)
-            signs, a, b = solve_block(
-                np.asarray(W_g, np.float32),
-                order,
-                E,
-                iters=self.iters,
-                refit=self.refit,
-                backend=self.backend,
-            )
-            self._cache[key] = (signs, a.astype(np.float16), b.astype(np.float16))
+            self._cache[key] = solve_group(W_g, int(order), d_g, **self.options)
         return self._cache[key]
 
-    def __call__(self, W_g: np.ndarray, order: int, s_g: np.ndarray) -> np.ndarray:
-        from qdtk.solution import dequantize_block
-
-        return dequantize_block(*self.solution(W_g, order, s_g))
+    def __call__(self, W_g: np.ndarray, order: int, d_g: np.ndarray) -> np.ndarray:
+        return self.solution(W_g, order, d_g)[3]
 
     def clear(self) -> None:
         self._cache.clear()
@@ -440,6 +430,53 @@ def allocate_model(
     return out
 
 
+def choose_orders(
+    name: str,
+    W: np.ndarray,
+    H: np.ndarray,
+    d: np.ndarray,
+    *,
+    method: str,
+    rho: float = 0.05,
+    bits: float | None = None,
+    count: str = "real",
+    orders: Sequence[int] = ORDERS,
+    uniform: int = 2,
+    solve: GroupSolver | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """[G] orders of one layer (layer scope) and its ABMP report.
+
+    method "none": every group at `uniform`; "swap": `swap_orders` of the group scores with
+    `rho`; "knapsack": `allocate_layer` at `bits` per weight (`count`) over `orders`, with
+    values from `group_errors` (needs `solve`). The report (`layer_report`) has the predicted
+    error whenever `solve` is given (for none and swap it costs one solve per group, which an
+    uncompensated sweep with the same memoising solver reuses).
+    """
+    n, m = W.shape
+    G = len(group_slices(m))
+    E = None
+    if method == "none":
+        chosen = np.full(G, uniform, np.int64)
+    elif method == "swap":
+        chosen = swap_orders(group_scores(W, d), rho)
+    elif method == "knapsack":
+        if bits is None or solve is None:
+            raise QdtkError(f"{name}: --abmp knapsack needs --bits and a DAQ solver")
+        order_set = check_orders(orders)
+        check_budget(name, [(n, m)], bits, count, order_set[0])
+        E = group_errors(W, H, d, order_set, solve)
+        chosen = allocate_layer(LayerCandidates(name, n, m, E, order_set), bits, count)
+    else:
+        raise QdtkError(f"--abmp must be one of {', '.join(METHODS)}, got {method!r}")
+    if E is not None:
+        predicted = float(E[np.arange(G), np.searchsorted(order_set, chosen)].sum())
+    elif solve is not None:
+        predicted = float(chosen_errors(W, H, d, chosen, solve).sum())
+    else:
+        predicted = None
+    return chosen, {"abmp": method, **layer_report(n, m, chosen, predicted)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Model-scope weights
 
@@ -477,23 +514,18 @@ def orders_histogram(orders: np.ndarray) -> dict[str, int]:
 
 
 def layer_report(
-    n: int,
-    m: int,
-    orders: np.ndarray,
-    E: np.ndarray | None = None,
-    order_set: Sequence[int] = ORDERS,
-) -> dict:
+    n: int, m: int, orders: np.ndarray, predicted_error: float | None = None
+) -> dict[str, Any]:
     """Per-layer ABMP summary: histogram, real and nominal bits per weight, predicted error."""
     orders = np.asarray(orders, np.int64)
-    widths = group_widths(m)
-    report = {
-        "orders": orders_histogram(orders),
+    report: dict[str, Any] = {
+        "orders_histogram": orders_histogram(orders),
         "bits_per_weight": bcq_bits(n, m, orders) / (n * m),
-        "plane_bits_per_weight": float(group_plane_bits(n, widths, orders).sum()) / (n * m),
+        "plane_bits_per_weight": float(group_plane_bits(n, group_widths(m), orders).sum())
+        / (n * m),
     }
-    if E is not None:
-        col = {o: c for c, o in enumerate(order_set)}
-        report["predicted_error"] = float(sum(E[g, col[int(o)]] for g, o in enumerate(orders)))
+    if predicted_error is not None:
+        report["predicted_error"] = predicted_error
     return report
 
 

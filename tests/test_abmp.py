@@ -15,7 +15,7 @@ from qdtk.errors import QdtkError
 from qdtk.hessian import prepare_hessian
 
 
-def residual_solver(W_g: np.ndarray, order: int, s_g: np.ndarray) -> np.ndarray:
+def residual_solver(W_g: np.ndarray, order: int, d_g: np.ndarray) -> np.ndarray:
     """A plain stand-in for DAQ: greedy residual binarisation with float16 scales."""
     R = W_g.astype(np.float64)
     What = np.zeros_like(R)
@@ -111,18 +111,19 @@ def test_group_errors_are_the_groups_output_errors(rng):
     orders = (1, 2, 3)
     E = abmp.group_errors(W, prep.H, prep.d, orders, residual_solver)
     assert E.shape == (3, 3)
-    s = (W.astype(np.float64) / prep.d) ** 2
     for g, cols in enumerate(group_slices(m)):
         for c, o in enumerate(orders):
             D = np.zeros((n, m))  # the change confined to group g, against the full H
-            D[:, cols] = W[:, cols] - residual_solver(W[:, cols], o, s[:, cols])
+            D[:, cols] = W[:, cols] - residual_solver(W[:, cols], o, prep.d[cols])
             assert E[g, c] == pytest.approx(np.trace(D @ prep.H @ D.T), rel=1e-9)
     assert np.all(np.diff(E, axis=1) < 0)  # more planes, less error (greedy residual)
-    # assembling an allocation solves the same groups
-    What = abmp.dequantize_orders(W, prep.d, np.array([1, 3, 2]), residual_solver)
+    chosen = np.array([1, 3, 2])
     np.testing.assert_array_equal(
-        What[:, 128:256], residual_solver(W[:, 128:256], 3, s[:, 128:256])
+        abmp.chosen_errors(W, prep.H, prep.d, chosen, residual_solver), E[[0, 1, 2], chosen - 1]
     )
+    # assembling an allocation solves the same groups
+    What = abmp.dequantize_orders(W, prep.d, chosen, residual_solver)
+    np.testing.assert_array_equal(What[:, 128:256], residual_solver(W[:, 128:256], 3, None))
 
 
 # --- the knapsack -------------------------------------------------------------------------------
@@ -301,44 +302,77 @@ def test_sensitivity_rejects_a_bad_measurement(rng):
 def test_layer_and_model_reports():
     n, m = 64, 128 * 3 + 32
     orders = np.array([1, 3, 2, 2])
-    E = np.arange(12.0).reshape(4, 3)
-    rep = abmp.layer_report(n, m, orders, E)
-    assert rep["orders"] == {"1": 1, "2": 2, "3": 1}
+    rep = abmp.layer_report(n, m, orders, 7.5)
+    assert rep["orders_histogram"] == {"1": 1, "2": 2, "3": 1}
     assert rep["bits_per_weight"] == bcq_bits(n, m, orders) / (n * m)
     assert rep["plane_bits_per_weight"] == (128 * (1 + 3 + 2) + 32 * 2) / m
-    assert rep["predicted_error"] == 0 + 5 + 7 + 10
+    assert rep["predicted_error"] == 7.5
+    assert "predicted_error" not in abmp.layer_report(n, m, orders)
     total = abmp.model_bits_per_weight([(n, m, orders), (32, 128, np.array([2]))])
     assert total == (bcq_bits(n, m, orders) + bcq_bits(32, 128, [2])) / (n * m + 32 * 128)
 
 
-def test_daq_group_solver_memoises_and_matches_the_stored_solution(rng, monkeypatch):
-    daq = pytest.importorskip("qdtk.daq")
-    from qdtk.solution import dequantize_block
+def test_choose_orders_per_method(rng):
+    n, m = 64, 128 * 5
+    W, prep, _ = layer(rng, n, m)
+    args = ("blocks.0.fc.weight", W, prep.H, prep.d)
+    o, rep = abmp.choose_orders(*args, method="none", uniform=3)
+    assert o.tolist() == [3] * 5 and rep["abmp"] == "none" and "predicted_error" not in rep
+    o, rep = abmp.choose_orders(*args, method="swap", rho=0.2, solve=residual_solver)
+    np.testing.assert_array_equal(o, abmp.swap_orders(abmp.group_scores(W, prep.d), 0.2))
+    E = abmp.group_errors(W, prep.H, prep.d, (1, 2, 3), residual_solver)
+    assert rep["predicted_error"] == pytest.approx(E[np.arange(5), o - 1].sum(), rel=1e-12)
+    o, rep = abmp.choose_orders(
+        *args, method="knapsack", bits=2.0, orders=(3, 1, 2), solve=residual_solver
+    )
+    cand = abmp.LayerCandidates("x", n, m, E)
+    np.testing.assert_array_equal(o, abmp.allocate_layer(cand, 2.0))
+    assert rep["bits_per_weight"] <= 2.0
+    assert rep["predicted_error"] == pytest.approx(E[np.arange(5), o - 1].sum(), rel=1e-12)
+    with pytest.raises(QdtkError, match="blocks.0.fc.weight: --abmp knapsack needs --bits"):
+        abmp.choose_orders(*args, method="knapsack", solve=residual_solver)
+    with pytest.raises(QdtkError, match="blocks.0.fc.weight: --bits 0.5 is below"):
+        abmp.choose_orders(*args, method="knapsack", bits=0.5, solve=residual_solver)
+    with pytest.raises(QdtkError, match="--abmp must be one of none, swap, knapsack"):
+        abmp.choose_orders(*args, method="greedy")
+
+
+def test_daq_group_solver_memoises_and_serves_the_uncompensated_sweep(rng, monkeypatch):
+    quantize = pytest.importorskip("qdtk.quantize")
+    from qdtk.hessian import prepare_hessian as prep32
 
     n, m = 16, 200
-    W, prep, _ = layer(rng, n, m)
+    W, _, X = layer(rng, n, m)
+    P = prep32(2 / len(X) * X.T @ X, dtype=np.float32)  # as the layer driver prepares H
     calls = []
-    real = daq.solve_block
+    real = quantize.solve_group
 
-    def counting(*args, **kw):
-        calls.append(args[1])
-        return real(*args, **kw)
+    def counting(Wg, order, dg, **kw):
+        calls.append(order)
+        return real(Wg, order, dg, **kw)
 
-    monkeypatch.setattr(daq, "solve_block", counting)
+    monkeypatch.setattr(quantize, "solve_group", counting)
     solver = abmp.DaqGroupSolver(iters=3, backend="reference")
-    E = abmp.group_errors(W, prep.H, prep.d, (1, 2), solver)
-    E2 = abmp.group_errors(W, prep.H, prep.d, (1, 2), solver)
-    assert len(calls) == 4  # 2 groups x 2 orders, the second pass from the cache
-    np.testing.assert_array_equal(E, E2)
+    E = abmp.group_errors(W, P.H, P.d, (1, 2), solver)
+    assert len(calls) == 4  # 2 groups x 2 orders
+    np.testing.assert_array_equal(E, abmp.group_errors(W, P.H, P.d, (1, 2), solver))
+    assert len(calls) == 4  # the second pass came from the cache
+    # the value is the stored (float16-scaled) solution's error
     cols = slice(128, 200)
-    s = (W[:, cols].astype(np.float64) / prep.d[cols]) ** 2
-    signs, a, b = solver.solution(W[:, cols], 2, s)
+    signs, a, b, Q = solver.solution(np.ascontiguousarray(W[:, cols]), 2, P.d[cols])
     assert a.dtype == np.float16 and b.dtype == np.float16 and signs.shape == (2, n, 72)
-    D = W[:, cols] - dequantize_block(signs, a, b)
-    assert E[1, 1] == pytest.approx(np.trace(D @ prep.H[cols, cols] @ D.T), rel=1e-9)
+    D = W[:, cols] - Q
+    assert E[1, 1] == pytest.approx(np.trace(D @ P.H[cols, cols] @ D.T), rel=1e-5)
     assert E[1, 1] < E[1, 0]
+    # the driver's uncompensated sweep at an allocation solves nothing new
+    orders = np.array([2, 1])
+    layer_ = quantize.sweep(W.copy(), P, orders, solver.solution, compensate=False)
+    assert len(calls) == 4
+    np.testing.assert_array_equal(
+        layer_.dequantize(), abmp.dequantize_orders(W, P.d, orders, solver)
+    )
     solver.clear()
-    abmp.group_errors(W, prep.H, prep.d, (1,), solver)
+    abmp.group_errors(W, P.H, P.d, (1,), solver)
     assert len(calls) == 6
 
 
