@@ -14,6 +14,7 @@ sign planes a set bit means +1. Unpacking reproduces the solver's What bit for b
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from qdtk.checkpoint import (
     Checkpoint,
     CheckpointWriter,
     copy_aux_files,
+    read_header,
 )
 from qdtk.errors import QdtkError
 from qdtk.io import fingerprint, read_json, write_json_atomic
@@ -288,9 +290,10 @@ PackedLayer = PackedBCQ | PackedAffine
 
 
 def pack_layer(layer: QuantizedLayer) -> PackedLayer:
+    """The packed form of a solver's layer; ValueError if the format cannot hold it."""
     if isinstance(layer, BinaryCodedLayer):
         if layer.orders.max(initial=1) > MAX_ORDER:
-            raise QdtkError(f"order {layer.orders.max()} exceeds the format's {MAX_ORDER}")
+            raise ValueError(f"order {layer.orders.max()} exceeds the format's {MAX_ORDER}")
         return PackedBCQ.from_layer(layer)
     return PackedAffine.from_layer(layer)
 
@@ -460,6 +463,14 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _head_hash(path: Path) -> list:
+    """A safetensors file's size and header: cheap, and changes with any rewrite we care about."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        raw = f.read(int.from_bytes(head, "little"))
+    return [path.name, path.stat().st_size, hashlib.sha256(raw).hexdigest()[:16]]
+
+
 def _finished(out: Path, fp: str, packed: bool) -> bool:
     """A previous run with the same inputs completed: config.json is written last."""
     if not (out / "config.json").is_file():
@@ -484,8 +495,11 @@ def _start_output(out: Path, *inputs: Path) -> None:
     (out / "config.json").unlink(missing_ok=True)
 
 
-def _remove_stale_shards(out: Path, written: list[Path]) -> None:
-    keep = {p.name for p in written}
+def _remove_stale_shards(out: Path) -> None:
+    """Delete shards of an earlier run that the writer just replaced (its index names the
+    current ones; without an index there is one file)."""
+    index = out / INDEX_NAME
+    keep = set(read_json(index)["weight_map"].values()) if index.exists() else {SINGLE_NAME}
     for p in out.glob("*.safetensors"):
         if p.name not in keep:
             p.unlink()
@@ -502,9 +516,11 @@ def _read_report(quant: Path) -> dict:
     return report
 
 
-def _block_paths(quant: Path, report: dict) -> list[Path]:
-    """Every solution file, checked to exist and to be the one the report describes."""
-    paths = []
+def _check_blocks(quant: Path, report: dict, ckpt: Checkpoint) -> list[Path]:
+    """Every solution file, checked from its header alone before anything is written: it
+    exists, is the one the report describes, and its layers are 2-D '*.weight' tensors of the
+    model with the model's shapes, each in one block only."""
+    paths, seen = [], set()
     for block in report["blocks"]:
         path = quant / block["file"]
         if not path.is_file():
@@ -514,6 +530,21 @@ def _block_paths(quant: Path, report: dict) -> list[Path]:
             raise QdtkError(
                 f"{path}: its fingerprint does not match {quant / REPORT}; rerun quantize"
             )
+        try:
+            layers = json.loads(read_header(path)[1]["layers"])
+            shapes = {w: tuple(info["shape"]) for w, info in layers.items()}
+        except (KeyError, TypeError, ValueError):
+            raise QdtkError(f"{path}: header metadata has no valid 'layers' entry") from None
+        for weight, shape in shapes.items():
+            module_name(weight)
+            if weight not in ckpt:
+                raise QdtkError(f"{path}: layer {weight!r} is not a tensor of {ckpt.folder}")
+            if ckpt.info(weight).shape != shape:
+                raise QdtkError(f"{path}: layer {weight!r} has shape {list(shape)}, "
+                                f"the model's is {list(ckpt.info(weight).shape)}")
+            if weight in seen:
+                raise QdtkError(f"{path}: layer {weight!r} is also in an earlier block")
+            seen.add(weight)
         paths.append(path)
     return paths
 
@@ -523,8 +554,8 @@ def _quantization_config(
 ) -> dict:
     weights = sum(info["shape"][0] * info["shape"][1] for info in modules.values())
     kinds = sorted({info["kind"] for info in modules.values()})
-    method = report.get("options", {}).get("method") if isinstance(report.get("options"),
-                                                                   dict) else None
+    options = report.get("options")
+    method = options.get("method") if isinstance(options, dict) else None
     return {
         "quant_method": QUANT_METHOD,
         "format": FORMAT,
@@ -556,7 +587,9 @@ def pack_checkpoint(
         if not model:
             raise QdtkError(f"{quant / REPORT}: records no model path; pass --model")
     ckpt = Checkpoint(model)
-    fp = fingerprint(FORMAT, _file_hash(quant / REPORT), ckpt.fingerprint(), max_shard_bytes)
+    paths = _check_blocks(quant, report, ckpt)
+    fp = fingerprint(FORMAT, _file_hash(quant / REPORT), [_head_hash(p) for p in paths],
+                     ckpt.fingerprint(), max_shard_bytes)
     if _finished(out, fp, packed=True):
         log.info("%s: already packed from these inputs; nothing to do", out)
         return out
@@ -564,7 +597,6 @@ def pack_checkpoint(
     if recorded and recorded != ckpt.fingerprint():
         log.warning("%s: model fingerprint differs from the one %s records", ckpt.folder,
                     quant / REPORT)
-    paths = _block_paths(quant, report)
     _start_output(out, ckpt.folder, quant)
 
     modules: dict[str, dict] = {}
@@ -573,14 +605,11 @@ def pack_checkpoint(
     with CheckpointWriter(out, max_shard_bytes, meta) as writer:
         for path in tqdm(paths, desc="pack", unit="block"):
             for weight, layer in read_solution_block(path).items():
-                module = module_name(weight)
-                if weight not in ckpt:
-                    raise QdtkError(f"{path}: layer {weight!r} is not a tensor of {ckpt.folder}")
-                info = ckpt.info(weight)
-                if info.shape != layer.shape:
-                    raise QdtkError(f"{path}: layer {weight!r} has shape {list(layer.shape)}, "
-                                    f"the model's is {list(info.shape)}")
-                p = pack_layer(layer)
+                module, info = module_name(weight), ckpt.info(weight)
+                try:
+                    p = pack_layer(layer)
+                except ValueError as e:
+                    raise QdtkError(f"{path}: layer {weight!r}: {e}") from None
                 for name, arr in p.tensors(module).items():
                     writer.add(name, arr)
                 modules[module] = {"kind": p.kind, "shape": list(p.shape), "dtype": info.dtype}
@@ -593,7 +622,7 @@ def pack_checkpoint(
         for name in ckpt.names():
             if name not in quantized:
                 writer.add(name, ckpt.read(name))
-    _remove_stale_shards(out, _shards(out))
+    _remove_stale_shards(out)
 
     copy_aux_files(ckpt.folder, out)
     config = ckpt.config
@@ -604,14 +633,6 @@ def pack_checkpoint(
     log.info("%s: %d modules packed at %.3f bits/weight", out, len(modules),
              config["quantization_config"]["bits_per_weight"] or 0.0)
     return out
-
-
-def _shards(out: Path) -> list[Path]:
-    """The shard files the writer just finalised (one file, or those the index names)."""
-    index = out / INDEX_NAME
-    if index.exists():
-        return [out / n for n in set(read_json(index)["weight_map"].values())]
-    return [out / SINGLE_NAME]
 
 
 def unpack_checkpoint(
@@ -650,7 +671,7 @@ def unpack_checkpoint(
             if name not in owned:
                 arr = ckpt.read(name)
                 w.add(name, arr.astype(to) if ckpt.info(name).dtype in _FLOAT_CODES else arr)
-    _remove_stale_shards(out, _shards(out))
+    _remove_stale_shards(out)
 
     copy_aux_files(packed, out)
     config = read_json(packed / "config.json")

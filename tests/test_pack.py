@@ -344,14 +344,17 @@ def test_bad_packed_input_is_named_and_nothing_is_written(packed, tmp_path, case
 
 def test_pack_rejects_a_solution_that_does_not_fit_the_model(rng, tmp_path):
     model = synthetic_model(tmp_path / "model", rng, {"model.layers.0.q.weight": (40, 200)})
-    layer = random_bcq(rng, 40, 199, [2, 2])
     write_quant(model, tmp_path / "quant", rng)
+    out = pack_checkpoint(tmp_path / "quant", tmp_path / "packed")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    layer = random_bcq(rng, 40, 199, [2, 2])
     write_solution_block(tmp_path / "quant" / "block_0000.safetensors",
                          {"model.layers.0.q.weight": layer}, "fp0")
     with pytest.raises(QdtkError, match=r"block_0000\.safetensors: layer 'model\.layers\.0\.q"
                        r"\.weight' has shape \[40, 199\], the model's is \[40, 200\]"):
         pack_checkpoint(tmp_path / "quant", tmp_path / "packed")
-    assert not list((tmp_path / "packed").glob("*.safetensors"))
+    # checked before writing: the earlier finished pack is untouched
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
 
 def test_cli_pack_and_unpack(rng, tmp_path):
