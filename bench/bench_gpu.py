@@ -113,7 +113,9 @@ def kernel_times(n: int, K: int, reps: int = 20) -> dict[str, float]:
     args = (W, E, True, P, K, a, b, part, 0, daq_cuda.UPDATE, K >= 2, daq_cuda.ROWS)
     return {
         "pass": timed(lambda: plane_pass[tiles, daq_cuda.THREADS](*args)),
-        "finalize": timed(lambda: finalize[1, daq_cuda.THREADS](part, b, 0, daq_cuda.UPDATE, n)),
+        "finalize": timed(
+            lambda: finalize[1, (daq_cuda.THREADS, daq_cuda.SLICES)](part, b, 0, daq_cuda.UPDATE, n)
+        ),
         "bytes": n * 128 * (4 + 4 + 2),  # W, E and the sign byte read; the sign byte written
     }
 

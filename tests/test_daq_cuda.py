@@ -21,7 +21,8 @@ from qdtk.hessian import inverse_cholesky_upper
 needs_gpu = pytest.mark.skipif(
     not backend.gpu_available(), reason="needs a CUDA GPU (CuPy reports none)"
 )
-SMALL = {"rows": 3, "threads": 8}  # 7 rows -> tiles of 3, 3, 1; 8 threads over up to 37 columns
+# 7 rows -> tiles of 3, 3, 1; 8 threads stride over up to 37 columns; 2 slices over 3 tiles
+SMALL = {"rows": 3, "threads": 8, "slices": 2}
 
 
 def block(rng, n=7, w=37, dtype=np.float64):

@@ -10,7 +10,8 @@ one thread block owns one tile. One launch of `plane_pass` is one fused pass ove
     a_k = row reduction of the tile                    (exact for the tile's rows)
     partial column sums of plane k's b_k update        -> part [2, tiles, w]
 
-and `finalize` reduces the partials over tiles in a fixed order (deterministic, no atomics)
+and `finalize` (one block of THREADS x SLICES) reduces the partials over tiles in a fixed order
+(deterministic, no atomics)
 into b_k. Per round that is K passes + K tiny reductions; the sign search rides on the first
 pass of the next round, so the data is read K times per round and nothing of size n*w*2^K is
 ever formed. An element's K signs are one byte (bit k = plane k is +1), held in a register
@@ -36,6 +37,7 @@ from qdtk.errors import QdtkError
 ROWS = 16  # rows per tile (thread block): about 19 KB of shared memory in float32
 KMAX = 4  # the most planes the kernels hold per element
 THREADS = 128  # threads per block: one per column in the load, several per row in reductions
+SLICES = 8  # finalize: threads per column, each summing every SLICES-th tile's partials
 INIT, UPDATE, SEARCH = 0, 1, 2  # plane_pass modes: greedy init, scale update, sign search only
 
 
@@ -164,15 +166,30 @@ def kernels(dtype: np.dtype):
 
     @cuda.jit
     def finalize(part, b, k, mode, n):
-        """b_k = the tiles' partial sums reduced in tile order (INIT: a mean over n rows)."""
+        """b_k from the tiles' partial sums. Thread (x, y) adds the tiles t = y mod blockDim.y
+        of column x (many loads in flight), then row y = 0 adds the SLICES sums in order: a
+        fixed order for a given launch shape, so runs are reproducible."""
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        acc = cuda.shared.array((2, SLICES, THREADS), T)
         w = b.shape[1]
-        for j in range(cuda.threadIdx.x, w, cuda.blockDim.x):
+        for j0 in range(0, w, cuda.blockDim.x):  # uniform trip count: the syncs stay legal
+            j = j0 + tx
             num = T(0)
             den = T(0)
-            for t in range(part.shape[1]):
-                num += part[0, t, j]
-                den += part[1, t, j]
-            b[k, j] = num / T(n) if mode == INIT else num / (den + eps)
+            if j < w:
+                for t in range(ty, part.shape[1], cuda.blockDim.y):
+                    num += part[0, t, j]
+                    den += part[1, t, j]
+            acc[0, ty, tx] = num
+            acc[1, ty, tx] = den
+            cuda.syncthreads()
+            if ty == 0 and j < w:
+                for y in range(1, cuda.blockDim.y):
+                    num += acc[0, y, tx]
+                    den += acc[1, y, tx]
+                b[k, j] = num / T(n) if mode == INIT else num / (den + eps)
+            cuda.syncthreads()
 
     return plane_pass, finalize
 
@@ -202,18 +219,26 @@ def solve_block(
     refit: bool = True,
     rows: int = ROWS,
     threads: int = THREADS,
+    slices: int = SLICES,
 ):
     """(signs [K, n, w] bool, a [K, n], b [K, w]) as reference.solve_block computes them.
 
     W, E: NumPy arrays (copied to the device) or CuPy arrays (used in place; the results then
     come back as CuPy arrays). Computes in W's dtype when it is float64, else float32.
-    `rows` (<= ROWS) and `threads` (<= THREADS) shape the launch; tests shrink them.
+    `rows` (<= ROWS), `threads` (<= THREADS) and `slices` (<= SLICES) shape the launches;
+    tests shrink them.
     """
     K, (n, w) = int(order), W.shape
     if not 1 <= K <= KMAX:
         raise QdtkError(f"the CUDA DAQ kernels handle orders 1..{KMAX}, got {K}")
-    if w > GROUP or not 1 <= rows <= ROWS or not rows <= threads <= THREADS:
-        raise ValueError(f"width {w} > {GROUP}, or not 1 <= rows {rows} <= threads {threads}")
+    if not (w <= GROUP and 1 <= rows <= min(threads, ROWS) and threads <= THREADS) or not (
+        1 <= slices <= SLICES
+    ):
+        raise ValueError(
+            f"launch shape: need width <= {GROUP}, 1 <= rows <= threads, rows <= {ROWS}, "
+            f"threads <= {THREADS}, slices <= {SLICES}; got width {w}, rows {rows}, "
+            f"threads {threads}, slices {slices}"
+        )
     on_gpu = array_module(W) is not np
     dtype = np.dtype(np.float64 if W.dtype == np.float64 else np.float32)
     plane_pass, finalize = kernels(dtype)
@@ -240,7 +265,7 @@ def solve_block(
             plane_pass[tiles, threads](
                 W_d, E_d, has_E, P, K, a, b, part, k, mode, search_first and k == 0, rows
             )
-            finalize[1, threads](part, b, k, mode, n)
+            finalize[1, (threads, slices)](part, b, k, mode, n)
 
     scales(INIT, False)
     search = K >= 2  # K = 1 keeps the initial signs
