@@ -1,8 +1,9 @@
 """The one place that decides where the math runs: `--device auto|cpu|cuda`.
 
 A `Backend` carries the array module (`xp`: numpy or cupy), the name of the DAQ kernel set
-("cpu": Numba on the host, "cuda": Numba CUDA kernels) and the host/device transfers, so the
-rest of qdtk never branches on the device.
+("cpu": Numba on the host, "cuda": Numba CUDA kernels; the `backend=` of qdtk.daq.solve_block),
+the factorisation of H (`factor`, for hessian.prepare_hessian) and the host/device transfers,
+so the rest of qdtk never branches on the device.
 
 A real GPU is recognised only through CuPy (it must import, find a driver and count a device)
 together with Numba's CUDA target. Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) also makes
@@ -92,6 +93,18 @@ class Backend:
     def on_gpu(self) -> bool:
         """True when device arrays are CuPy arrays (a real GPU)."""
         return self.xp is not np
+
+    @property
+    def factor(self):
+        """H -> U (H^-1 = U^T U) or None: the `factor` for hessian.prepare_hessian.
+        cuSOLVER on a GPU, LAPACK otherwise; both take and return NumPy arrays."""
+        if self.on_gpu:
+            from qdtk.daq.cuda import inverse_cholesky_upper_gpu
+
+            return inverse_cholesky_upper_gpu
+        from qdtk.hessian import inverse_cholesky_upper
+
+        return inverse_cholesky_upper
 
     def to_device(self, x, dtype=None):
         """x as an array of this backend (a copy only when needed)."""

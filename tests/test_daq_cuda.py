@@ -42,14 +42,15 @@ def assert_same(got, want, rtol=1e-9):
 @pytest.mark.parametrize("K", [1, 2, 3])
 def test_matches_reference_ragged(rng, K):
     W, E = block(rng)
-    want = reference.solve_block(W, K, E, iters=3)
-    assert_same(daq_cuda.solve_block(W, K, E, iters=3, **SMALL), want)
+    want = reference.solve_block(W, K, E, iters=2)
+    assert_same(daq_cuda.solve_block(W, K, E, iters=2, **SMALL), want)
 
 
 def test_default_iterations(rng):
     """The default 15 rounds + refit."""
-    W, E = block(rng, n=5, w=12)
-    assert_same(daq_cuda.solve_block(W, 2, E, **SMALL), reference.solve_block(W, 2, E))
+    W, E = block(rng, n=4, w=12)
+    got = daq_cuda.solve_block(W, 2, E, rows=4, threads=4, slices=1)  # few simulated threads
+    assert_same(got, reference.solve_block(W, 2, E))
 
 
 def test_dispatch_and_default_launch(rng):
