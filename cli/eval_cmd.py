@@ -14,14 +14,15 @@ LABELS = {
 
 
 def format_table(result: dict) -> str:
-    """The comparison as a small text table: metric, A, B, B/A (or one value for cosines)."""
-    lines = [f"{'metric':<34} {'A':>12} {'B':>12} {'B/A':>9}"]
+    """The comparison as a small text table: metric, A, B, and B vs A (ratio B/A for losses,
+    the cosine itself for the similarities)."""
+    lines = [f"{'metric':<34} {'A':>10} {'B':>10} {'B vs A':>10}"]
     for key, m in result["metrics"].items():
         label = LABELS.get(key, key.replace("masked_ce@", "masked-token CE, mask ratio "))
         if "value" in m:
-            lines.append(f"{label:<34} {'':>12} {m['value']:>12.4f}")
+            lines.append(f"{label:<34} {'':>10} {'':>10} {m['value']:>10.4f}")
         else:
-            lines.append(f"{label:<34} {m['a']:>12.4g} {m['b']:>12.4g} {m['ratio']:>9.4f}")
+            lines.append(f"{label:<34} {m['a']:>10.4g} {m['b']:>10.4g} {m['ratio']:>9.4f}x")
     return "\n".join(lines)
 
 

@@ -176,11 +176,9 @@ def load_for_eval(path: str | Path, dtype: str = "float32", device: str = "cpu",
 
 
 def _forward(model, ids, hidden: bool):
-    """(logits or None, final hidden states) of one batch; no padding, so mask = all ones."""
-    import torch
-
-    attention = torch.ones_like(ids)
-    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=hidden)
+    """(logits or None, final hidden states) of one batch. The windows have no padding, so no
+    attention mask is passed: each model then uses its own full (or causal) attention."""
+    out = model(input_ids=ids, output_hidden_states=hidden)
     logits = getattr(out, "logits", None)
     states = out.hidden_states[-1] if getattr(out, "hidden_states", None) is not None else None
     if states is None:
