@@ -53,7 +53,7 @@ QUANT_METHOD = "qdtk"
 WORD = np.uint32  # the word of the packed format
 WORD_BITS = 32
 MAX_ORDER = 8
-DEFAULT_SHARD_BYTES = 2 * 2**30
+DEFAULT_SHARD_BYTES = 2 * 10**9  # "2GB", the CLI default
 
 # Word types the kernels pack into: numba specialises one kernel per word type.
 WORD_TYPES: dict[str, type] = {"uint8": np.uint8, "uint32": np.uint32}
@@ -374,9 +374,7 @@ def bcq_matmul(x: np.ndarray, W: PackedBCQ) -> np.ndarray:
 
 def module_name(weight: str) -> str:
     """The module a quantized weight belongs to: its name without '.weight'."""
-    if not weight.endswith(".weight"):
-        raise QdtkError(f"tensor {weight!r}: only Linear weights named '*.weight' can be packed")
-    return weight[: -len(".weight")]
+    return weight.removesuffix(".weight")
 
 
 def read_quantization_config(folder: str | Path) -> dict:
@@ -507,9 +505,9 @@ def _remove_stale_shards(out: Path) -> None:
 
 def _read_report(quant: Path) -> dict:
     report = read_json(quant / REPORT)
-    if not isinstance(report, dict) or report.get("format") != QUANT_FORMAT:
-        raise QdtkError(f"{quant / REPORT}: format {report.get('format')!r}, expected "
-                        f"{QUANT_FORMAT!r}")
+    found = report.get("format") if isinstance(report, dict) else None
+    if found != QUANT_FORMAT:
+        raise QdtkError(f"{quant / REPORT}: format {found!r}, expected {QUANT_FORMAT!r}")
     blocks = report.get("blocks")
     if not isinstance(blocks, list) or not all(isinstance(b, dict) and "file" in b for b in blocks):
         raise QdtkError(f"{quant / REPORT}: 'blocks' must list objects with a 'file'")
@@ -536,7 +534,9 @@ def _check_blocks(quant: Path, report: dict, ckpt: Checkpoint) -> list[Path]:
         except (KeyError, TypeError, ValueError):
             raise QdtkError(f"{path}: header metadata has no valid 'layers' entry") from None
         for weight, shape in shapes.items():
-            module_name(weight)
+            if not weight.endswith(".weight"):
+                raise QdtkError(f"{path}: layer {weight!r}: only Linear weights named "
+                                "'*.weight' can be packed")
             if weight not in ckpt:
                 raise QdtkError(f"{path}: layer {weight!r} is not a tensor of {ckpt.folder}")
             if ckpt.info(weight).shape != shape:

@@ -20,6 +20,7 @@ from qdtk.pack import (
     bcq_matmul,
     pack_bits,
     pack_checkpoint,
+    parse_size,
     plane_layout,
     read_quantization_config,
     unpack_bits,
@@ -357,6 +358,18 @@ def test_pack_rejects_a_solution_that_does_not_fit_the_model(rng, tmp_path):
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
 
+@pytest.mark.parametrize("text,size", [("2GB", 2 * 10**9), ("500MiB", 500 * 2**20),
+                                       ("1.5kb", 1500), ("4096", 4096)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "2XB", "-1MB", "GB"])
+def test_parse_size_rejects_nonsense(text):
+    with pytest.raises(QdtkError, match="bad size"):
+        parse_size(text)
+
+
 def test_cli_pack_and_unpack(rng, tmp_path):
     model = synthetic_model(tmp_path / "model", rng, {"model.layers.0.q.weight": (40, 200)})
     layers = write_quant(model, tmp_path / "quant", rng)
@@ -369,5 +382,8 @@ def test_cli_pack_and_unpack(rng, tmp_path):
     assert r.exit_code == 0, r.output
     got = Checkpoint(tmp_path / "dense").read("model.layers.0.q.weight")
     assert np.array_equal(bits_of(got), bits_of(layers["model.layers.0.q.weight"].dequantize()))
+    stamp = (tmp_path / "dense" / "model.safetensors").stat().st_mtime_ns
+    unpack_checkpoint(tmp_path / "packed", tmp_path / "dense", dtype="float32")  # a no-op
+    assert stamp == (tmp_path / "dense" / "model.safetensors").stat().st_mtime_ns
     r = CliRunner().invoke(cli, ["unpack", str(model), "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "Error:" in r.output and "not a packed checkpoint" in r.output
