@@ -14,7 +14,6 @@ together with Numba's CUDA target. Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -29,8 +28,11 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def simulator_enabled() -> bool:
-    """Whether Numba's CUDA simulator replaces the GPU in this process."""
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+    """Whether Numba's CUDA simulator replaces the GPU in this process (NUMBA_ENABLE_CUDASIM,
+    as Numba read it when first imported)."""
+    from numba import config
+
+    return bool(config.ENABLE_CUDASIM)
 
 
 @lru_cache(maxsize=1)

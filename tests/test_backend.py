@@ -3,6 +3,7 @@
 import sys
 import types
 
+import numba
 import numpy as np
 import pytest
 
@@ -28,7 +29,7 @@ def test_cpu_and_auto_here():
 
 
 def test_simulator_is_not_a_gpu(monkeypatch, fresh_status):
-    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+    monkeypatch.setattr(numba.config, "ENABLE_CUDASIM", 1)
     ok, why = backend.gpu_status()
     assert not ok and "simulator" in why
     assert backend.get_backend("auto").device == "cpu"
@@ -37,7 +38,7 @@ def test_simulator_is_not_a_gpu(monkeypatch, fresh_status):
 
 
 def test_cuda_without_gpu_is_a_clear_error(monkeypatch, fresh_status):
-    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
+    monkeypatch.setattr(numba.config, "ENABLE_CUDASIM", 0)
     monkeypatch.setitem(sys.modules, "cupy", None)  # CuPy not installed
     ok, why = backend.gpu_status()
     assert not ok and "cupy" in why
@@ -52,7 +53,7 @@ def test_driver_errors_are_survived(monkeypatch, fresh_status):
 
     fake = types.ModuleType("cupy")
     fake.cuda = types.SimpleNamespace(is_available=broken)
-    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "0")
+    monkeypatch.setattr(numba.config, "ENABLE_CUDASIM", 0)
     monkeypatch.setitem(sys.modules, "cupy", fake)
     ok, why = backend.gpu_status()
     assert not ok and "InsufficientDriver" in why
