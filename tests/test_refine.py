@@ -144,3 +144,24 @@ def test_degenerate_inputs_stay_finite(rng):
     out.validate("layer")
     assert np.all(np.isfinite(out.dequantize()))
     assert np.all(np.isfinite(out.row_scale)) and np.all(np.isfinite(out.col_scale))
+
+
+def test_sign_pass_matches_elementwise_brute_force(rng):
+    # Reference: visit the elements column by column; each takes the pattern with the lowest
+    # full objective tr(D H D^T), the others fixed.
+    n, m, orders = 3, 130, np.array([2, 1])
+    W, H = rng.standard_normal((n, m)), correlated_H(rng, m)
+    state = state_from_layer(random_layer(rng, n, m, orders))
+    S = state.S.copy()
+    for g, cols in enumerate(group_slices(m)):
+        o = orders[g]
+        for j in range(cols.start, cols.stop):
+            for i in range(n):
+                errs = []
+                for p in range(2**o):
+                    S[:o, i, j] = [1.0 if (p >> k) & 1 else -1.0 for k in range(o)]
+                    What = type(state)(state.orders, S, state.a, state.b).dequantize()
+                    errs.append(output_error(W, What, H))
+                p = int(np.argmin(errs))
+                S[:o, i, j] = [1.0 if (p >> k) & 1 else -1.0 for k in range(o)]
+    np.testing.assert_array_equal(refine_signs(W, H, state).S, S)
