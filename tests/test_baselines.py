@@ -52,7 +52,7 @@ def test_rtn_exact_on_its_grid(rng, bits, m):
         codes[:, g * 128] = 0
         codes[:, g * 128 + 1] = maxq
     scale = rng.uniform(0.01, 0.2, (n, G)).astype(np.float16)
-    zero = rng.uniform(0, maxq, (n, G)).astype(np.float16)
+    zero = rng.integers(0, maxq + 1, (n, G)).astype(np.float16)
     W = AffineLayer(codes, scale, zero, bits).dequantize()
     layer = rtn(W, bits)
     np.testing.assert_array_equal(layer.codes, codes)
