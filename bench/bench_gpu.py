@@ -1,16 +1,17 @@
 """DAQ layer sweep on GPU vs CPU, on the CPU bench's shapes, against its floors.
 
-For each layer shape n x m (uniform order K, T rounds): factor H (U), then per 128-column group
-solve the block (SPEC 4) and compensate the later columns (SPEC 5). Printed per shape:
+For each layer shape n x m (uniform order K, T rounds): factor H (R, float32, as the driver
+does), then per 128-column group compensate the block (left-looking through R, as
+qdtk.quantize.sweep) and solve it (SPEC 4, 5). Printed per shape:
 
     floors   DAQ kernels: bytes every pass moves / bandwidth (and the one-pass ideal: read W
              and E once, write the signs); compensation: max(flops / GEMM rate, bytes / bw);
-             factorisation: fp64 flops / rate; launches per layer
+             factorisation: fp32 potrf flops / rate; launches per layer
     measured GPU and CPU time per phase (CPU: the first --cpu-groups groups, scaled up)
 
 and the projection for an LLaDA-8B layer set (32 blocks of 4 x 4096x4096, 2 x 12288x4096,
 1 x 4096x12288; 4 distinct H per block). Peaks are measured on the GPU (copy bandwidth, fp32
-and fp64 GEMM); without a GPU the floors use H100 SXM datasheet peaks and say so.
+GEMM); without a GPU the floors use H100 SXM datasheet peaks and say so.
 
     .venv/bin/python bench/bench_gpu.py [--order 2] [--iters 15] [--cpu-groups 2] [--no-cpu]
 
@@ -28,10 +29,10 @@ from qdtk import backend
 from qdtk.bits import group_slices
 from qdtk.daq import cuda as daq_cuda
 from qdtk.daq import error_weights, solve_block
-from qdtk.hessian import inverse_cholesky_upper, prepare_hessian
+from qdtk.hessian import prepare_hessian
 
 SHAPES = [(4096, 4096), (4096, 12288), (12288, 4096)]
-H100 = {"bw": 3.35e12, "fp32": 67e12, "fp64": 67e12}  # datasheet: HBM3 B/s, flop/s
+H100 = {"bw": 3.35e12, "fp32": 67e12}  # SXM datasheet: HBM3 bytes/s, fp32 flop/s
 LLADA_SET = {(4096, 4096): 4, (12288, 4096): 2, (4096, 12288): 1}  # per block, x 32 blocks
 LLADA_H = {4096: 3, 12288: 1}  # distinct H per block by size m
 
@@ -55,9 +56,7 @@ def measure_peaks() -> dict[str, float]:
     bw = 2 * x.nbytes / best(lambda: cupy.copyto(y, x))
     A = cupy.ones((8192, 8192), cupy.float32)
     fp32 = 2 * 8192**3 / best(lambda: A @ A)
-    B = cupy.ones((4096, 4096), cupy.float64)
-    fp64 = 2 * 4096**3 / best(lambda: B @ B)
-    return {"bw": bw, "fp32": fp32, "fp64": fp64}
+    return {"bw": bw, "fp32": fp32}
 
 
 def floors(n: int, m: int, K: int, T: int, peaks: dict[str, float]) -> dict[str, float]:
@@ -66,16 +65,16 @@ def floors(n: int, m: int, K: int, T: int, peaks: dict[str, float]) -> dict[str,
     passes = K * (T + 2)  # init, T rounds and the refit, K planes each
     daq_bytes = nm * (passes * (4 + 4 + 1) + T)  # W, E, sign byte read per pass; search writes
     ideal_bytes = nm * (4 + 4 + K / 8)  # read W and E once, write K packed sign planes
-    later = sum(m - s.stop for s in group_slices(m))  # columns compensated, summed over groups
-    comp_flops = 2 * n * 128 * later
-    comp_bytes = 8 * n * later  # W[:, later] read and written
-    fact_flops = m**3 / 3 + m**3  # potrf, then a triangular solve against I
+    before = sum(s.start for s in group_slices(m))  # columns fed forward, summed over groups
+    comp_flops = 2 * n * 128 * before  # S = Y_<g R_<g,g (the 128 x 128 products are small)
+    comp_bytes = 4 * n * before  # Y_<g^T read once per group
+    fact_flops = m**3 / 3  # one float32 potrf (the driver never forms U)
     return {
         "daq": daq_bytes / peaks["bw"],
         "daq_ideal": ideal_bytes / peaks["bw"],
         "daq_bytes": daq_bytes,
         "comp": max(comp_flops / peaks["fp32"], comp_bytes / peaks["bw"]),
-        "factor": fact_flops / peaks["fp64"],
+        "factor": fact_flops / peaks["fp32"],
         "launches": len(group_slices(m)) * 2 * passes,
     }
 
@@ -120,24 +119,30 @@ def kernel_times(n: int, K: int, reps: int = 20) -> dict[str, float]:
     }
 
 
-def random_layer(n: int, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """W [n, m] float32 and a well-conditioned H [m, m] with a decaying spectrum."""
-    rng = np.random.default_rng(seed)
-    W = rng.standard_normal((n, m), dtype=np.float32)
-    X = rng.standard_normal((m // 4, m)) * np.linspace(1, 0.1, m)
-    return W, X.T @ X / X.shape[0]
+def random_layer(n: int, m: int, xp=np) -> tuple:
+    """W [n, m] float32 and H [m, m] float64 (NumPy) from m/4 random tokens with a decaying
+    spectrum: rank-deficient, as real H often is, so the damping matters. xp builds them."""
+    rng = xp.random.default_rng(0)
+    W = rng.standard_normal((n, m), dtype=xp.float32)
+    X = rng.standard_normal((m // 4, m)) * xp.linspace(1, 0.1, m)
+    H = X.T @ X / X.shape[0]
+    return W, backend.Backend.to_host(H)
 
 
-def sweep(W, U, K: int, T: int, daq: str, groups: int | None, sync) -> dict[str, float]:
-    """SPEC 5 on the first `groups` groups of W (in place); seconds in DAQ and compensation."""
+def sweep(W, R, d, K: int, T: int, daq: str, groups: int | None, sync) -> dict[str, float]:
+    """qdtk.quantize.sweep's algebra (the device-generic steps of qdtk.daq.cuda) on the first
+    `groups` groups of W [n, m], NumPy or CuPy; seconds in DAQ and in compensation."""
     xp = backend.array_module(W)
-    d = U.diagonal()
+    YT = xp.empty(W.shape[::-1], W.dtype)  # [m, n]
     t_daq = t_comp = 0.0
     for cols in group_slices(W.shape[1])[:groups]:
         t = time.perf_counter()
-        Wg = W[:, cols]
+        Wg, S, Ugg = daq_cuda.compensated_block(W, R, YT, cols)
+        sync()
+        t_comp += time.perf_counter() - t
+        t = time.perf_counter()
         E = error_weights((Wg / d[cols][None, :]) ** 2)
-        signs, a, b = solve_block(Wg, K, E, iters=T, backend=daq)
+        signs, a, b = solve_block(xp.ascontiguousarray(Wg), K, E, iters=T, backend=daq)
         sync()
         t_daq += time.perf_counter() - t
         t = time.perf_counter()
@@ -145,42 +150,40 @@ def sweep(W, U, K: int, T: int, daq: str, groups: int | None, sync) -> dict[str,
         Q = xp.zeros_like(Wg)
         for k in range(K):
             Q += xp.outer(a[k], b[k]) * xp.where(signs[k], 1, -1).astype(xp.float32)
-        daq_cuda.compensate(W, Q, U, cols)
+        daq_cuda.feed_forward(YT, Wg, Q, d, S, Ugg, cols)
         sync()
         t_comp += time.perf_counter() - t
     return {"daq": t_daq, "comp": t_comp}
 
 
+def prepared(H, device: str) -> tuple:
+    """(R, d, seconds): the driver's float32 factorisation through the device's Cholesky."""
+    t = time.perf_counter()
+    P = prepare_hessian(H, dtype=np.float32, cholesky=backend.get_backend(device).cholesky)
+    return P.R, P.d.astype(np.float32), time.perf_counter() - t
+
+
 def run_gpu(n: int, m: int, K: int, T: int) -> dict[str, float]:
     import cupy
 
-    W, H = random_layer(n, m)
+    W, H = random_layer(n, m, cupy)
     sync = cupy.cuda.Device().synchronize
-    t = time.perf_counter()
-    U = prepare_hessian(H, factor=daq_cuda.inverse_cholesky_upper_gpu).U
-    t_factor = time.perf_counter() - t
-    W_d, U_d = cupy.asarray(W), cupy.asarray(U, cupy.float32)
-    sweep(W_d[:, :256].copy(), U_d[:256, :256], K, T, "cuda", 1, sync)  # compile the kernels
-    out = sweep(W_d, U_d, K, T, "cuda", None, sync)
-    return {"factor": t_factor, **out}
+    R, d, t_factor = prepared(H, "cuda")
+    R, d = cupy.asarray(R), cupy.asarray(d)
+    sweep(W[:, :256].copy(), R[:256, :256], d, K, T, "cuda", 1, sync)  # compile the kernels
+    return {"factor": t_factor, **sweep(W, R, d, K, T, "cuda", None, sync)}
 
 
 def run_cpu(n: int, m: int, K: int, T: int, groups: int) -> dict[str, float]:
     """CPU times; DAQ scaled by G / groups, compensation by its share of the flops."""
     W, H = random_layer(n, m)
-    t = time.perf_counter()
-    U = prepare_hessian(H, factor=inverse_cholesky_upper).U.astype(np.float32)
-    t_factor = time.perf_counter() - t
-    sweep(W[:8, :256].copy(), U[:256, :256], K, T, "cpu", 1, lambda: None)  # compile
-    slices = group_slices(m)
-    out = sweep(W, U, K, T, "cpu", groups, lambda: None)
-    done = sum(m - s.stop for s in slices[:groups])
-    total = sum(m - s.stop for s in slices)
-    return {
-        "factor": t_factor,
-        "daq": out["daq"] * len(slices) / groups,
-        "comp": out["comp"] * total / max(done, 1),
-    }
+    R, d, t_factor = prepared(H, "cpu")
+    sweep(W[:8, :256].copy(), R[:256, :256], d, K, T, "cpu", 1, lambda: None)  # compile
+    starts = [s.start for s in group_slices(m)]
+    out = sweep(W, R, d, K, T, "cpu", groups, lambda: None)
+    share = (sum(starts[:groups]) + groups) / (sum(starts) + len(starts))
+    daq = out["daq"] * len(starts) / groups
+    return {"factor": t_factor, "daq": daq, "comp": out["comp"] / share}
 
 
 def ms(x: float) -> str:
@@ -193,15 +196,20 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=15, help="DAQ rounds T")
     p.add_argument("--cpu-groups", type=int, default=2, help="groups timed on CPU, scaled up")
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU timings")
+    p.add_argument(
+        "--shapes", default=",".join(f"{n}x{m}" for n, m in SHAPES),
+        help="comma-separated n x m layer shapes (default: the CPU bench's)",
+    )
     args = p.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     K, T = args.order, args.iters
 
     gpu, why = backend.gpu_status()
     peaks = measure_peaks() if gpu else H100
     print(f"GPU: {why}" if gpu else f"no GPU ({why}): floors use H100 SXM datasheet peaks")
     print(
-        f"peaks: {peaks['bw'] / 1e12:.2f} TB/s, fp32 {peaks['fp32'] / 1e12:.1f} TFLOP/s, "
-        f"fp64 {peaks['fp64'] / 1e12:.1f} TFLOP/s;  order {K}, {T} rounds\n"
+        f"peaks: {peaks['bw'] / 1e12:.2f} TB/s, fp32 {peaks['fp32'] / 1e12:.1f} TFLOP/s;"
+        f"  order {K}, {T} rounds\n"
     )
     print(
         "shape (n x m)   | floor ms: DAQ  1-pass   comp  factor | launches"
@@ -209,7 +217,7 @@ def main() -> None:
     )
     gpu_times: dict[tuple[int, int], float] = {}
     factor_times: dict[int, float] = {}
-    for n, m in SHAPES:
+    for n, m in shapes:
         f = floors(n, m, K, T, peaks)
         row = (
             f"{n:5d} x {m:<6d}  | {ms(f['daq'])}{ms(f['daq_ideal'])}{ms(f['comp'])}"
@@ -228,7 +236,7 @@ def main() -> None:
             row += f"        {ms(c['factor'])}{ms(c['daq'])}{ms(c['comp'])}"
         print(row, flush=True)
 
-    if gpu:
+    if gpu and set(LLADA_SET) <= set(gpu_times):
         print("\nkernels on one n x 128 block (device time, 20 back-to-back launches):")
         for n in (4096, 12288):
             kt = kernel_times(n, K)

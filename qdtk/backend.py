@@ -2,7 +2,7 @@
 
 A `Backend` carries the array module (`xp`: numpy or cupy), the name of the DAQ kernel set
 ("cpu": Numba on the host, "cuda": Numba CUDA kernels; the `backend=` of qdtk.daq.solve_block),
-the factorisation of H (`factor`, for hessian.prepare_hessian) and the host/device transfers,
+the factorisation of H (`cholesky`, for hessian.prepare_hessian) and the host/device transfers,
 so the rest of qdtk never branches on the device.
 
 A real GPU is recognised only through CuPy (it must import, find a driver and count a device)
@@ -97,16 +97,16 @@ class Backend:
         return self.xp is not np
 
     @property
-    def factor(self):
-        """H -> U (H^-1 = U^T U) or None: the `factor` for hessian.prepare_hessian.
+    def cholesky(self):
+        """H -> R upper with R R^T = H, or None: the `cholesky` of hessian.prepare_hessian.
         cuSOLVER on a GPU, LAPACK otherwise; both take and return NumPy arrays."""
         if self.on_gpu:
-            from qdtk.daq.cuda import inverse_cholesky_upper_gpu
+            from qdtk.daq.cuda import cholesky_upper_gpu
 
-            return inverse_cholesky_upper_gpu
-        from qdtk.hessian import inverse_cholesky_upper
+            return cholesky_upper_gpu
+        from qdtk.hessian import cholesky_upper
 
-        return inverse_cholesky_upper
+        return cholesky_upper
 
     def to_device(self, x, dtype=None):
         """x as an array of this backend (a copy only when needed)."""

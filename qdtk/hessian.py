@@ -13,6 +13,7 @@ float64, accurate enough for the damped H of GPTQ-style compensation (GPTQ itsel
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,8 +73,11 @@ def prepare_hessian(
     retries: int = 6,
     name: str = "layer",
     dtype: type = np.float64,
+    cholesky: Callable[[np.ndarray], np.ndarray | None] = cholesky_upper,
 ) -> PreparedHessian:
-    """Damp H (delta = percdamp * mean diag, x10 per failed try) and factor it in `dtype`."""
+    """Damp H (delta = percdamp * mean diag, x10 per failed try) and factor it in `dtype`.
+
+    `cholesky` maps the damped H to R (or None); a GPU passes qdtk.backend's `cholesky`."""
     if not np.all(np.isfinite(H)):
         raise QdtkError(f"{name}: the statistic H contains NaN or Inf")
     H = np.array(H, dtype=dtype)  # a copy: the caller's H is not changed
@@ -86,7 +90,7 @@ def prepare_hessian(
     for attempt in range(retries + 1):
         H[idx, idx] += delta - added  # the diagonal now carries exactly delta
         added = delta
-        R = cholesky_upper(H)
+        R = cholesky(H)
         if R is not None:
             if attempt:
                 log.warning("%s: H needed damping %.3g (%d retries)", name, delta, attempt)

@@ -12,11 +12,13 @@ import sys
 import numpy as np
 import pytest
 
-from qdtk import backend
+from qdtk import backend, quantize
+from qdtk.bits import group_slices
 from qdtk.daq import cuda as daq_cuda
 from qdtk.daq import reference, solve_block
 from qdtk.errors import QdtkError
-from qdtk.hessian import inverse_cholesky_upper
+from qdtk.hessian import cholesky_upper, prepare_hessian
+from qdtk.solution import dequantize_block
 
 needs_gpu = pytest.mark.skipif(
     not backend.gpu_available(), reason="needs a CUDA GPU (CuPy reports none)"
@@ -128,39 +130,66 @@ def test_kernels_compile_for_a_real_gpu():
     assert uses == {"plane_pass": [False, False], "finalize": [False, False]}
 
 
-def test_compensation_is_the_obs_update(rng):
-    """A one-column group: the update of the later columns is the exact minimiser of
-    tr(D H D^T) over them (D = change of W), i.e. (D H)[:, later] = 0."""
-    n, m = 4, 6
-    X = rng.standard_normal((40, m))
-    H = X.T @ X / 40 + 0.1 * np.eye(m)
-    U = inverse_cholesky_upper(H)
-    W0 = rng.standard_normal((n, m))
-    W = W0.copy()
-    Q = np.round(W[:, :1])
-    daq_cuda.compensate(W, Q, U, slice(0, 1))
-    D = W - W0
-    D[:, 0] = Q[:, 0] - W0[:, 0]
-    np.testing.assert_allclose((D @ H)[:, 1:], 0, atol=1e-10)
-    np.testing.assert_array_equal(W[:, 0], W0[:, 0])  # the group itself is left to the caller
+def layer(rng, n=6, m=300):
+    X = rng.standard_normal((80, m)) * np.linspace(1, 0.2, m)
+    return rng.standard_normal((n, m)).astype(np.float32), X.T @ X / 80
+
+
+def sign_solver(Wg, order, dg):
+    """A stand-in block solver (one plane, row means): the sweep's algebra is what is tested."""
+    signs = (Wg >= 0)[None]
+    a = np.abs(Wg).mean(axis=1)[None].astype(np.float16)
+    b = np.ones((1, Wg.shape[1]), np.float16)
+    return signs, a, b, dequantize_block(signs, a, b)
+
+
+def test_device_steps_are_the_driver_sweep(rng):
+    """compensated_block + feed_forward (written for NumPy and CuPy) reproduce
+    qdtk.quantize.sweep exactly on NumPy, ragged last group included."""
+    W, H = layer(rng)
+    P = prepare_hessian(H, dtype=np.float32)
+    want = quantize.sweep(W.copy(), P, np.ones(3, np.int64), sign_solver).dequantize()
+    R, d = P.R, P.d.astype(np.float32)
+    YT = np.empty(W.shape[::-1], np.float32)
+    got = np.empty_like(W)
+    for cols in group_slices(W.shape[1]):
+        Wg, S, Ugg = daq_cuda.compensated_block(W, R, YT, cols)
+        Q = sign_solver(np.ascontiguousarray(Wg), 1, d[cols])[3]
+        daq_cuda.feed_forward(YT, Wg, Q, d, S, Ugg, cols)
+        got[:, cols] = Q
+    np.testing.assert_array_equal(got, want)
+
+
+def test_prepare_hessian_takes_the_backend_cholesky(rng):
+    """The hook the GPU uses: a factorisation that fails once makes the damping grow x10."""
+    _, H = layer(rng, m=20)
+    calls = []
+
+    def flaky(Hd):
+        calls.append(Hd[0, 0])
+        return None if len(calls) == 1 else cholesky_upper(Hd)
+
+    P = prepare_hessian(H, cholesky=flaky)
+    assert P.retries == 1 and len(calls) == 2 and calls[1] > calls[0]
+    np.testing.assert_allclose(P.R @ P.R.T, P.H, rtol=1e-10, atol=1e-12)
 
 
 @needs_gpu
-def test_gpu_factor_and_compensation_match_cpu(rng):
+def test_gpu_layer_algebra_matches_cpu(rng):
     import cupy
 
-    m = 300
-    X = rng.standard_normal((400, m))
-    H = X.T @ X / 400 + 0.01 * np.eye(m)
-    U = daq_cuda.inverse_cholesky_upper_gpu(H)
-    np.testing.assert_allclose(U, inverse_cholesky_upper(H), rtol=1e-6, atol=1e-9)
-    assert daq_cuda.inverse_cholesky_upper_gpu(-np.eye(4)) is None
-    W = rng.standard_normal((64, m))
-    Q = np.sign(W[:, 128:256])
-    W_d = cupy.asarray(W)
-    daq_cuda.compensate(W_d, cupy.asarray(Q), cupy.asarray(U), slice(128, 256))
-    daq_cuda.compensate(W, Q, U, slice(128, 256))
-    np.testing.assert_allclose(W_d.get(), W, rtol=1e-9, atol=1e-9)
+    W, H = layer(rng, n=64)
+    Hd = prepare_hessian(H).H
+    R = daq_cuda.cholesky_upper_gpu(Hd)
+    np.testing.assert_allclose(R, cholesky_upper(Hd), rtol=1e-8, atol=1e-10)
+    assert daq_cuda.cholesky_upper_gpu(-np.eye(4)) is None
+    R32 = R.astype(np.float32)
+    cols = slice(128, 256)
+    YT = rng.standard_normal(W.shape[::-1]).astype(np.float32)
+    host = daq_cuda.compensated_block(W, R32, YT, cols)
+    dev = daq_cuda.compensated_block(cupy.asarray(W), cupy.asarray(R32), cupy.asarray(YT), cols)
+    for h, g in zip(host, dev, strict=True):
+        np.testing.assert_allclose(g.get(), h, rtol=1e-4, atol=1e-4)
 
 
 @needs_gpu

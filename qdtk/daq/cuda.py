@@ -289,37 +289,53 @@ def solve_block(
 
 # ---- The layer driver's algebra on the GPU (SPEC 2, 5): CuPy, i.e. cuSOLVER and cuBLAS. ----
 #
-# A layer on the GPU: prepare_hessian(H, factor=inverse_cholesky_upper_gpu) (the damping policy
-# stays in qdtk.hessian), U and W uploaded once, then per group g: solve_block on the device
-# slice W[:, g], Q_g from the float16-rounded scales, compensate(W, Q_g, U, g) (one cuBLAS GEMM
-# of [n, 128] x [128, m - g_end]). Only signs and scales come back to the host.
+# qdtk.quantize.sweep compensates left-looking through R (H = R R^T, U = R^-1, never formed):
+# per group g, U_gg = R_gg^-1, S = Y_<g R_<g,g, the compensated block Wg + S U_gg, and after
+# the solve Y_g = ((Wg - Q_g) / d_g - S) U_gg. The two steps below are that algebra written
+# once for NumPy and CuPy arrays alike (cuBLAS GEMMs and a cuBLAS trsm on a GPU), so a layer
+# runs on the device with W, R and Y^T uploaded once and only signs and scales coming back.
+# cholesky_upper_gpu is hessian.cholesky_upper through cuSOLVER, for prepare_hessian's
+# `cholesky` hook (the damping policy stays in qdtk.hessian).
 
 
-def inverse_cholesky_upper_gpu(H: np.ndarray) -> np.ndarray | None:
-    """hessian.inverse_cholesky_upper on the GPU: U upper with U^T U = H^-1, or None.
-
-    Same reversal trick (chol(J H J) = L, R = J L J, U = R^-1) with cuSOLVER's potrf and a
-    cuBLAS triangular solve; H in and U out are NumPy (the damping loop runs on the host).
-    """
+def cholesky_upper_gpu(H: np.ndarray) -> np.ndarray | None:
+    """hessian.cholesky_upper on the GPU: R upper with R R^T = H, or None (not positive
+    definite). Same reversal (chol(J H J) = L, R = J L J) through cuSOLVER's potrf; H in and
+    R out are NumPy, in H's dtype."""
     import cupy
     import cupyx
-    from cupyx.scipy.linalg import solve_triangular
 
     try:
         with cupyx.errstate(linalg="raise"):  # potrf's info != 0 raises instead of NaN
             L = cupy.linalg.cholesky(cupy.asarray(np.ascontiguousarray(H[::-1, ::-1])))
     except np.linalg.LinAlgError:
         return None
-    R = cupy.ascontiguousarray(L[::-1, ::-1])  # upper, H = R R^T
-    U = solve_triangular(R, cupy.eye(H.shape[0], dtype=R.dtype), lower=False)
-    if not bool(cupy.isfinite(U).all()):
+    if not bool(cupy.isfinite(cupy.diagonal(L)).all()):
         return None
-    return U.get()
+    return cupy.ascontiguousarray(L[::-1, ::-1]).get()
 
 
-def compensate(W, Q, U, cols: slice) -> None:
-    """SPEC 5, in place on NumPy or CuPy arrays: Err = (W_g - Q_g) / d_g, then
-    W[:, later] -= Err @ U[g rows, later] (d_g = the group's diagonal of U)."""
-    d = U[cols, cols].diagonal()  # [w]
-    Err = (W[:, cols] - Q) / d[None, :]  # [n, w]
-    W[:, cols.stop :] -= Err @ U[cols, cols.stop :]
+def triangular_inverse(R):
+    """[w, w] R^-1 of an upper triangular R, NumPy (LAPACK trtri) or CuPy (cuBLAS trsm)."""
+    xp = array_module(R)
+    if xp is np:
+        from scipy.linalg import lapack
+
+        trtri = lapack.strtri if R.dtype == np.float32 else lapack.dtrtri
+        return trtri(R, lower=0)[0]
+    from cupyx.scipy.linalg import solve_triangular
+
+    return solve_triangular(R, xp.eye(R.shape[0], dtype=R.dtype), lower=False)
+
+
+def compensated_block(W, R, YT, cols: slice):
+    """(Wg + S U_gg [n, w], S [n, w], U_gg [w, w]): block g of W [n, m] with the error of the
+    groups before it fed forward; YT [m, n] holds Y^T of those groups (Y R = Err)."""
+    Ugg = triangular_inverse(R[cols, cols])  # [w, w]
+    S = (R[: cols.start, cols].T @ YT[: cols.start]).T  # [n, w] Y_<g R_<g,g
+    return W[:, cols] + S @ Ugg, S, Ugg
+
+
+def feed_forward(YT, Wg, Q, d, S, Ugg, cols: slice) -> None:
+    """YT[cols] = Y_g^T, Y_g = (Err_g - S) U_gg with Err_g = (Wg - Q_g) / d_g (in place)."""
+    YT[cols] = ((((Wg - Q) / d[cols]) - S) @ Ugg).T
