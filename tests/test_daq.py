@@ -18,7 +18,7 @@ def random_E(rng, W):
 
 
 @pytest.mark.parametrize("K", [1, 2, 3, 4])
-@pytest.mark.parametrize("n, w", [(1, 128), (70, 128), (130, 37)])
+@pytest.mark.parametrize("n, w", [(1, 128), (70, 128), (130, 37), (cpu.PARALLEL_MIN_ROWS + 70, 24)])
 def test_numba_agrees_with_reference_float64(rng, K, n, w):
     W = rng.standard_normal((n, w))
     E = random_E(rng, W)

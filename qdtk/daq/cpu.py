@@ -13,6 +13,7 @@ is row-local, so there are K passes per iteration and no [n, w, 2^K] temporaries
 The sign search that ends iteration t is fused into the first pass of iteration t + 1: it only
 needs row i's own signs and the final scales. Every chunk writes its own partial sums, so the
 column scales do not depend on the thread count or the scheduling (runs are reproducible).
+Blocks of fewer than PARALLEL_MIN_ROWS rows run the same chunks on one thread.
 
 Inside a row the work is elementwise over the columns j (row buffers, signs held as +-1 in W's
 dtype), which LLVM vectorises without fastmath; row sums use LANES interleaved accumulators.
@@ -28,6 +29,7 @@ from qdtk.daq.reference import EPS
 
 CHUNK = 64  # rows per parallel work item and per partial sum of the column scales
 LANES = 8  # interleaved accumulators of a row sum
+PARALLEL_MIN_ROWS = 1024  # smaller blocks run on one thread: a pass would not pay its launch
 
 
 @njit(cache=True, inline="always")
@@ -77,67 +79,87 @@ def _search_row(W, S, a, b, i, C, V, best, bp):
             S[k, i, j] = 1 if (bp[j] >> k) & 1 else -1
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def _init_pass(W, S, a, b, k, num, zero):
-    """Greedy init of plane k on R = Wb - planes < k: a_k, B_k, partial sums of |R| / a_k."""
+@njit(cache=True, fastmath=False)
+def _init_chunk(W, S, a, b, k, num, zero, c):
+    """Greedy init of plane k on R = Wb - planes < k for the rows of chunk c: a_k, B_k, and
+    the chunk's partial sums of |R| / a_k."""
     n, w = W.shape
-    for c in prange(num.shape[0]):
-        R = np.empty(w, W.dtype)
-        absR = np.empty(w, W.dtype)
-        acc = np.empty(LANES, W.dtype)
-        num[c, :] = zero
-        for i in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+    R = np.empty(w, W.dtype)
+    absR = np.empty(w, W.dtype)
+    acc = np.empty(LANES, W.dtype)
+    num[c, :] = zero
+    for i in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+        for j in range(w):
+            R[j] = W[i, j]
+        for l in range(k):
+            al = a[l, i]
             for j in range(w):
-                R[j] = W[i, j]
-            for l in range(k):
-                al = a[l, i]
-                for j in range(w):
-                    R[j] -= al * b[l, j] * S[l, i, j]
+                R[j] -= al * b[l, j] * S[l, i, j]
+        for j in range(w):
+            absR[j] = abs(R[j])
+        ai = _rowsum(absR, acc, zero) / w
+        a[k, i] = ai
+        for j in range(w):
+            S[k, i, j] = 1 if R[j] >= 0 else -1
+        if ai > 0:
             for j in range(w):
-                absR[j] = abs(R[j])
-            ai = _rowsum(absR, acc, zero) / w
-            a[k, i] = ai
-            for j in range(w):
-                S[k, i, j] = 1 if R[j] >= 0 else -1
-            if ai > 0:
-                for j in range(w):
-                    num[c, j] += absR[j] / ai
+                num[c, j] += absR[j] / ai
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def _plane_pass(W, E, S, a, b, k, search, num, den, zero, eps):
-    """Row scales a_k (after the row's sign search if `search`), partial sums for b_k."""
+@njit(cache=True, fastmath=False)
+def _plane_chunk(W, E, S, a, b, k, search, num, den, zero, eps, c):
+    """For the rows of chunk c: the sign search if `search`, then the row scales a_k and the
+    chunk's partial sums of the b_k update."""
     n, w = W.shape
     K = a.shape[0]
-    for c in prange(num.shape[0]):
-        Wt = np.empty(w, W.dtype)
-        T1 = np.empty(w, W.dtype)
-        T2 = np.empty(w, W.dtype)
-        acc = np.empty(LANES, W.dtype)
-        C = np.empty((K, w), W.dtype)
-        V = np.empty(w, W.dtype)
-        best = np.empty(w, W.dtype)
-        bp = np.empty(w, np.int64)
-        num[c, :] = zero
-        den[c, :] = zero
-        for i in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
-            if search:
-                _search_row(W, S, a, b, i, C, V, best, bp)
-            for j in range(w):
-                Wt[j] = W[i, j]
-            for l in range(K):
-                if l != k:
-                    al = a[l, i]
-                    for j in range(w):
-                        Wt[j] -= al * b[l, j] * S[l, i, j]
-            for j in range(w):
-                T1[j] = E[i, j] * b[k, j] * S[k, i, j] * Wt[j]
-                T2[j] = E[i, j] * b[k, j] * b[k, j]
-            ai = _rowsum(T1, acc, zero) / (_rowsum(T2, acc, zero) + eps)
-            a[k, i] = ai
-            for j in range(w):
-                num[c, j] += E[i, j] * ai * S[k, i, j] * Wt[j]
-                den[c, j] += E[i, j] * ai * ai
+    Wt = np.empty(w, W.dtype)
+    T1 = np.empty(w, W.dtype)
+    T2 = np.empty(w, W.dtype)
+    acc = np.empty(LANES, W.dtype)
+    C = np.empty((K, w), W.dtype)
+    V = np.empty(w, W.dtype)
+    best = np.empty(w, W.dtype)
+    bp = np.empty(w, np.int64)
+    num[c, :] = zero
+    den[c, :] = zero
+    for i in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+        if search:
+            _search_row(W, S, a, b, i, C, V, best, bp)
+        for j in range(w):
+            Wt[j] = W[i, j]
+        for l in range(K):
+            if l != k:
+                al = a[l, i]
+                for j in range(w):
+                    Wt[j] -= al * b[l, j] * S[l, i, j]
+        for j in range(w):
+            T1[j] = E[i, j] * b[k, j] * S[k, i, j] * Wt[j]
+            T2[j] = E[i, j] * b[k, j] * b[k, j]
+        ai = _rowsum(T1, acc, zero) / (_rowsum(T2, acc, zero) + eps)
+        a[k, i] = ai
+        for j in range(w):
+            num[c, j] += E[i, j] * ai * S[k, i, j] * Wt[j]
+            den[c, j] += E[i, j] * ai * ai
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _init_pass(W, S, a, b, k, num, zero, parallel):
+    if parallel:
+        for c in prange(num.shape[0]):
+            _init_chunk(W, S, a, b, k, num, zero, c)
+    else:
+        for c in range(num.shape[0]):
+            _init_chunk(W, S, a, b, k, num, zero, c)
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _plane_pass(W, E, S, a, b, k, search, num, den, zero, eps, parallel):
+    if parallel:
+        for c in prange(num.shape[0]):
+            _plane_chunk(W, E, S, a, b, k, search, num, den, zero, eps, c)
+    else:
+        for c in range(num.shape[0]):
+            _plane_chunk(W, E, S, a, b, k, search, num, den, zero, eps, c)
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -164,6 +186,7 @@ def _chunk_sum(part, j):
 @njit(cache=True)
 def _solve(W, E, K, iters, refit, zero, eps):
     n, w = W.shape
+    parallel = n >= PARALLEL_MIN_ROWS
     S = np.empty((K, n, w), W.dtype)  # signs as +-1
     a = np.zeros((K, n), W.dtype)
     b = np.zeros((K, w), W.dtype)
@@ -171,13 +194,13 @@ def _solve(W, E, K, iters, refit, zero, eps):
     num = np.empty((chunks, w), W.dtype)
     den = np.empty((chunks, w), W.dtype)
     for k in range(K):
-        _init_pass(W, S, a, b, k, num, zero)
+        _init_pass(W, S, a, b, k, num, zero, parallel)
         for j in range(w):
             b[k, j] = _chunk_sum(num, j) / n
     for t in range(iters + (1 if refit else 0)):
         for k in range(K):
             search = k == 0 and t > 0 and K >= 2  # the sign update that ended round t - 1
-            _plane_pass(W, E, S, a, b, k, search, num, den, zero, eps)
+            _plane_pass(W, E, S, a, b, k, search, num, den, zero, eps, parallel)
             for j in range(w):
                 b[k, j] = _chunk_sum(num, j) / (_chunk_sum(den, j) + eps)
     if K >= 2 and iters > 0 and not refit:
