@@ -91,10 +91,10 @@ def kernel_times(n: int, K: int, reps: int = 20) -> dict[str, float]:
     W = cuda.to_device(rng.standard_normal((n, 128), dtype=np.float32))
     E = cuda.to_device(np.ones((n, 128), np.float32))
     P = cuda.to_device(rng.integers(0, 2**K, (n, 128), dtype=np.uint8))
-    a = cuda.to_device(rng.random((K, n), dtype=np.float32))
+    a = cuda.to_device(rng.random((K, 1, n), dtype=np.float32))
     b = cuda.to_device(rng.random((K, 128), dtype=np.float32))
     tiles = -(-n // daq_cuda.ROWS)
-    part = cuda.device_array((2, tiles, 128), np.float32)
+    part = cuda.device_array((2, 1, tiles, 128), np.float32)
     x, y = cupy.ones(2**28, cupy.float32), cupy.empty(2**28, cupy.float32)
 
     def timed(launch) -> float:
@@ -111,7 +111,7 @@ def kernel_times(n: int, K: int, reps: int = 20) -> dict[str, float]:
 
     args = (W, E, True, P, K, a, b, part, 0, daq_cuda.UPDATE, K >= 2, daq_cuda.ROWS)
     return {
-        "pass": timed(lambda: plane_pass[tiles, daq_cuda.THREADS](*args)),
+        "pass": timed(lambda: plane_pass[(tiles, 1), daq_cuda.THREADS](*args)),
         "finalize": timed(
             lambda: finalize[1, (daq_cuda.THREADS, daq_cuda.SLICES)](part, b, 0, daq_cuda.UPDATE, n)
         ),

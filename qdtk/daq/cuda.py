@@ -2,23 +2,24 @@
 
 The block solver follows reference.py step for step (same update order, EPS placement, sign(0)
 = +1, sign-search tie rule). A block Wb [n, w <= 128] is cut into tiles of up to ROWS rows;
-one thread block owns one tile. One launch of `plane_pass` is one fused pass over the data:
+one thread block owns one tile (grid: tiles x groups, so `solve_blocks` solves every group of a
+layer at once when they are independent). One launch of `plane_pass` is one fused pass:
 
     load the tile (coalesced along the columns) into shared memory, optionally re-choosing every
     element's K signs first (the sign search of the previous round, 2^K patterns in registers),
     Wt = Wb - sum_{l != k} planes                      (tile, shared)
     a_k = row reduction of the tile                    (exact for the tile's rows)
-    partial column sums of plane k's b_k update        -> part [2, tiles, w]
+    partial column sums of plane k's b_k update        -> part [2, G, tiles, 128]
 
-and `finalize` (one block of THREADS x SLICES) reduces the partials over tiles in a fixed order
-(deterministic, no atomics)
-into b_k. Per round that is K passes + K tiny reductions; the sign search rides on the first
-pass of the next round, so the data is read K times per round and nothing of size n*w*2^K is
-ever formed. An element's K signs are one byte (bit k = plane k is +1), held in a register
-inside the kernels. All state (W, E, signs, a, b) stays on the device between launches.
+and `finalize` (one block of THREADS x SLICES per group) reduces the partials over tiles in a
+fixed order (deterministic, no atomics) into b_k. Per round that is K passes + K tiny
+reductions; the sign search rides on the first pass of the next round, so the data is read K
+times per round and nothing of size n*w*2^K is ever formed. An element's K signs are one
+byte (bit k = plane k is +1), held in a register inside the kernels. All state (W, E, signs,
+a, b) stays on the device between launches.
 
-The whole-layer helpers at the bottom (U from H, the compensation update) need CuPy on a real
-GPU; `qdtk.backend` decides when they are used.
+The layer helpers at the bottom (R from H through cuSOLVER, the compensation steps of
+qdtk.quantize.sweep for NumPy and CuPy arrays) use CuPy on a real GPU; `qdtk.backend` decides.
 """
 
 from __future__ import annotations
@@ -51,21 +52,25 @@ def kernels(dtype: np.dtype):
 
     @cuda.jit
     def plane_pass(W, E, has_E, P, K, a, b, part, k, mode, search, R):
-        """One fused pass for plane k over the tile of R rows owned by this thread block.
+        """One fused pass for plane k over the tile of R rows of group blockIdx.y owned by this
+        thread block.
 
-        W, E [n, w]; P [n, w] uint8, bit l = plane l's sign is +1; a [K, n]; b [K, w];
-        part [2, tiles, w].
+        W, E [n, m]; P [n, m] uint8, bit l = plane l's sign is +1; a [K, G, n]; b [K, m];
+        part [2, G, tiles, GROUP].
         mode INIT: plane k = sign(residual r of planes < k), a_k = mean_j |r|,
                    part[0] = sum_i |r| / a_k.
         mode UPDATE: a_k = exact row minimiser, part = numerator, denominator of b_k's update.
         search: first give every element its best sign pattern (all planes) under a, b.
         """
-        n, w = W.shape
+        n, m = W.shape
         tid = cuda.threadIdx.x
         tpb = cuda.blockDim.x
         tile = cuda.blockIdx.x
+        g = cuda.blockIdx.y
         r0 = tile * R
         rows = R if r0 + R <= n else n - r0  # the last tile may be ragged
+        c0 = g * GROUP
+        w = GROUP if c0 + GROUP <= m else m - c0  # and so may the last group
         Xt = cuda.shared.array((ROWS, PAD), T)  # Wt (UPDATE) or |residual| (INIT)
         Et = cuda.shared.array((ROWS, PAD), T)
         St = cuda.shared.array((ROWS, PAD), i8)  # plane k's signs, +-1
@@ -74,9 +79,9 @@ def kernels(dtype: np.dtype):
         red = cuda.shared.array((2, THREADS), T)
 
         for q in range(tid, K * w, tpb):
-            bt[q // w, q % w] = b[q // w, q % w]
+            bt[q // w, q % w] = b[q // w, c0 + q % w]
         for q in range(tid, K * rows, tpb):
-            at[q // rows, q % rows] = a[q // rows, r0 + q % rows]
+            at[q // rows, q % rows] = a[q // rows, g, r0 + q % rows]
         cuda.syncthreads()
 
         planes = k if mode == INIT else K  # INIT: planes >= k do not exist yet
@@ -84,7 +89,7 @@ def kernels(dtype: np.dtype):
             r = q // w
             j = q % w
             i = r0 + r
-            x = W[i, j]
+            x = W[i, c0 + j]
             if search:  # 2^K patterns, values built plane by plane as in the reference
                 best = T(0)
                 bits = 0
@@ -97,11 +102,11 @@ def kernels(dtype: np.dtype):
                     if p == 0 or d < best:  # strict: ties keep the smaller pattern
                         best = d
                         bits = p
-                P[i, j] = bits
+                P[i, c0 + j] = bits
             elif planes == 0:
                 bits = 0
             else:
-                bits = P[i, j]
+                bits = P[i, c0 + j]
             if mode == SEARCH:
                 continue
             for l in range(planes):
@@ -111,11 +116,11 @@ def kernels(dtype: np.dtype):
             if mode == INIT:
                 if x >= 0:  # sign(0) = +1
                     bits |= 1 << k
-                P[i, j] = bits
+                P[i, c0 + j] = bits
                 x = abs(x)
             Xt[r, j] = x
             St[r, j] = i8(1) if (bits >> k) & 1 else i8(-1)
-            Et[r, j] = E[i, j] if has_E else T(1)
+            Et[r, j] = E[i, c0 + j] if has_E else T(1)
         if mode == SEARCH:
             return
         cuda.syncthreads()
@@ -140,12 +145,12 @@ def kernels(dtype: np.dtype):
         for r in range(tid, rows, tpb):
             num = T(0)
             den = T(0)
-            for g in range(segs):
-                num += red[0, r + g * rows]
-                den += red[1, r + g * rows]
+            for sg in range(segs):
+                num += red[0, r + sg * rows]
+                den += red[1, r + sg * rows]
             ak = num / T(w) if mode == INIT else num / (den + eps)
             at[k, r] = ak
-            a[k, r0 + r] = ak
+            a[k, g, r0 + r] = ak
         cuda.syncthreads()
 
         # Column partial sums over this tile's rows, with the new a_k.
@@ -161,26 +166,28 @@ def kernels(dtype: np.dtype):
                     e = Et[r, j]
                     num += e * ak * St[r, j] * Xt[r, j]
                     den += e * ak * ak
-            part[0, tile, j] = num
-            part[1, tile, j] = den
+            part[0, g, tile, j] = num
+            part[1, g, tile, j] = den
 
     @cuda.jit
     def finalize(part, b, k, mode, n):
-        """b_k from the tiles' partial sums. Thread (x, y) adds the tiles t = y mod blockDim.y
-        of column x (many loads in flight), then row y = 0 adds the SLICES sums in order: a
-        fixed order for a given launch shape, so runs are reproducible."""
+        """b_k of group blockIdx.x from its tiles' partial sums. Thread (x, y) adds the tiles
+        t = y mod blockDim.y of column x (many loads in flight), then row y = 0 adds the SLICES
+        sums in order: a fixed order for a given launch shape, so runs are reproducible."""
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         acc = cuda.shared.array((2, SLICES, THREADS), T)
-        w = b.shape[1]
+        g = cuda.blockIdx.x
+        c0 = g * GROUP
+        w = GROUP if c0 + GROUP <= b.shape[1] else b.shape[1] - c0
         for j0 in range(0, w, cuda.blockDim.x):  # uniform trip count: the syncs stay legal
             j = j0 + tx
             num = T(0)
             den = T(0)
             if j < w:
-                for t in range(ty, part.shape[1], cuda.blockDim.y):
-                    num += part[0, t, j]
-                    den += part[1, t, j]
+                for t in range(ty, part.shape[2], cuda.blockDim.y):
+                    num += part[0, g, t, j]
+                    den += part[1, g, t, j]
             acc[0, ty, tx] = num
             acc[1, ty, tx] = den
             cuda.syncthreads()
@@ -188,7 +195,7 @@ def kernels(dtype: np.dtype):
                 for y in range(1, cuda.blockDim.y):
                     num += acc[0, y, tx]
                     den += acc[1, y, tx]
-                b[k, j] = num / T(n) if mode == INIT else num / (den + eps)
+                b[k, c0 + j] = num / T(n) if mode == INIT else num / (den + eps)
             cuda.syncthreads()
 
     return plane_pass, finalize
@@ -198,19 +205,28 @@ def ptx(dtype=np.float32, cc: tuple[int, int] = (9, 0)) -> dict[str, str]:
     """PTX of both kernels for compute capability `cc`, built without a GPU (needs NVVM and
     NUMBA_ENABLE_CUDASIM unset): shows the kernels type-check and compile for a real device."""
     T = numba.from_dtype(np.dtype(dtype))
-    A2, A3 = numba.types.Array(T, 2, "C"), numba.types.Array(T, 3, "C")
+    A2, A3, A4 = (numba.types.Array(T, nd, "C") for nd in (2, 3, 4))
     P2 = numba.types.Array(numba.uint8, 2, "C")
     i, flag, void = numba.int64, numba.boolean, numba.types.void
     plane_pass, finalize = kernels(np.dtype(dtype))
     sigs = {
-        "plane_pass": void(A2, A2, flag, P2, i, A2, A2, A3, i, i, flag, i),
-        "finalize": void(A3, A2, i, i, i),
+        "plane_pass": void(A2, A2, flag, P2, i, A3, A2, A4, i, i, flag, i),
+        "finalize": void(A4, A2, i, i, i),
     }
     kern = {"plane_pass": plane_pass, "finalize": finalize}
     return {name: cuda.compile_ptx(kern[name].py_func, sig, cc=cc)[0] for name, sig in sigs.items()}
 
 
-def solve_block(
+def solve_block(W, order: int, E=None, *, iters: int = 15, refit: bool = True, **launch):
+    """(signs [K, n, w] bool, a [K, n], b [K, w]) as reference.solve_block computes them, for
+    one block W [n, w <= 128]: `solve_blocks` with a single group."""
+    if W.shape[1] > GROUP:
+        raise ValueError(f"a block has at most {GROUP} columns, got {W.shape[1]}")
+    signs, a, b = solve_blocks(W, order, E, iters=iters, refit=refit, **launch)
+    return signs, a[:, 0], b
+
+
+def solve_blocks(
     W,
     order: int,
     E=None,
@@ -221,23 +237,23 @@ def solve_block(
     threads: int = THREADS,
     slices: int = SLICES,
 ):
-    """(signs [K, n, w] bool, a [K, n], b [K, w]) as reference.solve_block computes them.
+    """Every 128-column group of W [n, m] solved alone at the same order, all in one launch per
+    pass: (signs [K, n, m] bool, a [K, G, n], b [K, m]), the layout of solution.BinaryCodedLayer.
+    Group g's result is reference.solve_block(W[:, g], order, E[:, g]) (up to rounding): what
+    ABMP's error profiles e_g(o) and an uncompensated layer need.
 
     W, E: NumPy arrays (copied to the device) or CuPy arrays (used in place; the results then
     come back as CuPy arrays). Computes in W's dtype when it is float64, else float32.
     `rows` (<= ROWS), `threads` (<= THREADS) and `slices` (<= SLICES) shape the launches;
     tests shrink them.
     """
-    K, (n, w) = int(order), W.shape
+    K, (n, m) = int(order), W.shape
     if not 1 <= K <= KMAX:
         raise QdtkError(f"the CUDA DAQ kernels handle orders 1..{KMAX}, got {K}")
-    if not (w <= GROUP and 1 <= rows <= min(threads, ROWS) and threads <= THREADS) or not (
-        1 <= slices <= SLICES
-    ):
+    if not (1 <= rows <= min(threads, ROWS) and threads <= THREADS and 1 <= slices <= SLICES):
         raise ValueError(
-            f"launch shape: need width <= {GROUP}, 1 <= rows <= threads, rows <= {ROWS}, "
-            f"threads <= {THREADS}, slices <= {SLICES}; got width {w}, rows {rows}, "
-            f"threads {threads}, slices {slices}"
+            f"launch shape: need 1 <= rows <= threads, rows <= {ROWS}, threads <= {THREADS}, "
+            f"slices <= {SLICES}; got rows {rows}, threads {threads}, slices {slices}"
         )
     on_gpu = array_module(W) is not np
     dtype = np.dtype(np.float64 if W.dtype == np.float64 else np.float32)
@@ -254,18 +270,18 @@ def solve_block(
     has_E = E_d is not None
     if not has_E:
         E_d = cuda.device_array((1, 1), dtype)  # never read
-    tiles = -(-n // rows)
-    P = cuda.device_array((n, w), np.uint8)  # bit k: plane k's sign is +1
-    a = cuda.to_device(np.zeros((K, n), dtype))
-    b = cuda.to_device(np.zeros((K, w), dtype))
-    part = cuda.device_array((2, tiles, w), dtype)
+    G, tiles = -(-m // GROUP), -(-n // rows)
+    P = cuda.device_array((n, m), np.uint8)  # bit k: plane k's sign is +1
+    a = cuda.to_device(np.zeros((K, G, n), dtype))
+    b = cuda.to_device(np.zeros((K, m), dtype))
+    part = cuda.device_array((2, G, tiles, GROUP), dtype)
 
     def scales(mode: int, search_first: bool) -> None:
         for k in range(K):
-            plane_pass[tiles, threads](
+            plane_pass[(tiles, G), threads](
                 W_d, E_d, has_E, P, K, a, b, part, k, mode, search_first and k == 0, rows
             )
-            finalize[1, (threads, slices)](part, b, k, mode, n)
+            finalize[G, (threads, slices)](part, b, k, mode, n)
 
     scales(INIT, False)
     search = K >= 2  # K = 1 keeps the initial signs
@@ -274,7 +290,7 @@ def solve_block(
     if refit:
         scales(UPDATE, search and iters > 0)
     elif search and iters > 0:
-        plane_pass[tiles, threads](W_d, E_d, has_E, P, K, a, b, part, 0, SEARCH, True, rows)
+        plane_pass[(tiles, G), threads](W_d, E_d, has_E, P, K, a, b, part, 0, SEARCH, True, rows)
 
     if on_gpu:
         import cupy
@@ -283,7 +299,7 @@ def solve_block(
     else:
         P, a, b = P.copy_to_host(), a.copy_to_host(), b.copy_to_host()
     xp = array_module(P)
-    signs = (P[None] >> xp.arange(K, dtype=xp.uint8)[:, None, None]) & 1  # [K, n, w]
+    signs = (P[None] >> xp.arange(K, dtype=xp.uint8)[:, None, None]) & 1  # [K, n, m]
     return signs.astype(bool), a, b
 
 
