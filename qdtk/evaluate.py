@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 MASK_RATIOS = (0.15, 0.5, 0.85)
 # dLLMs with remote code: their logits are masked-token predictions.
 MASKED_LM_CLASSES = {"LLaDAModelLM", "DreamModel"}
+# Dream keeps its autoregressive parent's layout: position i's logits predict token i + 1.
+SHIFTED_LOGITS_CLASSES = {"DreamModel"}
 
 
 # ---------------------------------------------------------------- layer level (no torch)
@@ -123,7 +125,8 @@ def token_windows(text: str, tokenizer, vocab_size: int, n: int, L: int) -> Wind
 
 
 def mask_positions(special: np.ndarray, ratio: float, seed: int) -> np.ndarray:
-    """[N, L] bool: round(ratio * visible) positions per window (at least 1), seeded per window."""
+    """[N, L] bool: round(ratio * non-special tokens) masked positions per window (at least 1),
+    drawn from a generator seeded by (seed, window, ratio): the same for every model."""
     out = np.zeros_like(special)
     for i, sp in enumerate(special):
         free = np.flatnonzero(~sp)
@@ -198,6 +201,7 @@ def model_outputs(lm: LoadedModel, windows: Windows, masks: dict[float, np.ndarr
     import torch.nn.functional as F
 
     ids_all = torch.from_numpy(windows.ids)
+    shifted = type(lm.model).__name__ in SHIFTED_LOGITS_CLASSES
     hidden, nll_causal = [], []
     nll_masked: dict[float, list] = {r: [] for r in masks}
     with torch.inference_mode():
@@ -212,6 +216,8 @@ def model_outputs(lm: LoadedModel, windows: Windows, masks: dict[float, np.ndarr
             for r, mask in masks.items():
                 m = torch.from_numpy(mask[s : s + batch]).to(device)
                 logits, _ = _forward(lm.model, ids.masked_fill(m, mask_id), hidden=False)
+                if shifted:  # as Dream's own sampler does: token i from the logits at i - 1
+                    logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
                 nll = F.cross_entropy(logits[m].float(), ids[m], reduction="none")
                 nll_masked[r].append(nll.cpu().numpy())
     H = np.concatenate(hidden)  # [N, L, d]
