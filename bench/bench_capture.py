@@ -85,6 +85,7 @@ def throughput(path, N, L, chunk, repeat=2) -> list[dict]:
             times.append(time.perf_counter() - t)
         return min(times)
 
+    label = Path(path).parent.name if Path(path).name == "model" else Path(path).stem[:18]
     fwd_macs, h_macs = _flops(BlockSession(model, b.ids[:chunk], b.attention[:chunk]))
     t_fwd = best(forward)
     rows = []
@@ -92,7 +93,7 @@ def throughput(path, N, L, chunk, repeat=2) -> list[dict]:
                      ("capture f64", lambda: blockwise(True)),
                      ("capture f32", lambda: blockwise(True, "float32"))):
         t = t_fwd if name == "forward" else best(fn)
-        rows.append({"model": Path(path).parent.name if Path(path).name == "model" else Path(path).stem[:18], "N": N, "L": L, "rows": name,
+        rows.append({"model": label, "N": N, "L": L, "rows": name,
                      "tok/s": T / t, "overhead": t / t_fwd - 1, "H/fwd flops": h_macs / fwd_macs})
     return rows
 
