@@ -276,12 +276,13 @@ def solve_blocks(
     b = cuda.to_device(np.zeros((K, m), dtype))
     part = cuda.device_array((2, G, tiles, GROUP), dtype)
 
+    passes = plane_pass[(tiles, G), threads]  # launch configurations, bound once
+    reduce = finalize[G, (threads, slices)]
+
     def scales(mode: int, search_first: bool) -> None:
         for k in range(K):
-            plane_pass[(tiles, G), threads](
-                W_d, E_d, has_E, P, K, a, b, part, k, mode, search_first and k == 0, rows
-            )
-            finalize[G, (threads, slices)](part, b, k, mode, n)
+            passes(W_d, E_d, has_E, P, K, a, b, part, k, mode, search_first and k == 0, rows)
+            reduce(part, b, k, mode, n)
 
     scales(INIT, False)
     search = K >= 2  # K = 1 keeps the initial signs
@@ -290,7 +291,7 @@ def solve_blocks(
     if refit:
         scales(UPDATE, search and iters > 0)
     elif search and iters > 0:
-        plane_pass[(tiles, G), threads](W_d, E_d, has_E, P, K, a, b, part, 0, SEARCH, True, rows)
+        passes(W_d, E_d, has_E, P, K, a, b, part, 0, SEARCH, True, rows)
 
     if on_gpu:
         import cupy
