@@ -130,7 +130,7 @@ def _report(layer: AffineLayer, W: np.ndarray, H: np.ndarray | None, method: str
         "bits_per_weight": affine_bits(n, m, layer.bits) / (n * m),
         "proxy_error": None if H is None else proxy_error(W, layer.dequantize(), H),
         **extra,
-        "time_s": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0,
     }
     return report
 
