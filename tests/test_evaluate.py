@@ -128,33 +128,33 @@ def test_compare_rejects_bad_inputs(tiny_bert, tiny_llama, tmp_path):
         compare(tiny_bert, tiny_bert, n=1, L=1000)
 
 
-def test_layer_errors_on_stored_solutions(tmp_path, rng):
-    from qdtk.baselines import rtn
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_layer_errors_of_a_quantized_model(tmp_path, rng, method):
+    """The baselines run as a `quantize` stage; layer_errors reads the stored solutions back."""
+    from qdtk.baselines import SOLVERS, rtn
     from qdtk.checkpoint import write_safetensors
-    from qdtk.io import write_json_atomic
-    from qdtk.solution import REPORT, write_solution_block
+    from qdtk.quantize import quantize_model
     from qdtk.stats import InputStat, StatsWriter
 
     model = tmp_path / "model"
     model.mkdir()
     W = {f"b.0.{k}.weight": rng.standard_normal((8, 136)).astype(np.float32) for k in "qk"}
     write_safetensors(model / "model.safetensors", W)
-    X = rng.standard_normal((300, 136)).astype(np.float32)
+    X = rng.standard_normal((300, 40)) @ rng.standard_normal((40, 136))
     H = (2 / 300 * X.T @ X).astype(np.float32)
     writer = StatsWriter(tmp_path / "stats", str(model), "fp", {})
     writer.write_block(0, "b.0", [InputStat("b.0.q", list(W), H, 300)])
     writer.finish()
-    quant = tmp_path / "quant"
-    quant.mkdir()
-    layers = {k: rtn(w, 2) for k, w in W.items()}
-    write_solution_block(quant / "block_0000.safetensors", layers, "fp")
-    write_json_atomic(quant / REPORT, {"blocks": [{"name": "b.0",
-                                                   "file": "block_0000.safetensors"}]})
-    errors = layer_errors(model, quant, tmp_path / "stats")
+    report = quantize_model(model, tmp_path / "stats", tmp_path / "quant",
+                            {"method": method, "bits": 2}, solver=SOLVERS[method],
+                            progress=False)
+    errors = layer_errors(model, tmp_path / "quant", tmp_path / "stats")
     assert set(errors) == set(W)
     for k, w in W.items():
-        want = np.sum((X @ w.T - X @ layers[k].dequantize().T) ** 2) / np.sum((X @ w.T) ** 2)
-        assert errors[k] == pytest.approx(want, rel=1e-4)
+        assert report["layers"][k]["bits_per_weight"] == (2 * 8 * 136 + 32 * 8 * 2) / (8 * 136)
+        assert errors[k] == pytest.approx(report["layers"][k]["proxy_error"], rel=1e-5)
+        assert errors[k] <= proxy_error(w, rtn(w).dequantize(), H) * (1 + 1e-6)
+        assert 0 < errors[k] < 1
 
 
 def test_cli_eval(tiny_bert, tmp_path):
