@@ -55,7 +55,7 @@ def affine_dequantize(codes: np.ndarray, scale16: np.ndarray, zero16: np.ndarray
 
 
 def rtn(W: np.ndarray, bits: int = 2) -> AffineLayer:
-    """Round to nearest on each row's min/max grid per 128-column group."""
+    """Round to nearest on each row's grid (affine_grid) per 128-column group."""
     n, m = W.shape
     slices = group_slices(m)
     codes = np.empty((n, m), np.uint8)
@@ -112,7 +112,9 @@ def gptq(
     return AffineLayer(codes, scale, zero, bits), report
 
 
-def _check(W: np.ndarray, H: np.ndarray | None, name: str) -> None:
+def _check(W: np.ndarray, H: np.ndarray | None, bits: int, name: str) -> None:
+    if not 1 <= bits <= 8:
+        raise QdtkError(f"{name}: baselines store uint8 codes: bits must be 1..8, got {bits}")
     if W.ndim != 2 or not np.all(np.isfinite(W)):
         raise QdtkError(f"{name}: the weight must be a finite 2-D array")
     if H is not None and H.shape != (W.shape[1], W.shape[1]):
@@ -124,7 +126,7 @@ def _report(layer: AffineLayer, W: np.ndarray, H: np.ndarray | None, method: str
     from qdtk.evaluate import proxy_error
 
     n, m = layer.shape
-    report = {
+    return {
         "method": method,
         "bits": layer.bits,
         "bits_per_weight": affine_bits(n, m, layer.bits) / (n * m),
@@ -132,17 +134,16 @@ def _report(layer: AffineLayer, W: np.ndarray, H: np.ndarray | None, method: str
         **extra,
         "seconds": time.perf_counter() - t0,
     }
-    return report
 
 
 def solve_rtn(
     W: np.ndarray, H: np.ndarray | None, options: Mapping[str, Any]
 ) -> tuple[AffineLayer, dict[str, Any]]:
     """RTN as a pluggable layer solver; H (optional) only for the reported proxy error."""
-    name = options.get("name", "layer")
-    _check(W, H, name)
+    name, bits = str(options.get("name", "layer")), int(options.get("bits", 2))
+    _check(W, H, bits, name)
     t0 = time.perf_counter()
-    layer = rtn(W, options.get("bits", 2))
+    layer = rtn(W, bits)
     return layer, _report(layer, W, H, "rtn", t0)
 
 
@@ -150,14 +151,13 @@ def solve_gptq(
     W: np.ndarray, H: np.ndarray, options: Mapping[str, Any]
 ) -> tuple[AffineLayer, dict[str, Any]]:
     """GPTQ as a pluggable layer solver (options: bits, percdamp, blocksize, name)."""
-    name = options.get("name", "layer")
-    _check(W, H, name)
+    name, bits = str(options.get("name", "layer")), int(options.get("bits", 2))
     if H is None:
         raise QdtkError(f"{name}: GPTQ needs the statistic H")
+    _check(W, H, bits, name)
     t0 = time.perf_counter()
     layer, info = gptq(
-        W, H, options.get("bits", 2), options.get("percdamp", 0.01),
-        options.get("blocksize", 128), name,
+        W, H, bits, float(options.get("percdamp", 0.01)), int(options.get("blocksize", 128)), name
     )
     return layer, _report(layer, W, H, "gptq", t0, **info)
 

@@ -141,6 +141,8 @@ def test_bad_input_is_a_clear_error(rng):
         solve_gptq(W, np.eye(32), {"name": "w.weight"})
     with pytest.raises(QdtkError, match="needs the statistic H"):
         solve_gptq(W, None, {})
+    with pytest.raises(QdtkError, match="bits must be 1..8"):
+        solve_rtn(W, None, {"bits": 9})
     W[0, 0] = np.nan
     with pytest.raises(QdtkError, match="finite"):
         solve_rtn(W, None, {})
