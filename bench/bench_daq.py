@@ -40,10 +40,11 @@ def correlated_H(rng: np.random.Generator, m: int) -> np.ndarray:
 
 
 def run(W, H, bits, iters, backend):
+    """(layer, report, wall seconds, CPU seconds of all threads)."""
     G = len(group_slices(W.shape[1]))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     layer, report = quantize_layer(W, H, [bits] * G, iters=iters, backend=backend)
-    return layer, report, time.perf_counter() - t
+    return layer, report, time.perf_counter() - t, time.process_time() - c
 
 
 def main() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
     warm = rng.standard_normal((64, 200)).astype(np.float32)
     run(warm, correlated_H(rng, 200), args.bits, 1, "cpu")  # compile
 
-    head = (f"{'shape':>12} {'numba':>7} {'factor':>7} {'sweep':>7} {'error':>7} "
+    head = (f"{'shape':>12} {'numba':>7} {'cpu-s':>7} {'factor':>7} {'sweep':>7} {'error':>7} "
             f"{'ref':>8} {'ratio':>6} {'GFLOP':>7} {'proxy(nb)':>10} {'proxy(ref)':>10} "
             f"{'rel.diff':>9} {'peak MiB':>9} {'maxrss':>7}")
     print(head)
@@ -68,19 +69,20 @@ def main() -> None:
         W = rng.standard_normal((n, m), dtype=np.float32)
         H = correlated_H(rng, m)
         tracemalloc.start()
-        layer, rep, t_nb = run(W, H, args.bits, args.iters, "cpu")
+        layer, rep, t_nb, cpu_nb = run(W, H, args.bits, args.iters, "cpu")
         peak = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
         flops = (m**3 / 3 + 3 * n * m * m) / 1e9
         if args.no_reference:
-            t_ref, proxy_ref, diff = float("nan"), float("nan"), float("nan")
+            t_ref = proxy_ref = diff = float("nan")
         else:
-            ref_layer, ref_rep, t_ref = run(W, H, args.bits, args.iters, "reference")
+            ref_layer, ref_rep, t_ref, _ = run(W, H, args.bits, args.iters, "reference")
             proxy_ref = ref_rep.proxy_error
             diff = abs(rep.proxy_error - proxy_ref) / proxy_ref
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-        print(f"{shape:>12} {t_nb:7.2f} {rep.seconds_factor:7.2f} {rep.seconds_sweep:7.2f} "
-              f"{rep.seconds_error:7.2f} {t_ref:8.2f} {t_ref / t_nb:6.1f} {flops:7.0f} "
+        print(f"{shape:>12} {t_nb:7.2f} {cpu_nb:7.2f} {rep.seconds_factor:7.2f} "
+              f"{rep.seconds_sweep:7.2f} {rep.seconds_error:7.2f} {t_ref:8.2f} "
+              f"{t_ref / t_nb:6.1f} {flops:7.0f} "
               f"{rep.proxy_error:10.5f} {proxy_ref:10.5f} {diff:9.2e} {peak:9.0f} {maxrss:7.0f}",
               flush=True)
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PreparedHessian:
     H: np.ndarray  # [m, m] damped H, dead columns set to 1 on the diagonal
-    R: np.ndarray  # [m, m] upper triangular, H = R R^T (so U = R^-1)
+    R: np.ndarray  # [m, m] upper triangular, Fortran order, H = R R^T (so U = R^-1)
     dead: np.ndarray  # [m] bool, columns no calibration token excited
     damping: float  # delta actually added to the diagonal
     retries: int  # how many times delta was multiplied by 10
@@ -50,13 +50,24 @@ class PreparedHessian:
         return self._U
 
 
+def flip(A: np.ndarray) -> np.ndarray:
+    """J A J (rows and columns reversed) as a contiguous array of A's memory order.
+
+    Reversing the flat buffer does it in one sequential pass; a reversed 2-D view copied
+    element by element would walk memory with large strides (slow for big m).
+    """
+    order = "F" if A.flags.f_contiguous and not A.flags.c_contiguous else "C"
+    return A.ravel(order=order)[::-1].reshape(A.shape, order=order)
+
+
 def cholesky_upper(H: np.ndarray) -> np.ndarray | None:
-    """R upper with R R^T = H (a reversed-order Cholesky), or None if H is not positive definite."""
+    """R upper (Fortran order) with R R^T = H, or None if H is not positive definite."""
     potrf = lapack.spotrf if H.dtype == np.float32 else lapack.dpotrf
-    L, info = potrf(H[::-1, ::-1], lower=1, clean=1, overwrite_a=0)
+    JHJ = flip(H)  # symmetric: its transpose is the same matrix, in Fortran order
+    L, info = potrf(JHJ.T, lower=1, clean=1, overwrite_a=1)
     if info != 0 or not np.all(np.isfinite(np.diag(L))):
         return None
-    return np.ascontiguousarray(L[::-1, ::-1])
+    return flip(L)
 
 
 def inverse_cholesky_upper(H: np.ndarray) -> np.ndarray | None:
@@ -80,7 +91,7 @@ def prepare_hessian(
     `cholesky` maps the damped H to R (or None); a GPU passes qdtk.backend's `cholesky`."""
     if not np.all(np.isfinite(H)):
         raise QdtkError(f"{name}: the statistic H contains NaN or Inf")
-    H = np.array(H, dtype=dtype)  # a copy: the caller's H is not changed
+    H = np.array(H, dtype=dtype, order="C")  # a copy: the caller's H is not changed
     idx = np.arange(H.shape[0])
     dead = np.diag(H) == 0
     H[idx[dead], idx[dead]] = 1.0

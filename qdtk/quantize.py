@@ -148,7 +148,8 @@ def quadratic_form(X: np.ndarray, P: PreparedHessian) -> float:
     """
     R = P.R
     trmm = blas.strmm if R.dtype == np.float32 else blas.dtrmm
-    XRt = trmm(1.0, R.T, np.asarray(X, R.dtype).T, side=0, lower=1)  # [m, n] (X R)^T
+    X = np.ascontiguousarray(X, R.dtype)
+    XRt = trmm(1.0, R, X.T, side=0, lower=0, trans_a=1)  # [m, n] R^T X^T = (X R)^T
     total = float(np.sum(np.square(XRt, dtype=np.float64)))
     total -= P.damping * float(np.sum(np.square(X, dtype=np.float64)))
     total -= float(np.sum(np.square(X[:, P.dead], dtype=np.float64)))
