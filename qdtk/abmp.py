@@ -121,17 +121,13 @@ def group_errors(
     (`DaqGroupSolver`) serves the driver's uncompensated solves from its cache.
     """
     G = len(group_slices(W.shape[1]))
-    return np.stack([_errors(W, H, d, np.full(G, o), solve) for o in orders], axis=1)
+    return np.stack([chosen_errors(W, H, d, np.full(G, o), solve) for o in orders], axis=1)
 
 
 def chosen_errors(
     W: np.ndarray, H: np.ndarray, d: np.ndarray, orders: np.ndarray, solve: GroupSolver
 ) -> np.ndarray:
-    """[G] e_g(o_g): the predicted error of each group at its allocated order."""
-    return _errors(W, H, d, orders, solve)
-
-
-def _errors(W, H, d, orders, solve) -> np.ndarray:
+    """[G] e_g(o_g): the predicted error of each group alone at its order o_g."""
     W, H, d = _host(W, np.float32), _host(H, np.float64), _host(d, np.float32)
     out = []
     for g, cols in enumerate(group_slices(W.shape[1])):
