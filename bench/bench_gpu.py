@@ -130,9 +130,10 @@ def random_layer(n: int, m: int, xp=np) -> tuple:
     return W, backend.Backend.to_host(H)
 
 
-def sweep(W, R, d, K: int, T: int, daq: str, groups: int | None, sync) -> dict[str, float]:
+def sweep(W, R, d, K: int, T: int, daq: str | None, groups: int | None, sync) -> dict[str, float]:
     """qdtk.quantize.sweep's algebra (the device-generic steps of qdtk.daq.cuda) on the first
-    `groups` groups of W [n, m], NumPy or CuPy; seconds in DAQ and in compensation."""
+    `groups` groups of W [n, m], NumPy or CuPy; seconds in DAQ and in compensation.
+    daq=None: a one-plane stand-in replaces DAQ (to time the compensation alone)."""
     xp = backend.array_module(W)
     YT = xp.empty(W.shape[::-1], W.dtype)  # [m, n]
     t_daq = t_comp = 0.0
@@ -142,14 +143,17 @@ def sweep(W, R, d, K: int, T: int, daq: str, groups: int | None, sync) -> dict[s
         sync()
         t_comp += time.perf_counter() - t
         t = time.perf_counter()
-        E = error_weights((Wg / d[cols][None, :]) ** 2)
-        signs, a, b = solve_block(xp.ascontiguousarray(Wg), K, E, iters=T, backend=daq)
+        if daq is None:
+            signs, a, b = (Wg >= 0)[None], xp.abs(Wg).mean(1)[None], xp.ones((1, Wg.shape[1]))
+        else:
+            E = error_weights((Wg / d[cols][None, :]) ** 2)
+            signs, a, b = solve_block(xp.ascontiguousarray(Wg), K, E, iters=T, backend=daq)
         sync()
         t_daq += time.perf_counter() - t
         t = time.perf_counter()
         a, b = a.astype(xp.float16).astype(xp.float32), b.astype(xp.float16).astype(xp.float32)
         Q = xp.zeros_like(Wg)
-        for k in range(K):
+        for k in range(len(a)):
             Q += xp.outer(a[k], b[k]) * xp.where(signs[k], 1, -1).astype(xp.float32)
         daq_cuda.feed_forward(YT, Wg, Q, d, S, Ugg, cols)
         sync()
@@ -182,15 +186,14 @@ def run_gpu(n: int, m: int, K: int, T: int) -> dict[str, float]:
 
 
 def run_cpu(n: int, m: int, K: int, T: int, groups: int) -> dict[str, float]:
-    """CPU times; DAQ scaled by G / groups, compensation by its share of the flops."""
+    """CPU times: DAQ on the first `groups` groups, scaled by G / groups; the compensation of
+    every group, with a one-plane stand-in for DAQ."""
     W, H = random_layer(n, m)
     R, d, t_factor = prepared(H, "cpu")
     sweep(W[:8, :256].copy(), R[:256, :256], d, K, T, "cpu", 1, lambda: None)  # compile
-    starts = [s.start for s in group_slices(m)]
-    out = sweep(W, R, d, K, T, "cpu", groups, lambda: None)
-    share = (sum(starts[:groups]) + groups) / (sum(starts) + len(starts))
-    daq = out["daq"] * len(starts) / groups
-    return {"factor": t_factor, "daq": daq, "comp": out["comp"] / share}
+    daq = sweep(W.copy(), R, d, K, T, "cpu", groups, lambda: None)["daq"]
+    comp = sweep(W, R, d, K, T, None, None, lambda: None)["comp"]
+    return {"factor": t_factor, "daq": daq * len(group_slices(m)) / groups, "comp": comp}
 
 
 def ms(x: float) -> str:
