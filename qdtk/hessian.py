@@ -57,7 +57,7 @@ def flip(A: np.ndarray) -> np.ndarray:
     element by element would walk memory with large strides (slow for big m).
     """
     order = "F" if A.flags.f_contiguous and not A.flags.c_contiguous else "C"
-    return A.ravel(order=order)[::-1].reshape(A.shape, order=order)
+    return A.ravel(order=order)[::-1].reshape(A.shape, order=order).copy(order=order)
 
 
 def cholesky_upper(H: np.ndarray) -> np.ndarray | None:
@@ -68,14 +68,6 @@ def cholesky_upper(H: np.ndarray) -> np.ndarray | None:
     if info != 0 or not np.all(np.isfinite(np.diag(L))):
         return None
     return flip(L)
-
-
-def inverse_cholesky_upper(H: np.ndarray) -> np.ndarray | None:
-    """U upper with U^T U = H^-1, or None when H is not positive definite."""
-    R = cholesky_upper(H)
-    if R is None:
-        return None
-    return PreparedHessian(H, R, np.zeros(len(H), bool), 0.0, 0).U
 
 
 def prepare_hessian(
