@@ -13,7 +13,10 @@ traced by tracemalloc during the Numba run, and the process's maximum resident s
 
     .venv/bin/python bench/bench_daq.py [--shapes 384x1536,4096x4096] [--no-reference]
 
-Numba compiles on a warm-up call (excluded). Timings are noisy on a shared machine.
+Numba compiles on a warm-up call (excluded). Timings are noisy on a shared machine, and on an
+oversubscribed one the spinning worker threads of OpenBLAS and OpenMP make every parallel step
+wait for a descheduled thread: there, OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 gives the CPU
+cost per core (an idle 2-core machine takes about half of it).
 """
 
 from __future__ import annotations

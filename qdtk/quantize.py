@@ -12,7 +12,10 @@ n m^2 flops of GPTQ), and only the 128 x 128 diagonal blocks of U (R_gg^-1).
 Stage: for every statistics block, its selected Linears are solved by a pluggable layer solver
 `solver(W, H, options) -> (QuantizedLayer, report dict)` (DAQ here; RTN and GPTQ in
 qdtk.baselines share the signature) and written as one solution file; a rerun skips blocks whose
-file carries the same fingerprint (model, statistics block, options, layer names).
+file carries the same fingerprint (model, statistics block, options, layer names). Per-group
+orders plug into DAQ the same way, e.g. with an allocator `abmp(W, P) -> orders [G]`:
+    quantize_model(model, stats, out, {**options, "abmp": ...}, partial(solve_daq, orders=abmp))
+(everything that changes the result belongs in `options`, which the fingerprint covers).
 """
 
 from __future__ import annotations
