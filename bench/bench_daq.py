@@ -3,13 +3,19 @@
 For each layer shape n x m (rows x input columns) a Gaussian W and a correlated H = (2/T) X^T X
 (X = Z A, rank m/2, so damping matters as on real layers) are quantized at K = --bits planes
 per group, T = --iters iterations, with compensation, by `quantize_layer` with the Numba
-backend ("cpu") and with the NumPy reference. Printed per shape: seconds per layer for both and
-their ratio; the Numba run's parts (H factorisation, sweep = block solves + compensation, exact
-proxy error); the floor in GFLOP (Cholesky m^3/3, compensation n m^2, error 2 n m^2); the proxy
-errors of both and their relative difference (the reconstructions themselves drift apart along
-the compensation chain: a float32 near-tie decided differently in one group changes the inputs
-of every later group, to equally good solutions); peak memory (NumPy allocations
-traced by tracemalloc during the Numba run, and the process's maximum resident set).
+backend ("cpu") and with the NumPy reference. Printed per shape:
+  numba, cpu-s       seconds per layer (Numba), and the CPU seconds of all its threads
+  factor/sweep/error its parts: H factorisation, sweep (block solves + compensation), proxy error
+  ref, ratio         seconds per layer with the reference solver, ref / numba
+  solve, ref, ratio  the block solves alone (the part the kernels replace; factorisation,
+                     compensation and error are the same BLAS calls in both runs)
+  GFLOP              the floor: Cholesky m^3/3 + compensation n m^2 + exact error 2 n m^2
+  proxy(nb/ref)      proxy errors of both runs and their relative difference (the
+                     reconstructions drift apart along the compensation chain: a float32
+                     near-tie decided differently in one group changes the inputs of every
+                     later group, to equally good solutions)
+  peak MiB, maxrss   NumPy allocations traced by tracemalloc during the Numba run, and the
+                     process's maximum resident set (MiB)
 
     .venv/bin/python bench/bench_daq.py [--shapes 384x1536,4096x4096] [--no-reference]
 
@@ -64,7 +70,8 @@ def main() -> None:
     run(warm, correlated_H(rng, 200), args.bits, 1, "cpu")  # compile
 
     head = (f"{'shape':>12} {'numba':>7} {'cpu-s':>7} {'factor':>7} {'sweep':>7} {'error':>7} "
-            f"{'ref':>8} {'ratio':>6} {'GFLOP':>7} {'proxy(nb)':>10} {'proxy(ref)':>10} "
+            f"{'ref':>8} {'ratio':>6} {'solve':>7} {'ref':>8} {'ratio':>6} {'GFLOP':>7} "
+            f"{'proxy(nb)':>10} {'proxy(ref)':>10} "
             f"{'rel.diff':>9} {'peak MiB':>9} {'maxrss':>7}")
     print(head)
     for shape in args.shapes.split(","):
@@ -77,15 +84,16 @@ def main() -> None:
         tracemalloc.stop()
         flops = (m**3 / 3 + 3 * n * m * m) / 1e9
         if args.no_reference:
-            t_ref = proxy_ref = diff = float("nan")
+            t_ref = proxy_ref = diff = solve_ref = float("nan")
         else:
             ref_layer, ref_rep, t_ref, _ = run(W, H, args.bits, args.iters, "reference")
-            proxy_ref = ref_rep.proxy_error
+            proxy_ref, solve_ref = ref_rep.proxy_error, ref_rep.seconds_solve
             diff = abs(rep.proxy_error - proxy_ref) / proxy_ref
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         print(f"{shape:>12} {t_nb:7.2f} {cpu_nb:7.2f} {rep.seconds_factor:7.2f} "
               f"{rep.seconds_sweep:7.2f} {rep.seconds_error:7.2f} {t_ref:8.2f} "
-              f"{t_ref / t_nb:6.1f} {flops:7.0f} "
+              f"{t_ref / t_nb:6.1f} {rep.seconds_solve:7.2f} {solve_ref:8.2f} "
+              f"{solve_ref / rep.seconds_solve:6.1f} {flops:7.0f} "
               f"{rep.proxy_error:10.5f} {proxy_ref:10.5f} {diff:9.2e} {peak:9.0f} {maxrss:7.0f}",
               flush=True)
 

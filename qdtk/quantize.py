@@ -66,6 +66,7 @@ class LayerReport:
     seconds: float  # end to end; the parts below add up to about it
     seconds_factor: float  # damping + Cholesky of H
     seconds_sweep: float  # block solves + compensation
+    seconds_solve: float  # of which the block solves (salience weights, DAQ, dequantisation)
     seconds_error: float  # the exact proxy error (two triangular products)
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,10 +196,15 @@ def quantize_layer(
     W0 = W.copy()
     W[:, P.dead] = 0
 
+    solve_time = [0.0]
+
     def solve(Wg, order, dg):
-        return solve_group(
+        t = time.perf_counter()
+        out = solve_group(
             Wg, order, dg, iters=iters, tau=tau, lam=lam, refit=refit, backend=backend
         )
+        solve_time[0] += time.perf_counter() - t
+        return out
 
     t2 = time.perf_counter()
     layer = sweep(W, P, o, solve, compensate)
@@ -220,6 +226,7 @@ def quantize_layer(
         seconds=time.perf_counter() - t0,
         seconds_factor=t1 - t0,
         seconds_sweep=t3 - t2,
+        seconds_solve=solve_time[0],
         seconds_error=time.perf_counter() - t3,
     )
     return layer, report
