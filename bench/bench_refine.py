@@ -28,7 +28,12 @@ from qdtk.bits import bcq_bits, group_slices
 from qdtk.daq import error_weights, solve_block
 from qdtk.hessian import prepare_hessian, salience
 from qdtk.refine import proxy_error, refine_layer
-from qdtk.solution import BinaryCodedLayer, dequantize_block
+from qdtk.solution import (
+    BinaryCodedLayer,
+    dequantize_block,
+    read_solution_block,
+    write_solution_block,
+)
 
 L = 128  # tokens per window
 
@@ -148,7 +153,10 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=64, help="calibration windows of 128 tokens")
     p.add_argument("--heldout", type=int, default=64, help="held-out windows")
     p.add_argument("--rounds", type=int, default=4, help="alternation rounds of the full variant")
-    p.add_argument("--quick", action="store_true", help="only the unmasked calibration")
+    p.add_argument("--calib", default="unmasked,masked,unmasked x4,masked x4",
+                   help="comma-separated calibrations to run")
+    p.add_argument("--cache", type=Path, help="folder to keep the DAQ solutions between runs")
+    p.add_argument("--variants", default="", help="comma-separated variants (default: all)")
     args = p.parse_args()
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir())
@@ -164,27 +172,39 @@ def main() -> None:
     emb = embeddings(model, test)
     emb_masked = embeddings(model, test_masked)
 
-    calibrations = {"unmasked": calib}
-    if not args.quick:
-        calibrations["masked"] = mcs_mask(calib, tok.mask_token_id)
-        calibrations["unmasked x4"] = windows(ids[:half], 4 * args.windows, tok)
-        calibrations["masked x4"] = mcs_mask(calibrations["unmasked x4"], tok.mask_token_id)
+    calib4 = windows(ids[:half], 4 * args.windows, tok)
+    calibrations = {
+        "unmasked": lambda: calib,
+        "masked": lambda: mcs_mask(calib, tok.mask_token_id),
+        "unmasked x4": lambda: calib4,
+        "masked x4": lambda: mcs_mask(calib4, tok.mask_token_id),
+    }
     R = args.rounds
     variants = {
         "DAQ": None,
-        "+rows (1 refit)": dict(rounds=1, signs=False, rows_only=True),
-        "+rows+cols": dict(rounds=R, signs=False),
+        "+rows (1 refit)": dict(rounds=1, signs=False),
+        "+rows+cols": dict(rounds=R, signs=False, columns=True),
         "+signs": dict(rounds=R, scales=False),
-        "+rows+signs": dict(rounds=R, rows_only=True),
-        "full": dict(rounds=R),
+        "+rows+signs": dict(rounds=R),
+        "+rows+cols+signs": dict(rounds=R, columns=True),
+        "full cols/group": dict(rounds=R, columns=True, max_unknowns=1),
     }
+    if args.variants:
+        variants = {v: variants[v] for v in args.variants.split(",")}
     header = (f"{'calib':12s} {'variant':16s} {'pe calib':>9s} {'pe test':>8s} {'pe testM':>8s} "
               f"{'cos':>6s} {'cosM':>6s} {'bits':>5s} {'time s':>7s}")
     print(header)
-    for cname, X in calibrations.items():
-        H = capture_H(model, X)
+    for cname in args.calib.split(","):
+        H = capture_H(model, calibrations[cname]())
         t0 = time.perf_counter()
-        base = {n: daq_layer(W[n], H[n]) for n in W}
+        cached = args.cache / f"daq {cname} {args.windows}.safetensors" if args.cache else None
+        if cached and cached.exists():
+            base = read_solution_block(cached)
+        else:
+            base = {n: daq_layer(W[n], H[n]) for n in W}
+            if cached:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                write_solution_block(cached, base, "bench")
         t_daq = time.perf_counter() - t0
         for vname, opts in variants.items():
             t0 = time.perf_counter()

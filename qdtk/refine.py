@@ -253,6 +253,15 @@ def balance_scales(state: CodedState) -> CodedState:
     return CodedState(state.orders, state.S, a, b)
 
 
+# What `qdtk quantize --refine MODE` maps to (measured in bench/bench_refine.py).
+MODES: dict[str, dict | None] = {
+    "none": None,
+    "rows": dict(rounds=1, signs=False),  # one exact row-scale refit
+    "full": dict(rounds=4),  # rows + signs alternated
+    "all": dict(rounds=4, columns=True),  # rows + columns + signs: slower, slightly better
+}
+
+
 def refine_layer(
     W: np.ndarray,
     H: np.ndarray,
@@ -260,8 +269,8 @@ def refine_layer(
     *,
     rounds: int = 4,
     scales: bool = True,
+    columns: bool = False,
     signs: bool = True,
-    rows_only: bool = False,
     percdamp: float = 0.01,
     max_unknowns: int = 4096,
     name: str = "layer",
@@ -269,10 +278,11 @@ def refine_layer(
     """Lower tr(D H D^T) of a solved layer by alternating exact refits on the full H.
 
     W [n, m], H [m, m] the layer's undamped statistic; the solver works on the damped H (SPEC 2).
-    Each round: row scales, column scales (unless rows_only), signs; then the scales are
-    balanced and rounded to float16 and the signs refit once more on the rounded scales. The
-    result is returned only if its error (damped H, canonical float32 evaluation) is below the
-    input layer's. Cost per round about (2K + 8) n m^2 flops plus small solves.
+    Each round: row scales (scales), column scales (scales and columns), signs (signs); then the
+    scales are balanced and rounded to float16 and the signs refit once more on the rounded
+    scales. The result is returned only if its error (damped H, canonical float32 evaluation)
+    is below the input layer's. Cost per round about (2K + 6) n m^2 flops, plus with columns
+    6 n m^2 + 2 K^2 n m c + m (K c)^2 / 3 (c = columns per chunk, see refit_col_scales).
     """
     Hd = prepare_hessian(H, percdamp, name=name).H  # [m, m] float64
     W = np.asarray(W, np.float64)
@@ -280,7 +290,7 @@ def refine_layer(
     for _ in range(rounds):
         if scales:
             state = refit_row_scales(W, Hd, state)
-            if not rows_only:
+            if columns:
                 state = refit_col_scales(W, Hd, state, max_unknowns)
         if signs:
             state = refine_signs(W, Hd, state)

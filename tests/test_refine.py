@@ -7,6 +7,7 @@ import pytest
 
 from qdtk.bits import group_slices
 from qdtk.refine import (
+    MODES,
     balance_scales,
     output_error,
     refine_layer,
@@ -109,7 +110,7 @@ def test_balance_keeps_What(problem):
 
 def test_refine_layer_improves_and_is_valid(problem):
     W, H, layer = problem
-    out = refine_layer(W, H, layer, rounds=2)
+    out = refine_layer(W, H, layer, rounds=2, columns=True)
     out.validate("layer")
     assert out.row_scale.dtype == np.float16 and out.col_scale.dtype == np.float16
     assert out.signs.shape == layer.signs.shape and out.signs.dtype == bool
@@ -140,7 +141,7 @@ def test_degenerate_inputs_stay_finite(rng):
     layer = random_layer(rng, n, m, [2, 2])
     layer.row_scale[:, 1, 5] = 0  # a row whose scales are zero in one group
     layer.col_scale[1, :128] = 0  # a plane with zero column scales
-    out = refine_layer(W, H, layer, rounds=2)
+    out = refine_layer(W, H, layer, rounds=2, columns=True)
     out.validate("layer")
     assert np.all(np.isfinite(out.dequantize()))
     assert np.all(np.isfinite(out.row_scale)) and np.all(np.isfinite(out.col_scale))
@@ -165,3 +166,13 @@ def test_sign_pass_matches_elementwise_brute_force(rng):
                 p = int(np.argmin(errs))
                 S[:o, i, j] = [1.0 if (p >> k) & 1 else -1.0 for k in range(o)]
     np.testing.assert_array_equal(refine_signs(W, H, state).S, S)
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if MODES[m] is not None])
+def test_every_mode_lowers_the_error(rng, mode):
+    n, m = 12, 256
+    W, H = rng.standard_normal((n, m)), correlated_H(rng, m)
+    layer = random_layer(rng, n, m, [2, 2])
+    out = refine_layer(W, H, layer, **MODES[mode])
+    out.validate("layer")
+    assert output_error(W, out.dequantize(), H) < output_error(W, layer.dequantize(), H)
