@@ -187,7 +187,7 @@ def _chunk_sum(part, j):
 def _solve(W, E, K, iters, refit, zero, eps):
     n, w = W.shape
     parallel = n >= PARALLEL_MIN_ROWS
-    S = np.empty((K, n, w), W.dtype)  # signs as +-1
+    S = np.empty((K, n, w), np.int8)  # signs as +-1
     a = np.zeros((K, n), W.dtype)
     b = np.zeros((K, w), W.dtype)
     chunks = (n + CHUNK - 1) // CHUNK
