@@ -15,8 +15,8 @@ needs row i's own signs and the final scales. Every chunk writes its own partial
 column scales do not depend on the thread count or the scheduling (runs are reproducible).
 Blocks of fewer than PARALLEL_MIN_ROWS rows run the same chunks on one thread.
 
-Inside a row the work is elementwise over the columns j (row buffers, signs held as +-1 in W's
-dtype), which LLVM vectorises without fastmath; row sums use LANES interleaved accumulators.
+Inside a row the work is elementwise over the columns j (row buffers, signs held as int8 +-1),
+which LLVM can vectorise without fastmath; row sums use LANES interleaved accumulators.
 Arithmetic is in W's dtype (the scalars `zero` and `eps` carry it into the kernels).
 """
 
