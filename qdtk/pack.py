@@ -511,6 +511,8 @@ def _read_report(quant: Path) -> dict:
     blocks = report.get("blocks")
     if not isinstance(blocks, list) or not all(isinstance(b, dict) and "file" in b for b in blocks):
         raise QdtkError(f"{quant / REPORT}: 'blocks' must list objects with a 'file'")
+    if report.get("complete") is False:
+        raise QdtkError(f"{quant}: quantize has not finished; rerun `qdtk quantize` to complete it")
     return report
 
 

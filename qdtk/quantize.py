@@ -273,6 +273,65 @@ def _summary(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+class SolutionReport:
+    """report.json of a solution folder, rewritten after every block so a rerun can resume.
+
+    `complete` turns true only when the whole stage has finished (pack checks it).
+    """
+
+    def __init__(self, out: Path, ckpt: Any, stats: Mapping[str, Any], options: Mapping[str, Any]):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(out)
+        old = read_json(out / REPORT) if (out / REPORT).exists() else {}
+        self.old_layers = old.get("layers", {}) if old.get("format") == FORMAT else {}
+        self.data: dict[str, Any] = {
+            "format": FORMAT,
+            "complete": False,
+            "model": {"path": str(ckpt.folder), "fingerprint": ckpt.fingerprint()},
+            "stats": dict(stats),
+            "options": dict(options),
+            "blocks": [],
+            "layers": {},
+            "summary": {},
+        }
+
+    def done(self, file: str, weights: Sequence[str], fp: str) -> bool:
+        """Whether `file` already holds these weights solved from the same inputs."""
+        return solution_fingerprint(self.out / file) == fp and all(
+            self.old_layers.get(w, {}).get("fingerprint") == fp for w in weights
+        )
+
+    def keep(self, block: str, file: str, fp: str, weights: Sequence[str]) -> None:
+        """Record a block solved by an earlier run."""
+        self.data["layers"].update({w: self.old_layers[w] for w in weights})
+        self.add_block(block, file, fp, weights)
+
+    def add_layer(self, w: str, shape: Sequence[int], layer: QuantizedLayer, rep: Mapping,
+                  fp: str) -> None:
+        self.data["layers"][w] = {
+            **rep, "shape": list(shape), "storage_bits": layer.storage_bits(), "fingerprint": fp,
+        }
+
+    def add_block(self, block: str, file: str, fp: str, weights: Sequence[str]) -> None:
+        self.data["blocks"].append({"name": block, "file": file, "fingerprint": fp,
+                                    "layers": list(weights)})
+        self.data["summary"] = _summary(self.data["layers"])
+        write_json_atomic(self.out / REPORT, self.data)
+
+    def remove_stale(self, planned: set[str]) -> None:
+        """Delete block files of an earlier run that this run does not write."""
+        for stale in self.out.glob("block_*.safetensors"):
+            if stale.name not in planned:
+                stale.unlink()
+
+    def finish(self) -> dict[str, Any]:
+        self.data["complete"] = True
+        self.data["summary"] = _summary(self.data["layers"])
+        write_json_atomic(self.out / REPORT, self.data)
+        return self.data
+
+
 def quantize_model(
     model_dir: str | Path,
     stats_dir: str | Path,
@@ -294,9 +353,6 @@ def quantize_model(
     from qdtk.stats import Stats
 
     ckpt, stats = Checkpoint(model_dir), Stats(stats_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(out)
     selected = ckpt.linear_names(include, exclude)
     have = set(stats.layers())
     missing = [w for w in selected if w not in have]
@@ -312,58 +368,32 @@ def quantize_model(
         if weights:
             plan.append((f"block_{i:04d}.safetensors", block.name, weights))
 
-    old = read_json(out / REPORT) if (out / REPORT).exists() else {}
-    old_layers = old.get("layers", {}) if old.get("format") == FORMAT else {}
-    model_fp = ckpt.fingerprint()
-    report: dict[str, Any] = {
-        "format": FORMAT,
-        "model": {"path": str(ckpt.folder), "fingerprint": model_fp},
-        "stats": {"path": str(stats.folder), "fingerprint": stats.fingerprint},
-        "options": dict(options),
-        "blocks": [],
-        "layers": {},
-        "summary": {},
-    }
-    planned = {file for file, _, _ in plan}
-    for stale in out.glob("block_*.safetensors"):  # blocks no longer selected
-        if stale.name not in planned:
-            stale.unlink()
-
+    report = SolutionReport(
+        Path(out_dir), ckpt, {"path": str(stats.folder), "fingerprint": stats.fingerprint},
+        options,
+    )
+    report.remove_stale({file for file, _, _ in plan})
+    model_fp = report.data["model"]["fingerprint"]
     bar = tqdm(total=len(selected), unit="layer", disable=not progress)
     try:
         for file, block, weights in plan:
             fp = fingerprint(model_fp, stats.block_fingerprint(block), dict(options), weights)
-            entry = {"name": block, "file": file, "fingerprint": fp, "layers": weights}
-            done = solution_fingerprint(out / file) == fp and all(
-                old_layers.get(w, {}).get("fingerprint") == fp for w in weights
-            )
-            if done:
+            if report.done(file, weights, fp):
                 log.debug("%s: already solved, skipping", block)
-                report["layers"].update({w: old_layers[w] for w in weights})
+                report.keep(block, file, fp, weights)
                 bar.update(len(weights))
-            else:
-                solutions = {}
-                for w in weights:
-                    bar.set_postfix_str(w, refresh=True)
-                    W = ckpt.read(w, np.float32)
-                    if W.ndim != 2:
-                        raise QdtkError(f"{ckpt.info(w).file}: {w!r} is not a 2-D weight")
-                    H, _ = stats.hessian(w, dim=W.shape[1])
-                    layer, rep = solver(W, H, {**options, "name": w})
-                    solutions[w] = layer
-                    report["layers"][w] = {
-                        **rep,
-                        "shape": list(W.shape),
-                        "storage_bits": layer.storage_bits(),
-                        "fingerprint": fp,
-                    }
-                    bar.update(1)
-                write_solution_block(out / file, solutions, fp)
-            report["blocks"].append(entry)
-            report["summary"] = _summary(report["layers"])
-            write_json_atomic(out / REPORT, report)
+                continue
+            solutions = {}
+            for w in weights:
+                bar.set_postfix_str(w, refresh=True)
+                W = ckpt.read(w, np.float32)
+                H, _ = stats.hessian(w, dim=W.shape[1])
+                layer, rep = solver(W, H, {**options, "name": w})
+                solutions[w] = layer
+                report.add_layer(w, W.shape, layer, rep, fp)
+                bar.update(1)
+            write_solution_block(Path(out_dir) / file, solutions, fp)
+            report.add_block(block, file, fp, weights)
     finally:
         bar.close()
-    report["summary"] = _summary(report["layers"])
-    write_json_atomic(out / REPORT, report)
-    return report
+    return report.finish()

@@ -313,3 +313,18 @@ def test_cli(model_and_stats, tmp_path):
     for opt in ("--stats", "--out", "--bits", "--iters", "--tau", "--lam", "--percdamp",
                 "--no-compensation", "--backend", "--include", "--exclude"):
         assert opt in r.output
+
+
+def test_report_is_complete_only_when_the_stage_finished(model_and_stats, tmp_path):
+    """pack refuses a solution folder whose quantize run was killed part way."""
+    from qdtk.io import read_json, write_json_atomic
+    from qdtk.pack import pack_checkpoint
+
+    model, stats = model_and_stats
+    quant = tmp_path / "quant"
+    quantize_model(model, stats, quant, OPTIONS, progress=False)
+    report = read_json(quant / "report.json")
+    assert report["complete"] is True
+    write_json_atomic(quant / "report.json", {**report, "complete": False})
+    with pytest.raises(QdtkError, match="quantize has not finished"):
+        pack_checkpoint(quant, tmp_path / "packed", model)
