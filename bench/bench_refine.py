@@ -25,12 +25,10 @@ import torch
 from transformers import AutoTokenizer, BertModel
 
 from qdtk.bits import bcq_bits, group_slices
-from qdtk.daq import error_weights, solve_block
-from qdtk.hessian import prepare_hessian, salience
+from qdtk.quantize import quantize_layer
 from qdtk.refine import proxy_error, refine_layer
 from qdtk.solution import (
     BinaryCodedLayer,
-    dequantize_block,
     read_solution_block,
     write_solution_block,
 )
@@ -115,29 +113,8 @@ def cosine(A: np.ndarray, B: np.ndarray) -> float:
 
 
 def daq_layer(W: np.ndarray, H: np.ndarray, order: int = 2) -> BinaryCodedLayer:
-    """SPEC 4 + 5: DAQ per 128-column group, GPTQ-style compensation of the later columns.
-
-    A stand-in for qdtk.quantize's layer driver (not yet in the tree when this was written).
-    """
-    prep = prepare_hessian(H)
-    W = np.array(W, np.float64)
-    W[:, prep.dead] = 0
-    U, d = prep.U, prep.d
-    n, m = W.shape
-    slices = group_slices(m)
-    K = order
-    signs = np.zeros((K, n, m), bool)
-    row = np.zeros((K, len(slices), n), np.float16)
-    col = np.zeros((K, m), np.float16)
-    for g, cols in enumerate(slices):
-        Wb = W[:, cols]
-        E = error_weights(salience(Wb, d[cols]))
-        s, a, b = solve_block(Wb, order, E, backend="reference")
-        signs[:, :, cols], row[:, g], col[:, cols] = s, a.astype(np.float16), b.astype(np.float16)
-        Q = dequantize_block(s, row[:, g], col[:, cols]).astype(np.float64)
-        Err = (Wb - Q) / d[cols]
-        W[:, cols.stop :] -= Err @ U[cols, cols.stop :]
-    return BinaryCodedLayer(np.full(len(slices), order), signs, row, col)
+    """SPEC 4 + 5 at uniform order: qdtk.quantize's layer driver (DAQ + GPTQ-style sweep)."""
+    return quantize_layer(W, H, [order] * len(group_slices(W.shape[1])))[0]
 
 
 def quantized_model(model, sol: dict[str, BinaryCodedLayer]):
