@@ -97,3 +97,96 @@ def capture_options_from(kw: dict):
         offload=kw.pop("offload"), accumulate=kw.pop("accumulate"),
         trust_remote_code=kw.pop("trust_remote_code"),
     )
+
+
+def _orders_list(ctx, param, value):
+    try:
+        return [int(o) for o in value.split(",") if o.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: a comma list of orders like 1,2,3") from None
+
+
+def quantize_options(include: bool = True):
+    """The options of the quantize stage (`qdtk quantize`, also offered by `qdtk run`); turn
+    them into the stage's options dict with `quantize_options_from`."""
+    opts = [
+        click.option("--method", type=click.Choice(["daq", "gptq", "rtn"]), default="daq",
+                     show_default=True,
+                     help="daq (binary-coded, this project) or the baselines gptq / rtn "
+                     "(asymmetric grid, group 128, float16 scale and zero)."),
+        click.option("--bits", type=float, default=None,
+                     help="daq with --abmp none/swap and gptq/rtn: an integer, the planes per "
+                     "group (the grid bits for gptq/rtn), default 2. daq with --abmp knapsack: "
+                     "the budget in bits per weight (see --count), default the cost of uniform "
+                     "order 2 on the model's shapes (2.3125 on MiniLM)."),
+        click.option("--abmp", type=click.Choice(["none", "swap", "knapsack"]),
+                     default="knapsack", show_default=True,
+                     help="Planes per 128-column group: none (uniform --bits), swap (the "
+                     "published ABMP: rho*G lowest-salience groups to 1, as many highest to 3), "
+                     "knapsack (least predicted error within the --bits budget)."),
+        click.option("--rho", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+                     help="Fraction of groups moved down and up by --abmp swap."),
+        click.option("--count", type=click.Choice(["real", "planes"]), default="real",
+                     show_default=True,
+                     help="What the knapsack budget counts: real bits (sign planes and float16 "
+                     "scales) or sign planes only (the papers' nominal bits)."),
+        click.option("--budget-scope", type=click.Choice(["layer", "model"]), default="model",
+                     show_default=True,
+                     help="knapsack: one budget per layer, or one for the whole model with "
+                     "layers weighted by their measured effect on the model output (a pre-pass "
+                     "that runs the model; stored in OUT/orders.json)."),
+        click.option("--orders", default="1,2,3", show_default=True, callback=_orders_list,
+                     help="Orders (planes) the knapsack may give a group, from 1..4."),
+        click.option("--iters", type=click.IntRange(0), default=15, show_default=True,
+                     help="Alternating refinement iterations of the DAQ block solver."),
+        click.option("--tau", type=float, default=2.0, show_default=True,
+                     help="Salience z-score above which a weight's error is up-weighted."),
+        click.option("--lam", type=float, default=3.0, show_default=True,
+                     help="Error weight of the salient weights (1 elsewhere)."),
+        click.option("--percdamp", type=click.FloatRange(min=0, min_open=True), default=0.01,
+                     show_default=True, help="Damping of H as a fraction of its mean diagonal."),
+        click.option("--no-compensation", is_flag=True,
+                     help="Solve every block alone, without GPTQ-style error feedback."),
+        click.option("--refine", type=click.Choice(["none", "rows", "full", "all"]),
+                     default="rows", show_default=True,
+                     help="After the sweep, lower tr(D H D^T) on the full H: none (the paper), "
+                     "rows (exact row-scale refit), full (rows and signs alternated), all (also "
+                     "the column scales; slowest)."),
+        click.option("--backend", "--device", "backend",
+                     type=click.Choice(["auto", "cpu", "reference", "cuda"]), default="auto",
+                     show_default=True,
+                     help="DAQ kernels: auto (a GPU when CuPy sees one, else cpu), cpu (Numba), "
+                     "reference (NumPy), cuda."),
+    ]
+    if include:
+        opts += [include_option, exclude_option]
+    return _compose(opts)
+
+
+def quantize_options_from(kw: dict) -> dict:
+    """The quantize stage's options (all fingerprinted) from the parsed `quantize_options`
+    (consumes their keys from kw, include/exclude excepted). Checked: a bad combination is an
+    error here, before any solve."""
+    from qdtk.daq import resolve_backend
+    from qdtk.quantize import check_options
+
+    method, bits = kw.pop("method"), kw.pop("bits")
+    daq = {
+        "abmp": kw.pop("abmp"), "rho": kw.pop("rho"), "count": kw.pop("count"),
+        "budget_scope": kw.pop("budget_scope"), "orders": kw.pop("orders"),
+        "iters": kw.pop("iters"), "tau": kw.pop("tau"), "lam": kw.pop("lam"),
+        "compensate": not kw.pop("no_compensation"), "refit": True, "refine": kw.pop("refine"),
+    }
+    backend = kw.pop("backend")
+    options = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp")}
+    if method == "daq":
+        options.update(daq, backend=resolve_backend(backend))
+        if daq["abmp"] != "knapsack" and daq["budget_scope"] == "model":
+            options["budget_scope"] = "layer"  # the model scope is the knapsack's only
+    knapsack = method == "daq" and daq["abmp"] == "knapsack"
+    if bits is None:
+        options["bits"] = None if knapsack else 2  # None: the budget of uniform order 2
+    elif bits == int(bits) and not knapsack:
+        options["bits"] = int(bits)
+    check_options(options)
+    return options

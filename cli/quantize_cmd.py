@@ -1,27 +1,30 @@
-"""`qdtk quantize`: DAQ of every selected Linear, one solution file per block, resumable."""
+"""`qdtk quantize`: every selected Linear by DAQ (or a baseline), one solution file per block,
+resumable."""
 
 from __future__ import annotations
 
 import click
 
-from qdtk.cli.options import exclude_option, include_option
+from qdtk.cli.options import quantize_options, quantize_options_from
 
 
-def daq_options(bits, iters, tau, lam, percdamp, compensate, backend) -> dict:
-    """The options that define a DAQ run (all of them enter the resume fingerprint)."""
-    from qdtk.daq import resolve_backend
-
-    return {
-        "method": "daq",
-        "bits": bits,
-        "iters": iters,
-        "tau": tau,
-        "lam": lam,
-        "percdamp": percdamp,
-        "compensate": compensate,
-        "refit": True,
-        "backend": resolve_backend(backend),
-    }
+def echo_report(report: dict, out_dir: str) -> None:
+    """Per layer: method, orders histogram, real bits per weight, predicted and proxy error;
+    then the whole model."""
+    click.echo(f"{'layer':<52} {'orders 1/2/3/4':>14} {'bits/w':>7} {'predicted':>10} "
+               f"{'proxy err':>10}")
+    for name, r in report["layers"].items():
+        hist = r.get("orders_histogram")
+        orders = "/".join(str(hist.get(str(o), 0)) for o in (1, 2, 3, 4)) if hist else r["method"]
+        pred = r.get("predicted_error")
+        click.echo(f"{name[-52:]:<52} {orders:>14} {r['bits_per_weight']:>7.4f} "
+                   f"{'-' if pred is None else f'{pred:.4g}':>10} {r['proxy_error']:>10.4g}")
+    s = report["summary"]
+    hist = ", ".join(f"{k}: {v}" for k, v in s.get("orders_histogram", {}).items())
+    click.echo(f"{s['layers']} layers, {s['weights']:,} weights: {s['bits_per_weight']:.4f} bits/"
+               f"weight with scales, proxy error median {s['median_proxy_error']:.4g} mean "
+               f"{s['mean_proxy_error']:.4g}{f'; groups per order {hist}' if hist else ''}; "
+               f"wrote {out_dir}")
 
 
 @click.command()
@@ -30,38 +33,18 @@ def daq_options(bits, iters, tau, lam, percdamp, compensate, backend) -> dict:
               help="Statistics folder written by `qdtk capture` (H per Linear input).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder for the solution files and report.json; rerunning resumes.")
-@click.option("--bits", type=click.IntRange(1, 4), default=2, show_default=True,
-              help="Binary planes per 128-column group (uniform order).")
-@click.option("--iters", type=click.IntRange(0), default=15, show_default=True,
-              help="Alternating refinement iterations of the DAQ block solver.")
-@click.option("--tau", type=float, default=2.0, show_default=True,
-              help="Salience z-score above which a weight's error is up-weighted.")
-@click.option("--lam", type=float, default=3.0, show_default=True,
-              help="Error weight of the salient weights (1 elsewhere).")
-@click.option("--percdamp", type=click.FloatRange(min=0, min_open=True), default=0.01,
-              show_default=True, help="Damping of H as a fraction of its mean diagonal.")
-@click.option("--no-compensation", is_flag=True,
-              help="Solve every block alone, without GPTQ-style error feedback.")
-@click.option("--backend", type=click.Choice(["auto", "cpu", "reference"]), default="auto",
-              show_default=True,
-              help="DAQ kernels: auto (the fastest available), cpu (Numba), reference (NumPy).")
-@include_option
-@exclude_option
-def quantize(model_dir, stats_dir, out_dir, bits, iters, tau, lam, percdamp, no_compensation,
-             backend, include, exclude) -> None:
-    """Quantize the Linear weights of MODEL_DIR with DAQ, using the statistics in --stats.
+@quantize_options()
+def quantize(model_dir, stats_dir, out_dir, include, exclude, **kw) -> None:
+    """Quantize the Linear weights of MODEL_DIR with DAQ (or --method gptq/rtn), using the
+    statistics in --stats.
 
-    Writes one solution file per transformer block and report.json (orders, proxy output
-    error tr(D H D^T)/tr(W H W^T), honest bits per weight with the float16 scales, time).
+    Writes one solution file per transformer block and report.json: per layer the orders
+    histogram, honest bits per weight with the float16 scales, predicted and proxy output error
+    tr(D H D^T)/tr(W H W^T), time; the whole model's bits per weight in the summary.
     """
-    from qdtk.quantize import quantize_model
+    from qdtk.quantize import make_solver, quantize_model
 
-    options = daq_options(bits, iters, tau, lam, percdamp, not no_compensation, backend)
-    report = quantize_model(model_dir, stats_dir, out_dir, options, include=include,
-                            exclude=exclude)
-    click.echo(f"{'layer':<60} {'proxy error':>12} {'bits/weight':>12}")
-    for name, r in report["layers"].items():
-        click.echo(f"{name:<60} {r['proxy_error']:>12.4g} {r['bits_per_weight']:>12.4f}")
-    s = report["summary"]
-    click.echo(f"{s['layers']} layers, {s['weights']:,} weights: {s['bits_per_weight']:.4f} "
-               f"bits/weight, mean proxy error {s['mean_proxy_error']:.4g}; wrote {out_dir}")
+    options = quantize_options_from(kw)
+    report = quantize_model(model_dir, stats_dir, out_dir, options, make_solver(options),
+                            include=include, exclude=exclude)
+    echo_report(report, out_dir)

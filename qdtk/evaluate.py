@@ -300,3 +300,49 @@ def compare(model_a: str | Path, model_b: str | Path, text: str | None = None, n
         "windows": n, "length": L, "seed": seed,
         "metrics": compare_outputs(*outputs),
     }
+
+
+def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: int = 128,
+                     trust_remote_code: bool = False, device: str = "cpu"):
+    """output_change(name, What) -> float for model-scope bit allocation (qdtk.abmp.sensitivity).
+
+    The model is loaded once; each call replaces the weight `name` alone by What [n, m], runs
+    n windows of `text` (default: the built-in calibration text, L capped by the model's
+    positions) and returns the sum of squared changes of the final hidden states per token,
+    then restores the weight.
+    """
+    import torch
+
+    from qdtk.calib import calibration_text
+
+    lm = load_for_eval(path, "float32", device, trust_remote_code)
+    L = min(L, lm.config.get("max_position_embeddings") or L)
+    windows = token_windows(calibration_text(None) if text is None else text, lm.tokenizer,
+                            lm.config["vocab_size"], n, L)
+    ids = torch.from_numpy(windows.ids).to(device)
+    params = dict(lm.model.named_parameters())
+
+    def hidden():
+        with torch.inference_mode():
+            return _forward(lm.model, ids, hidden=True)[1].double()
+
+    base = hidden()
+
+    def param_of(name: str):
+        # checkpoint names may lack or carry the model's prefix ("bert.", "model.")
+        hits = [p for k, p in params.items()
+                if k == name or k.endswith("." + name) or name.endswith("." + k)]
+        if len(hits) != 1:
+            raise QdtkError(f"{path}: {len(hits)} model parameters match the weight {name!r}")
+        return hits[0]
+
+    def output_change(name: str, What: np.ndarray) -> float:
+        p = param_of(name)
+        old = p.data.clone()
+        p.data.copy_(torch.from_numpy(np.asarray(What, np.float32)).to(p.dtype))
+        try:
+            return float(((hidden() - base) ** 2).sum() / ids.numel())
+        finally:
+            p.data.copy_(old)
+
+    return output_change

@@ -24,12 +24,14 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.linalg import blas, lapack
 
+from qdtk import abmp
 from qdtk.bits import bcq_bits, group_slices
 from qdtk.daq import error_weights, solve_block
 from qdtk.errors import QdtkError
@@ -65,7 +67,7 @@ class LayerReport:
     compensated: bool
     seconds: float  # end to end; the parts below add up to about it
     seconds_factor: float  # damping + Cholesky of H
-    seconds_sweep: float  # block solves + compensation
+    seconds_sweep: float  # block solves + compensation (+ refinement)
     seconds_solve: float  # of which the block solves (salience weights, DAQ, dequantisation)
     seconds_error: float  # the exact proxy error (two triangular products)
 
@@ -97,15 +99,6 @@ def solve_group(
     signs, a, b = solve_block(Wg, order, E, iters=iters, refit=refit, backend=backend)
     a16, b16 = a.astype(np.float16), b.astype(np.float16)
     return signs, a16, b16, dequantize_block(signs, a16, b16)
-
-
-def group_error(
-    Wg: np.ndarray, Hgg: np.ndarray, order: int, dg: np.ndarray, **solver: Any
-) -> float:
-    """e_g(o) = tr(D_g H_gg D_g^T), D_g = Wg - Q_g, the group solved alone (no compensation)."""
-    Q = solve_group(Wg, order, dg, **solver)[3]
-    D = np.asarray(Wg, np.float64) - Q
-    return float(np.einsum("ij,ij->", D @ np.asarray(Hgg, np.float64), D))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +174,16 @@ def quantize_layer(
     refit: bool = True,
     backend: str = "cpu",
     name: str = "layer",
+    group_solver: Callable[[np.ndarray, int, np.ndarray], tuple] | None = None,
+    refine: Mapping[str, Any] | None = None,
 ) -> tuple[BinaryCodedLayer, LayerReport]:
-    """DAQ of one Linear weight W [n, m] against its statistic H [m, m] (SPEC 5)."""
+    """DAQ of one Linear weight W [n, m] against its statistic H [m, m] (SPEC 5).
+
+    `group_solver(W_g, order, d_g)` replaces `solve_group` (e.g. ABMP's memoising
+    `DaqGroupSolver.solution`, so an uncompensated sweep reuses the allocation's solves);
+    `refine` (keyword arguments of qdtk.refine.refine_layer, e.g. `refine.MODES["rows"]`)
+    refits the solved layer on the full H before its error is measured.
+    """
     t0 = time.perf_counter()
     W = np.array(W, dtype=np.float32)  # [n, m] a copy: the sweep compensates in place
     n, m = W.shape
@@ -200,14 +201,18 @@ def quantize_layer(
 
     def solve(Wg, order, dg):
         t = time.perf_counter()
-        out = solve_group(
-            Wg, order, dg, iters=iters, tau=tau, lam=lam, refit=refit, backend=backend
-        )
+        out = (group_solver or partial(
+            solve_group, iters=iters, tau=tau, lam=lam, refit=refit, backend=backend
+        ))(Wg, order, dg)
         solve_time[0] += time.perf_counter() - t
         return out
 
     t2 = time.perf_counter()
     layer = sweep(W, P, o, solve, compensate)
+    if refine is not None:
+        from qdtk.refine import refine_layer
+
+        layer = refine_layer(W0, H, layer, **refine, percdamp=percdamp, name=name)
     t3 = time.perf_counter()
     if not (np.all(np.isfinite(layer.row_scale)) and np.all(np.isfinite(layer.col_scale))):
         raise QdtkError(f"{name}: scales overflow float16 (weights beyond 65504?)")
@@ -232,31 +237,157 @@ def quantize_layer(
     return layer, report
 
 
+# ---------------------------------------------------------------------------------------------
+# Options -> layer solver
+
+METHODS = ("daq", "gptq", "rtn")
+SCOPES = ("layer", "model")
+# The quantize options and their defaults (`qdtk quantize --help` explains each). For DAQ,
+# `bits` is the uniform order with abmp none/swap and the budget in bits per weight (`count`)
+# with knapsack; for gptq/rtn it is the grid's bits.
+DEFAULTS: dict[str, Any] = {
+    "method": "daq", "bits": 2, "abmp": "none", "rho": 0.05, "count": "real",
+    "budget_scope": "layer", "orders": list(abmp.ORDERS), "iters": 15, "tau": 2.0, "lam": 3.0,
+    "percdamp": 0.01, "compensate": True, "refit": True, "refine": "none", "backend": "cpu",
+}
+
+
+def _opt(options: Mapping[str, Any], key: str) -> Any:
+    return options.get(key, DEFAULTS[key])
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Reject inconsistent options before any solve, with a message naming the option."""
+    from qdtk.refine import MODES
+
+    method, bits = _opt(options, "method"), _opt(options, "bits")
+    if method not in METHODS:
+        raise QdtkError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    method_abmp = _opt(options, "abmp") if method == "daq" else "none"
+    if method_abmp not in abmp.METHODS:
+        raise QdtkError(f"--abmp must be one of {', '.join(abmp.METHODS)}, got {method_abmp!r}")
+    if method_abmp == "knapsack":
+        if bits is not None and not float(bits) > 0:
+            raise QdtkError(f"--bits {bits}: the knapsack budget must be positive bits per weight")
+    else:
+        top = 4 if method == "daq" else 8
+        if bits is None or float(bits) != int(float(bits)) or not 1 <= int(float(bits)) <= top:
+            what = f"--abmp {method_abmp}" if method == "daq" else f"--method {method}"
+            raise QdtkError(
+                f"--bits {bits}: with {what} it is an integer 1..{top} "
+                f"({'planes per group' if method == 'daq' else 'grid bits'}); a real budget "
+                f"such as 2.1 bits per weight needs --method daq --abmp knapsack"
+            )
+    if method != "daq":
+        return
+    if not 0 <= float(_opt(options, "rho")) <= 1:
+        raise QdtkError(f"--rho must lie in [0, 1], got {_opt(options, 'rho')}")
+    if _opt(options, "count") not in abmp.COUNTS:
+        raise QdtkError(f"--count must be one of {', '.join(abmp.COUNTS)}")
+    scope = _opt(options, "budget_scope")
+    if scope not in SCOPES:
+        raise QdtkError(f"--budget-scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if scope == "model" and method_abmp != "knapsack":
+        raise QdtkError("--budget-scope model needs --abmp knapsack (one budget for all layers)")
+    abmp.check_orders(_opt(options, "orders"))
+    if _opt(options, "refine") not in MODES:
+        raise QdtkError(f"--refine must be one of {', '.join(MODES)}")
+
+
+def knapsack_bits(options: Mapping[str, Any], shapes: Sequence[Sequence[int]]) -> float:
+    """The knapsack budget in bits per weight: options["bits"], or when that is None the cost
+    of uniform order 2 on these (n, m) shapes (the published method's budget), as `count`
+    counts."""
+    if _opt(options, "bits") is not None:
+        return float(_opt(options, "bits"))
+    cost = sum(int(abmp.group_costs(n, m, (2,), _opt(options, "count")).sum()) for n, m in shapes)
+    return cost / sum(n * m for n, m in shapes)
+
+
+def _group_solver(options: Mapping[str, Any]) -> abmp.DaqGroupSolver:
+    return abmp.DaqGroupSolver(**{k: _opt(options, k) for k in
+                                  ("iters", "tau", "lam", "refit", "backend")})
+
+
 def solve_daq(
     W: np.ndarray, H: np.ndarray, options: Mapping[str, Any], orders: Orders | None = None
 ) -> tuple[BinaryCodedLayer, dict[str, Any]]:
-    """DAQ as a pluggable layer solver. options: bits (uniform order unless `orders` is given:
-    per-group orders or a function of (W, prepared H), e.g. ABMP), iters, tau, lam, percdamp,
-    compensate, refit, backend, name."""
-    G = len(group_slices(W.shape[1]))
-    layer, report = quantize_layer(
-        W,
-        H,
-        orders if orders is not None else [int(options.get("bits", 2))] * G,
-        iters=int(options.get("iters", 15)),
-        tau=float(options.get("tau", 2.0)),
-        lam=float(options.get("lam", 3.0)),
-        percdamp=float(options.get("percdamp", 0.01)),
-        compensate=bool(options.get("compensate", True)),
-        refit=bool(options.get("refit", True)),
-        backend=str(options.get("backend", "cpu")),
-        name=str(options.get("name", "layer")),
-    )
-    return layer, report.to_dict()
+    """DAQ as a pluggable layer solver (the options of `DEFAULTS`, plus the layer's "name").
+
+    The group orders: `orders` when given (a list, or a function of (W, prepared H)), else
+    `options["layer_orders"]` (set by `quantize_model` from the model-scope allocation), else
+    ABMP on this layer alone (`abmp.choose_orders` with abmp none/swap/knapsack). The ABMP
+    report (orders histogram, bits, predicted error) joins the layer report; the predicted
+    error is given where it is free or needed: with knapsack, or without compensation (whose
+    sweep reuses the allocation's cached solves).
+    """
+    from qdtk.refine import MODES
+
+    name = str(options.get("name", "layer"))
+    method = _opt(options, "abmp")
+    gs = _group_solver(options)
+    compensate = bool(_opt(options, "compensate"))
+    info: dict[str, Any] = {}
+    if orders is None and options.get("layer_orders") is not None:
+        orders = np.asarray(options["layer_orders"], np.int64)
+    elif orders is None:
+        if _opt(options, "budget_scope") == "model":
+            raise QdtkError(f"{name}: --budget-scope model needs the model's allocation "
+                            f"(quantize_model computes it from the statistics folder)")
+        bits = (knapsack_bits(options, [W.shape]) if method == "knapsack"
+                else float(_opt(options, "bits")))
+
+        def orders(W_: np.ndarray, P: PreparedHessian) -> np.ndarray:
+            o, rep = abmp.choose_orders(
+                name, W_, P.H, P.d, method=method, rho=float(_opt(options, "rho")),
+                bits=bits, count=_opt(options, "count"), orders=_opt(options, "orders"),
+                uniform=int(bits) if method != "knapsack" else 2,
+                solve=gs if method == "knapsack" or not compensate else None,
+            )
+            info.update(rep)
+            return o
+
+    try:
+        layer, report = quantize_layer(
+            W, H, orders,
+            iters=int(_opt(options, "iters")),
+            tau=float(_opt(options, "tau")),
+            lam=float(_opt(options, "lam")),
+            percdamp=float(_opt(options, "percdamp")),
+            compensate=compensate,
+            refit=bool(_opt(options, "refit")),
+            backend=str(_opt(options, "backend")),
+            name=name,
+            group_solver=gs.solution,
+            refine=MODES[_opt(options, "refine")],
+        )
+    finally:
+        gs.clear()
+    n, m = W.shape
+    info = {"abmp": method, **abmp.layer_report(n, m, np.asarray(report.orders)), **info}
+    return layer, {**report.to_dict(), **info, "refine": _opt(options, "refine")}
+
+
+def make_solver(options: Mapping[str, Any]) -> LayerSolver:
+    """The layer solver that `options` name (method daq, gptq or rtn), after checking them."""
+    from qdtk.baselines import SOLVERS
+
+    check_options(options)
+    method = _opt(options, "method")
+    return solve_daq if method == "daq" else SOLVERS[method]
 
 
 # ---------------------------------------------------------------------------------------------
 # The stage
+
+
+def _histogram(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """Groups per order over all binary-coded layers (empty for the affine baselines)."""
+    total: dict[str, int] = {}
+    for r in layers.values():
+        for o, k in r.get("orders_histogram", {}).items():
+            total[o] = total.get(o, 0) + k
+    return dict(sorted(total.items()))
 
 
 def _summary(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -269,6 +400,8 @@ def _summary(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "storage_bits": bits,
         "bits_per_weight": bits / weights if weights else None,
         "mean_proxy_error": float(np.mean(errors)) if errors else None,
+        "median_proxy_error": float(np.median(errors)) if errors else None,
+        "orders_histogram": _histogram(layers),
         "seconds": sum(r.get("seconds", r.get("time_s", 0.0)) for r in layers.values()),
     }
 
@@ -337,21 +470,26 @@ def quantize_model(
     stats_dir: str | Path,
     out_dir: str | Path,
     options: Mapping[str, Any],
-    solver: LayerSolver = solve_daq,
+    solver: LayerSolver | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Quantize every selected Linear of MODEL with its statistic; returns the report.
 
-    `options` are passed to `solver` (with the layer's "name") and fingerprinted: they must
-    name everything that changes the result (the method, orders, ...).
+    `options` are passed to `solver` (default `make_solver(options)`, with the layer's "name")
+    and fingerprinted: they must name everything that changes the result (the method, orders,
+    ...). They are checked, budgets included, before any solve. With budget_scope "model" the
+    group orders of all layers come first from one knapsack (`qdtk.allocate.allocate_orders`,
+    stored in OUT/orders.json and reused by a rerun) and reach the solver as "layer_orders".
     """
     from tqdm.auto import tqdm
 
     from qdtk.checkpoint import Checkpoint
     from qdtk.stats import Stats
 
+    check_options(options)
+    solver = solver or make_solver(options)
     ckpt, stats = Checkpoint(model_dir), Stats(stats_dir)
     selected = ckpt.linear_names(include, exclude)
     have = set(stats.layers())
@@ -361,6 +499,7 @@ def quantize_model(
             f"{stats.folder}: no statistic for {', '.join(missing[:5])}"
             f"{' ...' if len(missing) > 5 else ''}; recapture or --exclude them"
         )
+    check_budgets(options, {w: ckpt.info(w).shape for w in selected})
     chosen = set(selected)
     plan = []  # (file, block name, weights)
     for i, block in enumerate(stats.blocks):
@@ -368,16 +507,25 @@ def quantize_model(
         if weights:
             plan.append((f"block_{i:04d}.safetensors", block.name, weights))
 
+    alloc: dict[str, Any] = {"fingerprint": None, "layers": {}}
+    if _opt(options, "method") == "daq" and _opt(options, "budget_scope") == "model":
+        from qdtk.allocate import allocate_orders
+
+        alloc = allocate_orders(model_dir, stats_dir, out_dir, options, include, exclude,
+                                progress=progress)
     report = SolutionReport(
         Path(out_dir), ckpt, {"path": str(stats.folder), "fingerprint": stats.fingerprint},
         options,
     )
+    if alloc["fingerprint"] is not None:
+        report.data["allocation"] = {k: v for k, v in alloc.items() if k != "layers"}
     report.remove_stale({file for file, _, _ in plan})
     model_fp = report.data["model"]["fingerprint"]
     bar = tqdm(total=len(selected), unit="layer", disable=not progress)
     try:
         for file, block, weights in plan:
-            fp = fingerprint(model_fp, stats.block_fingerprint(block), dict(options), weights)
+            fp = fingerprint(model_fp, stats.block_fingerprint(block), dict(options), weights,
+                             alloc["fingerprint"])
             if report.done(file, weights, fp):
                 log.debug("%s: already solved, skipping", block)
                 report.keep(block, file, fp, weights)
@@ -388,8 +536,11 @@ def quantize_model(
                 bar.set_postfix_str(w, refresh=True)
                 W = ckpt.read(w, np.float32)
                 H, _ = stats.hessian(w, dim=W.shape[1])
-                layer, rep = solver(W, H, {**options, "name": w})
+                planned = alloc["layers"].get(w, {})
+                layer, rep = solver(W, H, {**options, "name": w,
+                                           "layer_orders": planned.get("orders")})
                 solutions[w] = layer
+                rep = {**rep, **{k: v for k, v in planned.items() if k != "orders"}}
                 report.add_layer(w, W.shape, layer, rep, fp)
                 bar.update(1)
             write_solution_block(Path(out_dir) / file, solutions, fp)
@@ -397,3 +548,18 @@ def quantize_model(
     finally:
         bar.close()
     return report.finish()
+
+
+def check_budgets(options: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> None:
+    """The knapsack budget against the cheapest allocation, per layer or over the model."""
+    if _opt(options, "method") != "daq" or _opt(options, "abmp") != "knapsack":
+        return
+    count = _opt(options, "count")
+    low = abmp.check_orders(_opt(options, "orders"))[0]
+    if _opt(options, "budget_scope") == "model":
+        all_shapes = [tuple(s) for s in shapes.values()]
+        abmp.check_budget(f"the model ({len(shapes)} layers)", all_shapes,
+                          knapsack_bits(options, all_shapes), count, low)
+    else:
+        for w, shape in shapes.items():
+            abmp.check_budget(w, [tuple(shape)], knapsack_bits(options, [shape]), count, low)

@@ -10,7 +10,6 @@ from qdtk.cli.main import cli
 from qdtk.errors import QdtkError
 from qdtk.hessian import prepare_hessian
 from qdtk.quantize import (
-    group_error,
     quadratic_form,
     quantize_layer,
     quantize_model,
@@ -101,16 +100,6 @@ def test_orders_per_group_and_as_a_function(rng):
     assert layer2.orders.tolist() == [2, 2, 1] and seen["d"].shape == (m,)
     with pytest.raises(QdtkError, match="blk.x: need 3 group orders"):
         quantize_layer(W, H, [2, 2], name="blk.x")
-
-
-def test_group_error_matches_its_definition(rng):
-    W = rng.standard_normal((20, 128)).astype(np.float32)
-    H = correlated_H(rng, 128)
-    d = prepare_hessian(H).d
-    errs = [group_error(W, H, o, d) for o in (1, 2, 3)]
-    Q = solve_group(W, 2, d)[3]
-    assert errs[1] == pytest.approx(output_error(W, Q, H), rel=1e-9)
-    assert errs[0] > errs[1] > errs[2] > 0
 
 
 def test_degenerate_layer_is_finite(rng):
@@ -287,7 +276,7 @@ def test_stage_nan_weight_names_the_layer(model_and_stats, tmp_path, monkeypatch
 
     monkeypatch.setattr(Checkpoint, "read", read)
     r = CliRunner().invoke(cli, ["quantize", str(model), "--stats", str(stats), "--out",
-                                 str(tmp_path / "q"), "--iters", "2"])
+                                 str(tmp_path / "q"), "--iters", "2", "--abmp", "none"])
     assert r.exit_code == 1
     assert "Error: model.layers.1.mlp.down_proj.weight: the weight contains NaN" in r.output
 
@@ -296,6 +285,7 @@ def test_cli(model_and_stats, tmp_path):
     model, stats = model_and_stats
     r = CliRunner().invoke(cli, ["quantize", str(model), "--stats", str(stats), "--out",
                                  str(tmp_path / "q"), "--bits", "3", "--iters", "3",
+                                 "--abmp", "none", "--refine", "none",
                                  "--backend", "cpu", "--no-compensation",
                                  "--exclude", "*.k_proj.weight"])
     assert r.exit_code == 0, r.output
@@ -303,15 +293,20 @@ def test_cli(model_and_stats, tmp_path):
     import json
 
     report = json.loads((tmp_path / "q" / REPORT).read_text())
-    assert report["options"] == {"method": "daq", "bits": 3, "iters": 3, "tau": 2.0, "lam": 3.0,
-                                 "percdamp": 0.01, "compensate": False, "refit": True,
-                                 "backend": "cpu"}
+    assert report["options"] == {
+        "method": "daq", "bits": 3, "abmp": "none", "rho": 0.05, "count": "real",
+        "budget_scope": "layer", "orders": [1, 2, 3], "iters": 3, "tau": 2.0, "lam": 3.0,
+        "percdamp": 0.01, "compensate": False, "refit": True, "refine": "none", "backend": "cpu"}
     assert f"{report['summary']['bits_per_weight']:.4f} bits/weight" in r.output
+    assert report["summary"]["orders_histogram"] == {"3": sum(
+        len(r_["orders"]) for r_ in report["layers"].values())}
     assert all(r_["orders"] == [3] * len(r_["orders"]) for r_ in report["layers"].values())
     r = CliRunner().invoke(cli, ["quantize", "--help"])
     assert r.exit_code == 0
-    for opt in ("--stats", "--out", "--bits", "--iters", "--tau", "--lam", "--percdamp",
-                "--no-compensation", "--backend", "--include", "--exclude"):
+    for opt in ("--stats", "--out", "--method", "--bits", "--abmp", "--rho", "--count",
+                "--budget-scope", "--orders", "--iters", "--tau", "--lam", "--percdamp",
+                "--no-compensation", "--refine", "--backend", "--device", "--include",
+                "--exclude"):
         assert opt in r.output
 
 
@@ -328,3 +323,183 @@ def test_report_is_complete_only_when_the_stage_finished(model_and_stats, tmp_pa
     write_json_atomic(quant / "report.json", {**report, "complete": False})
     with pytest.raises(QdtkError, match="quantize has not finished"):
         pack_checkpoint(quant, tmp_path / "packed", model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options -> solver, ABMP, refinement
+
+
+def parse(args):
+    """The quantize options dict that `qdtk quantize ARGS` would use."""
+    import click
+
+    from qdtk.cli.options import quantize_options, quantize_options_from
+
+    seen = {}
+
+    @click.command()
+    @quantize_options()
+    def cmd(include, exclude, **kw):
+        seen["options"] = quantize_options_from(kw)
+
+    r = CliRunner().invoke(cmd, args, standalone_mode=False, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return seen["options"]
+
+
+def test_options_map_to_the_solver(model_and_stats, tmp_path):
+    from qdtk.baselines import solve_gptq, solve_rtn
+    from qdtk.quantize import make_solver
+    from qdtk.solution import AffineLayer, BinaryCodedLayer
+
+    model, stats = model_and_stats
+    for method, solver in (("gptq", solve_gptq), ("rtn", solve_rtn)):
+        options = parse(["--method", method])
+        assert options == {"method": method, "bits": 2, "percdamp": 0.01}
+        assert make_solver(options) is solver
+        quantize_model(model, stats, tmp_path / method, options, make_solver(options),
+                       include=["*layers.0.*"], progress=False)
+        layers = read_solution_block(tmp_path / method / "block_0000.safetensors")
+        assert all(isinstance(x, AffineLayer) and x.bits == 2 for x in layers.values())
+    options = parse(["--abmp", "swap", "--rho", "0.5", "--iters", "2", "--refine", "none",
+                     "--backend", "cpu"])
+    assert options["bits"] == 2 and options["budget_scope"] == "layer"  # model: knapsack only
+    assert make_solver(options) is solve_daq
+    report = quantize_model(model, stats, tmp_path / "swap", options, progress=False)
+    assert {type(x) for x in read_solution_block(tmp_path / "swap" / "block_0000.safetensors")
+            .values()} == {BinaryCodedLayer}
+    for r in report["layers"].values():  # 2 groups (160 columns): one at 1, one at 3
+        assert np.mean(r["orders"]) == 2 and sorted(r["orders"]) == ([1, 3] if len(
+            r["orders"]) == 2 else [2])
+        assert r["abmp"] == "swap" and sum(r["orders_histogram"].values()) == len(r["orders"])
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--abmp", "swap", "--bits", "2.1"], r"--bits 2.1: with --abmp swap it is an integer"),
+    (["--abmp", "none", "--bits", "5"], r"--bits 5: with --abmp none it is an integer 1\.\.4"),
+    (["--method", "gptq", "--bits", "2.5"], r"with --method gptq it is an integer 1..8"),
+    (["--abmp", "knapsack", "--orders", "0,2"], r"--orders must be a non-empty subset"),
+    (["--abmp", "knapsack", "--bits", "-1"], r"budget must be positive"),
+])
+def test_bad_option_combinations_are_clear_errors(args, match):
+    with pytest.raises(QdtkError, match=match):
+        parse(args)
+
+
+def test_budget_below_the_minimum_fails_before_any_solve(model_and_stats, tmp_path):
+    model, stats = model_and_stats
+    calls = []
+    for scope in ("layer", "model"):
+        options = {**OPTIONS, "abmp": "knapsack", "bits": 1.1, "budget_scope": scope}
+        with pytest.raises(QdtkError, match=r"--bits 1.1 is below the minimum of 1\.\d+ bits"):
+            quantize_model(model, stats, tmp_path / scope, options, counting(solve_daq, calls),
+                           progress=False)
+    assert calls == [] and not (tmp_path / "model" / "orders.json").exists()
+
+
+def uniform2_bits(report):
+    return {w: bcq_bits(*r["shape"], [2] * len(r["orders"])) / np.prod(r["shape"])
+            for w, r in report["layers"].items()}
+
+
+def test_knapsack_per_layer_respects_each_budget(model_and_stats, tmp_path):
+    model, stats = model_and_stats
+    options = {**OPTIONS, "abmp": "knapsack", "bits": 1.8, "count": "planes",
+               "budget_scope": "layer"}
+    report = quantize_model(model, stats, tmp_path / "q", options, progress=False)
+    for r in report["layers"].values():
+        assert r["plane_bits_per_weight"] <= 1.8 and 1 in r["orders"]
+        assert r["predicted_error"] > 0 and r["abmp"] == "knapsack"
+        if r["shape"][1] == 160:  # 128 + 32 columns: the wide group at order 2 fits exactly
+            assert r["orders"] == [2, 1] and r["plane_bits_per_weight"] == 1.8
+    # no --bits: each layer's budget is what uniform order 2 costs it, scales included
+    report = quantize_model(model, stats, tmp_path / "q", {**options, "bits": None,
+                                                            "count": "real"}, progress=False)
+    u2 = uniform2_bits(report)
+    assert all(r["bits_per_weight"] <= u2[w] for w, r in report["layers"].items())
+
+
+def fake_output_change(model, scales, calls):
+    """A model whose output change is scale * ||W - What||^2 for each layer (no torch)."""
+    ckpt = Checkpoint(model)
+
+    def build(path, **kw):
+        calls.append("built")
+
+        def output_change(name, What):
+            calls.append(name)
+            return scales.get(name.split(".")[-2], 1.0) * float(
+                np.sum((ckpt.read(name, np.float64) - What) ** 2))
+
+        return output_change
+
+    return build
+
+
+def test_model_scope_respects_the_budget_and_resumes_without_the_prepass(
+        model_and_stats, tmp_path, monkeypatch):
+    import qdtk.evaluate
+    from qdtk.io import read_json
+
+    model, stats = model_and_stats
+    calls = []
+    monkeypatch.setattr(qdtk.evaluate, "output_change_fn",
+                        fake_output_change(model, {"down_proj": 1e3}, calls))
+    options = {**OPTIONS, "abmp": "knapsack", "bits": None, "budget_scope": "model"}
+    out = tmp_path / "q"
+    report = quantize_model(model, stats, out, options, progress=False)
+    assert len(calls) == 1 + 3 * BLOCKS  # built once, one measurement per layer
+    u2 = uniform2_bits(report)  # the default budget: what uniform order 2 costs the model
+    weights = {w: np.prod(r["shape"]) for w, r in report["layers"].items()}
+    budget = sum(u2[w] * weights[w] for w in u2) / sum(weights.values())
+    assert report["summary"]["bits_per_weight"] <= budget
+    assert report["allocation"]["bits"] == pytest.approx(budget)
+    alloc = read_json(out / "orders.json")
+    assert report["allocation"]["fingerprint"] == alloc["fingerprint"]
+    for name, r in report["layers"].items():
+        assert r["orders"] == alloc["layers"][name]["orders"]
+        assert r["sensitivity"] == alloc["layers"][name]["sensitivity"] > 0
+    # the far more sensitive down_proj layers get at least the mean order of the others
+    mean = {k: np.mean([np.mean(r["orders"]) for n, r in report["layers"].items() if k in n])
+            for k in ("down_proj", "q_proj")}
+    assert mean["down_proj"] > mean["q_proj"]
+    # resumed (a block lost): no pre-pass, same result; options outside the allocation reuse it
+    calls.clear()
+    before = block_bytes(out)
+    (out / "block_0001.safetensors").unlink()
+    quantize_model(model, stats, out, options, progress=False)
+    assert calls == [] and block_bytes(out) == before
+    report2 = quantize_model(model, stats, tmp_path / "q2", options, progress=False)
+    assert len(calls) == 1 + 3 * BLOCKS  # a new folder measures again
+    calls.clear()
+    quantize_model(model, stats, out, {**options, "compensate": False}, progress=False)
+    assert read_json(out / "orders.json") == alloc
+    calls.clear()
+    quantize_model(model, stats, out, {**options, "bits": 4.0}, progress=False)
+    assert len(calls) == 1 + 3 * BLOCKS and read_json(out / "orders.json") != alloc
+    assert report2["summary"]["bits_per_weight"] == report["summary"]["bits_per_weight"]
+
+
+def test_refine_lowers_the_proxy_error(model_and_stats, tmp_path):
+    model, stats = model_and_stats
+    base = quantize_model(model, stats, tmp_path / "none", {**OPTIONS, "refine": "none"},
+                          progress=False)
+    rows = quantize_model(model, stats, tmp_path / "rows", {**OPTIONS, "refine": "rows"},
+                          progress=False)
+    assert block_bytes(tmp_path / "none") != block_bytes(tmp_path / "rows")
+    for name, r in rows["layers"].items():
+        assert r["proxy_error"] <= base["layers"][name]["proxy_error"] * (1 + 1e-6)
+        assert r["refine"] == "rows" and r["orders"] == base["layers"][name]["orders"]
+    assert rows["summary"]["mean_proxy_error"] < 0.95 * base["summary"]["mean_proxy_error"]
+
+
+def test_output_change_of_a_real_model(tiny_bert):
+    from qdtk.evaluate import output_change_fn
+
+    name = "bert.encoder.layer.1.intermediate.dense.weight"
+    W = Checkpoint(tiny_bert).read(name, np.float32)
+    change = output_change_fn(tiny_bert, n=2, L=32)
+    assert change(name, W) == 0
+    small = change(name, W + 0.01 * np.sign(W))
+    assert 0 < small < change(name, W + 0.1 * np.sign(W))
+    assert change(name, W) == 0  # the weight was restored

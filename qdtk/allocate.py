@@ -1,0 +1,100 @@
+"""Model-scope ABMP: one knapsack budget over all layers, the pre-pass of `qdtk quantize`.
+
+For every selected Linear: its prepared H, the candidate values e_g(o) of each group at each
+allowed order (`abmp.group_errors`, groups solved alone by DAQ) and its sensitivity (model
+output change per unit of layer output error, measured with the layer alone replaced by its
+uniform-order-2 solution from the same cache). One knapsack over all groups, values weighted by
+the sensitivities, gives the orders of every layer (`abmp.allocate_model`). The result is stored
+in OUT/orders.json with a fingerprint of everything it depends on, so a resumed run reuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qdtk import abmp
+from qdtk.hessian import prepare_hessian
+from qdtk.io import fingerprint, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+ORDERS_FILE = "orders.json"
+# What the allocation depends on among the quantize options (compensation, refinement and the
+# sweep do not change it).
+ALLOCATION_KEYS = ("bits", "count", "orders", "iters", "tau", "lam", "percdamp", "refit")
+SENSITIVITY_WINDOWS = {"n": 8, "L": 128}  # calibration windows of the output-change measure
+
+
+def allocate_orders(
+    model_dir: str | Path,
+    stats_dir: str | Path,
+    out_dir: str | Path,
+    options: Mapping[str, Any],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    progress: bool = True,
+    output_change: Callable[[str, np.ndarray], float] | None = None,
+) -> dict[str, Any]:
+    """{"fingerprint", "bits", "count", "predicted_error", "layers": {name: {"orders",
+    "predicted_error", "sensitivity"}}}, read from OUT/orders.json when its fingerprint matches.
+
+    `output_change(name, What)` defaults to `qdtk.evaluate.output_change_fn(model_dir)` (torch),
+    built only when the allocation has to be computed.
+    """
+    from tqdm.auto import tqdm
+
+    from qdtk.checkpoint import Checkpoint
+    from qdtk.quantize import DEFAULTS, _group_solver, knapsack_bits
+    from qdtk.stats import Stats
+
+    opts = {k: options.get(k, DEFAULTS[k]) for k in ALLOCATION_KEYS}
+    ckpt, stats = Checkpoint(model_dir), Stats(stats_dir)
+    names = ckpt.linear_names(include, exclude)
+    fp = fingerprint(ckpt.fingerprint(), stats.fingerprint, opts, names, SENSITIVITY_WINDOWS)
+    path = Path(out_dir) / ORDERS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        old = read_json(path)
+        if old.get("fingerprint") == fp:
+            log.info("%s: reusing the model-scope allocation", path)
+            return old
+    if output_change is None:
+        from qdtk.evaluate import output_change_fn
+
+        output_change = output_change_fn(model_dir, **SENSITIVITY_WINDOWS)
+    order_set = abmp.check_orders(opts["orders"])
+    solve = _group_solver(options)
+    cands, weights = [], []
+    for name in tqdm(names, desc="allocate", unit="layer", disable=not progress):
+        W = ckpt.read(name, np.float32)  # [n, m]
+        H, _ = stats.hessian(name, dim=W.shape[1])
+        P = prepare_hessian(H, float(opts["percdamp"]), name=name, dtype=np.float32)
+        E = abmp.group_errors(W, P.H, P.d, order_set, solve)  # [G, C]
+        What = abmp.dequantize_orders(W, P.d, np.full(E.shape[0], 2), solve)  # cached if 2 in C
+        weights.append(abmp.sensitivity(name, W, P.H, What, output_change))
+        cands.append(abmp.LayerCandidates(name, *W.shape, E, order_set))
+        solve.clear()
+    bits = knapsack_bits(options, [(c.n, c.m) for c in cands])
+    chosen = abmp.allocate_model(cands, bits, opts["count"], weights)
+    layers = {}
+    for cand, o, s in zip(cands, chosen, weights, strict=True):
+        e = cand.E[np.arange(len(o)), np.searchsorted(order_set, o)]  # [G]
+        layers[cand.name] = {"orders": o.tolist(), "predicted_error": float(e.sum()),
+                             "sensitivity": s}
+    result = {
+        "fingerprint": fp,
+        "bits": bits,
+        "count": opts["count"],
+        "bits_per_weight": abmp.model_bits_per_weight(
+            [(c.n, c.m, o) for c, o in zip(cands, chosen, strict=True)]),
+        "weighted_predicted_error": float(sum(
+            s * r["predicted_error"] for s, r in zip(weights, layers.values(), strict=True))),
+        "layers": layers,
+    }
+    write_json_atomic(path, result)
+    return result
