@@ -1,6 +1,7 @@
 """ABMP end to end: uniform order 2, swap, knapsack per layer and per model, GPTQ 2-bit beside.
 
     .venv/bin/python bench/bench_abmp.py [--models minilm,smollm] [--work DIR] [-n 64 -L 256]
+        [--refine none,rows]
 
 Per model: one MCS capture; then for every setting quantize (DAQ with compensation), pack,
 unpack and compare with the original on the built-in held-out text. Budgets are real bits per
@@ -10,11 +11,13 @@ error tr(D H D^T)/tr(W H W^T) (calibration H), and the model metric: the held-ou
 cosine (MiniLM) or the perplexity ratio quantized/original (SmolLM2).
 
 The knapsack values e_g(o) and, for the model scope, the per-layer sensitivities are computed
-once per model: sensitivity = change of the final hidden states (sum of squares per token, on
-calibration windows) when the layer alone is replaced by its uncompensated uniform-order-2 DAQ
-solution, per unit of that layer's output error. swap at rho 0.05 moves nothing on layers with
-fewer than 20 groups (all of MiniLM's and SmolLM2's), so it equals uniform there; rho 0.25 is
-shown as well. Timings and thread counts on a shared machine are not the point here.
+once per model by the library's pre-pass (qdtk.allocate.model_candidates): sensitivity =
+change of the final hidden states (sum of squares per token, on calibration windows) when the
+layer alone is replaced by its uncompensated uniform-order-2 DAQ solution, per unit of that
+layer's output error. swap at rho 0.05 moves nothing on layers with fewer than 20 groups (all
+of MiniLM's and SmolLM2's), so it equals uniform there; rho 0.25 is shown as well. Every DAQ
+setting runs with each --refine mode (refit on the full H after the
+sweep, qdtk.refine). Timings and thread counts on a shared machine are not the point here.
 """
 
 from __future__ import annotations
@@ -54,74 +57,6 @@ def model_folder(name: str, work: Path) -> Path:
     return folder
 
 
-def candidates(model: Path, stats: Path) -> tuple[list[abmp.LayerCandidates], dict]:
-    """Knapsack candidates of every Linear, and (W, H, d, uniform-2 What) of each."""
-    from qdtk.checkpoint import Checkpoint
-    from qdtk.hessian import prepare_hessian
-    from qdtk.stats import Stats
-
-    ckpt, st = Checkpoint(model), Stats(stats)
-    cands, ref = [], {}
-    solver = abmp.DaqGroupSolver(**{k: DAQ[k] for k in ("iters", "tau", "lam", "refit")})
-    for name in ckpt.linear_names((), ()):
-        W = ckpt.read(name, np.float32)
-        H, _ = st.hessian(name, dim=W.shape[1])
-        P = prepare_hessian(H, OPTIONS["percdamp"], name=name, dtype=np.float32)
-        E = abmp.group_errors(W, P.H, P.d, abmp.ORDERS, solver)
-        G = E.shape[0]
-        What = abmp.dequantize_orders(W, P.d, np.full(G, 2), solver)  # from the cache
-        cands.append(abmp.LayerCandidates(name, *W.shape, E))
-        ref[name] = (W, P.H, P.d, What)
-        solver.clear()
-    return cands, ref
-
-
-def sensitivities(model: Path, ref: dict, n: int = 8, L: int = 128) -> list[float]:
-    """Per layer: final hidden-state change per unit of layer output error (torch)."""
-    import torch
-
-    from qdtk.calib import calibration_text
-    from qdtk.capture import load_model, load_tokenizer
-    from qdtk.evaluate import token_windows
-
-    lm = load_model(model)
-    tok = load_tokenizer(model)
-    ids = torch.from_numpy(
-        token_windows(calibration_text(None), tok, lm.config.vocab_size, n, L).ids
-    )
-    params = dict(lm.named_parameters())
-
-    def hidden():
-        with torch.inference_mode():
-            out = lm(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
-        return out.hidden_states[-1].double()
-
-    base = hidden()
-
-    def param_of(name: str):
-        hits = [
-            p
-            for k, p in params.items()
-            if k == name or k.endswith("." + name) or name.endswith("." + k)
-        ]
-        if len(hits) != 1:
-            raise KeyError(f"{name}: {len(hits)} matching parameters")
-        return hits[0]
-
-    def output_change(name: str, What: np.ndarray) -> float:
-        p = param_of(name)
-        old = p.data.clone()
-        p.data.copy_(torch.from_numpy(What))
-        try:
-            return float(((hidden() - base) ** 2).sum() / (n * L))
-        finally:
-            p.data.copy_(old)
-
-    return [
-        abmp.sensitivity(name, W, H, What, output_change) for name, (W, H, _, What) in ref.items()
-    ]
-
-
 def run_setting(model: Path, stats: Path, work: Path, tag: str, solver, options: dict) -> dict:
     from qdtk.evaluate import compare
     from qdtk.pack import pack_checkpoint, unpack_checkpoint
@@ -144,16 +79,31 @@ def run_setting(model: Path, stats: Path, work: Path, tag: str, solver, options:
     }
 
 
-def bench_model(name: str, work: Path, n: int, L: int) -> list[dict]:
+def bench_model(name: str, work: Path, n: int, L: int, refines: list[str]) -> list[dict]:
+    from qdtk.allocate import SENSITIVITY_WINDOWS, model_candidates
     from qdtk.baselines import solve_gptq
     from qdtk.capture import CaptureOptions, capture
+    from qdtk.checkpoint import Checkpoint
+    from qdtk.evaluate import output_change_fn
+    from qdtk.hessian import prepare_hessian
     from qdtk.quantize import solve_daq
+    from qdtk.stats import Stats
 
     work.mkdir(parents=True, exist_ok=True)
     model = model_folder(name, work)
     stats = capture(model, None, work / "stats", CaptureOptions(n=n, L=L), progress=False)
-    cands, ref = candidates(model, stats)
-    weights = sensitivities(model, ref)
+    ckpt = Checkpoint(model)
+    names = ckpt.linear_names()
+    cands, weights = model_candidates(  # the pre-pass of --budget-scope model, once
+        ckpt, Stats(stats), names, OPTIONS, output_change_fn(model, **SENSITIVITY_WINDOWS)
+    )
+    scores = {}
+    for name in names:
+        W = ckpt.read(name, np.float32)
+        P = prepare_hessian(
+            Stats(stats).hessian(name, dim=W.shape[1])[0], OPTIONS["percdamp"], dtype=np.float32
+        )
+        scores[name] = abmp.group_scores(W, P.d)
     shapes = [(c.n, c.m) for c in cands]
     uniform2 = sum(
         bcq_bits(n_, m_, [2] * c.E.shape[0]) for (n_, m_), c in zip(shapes, cands, strict=True)
@@ -164,10 +114,7 @@ def bench_model(name: str, work: Path, n: int, L: int) -> list[dict]:
 
     settings = [("uniform 2", None, fixed({c.name: np.full(c.E.shape[0], 2) for c in cands}))]
     for rho in (0.05, 0.25):
-        orders = {
-            c.name: abmp.swap_orders(abmp.group_scores(ref[c.name][0], ref[c.name][2]), rho)
-            for c in cands
-        }
+        orders = {c.name: abmp.swap_orders(scores[c.name], rho) for c in cands}
         settings.append((f"swap rho={rho}", None, fixed(orders)))
     for bits in (2.0, 2.1, round(uniform2, 4)):
         layer = {c.name: abmp.allocate_layer(c, bits) for c in cands}
@@ -182,16 +129,18 @@ def bench_model(name: str, work: Path, n: int, L: int) -> list[dict]:
         settings.append((f"knapsack model {bits:.2f}", bits, fixed(model_orders)))
     rows = []
     for i, (label, bits, solver) in enumerate(settings):
-        opts = {**OPTIONS, "setting": label}
-        rows.append(
-            {
-                "model": name,
-                "setting": label,
-                "budget": bits,
-                **run_setting(model, stats, work, f"{i:02d}", solver, opts),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+        for refine in refines:
+            opts = {**OPTIONS, "setting": label, "refine": refine}
+            label_r = label if refine == "none" else f"{label} +{refine}"
+            rows.append(
+                {
+                    "model": name,
+                    "setting": label_r,
+                    "budget": bits,
+                    **run_setting(model, stats, work, f"{i:02d}{refine}", solver, opts),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
     gptq = run_setting(
         model,
         stats,
@@ -211,19 +160,24 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_abmp"))
     ap.add_argument("-n", type=int, default=64, help="calibration sequences")
     ap.add_argument("-L", type=int, default=256, help="tokens per calibration sequence")
+    ap.add_argument(
+        "--refine",
+        default="none,rows",
+        help="comma list of --refine modes to run every DAQ setting with",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = []
     for name in args.models.split(","):
-        rows += bench_model(name, args.work / name, args.n, args.L)
+        rows += bench_model(name, args.work / name, args.n, args.L, args.refine.split(","))
     print(
-        f"\n{'model':<8} {'setting':<22} {'bits/w':>7} {'med proxy':>10} {'emb cos':>8} "
+        f"\n{'model':<8} {'setting':<28} {'bits/w':>7} {'med proxy':>10} {'emb cos':>8} "
         f"{'ppl ratio':>9}"
     )
     for r in rows:
         ppl = f"{r['perplexity_ratio']:.4f}" if r["perplexity_ratio"] is not None else "-"
         print(
-            f"{r['model']:<8} {r['setting']:<22} {r['bits_per_weight']:>7.4f} "
+            f"{r['model']:<8} {r['setting']:<28} {r['bits_per_weight']:>7.4f} "
             f"{r['median_proxy_error']:>10.4g} {r['embedding_cosine']:>8.4f} {ppl:>9}"
         )
 

@@ -40,16 +40,15 @@ def allocate_orders(
     progress: bool = True,
     output_change: Callable[[str, np.ndarray], float] | None = None,
 ) -> dict[str, Any]:
-    """{"fingerprint", "bits", "count", "predicted_error", "layers": {name: {"orders",
-    "predicted_error", "sensitivity"}}}, read from OUT/orders.json when its fingerprint matches.
+    """{"fingerprint", "bits" (the budget), "count", "bits_per_weight" (real, reached),
+    "weighted_predicted_error", "layers": {name: {"orders", "predicted_error", "sensitivity"}}},
+    read from OUT/orders.json when its fingerprint matches.
 
     `output_change(name, What)` defaults to `qdtk.evaluate.output_change_fn(model_dir)` (torch),
     built only when the allocation has to be computed.
     """
-    from tqdm.auto import tqdm
-
     from qdtk.checkpoint import Checkpoint
-    from qdtk.quantize import DEFAULTS, _group_solver, knapsack_bits
+    from qdtk.quantize import DEFAULTS, knapsack_bits
     from qdtk.stats import Stats
 
     opts = {k: options.get(k, DEFAULTS[k]) for k in ALLOCATION_KEYS}
@@ -67,18 +66,8 @@ def allocate_orders(
         from qdtk.evaluate import output_change_fn
 
         output_change = output_change_fn(model_dir, **SENSITIVITY_WINDOWS)
-    order_set = abmp.check_orders(opts["orders"])
-    solve = _group_solver(options)
-    cands, weights = [], []
-    for name in tqdm(names, desc="allocate", unit="layer", disable=not progress):
-        W = ckpt.read(name, np.float32)  # [n, m]
-        H, _ = stats.hessian(name, dim=W.shape[1])
-        P = prepare_hessian(H, float(opts["percdamp"]), name=name, dtype=np.float32)
-        E = abmp.group_errors(W, P.H, P.d, order_set, solve)  # [G, C]
-        What = abmp.dequantize_orders(W, P.d, np.full(E.shape[0], 2), solve)  # cached if 2 in C
-        weights.append(abmp.sensitivity(name, W, P.H, What, output_change))
-        cands.append(abmp.LayerCandidates(name, *W.shape, E, order_set))
-        solve.clear()
+    cands, weights = model_candidates(ckpt, stats, names, options, output_change, progress)
+    order_set = cands[0].orders if cands else abmp.ORDERS
     bits = knapsack_bits(options, [(c.n, c.m) for c in cands])
     chosen = abmp.allocate_model(cands, bits, opts["count"], weights)
     layers = {}
@@ -98,3 +87,34 @@ def allocate_orders(
     }
     write_json_atomic(path, result)
     return result
+
+
+def model_candidates(
+    ckpt: Any,
+    stats: Any,
+    names: Sequence[str],
+    options: Mapping[str, Any],
+    output_change: Callable[[str, np.ndarray], float],
+    progress: bool = False,
+) -> tuple[list[abmp.LayerCandidates], list[float]]:
+    """Knapsack candidates (values e_g(o), DAQ groups solved alone) and sensitivity of every
+    layer `names` of a Checkpoint with its Stats; the solves of one layer are cached and shared
+    by the values and its uniform-order-2 solution (the sensitivity's What)."""
+    from tqdm.auto import tqdm
+
+    from qdtk.quantize import DEFAULTS, _group_solver
+
+    order_set = abmp.check_orders(options.get("orders", DEFAULTS["orders"]))
+    percdamp = float(options.get("percdamp", DEFAULTS["percdamp"]))
+    solve = _group_solver(options)
+    cands, weights = [], []
+    for name in tqdm(names, desc="allocate", unit="layer", disable=not progress):
+        W = ckpt.read(name, np.float32)  # [n, m]
+        H, _ = stats.hessian(name, dim=W.shape[1])
+        P = prepare_hessian(H, percdamp, name=name, dtype=np.float32)
+        E = abmp.group_errors(W, P.H, P.d, order_set, solve)  # [G, C]
+        What = abmp.dequantize_orders(W, P.d, np.full(E.shape[0], 2), solve)  # cached if 2 in C
+        weights.append(abmp.sensitivity(name, W, P.H, What, output_change))
+        cands.append(abmp.LayerCandidates(name, *W.shape, E, order_set))
+        solve.clear()
+    return cands, weights
