@@ -242,9 +242,12 @@ def quantize_layer(
 
 METHODS = ("daq", "gptq", "rtn")
 SCOPES = ("layer", "model")
-# The quantize options and their defaults (`qdtk quantize --help` explains each). For DAQ,
-# `bits` is the uniform order with abmp none/swap and the budget in bits per weight (`count`)
-# with knapsack; for gptq/rtn it is the grid's bits.
+# The quantize options and what a missing key means: the published method (uniform or swap
+# orders, no refinement), so option dicts written before ABMP and refinement keep their
+# meaning. The CLI's defaults (qdtk.cli.options.quantize_options) are the measured best
+# instead. For DAQ, `bits` is the uniform order with abmp none/swap and the budget in bits per
+# weight (`count`) with knapsack, None meaning what uniform order 2 costs; for gptq/rtn it is
+# the grid's bits.
 DEFAULTS: dict[str, Any] = {
     "method": "daq", "bits": 2, "abmp": "none", "rho": 0.05, "count": "real",
     "budget_scope": "layer", "orders": list(abmp.ORDERS), "iters": 15, "tau": 2.0, "lam": 3.0,

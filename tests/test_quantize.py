@@ -503,3 +503,28 @@ def test_output_change_of_a_real_model(tiny_bert):
     small = change(name, W + 0.01 * np.sign(W))
     assert 0 < small < change(name, W + 0.1 * np.sign(W))
     assert change(name, W) == 0  # the weight was restored
+
+
+def test_uncompensated_sweep_reuses_the_allocation_solves(rng, monkeypatch):
+    import qdtk.quantize as q
+
+    n, m = 16, 300  # 3 groups
+    W = rng.standard_normal((n, m)).astype(np.float32)
+    H = correlated_H(rng, m)
+    calls = []
+    real = q.solve_group
+
+    def counting_solve(Wg, order, dg, **kw):
+        calls.append(order)
+        return real(Wg, order, dg, **kw)
+
+    monkeypatch.setattr(q, "solve_group", counting_solve)
+    base = {"iters": 3, "compensate": False, "name": "L"}
+    layer, rep = solve_daq(W, H, {**base, "abmp": "knapsack", "bits": 2.2, "count": "planes"})
+    assert len(calls) == 3 * 3  # every group at every order, once; the sweep reused them
+    assert rep["plane_bits_per_weight"] <= 2.2 and rep["abmp"] == "knapsack"
+    # groups solved alone: the predicted error is the stored solution's error (no compensation)
+    assert rep["predicted_error"] == pytest.approx(rep["output_error"], rel=0.05)
+    calls.clear()
+    solve_daq(W, H, {**base, "abmp": "none"})
+    assert calls == [2, 2, 2]
