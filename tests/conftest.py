@@ -18,10 +18,27 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+def save_char_tokenizer(folder) -> None:
+    """A character-level tokenizer (pad 0, unk 1, printable characters from 2 to 101)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>") \
+        .save_pretrained(folder)
+
+
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
-    """A 2-layer BertForMaskedLM (hidden 64, intermediate 160: a ragged 128-group) on disk."""
+    """A 2-layer BertForMaskedLM (hidden 64, intermediate 160: a ragged 128-group) on disk,
+    with a character-level tokenizer."""
     pytest.importorskip("torch")
     import torch
     from transformers import BertConfig, BertForMaskedLM
@@ -34,12 +51,14 @@ def tiny_bert(tmp_path_factory):
     model = BertForMaskedLM(config).eval()
     path = tmp_path_factory.mktemp("tiny_bert")
     model.save_pretrained(path, safe_serialization=True)
+    save_char_tokenizer(path)
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    """A 2-layer LlamaForCausalLM (hidden 64, intermediate 192) on disk."""
+    """A 2-layer LlamaForCausalLM (hidden 64, intermediate 192) on disk, with a character-level
+    tokenizer."""
     pytest.importorskip("torch")
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -52,4 +71,5 @@ def tiny_llama(tmp_path_factory):
     model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(path, safe_serialization=True)
+    save_char_tokenizer(path)
     return path

