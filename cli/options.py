@@ -108,7 +108,13 @@ def _orders_list(ctx, param, value):
 
 def quantize_options(include: bool = True):
     """The options of the quantize stage (`qdtk quantize`, also offered by `qdtk run`); turn
-    them into the stage's options dict with `quantize_options_from`."""
+    them into the stage's options dict with `quantize_options_from`.
+
+    The defaults are the best measured end to end on MiniLM (held-out embedding cosine at the
+    same real bits, 2.31): knapsack over the whole model at the cost of uniform order 2, then
+    the full refinement. The published method is `--abmp swap --rho 0.05 --bits 2 --refine
+    none`.
+    """
     opts = [
         click.option("--method", type=click.Choice(["daq", "gptq", "rtn"]), default="daq",
                      show_default=True,
@@ -123,7 +129,8 @@ def quantize_options(include: bool = True):
                      default="knapsack", show_default=True,
                      help="Planes per 128-column group: none (uniform --bits), swap (the "
                      "published ABMP: rho*G lowest-salience groups to 1, as many highest to 3), "
-                     "knapsack (least predicted error within the --bits budget)."),
+                     "knapsack (least predicted error within the --bits budget). The paper's "
+                     "method: --abmp swap --rho 0.05 --bits 2 --refine none."),
         click.option("--rho", type=click.FloatRange(0, 1), default=0.05, show_default=True,
                      help="Fraction of groups moved down and up by --abmp swap."),
         click.option("--count", type=click.Choice(["real", "planes"]), default="real",
@@ -148,7 +155,7 @@ def quantize_options(include: bool = True):
         click.option("--no-compensation", is_flag=True,
                      help="Solve every block alone, without GPTQ-style error feedback."),
         click.option("--refine", type=click.Choice(["none", "rows", "full", "all"]),
-                     default="rows", show_default=True,
+                     default="full", show_default=True,
                      help="After the sweep, lower tr(D H D^T) on the full H: none (the paper), "
                      "rows (exact row-scale refit), full (rows and signs alternated), all (also "
                      "the column scales; slowest)."),
