@@ -37,7 +37,10 @@ def echo_report(report: dict, out_dir: str) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder for the solution files and report.json; rerunning resumes.")
 @quantize_options()
-def quantize(model_dir, stats_dir, out_dir, include, exclude, **kw) -> None:
+@click.option("--trust-remote-code", is_flag=True,
+              help="Let --budget-scope model run the model's own code from its folder (LLaDA, "
+              "Dream) to measure each layer's effect on the output.")
+def quantize(model_dir, stats_dir, out_dir, include, exclude, trust_remote_code, **kw) -> None:
     """Quantize the Linear weights of MODEL_DIR with DAQ (or --method gptq/rtn), using the
     statistics in --stats.
 
@@ -48,6 +51,8 @@ def quantize(model_dir, stats_dir, out_dir, include, exclude, **kw) -> None:
     from qdtk.quantize import make_solver, quantize_model
 
     options = quantize_options_from(kw)
+    if trust_remote_code:
+        options["trust_remote_code"] = True
     report = quantize_model(model_dir, stats_dir, out_dir, options, make_solver(options),
                             include=include, exclude=exclude)
     echo_report(report, out_dir)

@@ -65,7 +65,9 @@ def allocate_orders(
     if output_change is None:
         from qdtk.evaluate import output_change_fn
 
-        output_change = output_change_fn(model_dir, **SENSITIVITY_WINDOWS)
+        output_change = output_change_fn(
+            model_dir, **SENSITIVITY_WINDOWS,
+            trust_remote_code=bool(options.get("trust_remote_code", False)))
     cands, weights = model_candidates(ckpt, stats, names, options, output_change, progress)
     order_set = cands[0].orders if cands else abmp.ORDERS
     bits = knapsack_bits(options, [(c.n, c.m) for c in cands])

@@ -255,6 +255,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# Options that change how the stage runs but not its result (left out of the fingerprints):
+# trust_remote_code lets the model-scope pre-pass run a model with its own code (LLaDA, Dream).
+RUN_ONLY = ("trust_remote_code",)
+
+
 def _opt(options: Mapping[str, Any], key: str) -> Any:
     return options.get(key, DEFAULTS[key])
 
@@ -484,7 +489,8 @@ def quantize_model(
     and fingerprinted: they must name everything that changes the result (the method, orders,
     ...). They are checked, budgets included, before any solve. With budget_scope "model" the
     group orders of all layers come first from one knapsack (`qdtk.allocate.allocate_orders`,
-    stored in OUT/orders.json and reused by a rerun) and reach the solver as "layer_orders".
+    stored in OUT/orders.json and reused by a rerun) and reach the solver as "layer_orders";
+    options["trust_remote_code"] (not fingerprinted) lets that pre-pass run the model's code.
     """
     from tqdm.auto import tqdm
 
@@ -524,10 +530,11 @@ def quantize_model(
         report.data["allocation"] = {k: v for k, v in alloc.items() if k != "layers"}
     report.remove_stale({file for file, _, _ in plan})
     model_fp = report.data["model"]["fingerprint"]
+    result_options = {k: v for k, v in options.items() if k not in RUN_ONLY}
     bar = tqdm(total=len(selected), unit="layer", disable=not progress)
     try:
         for file, block, weights in plan:
-            fp = fingerprint(model_fp, stats.block_fingerprint(block), dict(options), weights,
+            fp = fingerprint(model_fp, stats.block_fingerprint(block), result_options, weights,
                              alloc["fingerprint"])
             if report.done(file, weights, fp):
                 log.debug("%s: already solved, skipping", block)

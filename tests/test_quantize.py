@@ -469,6 +469,10 @@ def test_model_scope_respects_the_budget_and_resumes_without_the_prepass(
     (out / "block_0001.safetensors").unlink()
     quantize_model(model, stats, out, options, progress=False)
     assert calls == [] and block_bytes(out) == before
+    solves = []  # trust_remote_code changes how it runs, not what: nothing is redone
+    quantize_model(model, stats, out, {**options, "trust_remote_code": True},
+                   counting(solve_daq, solves), progress=False)
+    assert calls == solves == [] and block_bytes(out) == before
     report2 = quantize_model(model, stats, tmp_path / "q2", options, progress=False)
     assert len(calls) == 1 + 3 * BLOCKS  # a new folder measures again
     calls.clear()
