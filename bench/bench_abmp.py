@@ -1,7 +1,7 @@
 """ABMP end to end: uniform order 2, swap, knapsack per layer and per model, GPTQ 2-bit beside.
 
     .venv/bin/python bench/bench_abmp.py [--models minilm,smollm] [--work DIR] [-n 64 -L 256]
-        [--refine none,rows]
+        [--refine none,full]
 
 Per model: one MCS capture; then for every setting quantize (DAQ with compensation), pack,
 unpack and compare with the original on the built-in held-out text. Budgets are real bits per
@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("-L", type=int, default=256, help="tokens per calibration sequence")
     ap.add_argument(
         "--refine",
-        default="none,rows",
+        default="none,full",
         help="comma list of --refine modes to run every DAQ setting with",
     )
     args = ap.parse_args()
