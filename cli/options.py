@@ -48,8 +48,10 @@ def capture_options(n: int | None = 128, L: int | None = 2048, device: bool = Tr
         click.option("--seed", default=0, show_default=True, type=int,
                      help="Seed of the window choice and of the mask draws (sequence i uses "
                      "seed+i)."),
-        click.option("--mask/--no-mask", default=True, show_default=True,
-                     help="Masked calibration (MCS), or plain unmasked calibration."),
+        click.option("--mask/--no-mask", default=None,
+                     help="Masked calibration (MCS), or plain text. Default: as the model is "
+                     "used: masked for models that predict masked tokens (dLLMs, masked-LM "
+                     "heads), plain for encoders without a head and causal LMs."),
         click.option("--mask-token-id", type=int, default=None,
                      help="Mask token id (default: config, tokenizer, or the LLaDA/Dream "
                      "default)."),
@@ -152,6 +154,11 @@ def quantize_options(include: bool = True):
                      help="Error weight of the salient weights (1 elsewhere)."),
         click.option("--percdamp", type=click.FloatRange(min=0, min_open=True), default=0.01,
                      show_default=True, help="Damping of H as a fraction of its mean diagonal."),
+        click.option("--feedback", type=click.Choice(["block", "diagonal"]), default="block",
+                     show_default=True,
+                     help="How a solved block's error reaches the later columns: block (the "
+                     "exact update for the whole 128-column block) or diagonal (GPTQ's "
+                     "per-column rule, as published)."),
         click.option("--no-compensation", is_flag=True,
                      help="Solve every block alone, without GPTQ-style error feedback."),
         click.option("--refine", type=click.Choice(["none", "rows", "full", "all"]),
@@ -182,7 +189,8 @@ def quantize_options_from(kw: dict) -> dict:
         "abmp": kw.pop("abmp"), "rho": kw.pop("rho"), "count": kw.pop("count"),
         "budget_scope": kw.pop("budget_scope"), "orders": kw.pop("orders"),
         "iters": kw.pop("iters"), "tau": kw.pop("tau"), "lam": kw.pop("lam"),
-        "compensate": not kw.pop("no_compensation"), "refit": True, "refine": kw.pop("refine"),
+        "compensate": not kw.pop("no_compensation"), "feedback": kw.pop("feedback"),
+        "refit": True, "refine": kw.pop("refine"),
     }
     backend = kw.pop("backend")
     options = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp")}

@@ -30,7 +30,7 @@ import logging
 import shutil
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -608,6 +608,8 @@ def calibration_batch(
                         f"{max_pos}")
     text = calibration_text(calib)
     stream = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    if opts.mask.mask is None:  # calibrate like use: masks only for mask predictors
+        opts = replace(opts, mask=replace(opts.mask, mask=uses_masks(model)))
     mask_id = None
     if opts.mask.mask:
         mask_id = resolve_mask_token_id(
@@ -621,8 +623,17 @@ def calibration_batch(
                   "sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
                   "stream_tokens": int(len(stream))},
         "mask_token_id": mask_id,
+        "masked": bool(opts.mask.mask),
     }
     return batch, ident
+
+
+def uses_masks(model) -> bool:
+    """Whether the model sees mask tokens in use: masked-LM heads and dLLMs do; encoders
+    without a head (sentence embedders like MiniLM) and causal LMs see plain text."""
+    from qdtk.evaluate import model_kind
+
+    return model_kind(model) == "mlm"
 
 
 def capture(

@@ -31,7 +31,7 @@ class MaskOptions:
     per_sequence: int = 1  # timesteps (masked copies) per window
     eps: float = 1e-3  # floor of the random timesteps
     seed: int = 0
-    mask: bool = True  # False: plain (unmasked) calibration
+    mask: bool | None = True  # False: plain calibration; None: decided by the model's use
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0:

@@ -4,6 +4,10 @@ Layer driver: blocks of 128 columns left to right; block g is solved by DAQ at o
 error-compensated weights, its scales rounded to float16, Q_g taken from the canonical
 `dequantize_block`, and the error Err_g = (W_g - Q_g) / d_g is fed forward as in GPTQ:
     W[:, later] -= Err_g @ U[g, later],      H^-1 = U^T U, U = R^-1, H = R R^T.
+That diagonal scaling is GPTQ's per-column rule applied to a block, as published. qdtk's
+feedback "block" uses Err_g = (W_g - Q_g) U_gg^-1 = (W_g - Q_g) R_gg instead: the exact OBS
+update for a whole block (the later columns absorb the block's error optimally, given Q_g), and
+then D = Err U, so tr(D H D^T) = ||Err||^2 on the damped H.
 We never form U. With Y = Err U (so Y R = Err, a blocked triangular solve) the correction of
 block g is c_g = sum_{h<g} Err_h U_hg = -(Y_<g R_<g,g) U_gg, and Y_g = (Err_g - S_g) U_gg with
 S_g = Y_<g R_<g,g: one [n, 128 g] x [128 g, 128] product per block (left-looking, the
@@ -111,8 +115,10 @@ def sweep(
     orders: np.ndarray,
     solve: Callable[[np.ndarray, int, np.ndarray], tuple],
     compensate: bool = True,
+    feedback: str = "diagonal",
 ) -> BinaryCodedLayer:
-    """Solve the groups of W [n, m] left to right with GPTQ-style compensation through R."""
+    """Solve the groups of W [n, m] left to right with GPTQ-style compensation through R;
+    feedback "diagonal" (published: Err_g = (W_g - Q_g) / d_g) or "block" (exact)."""
     n, m = W.shape
     slices = group_slices(m)
     R, d = P.R, P.d.astype(W.dtype)  # [m, m] upper, [m]
@@ -132,7 +138,8 @@ def sweep(
         sg, a, b, Q = solve(np.ascontiguousarray(Wg), o, d[cols])
         signs[:o, :, cols], row_scale[:o, g], col_scale[:o, cols] = sg, a, b
         if compensate:
-            Err = (Wg - Q) / d[cols]  # [n, w]
+            D = Wg - Q  # [n, w]
+            Err = D @ R[cols, cols] if feedback == "block" else D / d[cols]
             YT[cols] = ((Err - S) @ Ugg).T
     return BinaryCodedLayer(np.asarray(orders, np.int64), signs, row_scale, col_scale)
 
@@ -171,6 +178,7 @@ def quantize_layer(
     lam: float = 3.0,
     percdamp: float = 0.01,
     compensate: bool = True,
+    feedback: str = "diagonal",
     refit: bool = True,
     backend: str = "cpu",
     name: str = "layer",
@@ -208,7 +216,7 @@ def quantize_layer(
         return out
 
     t2 = time.perf_counter()
-    layer = sweep(W, P, o, solve, compensate)
+    layer = sweep(W, P, o, solve, compensate, feedback)
     if refine is not None:
         from qdtk.refine import refine_layer
 
@@ -251,8 +259,10 @@ SCOPES = ("layer", "model")
 DEFAULTS: dict[str, Any] = {
     "method": "daq", "bits": 2, "abmp": "none", "rho": 0.05, "count": "real",
     "budget_scope": "layer", "orders": list(abmp.ORDERS), "iters": 15, "tau": 2.0, "lam": 3.0,
-    "percdamp": 0.01, "compensate": True, "refit": True, "refine": "none", "backend": "cpu",
+    "percdamp": 0.01, "compensate": True, "feedback": "diagonal", "refit": True,
+    "refine": "none", "backend": "cpu",
 }
+FEEDBACK = ("diagonal", "block")
 
 
 # Options that change how the stage runs but not its result (left out of the fingerprints):
@@ -298,6 +308,8 @@ def check_options(options: Mapping[str, Any]) -> None:
     if scope == "model" and method_abmp != "knapsack":
         raise QdtkError("--budget-scope model needs --abmp knapsack (one budget for all layers)")
     abmp.check_orders(_opt(options, "orders"))
+    if _opt(options, "feedback") not in FEEDBACK:
+        raise QdtkError(f"--feedback must be one of {', '.join(FEEDBACK)}")
     if _opt(options, "refine") not in MODES:
         raise QdtkError(f"--refine must be one of {', '.join(MODES)}")
 
@@ -363,6 +375,7 @@ def solve_daq(
             lam=float(_opt(options, "lam")),
             percdamp=float(_opt(options, "percdamp")),
             compensate=compensate,
+            feedback=str(_opt(options, "feedback")),
             refit=bool(_opt(options, "refit")),
             backend=str(_opt(options, "backend")),
             name=name,

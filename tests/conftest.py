@@ -18,6 +18,12 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """save_char_tokenizer, for tests that build their own model folders."""
+    return save_char_tokenizer
+
+
 def save_char_tokenizer(folder) -> None:
     """A character-level tokenizer (pad 0, unk 1, printable characters from 2 to 101)."""
     import string

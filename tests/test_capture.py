@@ -344,9 +344,10 @@ def test_cli_capture(bert_dir, llama_dir, tmp_path):
     res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "s")])
     assert res.exit_code == 0 and "already complete" in res.output
 
-    # a causal LM without a mask token: the SPEC 1 error, unless --no-mask or an id is given
+    # a causal LM without a mask token, asked for masks: the SPEC 1 error, unless --no-mask or
+    # an id is given (by default a causal LM is calibrated on plain text, as it is used)
     args = ["capture", str(llama_dir), "--calib", str(calib), "-n", "2", "-L", "8"]
-    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "l")])
+    res = CliRunner().invoke(cli, [*args, "--mask", "--out", str(tmp_path / "l")])
     assert res.exit_code == 1 and "Error:" in res.output and "--mask-token-id" in res.output
     assert "Traceback" not in res.output
     res = CliRunner().invoke(cli, [*args, "--no-mask", "--out", str(tmp_path / "plain")])
@@ -370,3 +371,20 @@ def test_cli_subprocess_with_offload(llama_dir, tmp_path):
     assert not (out / ".hidden").exists()
     H, T = stats.hessian("model.layers.1.mlp.down_proj.weight")
     assert T == 36 and H.shape == (192, 192) and np.all(np.diag(H) >= 0)
+
+
+@pytest.mark.parametrize("kind", ["mlm", "causal", "encoder"])
+def test_mask_auto_calibrates_like_use(kind, tiny_bert, tiny_llama, tmp_path, char_tokenizer):
+    """Default masking follows the model's use: masked for mask predictors only."""
+    from transformers import BertModel
+
+    path = {"mlm": tiny_bert, "causal": tiny_llama}.get(kind)
+    if kind == "encoder":
+        path = tmp_path / "encoder"
+        BertModel.from_pretrained(tiny_bert).save_pretrained(path, safe_serialization=True)
+        char_tokenizer(path)
+    model = cap.load_model(path)
+    opts = cap.CaptureOptions(n=4, L=32, mask=MaskOptions(mask=None), mask_token_id=4)
+    batch, ident = cap.calibration_batch(path, model, cap.load_tokenizer(path), None, opts)
+    assert ident["masked"] is (kind == "mlm")
+    assert bool(batch.masked.any()) is (kind == "mlm")

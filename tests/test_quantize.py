@@ -296,7 +296,8 @@ def test_cli(model_and_stats, tmp_path):
     assert report["options"] == {
         "method": "daq", "bits": 3, "abmp": "none", "rho": 0.05, "count": "real",
         "budget_scope": "layer", "orders": [1, 2, 3], "iters": 3, "tau": 2.0, "lam": 3.0,
-        "percdamp": 0.01, "compensate": False, "refit": True, "refine": "none", "backend": "cpu"}
+        "percdamp": 0.01, "compensate": False, "feedback": "block", "refit": True,
+        "refine": "none", "backend": "cpu"}
     assert f"{report['summary']['bits_per_weight']:.4f} bits/weight" in r.output
     assert report["summary"]["orders_histogram"] == {"3": sum(
         len(r_["orders"]) for r_ in report["layers"].values())}
@@ -532,3 +533,48 @@ def test_uncompensated_sweep_reuses_the_allocation_solves(rng, monkeypatch):
     calls.clear()
     solve_daq(W, H, {**base, "abmp": "none"})
     assert calls == [2, 2, 2]
+
+
+def test_block_feedback_is_the_exact_update_of_the_later_columns(rng):
+    """With the last group left unquantized (Q = its compensated input), block feedback reaches
+    the least error any later columns can give for the first group's error: the Schur
+    complement (W0 - Q0)(H00 - H01 H11^-1 H10)(W0 - Q0)^T. The published diagonal rule does not.
+    """
+    from qdtk.hessian import prepare_hessian
+    from qdtk.quantize import solve_group, sweep
+
+    W = rng.standard_normal((16, 256)).astype(np.float32)
+    P = prepare_hessian(correlated_H(rng, 256), dtype=np.float32)
+    Hd = P.R.astype(np.float64) @ P.R.T.astype(np.float64)  # the damped H the sweep uses
+
+    def errors(feedback):
+        Qs = []
+
+        def solve(Wg, order, dg):
+            if not Qs:  # group 0: a real 1-plane solve
+                out = solve_group(Wg, 1, dg, iters=3)
+            else:  # group 1: kept exactly
+                K = 1
+                out = (np.ones((K, *Wg.shape), bool), np.zeros((K, Wg.shape[0]), np.float16),
+                       np.zeros((K, Wg.shape[1]), np.float16), Wg.copy())
+            Qs.append(out[3])
+            return out
+
+        sweep(W.copy(), P, np.array([1, 1]), solve, True, feedback)
+        D = W.astype(np.float64) - np.concatenate(Qs, axis=1)
+        return np.einsum("ij,ij->", D @ Hd, D), D[:, :128]
+
+    block, D0 = errors("block")
+    H00, H01, H11 = Hd[:128, :128], Hd[:128, 128:], Hd[128:, 128:]
+    schur = H00 - H01 @ np.linalg.solve(H11, H01.T)
+    assert block == pytest.approx(np.einsum("ij,ij->", D0 @ schur, D0), rel=1e-4)
+    diagonal, _ = errors("diagonal")
+    assert block < diagonal
+
+
+def test_block_feedback_lowers_the_layer_error(rng):
+    W = rng.standard_normal((64, 384)).astype(np.float32)
+    H = correlated_H(rng, 384)
+    err = {fb: quantize_layer(W, H, [2, 2, 2], iters=5, feedback=fb)[1].proxy_error
+           for fb in ("diagonal", "block")}
+    assert err["block"] < err["diagonal"]

