@@ -50,6 +50,7 @@ def model_folder(name: str, work: Path) -> Path:
                 continue
             w.add(name_, t.detach().float().numpy())
     load_tokenizer(gguf).save_pretrained(folder)
+    model.config.architectures = [type(model).__name__]  # GGUF configs name none
     model.config.save_pretrained(folder)  # last: marks the folder complete
     return folder
 
