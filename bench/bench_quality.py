@@ -12,7 +12,7 @@ cosine (MiniLM) or the perplexity (SmolLM2). Bits per weight are real: planes an
 (DAQ), codes and float16 scale and zero per group of 128 (GPTQ, RTN).
 
 Settings:
-    published   DAQ as published: uniform order 2 with swap rho 0.05, no refinement
+    published   DAQ as published: swap rho 0.05, diagonal error feedback, no refinement
     qdtk        DAQ with qdtk's defaults (`qdtk quantize` without options)
     qdtk-plain  qdtk's defaults on H from unmasked calibration (MiniLM: does MCS matter?)
     gptq, rtn   the baselines, 2 bits, group 128
@@ -36,7 +36,7 @@ from common import model_folder  # noqa: E402
 
 SETTINGS = {
     "published": {"method": "daq", "abmp": "swap", "rho": 0.05, "refine": "none",
-                  "budget_scope": "layer"},
+                  "budget_scope": "layer", "feedback": "diagonal"},
     "qdtk": {"method": "daq"},
     "qdtk-plain": {"method": "daq"},
     "gptq": {"method": "gptq", "bits": 2},
