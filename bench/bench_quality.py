@@ -15,6 +15,7 @@ Settings:
     published   DAQ as published: swap rho 0.05, diagonal error feedback, no refinement
     qdtk        DAQ with qdtk's defaults (`qdtk quantize` without options)
     qdtk-plain  qdtk's defaults on H from unmasked calibration (MiniLM: does MCS matter?)
+    qdtk-2.00   qdtk's defaults at a budget of exactly 2.00 real bits per weight
     gptq, rtn   the baselines, 2 bits, group 128
 The published and qdtk settings use the same real budget (the cost of uniform order 2).
 Timings are wall seconds of the quantize stage on this machine.
@@ -39,6 +40,7 @@ SETTINGS = {
                   "budget_scope": "layer", "feedback": "diagonal"},
     "qdtk": {"method": "daq"},
     "qdtk-plain": {"method": "daq"},
+    "qdtk-2.00": {"method": "daq", "bits": 2.0},
     "gptq": {"method": "gptq", "bits": 2},
     "rtn": {"method": "rtn", "bits": 2},
 }
