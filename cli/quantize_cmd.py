@@ -48,11 +48,11 @@ def quantize(model_dir, stats_dir, out_dir, include, exclude, trust_remote_code,
     histogram, honest bits per weight with the float16 scales, predicted and proxy output error
     tr(D H D^T)/tr(W H W^T), time; the whole model's bits per weight in the summary.
     """
-    from qdtk.quantize import make_solver, quantize_model
+    from qdtk.quantize import quantize_model
 
     options = quantize_options_from(kw)
     if trust_remote_code:
         options["trust_remote_code"] = True
-    report = quantize_model(model_dir, stats_dir, out_dir, options, make_solver(options),
+    report = quantize_model(model_dir, stats_dir, out_dir, options,
                             include=include, exclude=exclude)
     echo_report(report, out_dir)

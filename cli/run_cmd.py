@@ -79,8 +79,6 @@ def run(model, calib, out, sequential, eval_n, eval_length, eval_text, dense_dty
 
     from qdtk.pipeline import EvalOptions, RunOptions, builtin_model
     from qdtk.pipeline import run as run_pipeline
-    from qdtk.quantize import make_solver
-
     path = Path(model) if model else builtin_model()
     n_default, L_default = (MODEL_N, MODEL_L) if model else (BUILTIN_N, BUILTIN_L)
     kw["n"] = kw["n"] or n_default
@@ -89,12 +87,13 @@ def run(model, calib, out, sequential, eval_n, eval_length, eval_text, dense_dty
     if sequential and source == click.core.ParameterSource.DEFAULT:
         kw["budget_scope"] = "layer"  # a model-wide budget needs every H before any solve
     quantize = quantize_options_from(kw)
+    if kw["trust_remote_code"]:  # the model-scope pre-pass runs the model too
+        quantize["trust_remote_code"] = True
     # one device for everything: the model runs where the solver does
     device = kw["device"] = "cuda" if quantize.get("backend") == "cuda" else "cpu"
     opts = RunOptions(
         capture=capture_options_from(kw),
         quantize=quantize,
-        solver=make_solver(quantize),
         sequential=sequential,
         include=include,
         exclude=exclude,

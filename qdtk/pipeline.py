@@ -63,7 +63,7 @@ class EvalOptions:
 class RunOptions:
     capture: Any  # qdtk.capture.CaptureOptions
     quantize: dict[str, Any]  # the quantize stage's options (fingerprinted)
-    solver: Callable | None = None  # layer solver; None = DAQ
+    solver: Callable | None = None  # layer solver; None = the one the options name
     sequential: bool = False
     include: Sequence[str] = ()
     exclude: Sequence[str] = ()
@@ -81,25 +81,25 @@ def run(
     from qdtk.capture import capture
     from qdtk.checkpoint import Checkpoint
     from qdtk.pack import pack_checkpoint, unpack_checkpoint
-    from qdtk.quantize import quantize_model, solve_daq
+    from qdtk.quantize import quantize_model
 
     model = Path(model) if model is not None else builtin_model()
     out = Path(out)
     stats, quant, packed, dense = out / "stats", out / "quant", out / "packed", out / "dense"
-    solver = opts.solver or solve_daq
     times: dict[str, float] = {}
 
     t = time.perf_counter()
     if opts.sequential:
         echo("[1/4] sequential capture + quantize (published order)")
-        sequential_quantize(model, calib, quant, opts, solver)
+        sequential_quantize(model, calib, quant, opts)
     else:
-        echo("[1/4] capture: masked calibration statistics")
+        echo("[1/4] capture: calibration statistics")
         capture(model, calib, stats, opts.capture, echo=echo)
         times["capture"] = time.perf_counter() - t
         t = time.perf_counter()
         echo("[2/4] quantize")
-        quantize_model(model, stats, quant, opts.quantize, solver, opts.include, opts.exclude)
+        quantize_model(model, stats, quant, opts.quantize, opts.solver, opts.include,
+                       opts.exclude)
     times["quantize"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -159,8 +159,7 @@ def summarize(ckpt: Any, report: dict, packed: Path, result: dict) -> dict[str, 
     }
 
 
-def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOptions,
-                        solver: Callable) -> dict:
+def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOptions) -> dict:
     """The published order: capture and quantize interleaved block by block (SPEC 1).
 
     Block b sees the outputs of blocks < b with their quantized weights; inside the block each
@@ -178,12 +177,13 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
         sequential_steps,
     )
     from qdtk.checkpoint import Checkpoint
-    from qdtk.quantize import SolutionReport
+    from qdtk.quantize import SolutionReport, make_solver
     from qdtk.solution import read_solution_block, write_solution_block
 
     if opts.quantize.get("budget_scope") == "model":
         raise QdtkError("--sequential solves each block before the next is calibrated, so a "
                         "model-wide budget cannot be planned: use --budget-scope layer")
+    solver = opts.solver or make_solver(opts.quantize)
     c = opts.capture
     ckpt = Checkpoint(model)
     model_fp, ckpt_names = model_fingerprint(model)
@@ -212,7 +212,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
                 continue
             file = f"block_{b:04d}.safetensors"
             # each block depends on every block before it: chain the fingerprints
-            fp = fingerprint(fp, dict(opts.quantize), names)
+            fp = fingerprint(fp, report.data["options"], names)
             if report.done(file, names, fp):
                 layers = read_solution_block(quant / file)
                 session.set_weights(b, {w: layers[w].dequantize() for w in names})

@@ -444,7 +444,7 @@ class SolutionReport:
             "complete": False,
             "model": {"path": str(ckpt.folder), "fingerprint": ckpt.fingerprint()},
             "stats": dict(stats),
-            "options": dict(options),
+            "options": {k: v for k, v in options.items() if k not in RUN_ONLY},
             "blocks": [],
             "layers": {},
             "summary": {},
@@ -543,7 +543,7 @@ def quantize_model(
         report.data["allocation"] = {k: v for k, v in alloc.items() if k != "layers"}
     report.remove_stale({file for file, _, _ in plan})
     model_fp = report.data["model"]["fingerprint"]
-    result_options = {k: v for k, v in options.items() if k not in RUN_ONLY}
+    result_options = report.data["options"]
     bar = tqdm(total=len(selected), unit="layer", disable=not progress)
     try:
         for file, block, weights in plan:

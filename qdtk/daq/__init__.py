@@ -30,17 +30,15 @@ __all__ = ["BACKENDS", "EPS", "error_weights", "resolve_backend", "solve_block"]
 
 
 def resolve_backend(name: str) -> str:
-    """`auto` -> "cuda" when that backend is registered and a GPU is usable, else "cpu"."""
-    if name != "auto":
-        if name not in BACKENDS:
-            raise QdtkError(f"unknown DAQ backend {name!r}; choose auto or {', '.join(BACKENDS)}")
-        return name
-    if "cuda" in BACKENDS:
-        from qdtk.backend import gpu_available
+    """The DAQ kernel set for a --backend: "auto" and "cuda" are decided by qdtk.backend (the
+    one place that knows whether a GPU is usable); "cpu" and "reference" name themselves."""
+    if name in ("auto", "cuda"):
+        from qdtk.backend import get_backend
 
-        if gpu_available():
-            return "cuda"
-    return "cpu"
+        return get_backend(name).daq
+    if name not in BACKENDS:
+        raise QdtkError(f"unknown DAQ backend {name!r}; choose auto or {', '.join(BACKENDS)}")
+    return name
 
 
 def solve_block(
