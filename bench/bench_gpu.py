@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from qdtk import backend
+from qdtk import backend, quantize
 from qdtk.bits import group_slices
 from qdtk.daq import cuda as daq_cuda
 from qdtk.daq import error_weights, solve_block
@@ -139,7 +139,7 @@ def sweep(W, R, d, K: int, T: int, daq: str | None, groups: int | None, sync) ->
     t_daq = t_comp = 0.0
     for cols in group_slices(W.shape[1])[:groups]:
         t = time.perf_counter()
-        Wg, S, Ugg = daq_cuda.compensated_block(W, R, YT, cols)
+        Wg, S, Ugg = quantize.compensated_block(W, R, YT, cols)
         sync()
         t_comp += time.perf_counter() - t
         t = time.perf_counter()
@@ -155,7 +155,7 @@ def sweep(W, R, d, K: int, T: int, daq: str | None, groups: int | None, sync) ->
         Q = xp.zeros_like(Wg)
         for k in range(len(a)):
             Q += xp.outer(a[k], b[k]) * xp.where(signs[k], 1, -1).astype(xp.float32)
-        daq_cuda.feed_forward(YT, Wg, Q, d, S, Ugg, cols)
+        quantize.feed_forward(YT, Wg, Q, R, d, S, Ugg, cols)
         sync()
         t_comp += time.perf_counter() - t
     return {"daq": t_daq, "comp": t_comp}

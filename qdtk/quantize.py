@@ -36,6 +36,7 @@ import numpy as np
 from scipy.linalg import blas, lapack
 
 from qdtk import abmp
+from qdtk.backend import array_module
 from qdtk.bits import bcq_bits, group_slices
 from qdtk.daq import error_weights, solve_block
 from qdtk.errors import QdtkError
@@ -109,6 +110,33 @@ def solve_group(
 # One layer
 
 
+def triangular_inverse(R):
+    """[w, w] R^-1 of an upper triangular R, NumPy (LAPACK trtri) or CuPy (cuBLAS trsm)."""
+    if array_module(R) is np:
+        trtri = lapack.strtri if R.dtype == np.float32 else lapack.dtrtri
+        return trtri(R, lower=0)[0]
+    from cupyx.scipy.linalg import solve_triangular
+
+    return solve_triangular(R, array_module(R).eye(R.shape[0], dtype=R.dtype), lower=False)
+
+
+def compensated_block(W, R, YT, cols: slice):
+    """(W_g - c_g [n, w], S [n, w], U_gg [w, w]): block g of W [n, m] with the error of the
+    groups before it fed forward; YT [m, n] holds Y^T of those groups (Y R = Err).
+    NumPy or CuPy arrays alike."""
+    Ugg = triangular_inverse(R[cols, cols])  # [w, w] R_gg^-1 = U_gg
+    S = (R[: cols.start, cols].T @ YT[: cols.start]).T  # [n, w] Y_<g R_<g,g
+    return W[:, cols] + S @ Ugg, S, Ugg
+
+
+def feed_forward(YT, Wg, Q, R, d, S, Ugg, cols: slice, feedback: str = "diagonal") -> None:
+    """YT[cols] = Y_g^T, Y_g = (Err_g - S) U_gg (in place), with Err_g = (W_g - Q_g) / d_g
+    (diagonal, published) or (W_g - Q_g) R_gg (block, exact). NumPy or CuPy arrays alike."""
+    D = Wg - Q  # [n, w]
+    Err = D @ R[cols, cols] if feedback == "block" else D / d[cols]
+    YT[cols] = ((Err - S) @ Ugg).T
+
+
 def sweep(
     W: np.ndarray,
     P: PreparedHessian,
@@ -129,18 +157,14 @@ def sweep(
     YT = np.empty((m, n), W.dtype) if compensate else None  # [m, n] Y^T, Y R = Err
     for g, cols in enumerate(slices):
         o = int(orders[g])
-        Wg = W[:, cols]  # [n, w]
         if compensate:
-            trtri = lapack.strtri if R.dtype == np.float32 else lapack.dtrtri
-            Ugg = trtri(R[cols, cols], lower=0)[0]  # [w, w] R_gg^-1 = U_gg
-            S = (R[: cols.start, cols].T @ YT[: cols.start]).T  # [n, w] Y_<g R_<g,g
-            Wg = Wg + S @ Ugg  # the compensated block (W_g - c_g)
+            Wg, S, Ugg = compensated_block(W, R, YT, cols)  # [n, w] W_g - c_g
+        else:
+            Wg = W[:, cols]  # [n, w]
         sg, a, b, Q = solve(np.ascontiguousarray(Wg), o, d[cols])
         signs[:o, :, cols], row_scale[:o, g], col_scale[:o, cols] = sg, a, b
         if compensate:
-            D = Wg - Q  # [n, w]
-            Err = D @ R[cols, cols] if feedback == "block" else D / d[cols]
-            YT[cols] = ((Err - S) @ Ugg).T
+            feed_forward(YT, Wg, Q, R, d, S, Ugg, cols, feedback)
     return BinaryCodedLayer(np.asarray(orders, np.int64), signs, row_scale, col_scale)
 
 

@@ -165,9 +165,9 @@ def test_device_steps_are_the_driver_sweep(rng):
     YT = np.empty(W.shape[::-1], np.float32)
     got = np.empty_like(W)
     for cols in group_slices(W.shape[1]):
-        Wg, S, Ugg = daq_cuda.compensated_block(W, R, YT, cols)
+        Wg, S, Ugg = quantize.compensated_block(W, R, YT, cols)
         Q = sign_solver(np.ascontiguousarray(Wg), 1, d[cols])[3]
-        daq_cuda.feed_forward(YT, Wg, Q, d, S, Ugg, cols)
+        quantize.feed_forward(YT, Wg, Q, R, d, S, Ugg, cols)
         got[:, cols] = Q
     np.testing.assert_array_equal(got, want)
 
@@ -198,8 +198,8 @@ def test_gpu_layer_algebra_matches_cpu(rng):
     R32 = R.astype(np.float32)
     cols = slice(128, 256)
     YT = rng.standard_normal(W.shape[::-1]).astype(np.float32)
-    host = daq_cuda.compensated_block(W, R32, YT, cols)
-    dev = daq_cuda.compensated_block(cupy.asarray(W), cupy.asarray(R32), cupy.asarray(YT), cols)
+    host = quantize.compensated_block(W, R32, YT, cols)
+    dev = quantize.compensated_block(cupy.asarray(W), cupy.asarray(R32), cupy.asarray(YT), cols)
     for h, g in zip(host, dev, strict=True):
         np.testing.assert_allclose(g.get(), h, rtol=1e-4, atol=1e-4)
 

@@ -308,9 +308,9 @@ def solve_blocks(
 #
 # qdtk.quantize.sweep compensates left-looking through R (H = R R^T, U = R^-1, never formed):
 # per group g, U_gg = R_gg^-1, S = Y_<g R_<g,g, the compensated block Wg + S U_gg, and after
-# the solve Y_g = ((Wg - Q_g) / d_g - S) U_gg. The two steps below are that algebra written
-# once for NumPy and CuPy arrays alike (cuBLAS GEMMs and a cuBLAS trsm on a GPU), so a layer
-# runs on the device with W, R and Y^T uploaded once and only signs and scales coming back.
+# the solve Y_g = (Err_g - S) U_gg. Those two steps (quantize.compensated_block and
+# quantize.feed_forward) take NumPy and CuPy arrays alike (cuBLAS GEMMs and a cuBLAS trsm on a
+# GPU), so a layer can run on the device with W, R and Y^T uploaded once.
 # cholesky_upper_gpu is hessian.cholesky_upper through cuSOLVER, for prepare_hessian's
 # `cholesky` hook (the damping policy stays in qdtk.hessian).
 
@@ -330,29 +330,3 @@ def cholesky_upper_gpu(H: np.ndarray) -> np.ndarray | None:
     if not bool(cupy.isfinite(cupy.diagonal(L)).all()):
         return None
     return cupy.ascontiguousarray(L[::-1, ::-1]).get()
-
-
-def triangular_inverse(R):
-    """[w, w] R^-1 of an upper triangular R, NumPy (LAPACK trtri) or CuPy (cuBLAS trsm)."""
-    xp = array_module(R)
-    if xp is np:
-        from scipy.linalg import lapack
-
-        trtri = lapack.strtri if R.dtype == np.float32 else lapack.dtrtri
-        return trtri(R, lower=0)[0]
-    from cupyx.scipy.linalg import solve_triangular
-
-    return solve_triangular(R, xp.eye(R.shape[0], dtype=R.dtype), lower=False)
-
-
-def compensated_block(W, R, YT, cols: slice):
-    """(Wg + S U_gg [n, w], S [n, w], U_gg [w, w]): block g of W [n, m] with the error of the
-    groups before it fed forward; YT [m, n] holds Y^T of those groups (Y R = Err)."""
-    Ugg = triangular_inverse(R[cols, cols])  # [w, w]
-    S = (R[: cols.start, cols].T @ YT[: cols.start]).T  # [n, w] Y_<g R_<g,g
-    return W[:, cols] + S @ Ugg, S, Ugg
-
-
-def feed_forward(YT, Wg, Q, d, S, Ugg, cols: slice) -> None:
-    """YT[cols] = Y_g^T, Y_g = (Err_g - S) U_gg with Err_g = (Wg - Q_g) / d_g (in place)."""
-    YT[cols] = ((((Wg - Q) / d[cols]) - S) @ Ugg).T
