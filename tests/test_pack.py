@@ -27,7 +27,7 @@ from qdtk.pack import (
     unpack_checkpoint,
 )
 from qdtk.solution import FORMAT as QUANT_FORMAT
-from qdtk.solution import AffineLayer, BinaryCodedLayer, write_solution_block
+from qdtk.solution import AffineLayer, BinaryCodedLayer, dequantize_block, write_solution_block
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -392,3 +392,21 @@ def test_cli_pack_and_unpack(rng, tmp_path):
     assert stamp == (tmp_path / "dense" / "model.safetensors").stat().st_mtime_ns
     r = CliRunner().invoke(cli, ["unpack", str(model), "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "Error:" in r.output and "not a packed checkpoint" in r.output
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+def test_dequantize_kernel_is_the_formula_bit_for_bit(rng, K):
+    # the canonical float32 evaluation, written out: planes added in order k = 0, 1, ...
+    signs = rng.random((K, 70, 37)) > 0.5
+    a = (rng.standard_normal((K, 70)) * 1e-2).astype(np.float16)
+    b = rng.standard_normal((K, 37)).astype(np.float16)
+    want = np.zeros((70, 37), np.float32)
+    for k in range(K):
+        outer = np.outer(a[k].astype(np.float32), b[k].astype(np.float32))
+        want += outer * np.where(signs[k], np.float32(1), np.float32(-1))
+    got = dequantize_block(signs, a, b)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+    # a strided view of the signs (as BinaryCodedLayer.dequantize passes them) gives the same
+    wide = np.concatenate([signs, ~signs], axis=2)
+    np.testing.assert_array_equal(dequantize_block(wide[:, :, :37], a, b), want)
