@@ -27,6 +27,10 @@ cost per core (an idle 2-core machine takes about half of it).
 
 from __future__ import annotations
 
+# isort: off
+import qdtk  # noqa: F401  (first: it sets OpenBLAS's thread policy before NumPy loads it)
+# isort: on
+
 import argparse
 import resource
 import time

@@ -1,6 +1,14 @@
 """qdtk: quantize diffusion LLMs to about 2 bits per weight (Quant-dLLM and beyond)."""
 
-from qdtk.errors import QdtkError
+import os
+
+# Before NumPy and SciPy load OpenBLAS: its idle threads then sleep almost at once instead of
+# spinning for about 0.1 s after each call, which on a small machine starves the Numba kernels
+# that run between the BLAS calls of a layer (4096x4096 on 2 cores: 4.7 s -> 2.9 s). Without
+# effect if OpenBLAS is already loaded; a user's own setting wins.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from qdtk.errors import QdtkError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["QdtkError", "__version__"]
