@@ -4,17 +4,21 @@ For each layer shape n x m (rows x input columns) a Gaussian W and a correlated 
 (X = Z A, rank m/2, so damping matters as on real layers) are quantized at K = --bits planes
 per group, T = --iters iterations, with compensation, by `quantize_layer` with the Numba
 backend ("cpu") and with the NumPy reference. Printed per shape:
-  numba, cpu-s       seconds per layer (Numba), and the CPU seconds of all its threads
+  cold               seconds of the first layer of this shape (fresh memory, BLAS threads
+                     starting; traced by tracemalloc)
+  numba, cpu-s       seconds per layer (Numba) on the second layer of the shape, as every
+                     layer after the first in a model run, and the CPU seconds of its threads
   factor/sweep/error its parts: H factorisation, sweep (block solves + compensation), proxy error
   ref, ratio         seconds per layer with the reference solver, ref / numba
   solve, ref, ratio  the block solves alone (the part the kernels replace; factorisation,
                      compensation and error are the same BLAS calls in both runs)
-  GFLOP              the floor: Cholesky m^3/3 + compensation n m^2 + exact error 2 n m^2
+  GFLOP              the floor: Cholesky m^3/3 + compensation n m^2 + energy n m^2
+                     (+ n m^2 for the error with diagonal feedback)
   proxy(nb/ref)      proxy errors of both runs and their relative difference (the
                      reconstructions drift apart along the compensation chain: a float32
                      near-tie decided differently in one group changes the inputs of every
                      later group, to equally good solutions)
-  peak MiB, maxrss   NumPy allocations traced by tracemalloc during the Numba run, and the
+  peak MiB, maxrss   NumPy allocations traced by tracemalloc during the cold run, and the
                      process's maximum resident set (MiB)
 
     .venv/bin/python bench/bench_daq.py [--shapes 384x1536,4096x4096] [--no-reference]
@@ -52,11 +56,12 @@ def correlated_H(rng: np.random.Generator, m: int) -> np.ndarray:
     return H
 
 
-def run(W, H, bits, iters, backend):
+def run(W, H, bits, iters, backend, feedback):
     """(layer, report, wall seconds, CPU seconds of all threads)."""
     G = len(group_slices(W.shape[1]))
     t, c = time.perf_counter(), time.process_time()
-    layer, report = quantize_layer(W, H, [bits] * G, iters=iters, backend=backend)
+    layer, report = quantize_layer(W, H, [bits] * G, iters=iters, backend=backend,
+                                   feedback=feedback)
     return layer, report, time.perf_counter() - t, time.process_time() - c
 
 
@@ -65,15 +70,19 @@ def main() -> None:
     ap.add_argument("--shapes", default=SHAPES, help="comma-separated n x m layer shapes")
     ap.add_argument("--bits", type=int, default=2, help="planes per group (K)")
     ap.add_argument("--iters", type=int, default=15, help="DAQ iterations (T)")
+    ap.add_argument("--feedback", choices=("block", "diagonal"), default="block",
+                    help="block (qdtk's default: the layer error comes free from the sweep) or "
+                    "diagonal (as published: the error costs a second product with R)")
     ap.add_argument("--no-reference", action="store_true", help="skip the NumPy reference runs")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     print(f"numba threads {numba.get_num_threads()}, K={args.bits}, T={args.iters}, "
-          "compensation on; times in seconds")
+          f"compensation on, feedback {args.feedback}; times in seconds")
     warm = rng.standard_normal((64, 200)).astype(np.float32)
-    run(warm, correlated_H(rng, 200), args.bits, 1, "cpu")  # compile
+    run(warm, correlated_H(rng, 200), args.bits, 1, "cpu", args.feedback)  # compile
 
-    head = (f"{'shape':>12} {'numba':>7} {'cpu-s':>7} {'factor':>7} {'sweep':>7} {'error':>7} "
+    head = (f"{'shape':>12} {'cold':>7} {'numba':>7} {'cpu-s':>7} {'factor':>7} {'sweep':>7} "
+            f"{'error':>7} "
             f"{'ref':>8} {'ratio':>6} {'solve':>7} {'ref':>8} {'ratio':>6} {'GFLOP':>7} "
             f"{'proxy(nb)':>10} {'proxy(ref)':>10} "
             f"{'rel.diff':>9} {'peak MiB':>9} {'maxrss':>7}")
@@ -83,18 +92,19 @@ def main() -> None:
         W = rng.standard_normal((n, m), dtype=np.float32)
         H = correlated_H(rng, m)
         tracemalloc.start()
-        layer, rep, t_nb, cpu_nb = run(W, H, args.bits, args.iters, "cpu")
+        t_cold = run(W, H, args.bits, args.iters, "cpu", args.feedback)[2]
         peak = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
-        flops = (m**3 / 3 + 3 * n * m * m) / 1e9
+        layer, rep, t_nb, cpu_nb = run(W, H, args.bits, args.iters, "cpu", args.feedback)
+        flops = (m**3 / 3 + (2 if args.feedback == "block" else 3) * n * m * m) / 1e9
         if args.no_reference:
             t_ref = proxy_ref = diff = solve_ref = float("nan")
         else:
-            ref_layer, ref_rep, t_ref, _ = run(W, H, args.bits, args.iters, "reference")
+            ref_rep, t_ref = run(W, H, args.bits, args.iters, "reference", args.feedback)[1:3]
             proxy_ref, solve_ref = ref_rep.proxy_error, ref_rep.seconds_solve
             diff = abs(rep.proxy_error - proxy_ref) / proxy_ref
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-        print(f"{shape:>12} {t_nb:7.2f} {cpu_nb:7.2f} {rep.seconds_factor:7.2f} "
+        print(f"{shape:>12} {t_cold:7.2f} {t_nb:7.2f} {cpu_nb:7.2f} {rep.seconds_factor:7.2f} "
               f"{rep.seconds_sweep:7.2f} {rep.seconds_error:7.2f} {t_ref:8.2f} "
               f"{t_ref / t_nb:6.1f} {rep.seconds_solve:7.2f} {solve_ref:8.2f} "
               f"{solve_ref / rep.seconds_solve:6.1f} {flops:7.0f} "

@@ -135,11 +135,11 @@ def sweep(W, R, d, K: int, T: int, daq: str | None, groups: int | None, sync) ->
     `groups` groups of W [n, m], NumPy or CuPy; seconds in DAQ and in compensation.
     daq=None: a one-plane stand-in replaces DAQ (to time the compensation alone)."""
     xp = backend.array_module(W)
-    YT = xp.empty(W.shape[::-1], W.dtype)  # [m, n]
+    Y = xp.empty_like(W)  # [n, m]
     t_daq = t_comp = 0.0
     for cols in group_slices(W.shape[1])[:groups]:
         t = time.perf_counter()
-        Wg, S, Ugg = quantize.compensated_block(W, R, YT, cols)
+        Wg, S, Ugg = quantize.compensated_block(W, R, Y, cols)
         sync()
         t_comp += time.perf_counter() - t
         t = time.perf_counter()
@@ -155,7 +155,7 @@ def sweep(W, R, d, K: int, T: int, daq: str | None, groups: int | None, sync) ->
         Q = xp.zeros_like(Wg)
         for k in range(len(a)):
             Q += xp.outer(a[k], b[k]) * xp.where(signs[k], 1, -1).astype(xp.float32)
-        quantize.feed_forward(YT, Wg, Q, R, d, S, Ugg, cols)
+        quantize.feed_forward(Y, Wg, Q, R, d, S, Ugg, cols)
         sync()
         t_comp += time.perf_counter() - t
     return {"daq": t_daq, "comp": t_comp}

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from qdtk.backend import Backend
+from qdtk.backend import to_host
 from qdtk.bits import (
     bcq_bits,
     group_bits,
@@ -53,7 +53,7 @@ GroupSolver = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
 
 def _host(x, dtype) -> np.ndarray:
     """x (NumPy or CuPy) as a NumPy array of `dtype`: the allocation runs on the host."""
-    return Backend.to_host(x).astype(dtype, copy=False)
+    return to_host(x).astype(dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +167,8 @@ class DaqGroupSolver:
         from qdtk.quantize import solve_group
 
         h = hashlib.blake2b(digest_size=16)
-        h.update(np.ascontiguousarray(W_g).tobytes())
-        h.update(np.ascontiguousarray(d_g).tobytes())
+        h.update(np.ascontiguousarray(to_host(W_g)).tobytes())  # device arrays too
+        h.update(np.ascontiguousarray(to_host(d_g)).tobytes())
         key = (W_g.shape, W_g.dtype.str, d_g.dtype.str, int(order), h.digest())
         if key not in self._cache:
             self._cache[key] = solve_group(W_g, int(order), d_g, **self.options)

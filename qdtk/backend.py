@@ -76,6 +76,15 @@ def array_module(x) -> ModuleType:
     return np
 
 
+def to_host(x) -> np.ndarray:
+    """Any array (NumPy, CuPy, Numba device array) as a NumPy array."""
+    if hasattr(x, "copy_to_host"):  # Numba device array
+        return x.copy_to_host()
+    if hasattr(x, "get") and not isinstance(x, np.ndarray):  # CuPy
+        return x.get()
+    return np.asarray(x)
+
+
 def _cupy() -> ModuleType:
     import cupy
 
@@ -98,28 +107,21 @@ class Backend:
 
     @property
     def cholesky(self):
-        """H -> R upper with R R^T = H, or None: the `cholesky` of hessian.prepare_hessian.
+        """A -> L lower with L L^T = A, or None: the `cholesky` of hessian.prepare_hessian.
         cuSOLVER on a GPU, LAPACK otherwise; both take and return NumPy arrays."""
         if self.on_gpu:
-            from qdtk.daq.cuda import cholesky_upper_gpu
+            from qdtk.daq.cuda import cholesky_lower_gpu
 
-            return cholesky_upper_gpu
-        from qdtk.hessian import cholesky_upper
+            return cholesky_lower_gpu
+        from qdtk.hessian import cholesky_lower
 
-        return cholesky_upper
+        return cholesky_lower
 
     def to_device(self, x, dtype=None):
         """x as an array of this backend (a copy only when needed)."""
         return self.xp.asarray(x, dtype=dtype)
 
-    @staticmethod
-    def to_host(x) -> np.ndarray:
-        """Any array (NumPy, CuPy, Numba device array) as a NumPy array."""
-        if hasattr(x, "copy_to_host"):  # Numba device array
-            return x.copy_to_host()
-        if hasattr(x, "get") and not isinstance(x, np.ndarray):  # CuPy
-            return x.get()
-        return np.asarray(x)
+    to_host = staticmethod(to_host)
 
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); a no-op on the CPU."""

@@ -6,6 +6,11 @@ R = J L J, hence H^-1 = R^-T R^-1 and U = R^-1, itself upper triangular with dia
 d = 1 / diag(R). The layer driver compensates with R directly (a blocked triangular solve) and
 never forms U; `U` is computed on first use (one triangular inverse) for those who want it.
 
+One m x m buffer does it all: J H J is written reversed from H into it, damped, factored in
+place, and reversed in place into R. Large layers are memory-bound here: a fresh m x m array
+costs a pass of page faults (about 1 s for m = 12288 on a small VM), so there is exactly one.
+The damped H itself is formed only if asked for (`H`, for ABMP and refinement).
+
 `dtype=np.float32` factors in single precision: half the memory and about twice the speed of
 float64, accurate enough for the damped H of GPTQ-style compensation (GPTQ itself runs float32).
 """
@@ -17,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit, prange
 from scipy.linalg import lapack
 
 from qdtk.errors import QdtkError
@@ -26,12 +32,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreparedHessian:
-    H: np.ndarray  # [m, m] damped H, dead columns set to 1 on the diagonal
-    R: np.ndarray  # [m, m] upper triangular, Fortran order, H = R R^T (so U = R^-1)
+    R: np.ndarray  # [m, m] upper triangular, contiguous, H_damped = R R^T (so U = R^-1)
     dead: np.ndarray  # [m] bool, columns no calibration token excited
     damping: float  # delta actually added to the diagonal
     retries: int  # how many times delta was multiplied by 10
+    source: np.ndarray = field(repr=False)  # [m, m] the undamped H as given (not copied)
+    _H: np.ndarray | None = field(default=None, repr=False)
     _U: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def H(self) -> np.ndarray:
+        """[m, m] the damped H (dead columns 1 + delta on the diagonal) in R's dtype."""
+        if self._H is None:
+            self._H = self.source.astype(self.R.dtype)  # a copy
+            damp(self._H, self.damping, self.dead)
+        return self._H
 
     @property
     def d(self) -> np.ndarray:
@@ -50,24 +65,48 @@ class PreparedHessian:
         return self._U
 
 
-def flip(A: np.ndarray) -> np.ndarray:
-    """J A J (rows and columns reversed) as a contiguous array of A's memory order.
-
-    Reversing the flat buffer does it in one sequential pass; a reversed 2-D view copied
-    element by element would walk memory with large strides (slow for big m).
-    """
-    order = "F" if A.flags.f_contiguous and not A.flags.c_contiguous else "C"
-    return A.ravel(order=order)[::-1].reshape(A.shape, order=order).copy(order=order)
+def damp(A: np.ndarray, delta: float, dead: np.ndarray) -> None:
+    """In place: A's diagonal += delta, after setting it to 1 on the dead columns."""
+    diag = A.reshape(-1, order="A")[:: A.shape[0] + 1]  # a view: A is contiguous
+    diag[dead] = 1
+    diag += delta
 
 
-def cholesky_upper(H: np.ndarray) -> np.ndarray | None:
-    """R upper (Fortran order) with R R^T = H, or None if H is not positive definite."""
-    potrf = lapack.spotrf if H.dtype == np.float32 else lapack.dpotrf
-    JHJ = flip(H)  # symmetric: its transpose is the same matrix, in Fortran order
-    L, info = potrf(JHJ.T, lower=1, clean=1, overwrite_a=1)
+@njit(parallel=True, cache=True)
+def _reverse(x):
+    n = x.shape[0]
+    for i in prange(n // 2):
+        x[i], x[n - 1 - i] = x[n - 1 - i], x[i]
+
+
+def reverse_inplace(A: np.ndarray) -> np.ndarray:
+    """J A J (rows and columns reversed) in A's own memory; A contiguous (C or Fortran)."""
+    _reverse(A.reshape(-1, order="A"))
+    return A
+
+
+def reversed_copy(H: np.ndarray, dtype) -> np.ndarray:
+    """J H J as a new C-ordered array of `dtype`, for a symmetric H (its flat buffer, read
+    backwards, is J H J whether H is stored in C or Fortran order)."""
+    out = np.empty(H.shape, dtype)
+    out.reshape(-1)[:] = np.ravel(H, order="K")[::-1]
+    return out
+
+
+def cholesky_lower(A: np.ndarray) -> np.ndarray | None:
+    """L lower with L L^T = A for a symmetric C-ordered A, computed in A's memory (A is
+    overwritten; L is A's buffer in Fortran order), or None if A is not positive definite."""
+    potrf = lapack.spotrf if A.dtype == np.float32 else lapack.dpotrf
+    L, info = potrf(A.T, lower=1, clean=1, overwrite_a=1)  # A.T: A itself, Fortran order
     if info != 0 or not np.all(np.isfinite(np.diag(L))):
         return None
-    return flip(L)
+    return L
+
+
+def all_finite(A: np.ndarray) -> bool:
+    """Whether A has no NaN or Inf; a sum checks it without an A-sized temporary (an overflow
+    of the sum, with finite entries, falls back to the exact test)."""
+    return bool(np.isfinite(np.sum(A, dtype=np.float64))) or bool(np.all(np.isfinite(A)))
 
 
 def prepare_hessian(
@@ -76,28 +115,27 @@ def prepare_hessian(
     retries: int = 6,
     name: str = "layer",
     dtype: type = np.float64,
-    cholesky: Callable[[np.ndarray], np.ndarray | None] = cholesky_upper,
+    cholesky: Callable[[np.ndarray], np.ndarray | None] = cholesky_lower,
 ) -> PreparedHessian:
     """Damp H (delta = percdamp * mean diag, x10 per failed try) and factor it in `dtype`.
 
-    `cholesky` maps the damped H to R (or None); a GPU passes qdtk.backend's `cholesky`."""
-    if not np.all(np.isfinite(H)):
+    `cholesky(A)` gives the lower factor of the damped J H J it is handed (or None), and may
+    overwrite A; a GPU passes qdtk.backend's. H is not changed."""
+    if not all_finite(H):
         raise QdtkError(f"{name}: the statistic H contains NaN or Inf")
-    H = np.array(H, dtype=dtype, order="C")  # a copy: the caller's H is not changed
-    idx = np.arange(H.shape[0])
     dead = np.diag(H) == 0
-    H[idx[dead], idx[dead]] = 1.0
-    mean_diag = float(np.mean(np.diag(H), dtype=np.float64))
+    diag = np.where(dead, 1.0, np.diag(H).astype(dtype))
+    mean_diag = float(np.mean(diag, dtype=np.float64))
     delta = percdamp * mean_diag if mean_diag > 0 else percdamp
-    added = 0.0
     for attempt in range(retries + 1):
-        H[idx, idx] += delta - added  # the diagonal now carries exactly delta
-        added = delta
-        R = cholesky(H)
-        if R is not None:
+        JHJ = reversed_copy(H, dtype)  # [m, m] C order
+        damp(JHJ, delta, dead[::-1])
+        L = cholesky(JHJ)
+        if L is not None:
             if attempt:
                 log.warning("%s: H needed damping %.3g (%d retries)", name, delta, attempt)
-            return PreparedHessian(H, R, dead, delta, attempt)
+            R = reverse_inplace(L)  # [m, m] J L J, upper
+            return PreparedHessian(R, dead, delta, attempt, source=H)
         delta *= 10
     raise QdtkError(
         f"{name}: H is not positive definite even with damping {delta / 10:.3g}; "

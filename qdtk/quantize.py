@@ -33,14 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.linalg import blas, lapack
+from numba import njit, prange
+from scipy.linalg import lapack
 
 from qdtk import abmp
-from qdtk.backend import array_module
+from qdtk.backend import CPU, array_module, get_backend, to_host
 from qdtk.bits import bcq_bits, group_slices
 from qdtk.daq import error_weights, solve_block
 from qdtk.errors import QdtkError
-from qdtk.hessian import PreparedHessian, prepare_hessian, salience
+from qdtk.hessian import PreparedHessian, all_finite, prepare_hessian, salience
 from qdtk.io import clean_stale_temporaries, fingerprint, read_json, write_json_atomic
 from qdtk.solution import (
     FORMAT,
@@ -74,7 +75,7 @@ class LayerReport:
     seconds_factor: float  # damping + Cholesky of H
     seconds_sweep: float  # block solves + compensation (+ refinement)
     seconds_solve: float  # of which the block solves (salience weights, DAQ, dequantisation)
-    seconds_error: float  # the exact proxy error (two triangular products)
+    seconds_error: float  # the proxy error (tr(W H W^T); tr(D H D^T) too unless the sweep gave it)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "daq", **asdict(self)}
@@ -120,68 +121,108 @@ def triangular_inverse(R):
     return solve_triangular(R, array_module(R).eye(R.shape[0], dtype=R.dtype), lower=False)
 
 
-def compensated_block(W, R, YT, cols: slice):
+def compensated_block(W, R, Y, cols: slice):
     """(W_g - c_g [n, w], S [n, w], U_gg [w, w]): block g of W [n, m] with the error of the
-    groups before it fed forward; YT [m, n] holds Y^T of those groups (Y R = Err).
+    groups before it fed forward; Y [n, m] holds Y of those groups (Y R = Err).
     NumPy or CuPy arrays alike."""
     Ugg = triangular_inverse(R[cols, cols])  # [w, w] R_gg^-1 = U_gg
-    S = (R[: cols.start, cols].T @ YT[: cols.start]).T  # [n, w] Y_<g R_<g,g
+    S = Y[:, : cols.start] @ R[: cols.start, cols]  # [n, w] Y_<g R_<g,g
     return W[:, cols] + S @ Ugg, S, Ugg
 
 
-def feed_forward(YT, Wg, Q, R, d, S, Ugg, cols: slice, feedback: str = "diagonal") -> None:
-    """YT[cols] = Y_g^T, Y_g = (Err_g - S) U_gg (in place), with Err_g = (W_g - Q_g) / d_g
-    (diagonal, published) or (W_g - Q_g) R_gg (block, exact). NumPy or CuPy arrays alike."""
+def feed_forward(Y, Wg, Q, R, d, S, Ugg, cols: slice, feedback: str = "diagonal") -> float:
+    """Y[:, cols] = Y_g = (Err_g - S) U_gg (in place), with Err_g = (W_g - Q_g) / d_g
+    (diagonal, published) or (W_g - Q_g) R_gg (block, exact). Returns ||Err_g||^2 (float64).
+    NumPy or CuPy arrays alike."""
     D = Wg - Q  # [n, w]
     Err = D @ R[cols, cols] if feedback == "block" else D / d[cols]
-    YT[cols] = ((Err - S) @ Ugg).T
+    array_module(Y).matmul(Err - S, Ugg, out=Y[:, cols])  # no [n, w] temporary
+    return sum_squares(Err)
 
 
 def sweep(
-    W: np.ndarray,
-    P: PreparedHessian,
+    W,
+    R,
     orders: np.ndarray,
-    solve: Callable[[np.ndarray, int, np.ndarray], tuple],
+    solve: Callable[[Any, int, Any], tuple],
     compensate: bool = True,
     feedback: str = "diagonal",
-) -> BinaryCodedLayer:
-    """Solve the groups of W [n, m] left to right with GPTQ-style compensation through R;
-    feedback "diagonal" (published: Err_g = (W_g - Q_g) / d_g) or "block" (exact)."""
+) -> tuple[BinaryCodedLayer, float | None]:
+    """Solve the groups of W [n, m] left to right with GPTQ-style compensation through R
+    [m, m] (upper, H_damped = R R^T); feedback "diagonal" (published: Err_g = (W_g - Q_g) /
+    d_g) or "block" (exact). W and R are NumPy or CuPy arrays: the groups are solved where
+    they live, `solve(W_g, order, d_g)` taking and giving arrays of that kind.
+
+    Returns the layer (host arrays) and, with compensation and block feedback, its output
+    error on the damped H for free: D = Err U, so tr(D H_damped D^T) = sum_g ||Err_g||^2
+    (None otherwise).
+    """
+    xp = array_module(W)
     n, m = W.shape
     slices = group_slices(m)
-    R, d = P.R, P.d.astype(W.dtype)  # [m, m] upper, [m]
+    d = 1.0 / xp.diag(R)  # [m] diag(U)
     K = int(orders.max())
     signs = np.zeros((K, n, m), bool)
     row_scale = np.zeros((K, len(slices), n), np.float16)
     col_scale = np.zeros((K, m), np.float16)
-    YT = np.empty((m, n), W.dtype) if compensate else None  # [m, n] Y^T, Y R = Err
+    Y = xp.empty((n, m), W.dtype) if compensate else None  # [n, m] Y R = Err
+    err = 0.0
     for g, cols in enumerate(slices):
         o = int(orders[g])
         if compensate:
-            Wg, S, Ugg = compensated_block(W, R, YT, cols)  # [n, w] W_g - c_g
+            Wg, S, Ugg = compensated_block(W, R, Y, cols)  # [n, w] W_g - c_g
         else:
             Wg = W[:, cols]  # [n, w]
-        sg, a, b, Q = solve(np.ascontiguousarray(Wg), o, d[cols])
-        signs[:o, :, cols], row_scale[:o, g], col_scale[:o, cols] = sg, a, b
+        sg, a, b, Q = solve(xp.ascontiguousarray(Wg), o, d[cols])
+        signs[:o, :, cols], row_scale[:o, g], col_scale[:o, cols] = map(to_host, (sg, a, b))
         if compensate:
-            feed_forward(YT, Wg, Q, R, d, S, Ugg, cols, feedback)
-    return BinaryCodedLayer(np.asarray(orders, np.int64), signs, row_scale, col_scale)
+            err += feed_forward(Y, Wg, Q, R, d, S, Ugg, cols, feedback)
+    layer = BinaryCodedLayer(np.asarray(orders, np.int64), signs, row_scale, col_scale)
+    return layer, (err if compensate and feedback == "block" else None)
 
 
-def quadratic_form(X: np.ndarray, P: PreparedHessian) -> float:
+QF_BLOCK = 512  # columns of X R per product in quadratic_form
+
+
+def quadratic_form(X, P: PreparedHessian, R=None) -> float:
     """tr(X H X^T) for the undamped H, from H_damped = R R^T: ||X R||^2 - corrections.
 
     H_damped = H + delta I + (1 on dead columns), so subtracting delta ||X||^2 and the dead
-    columns' ||X_j||^2 is exact; X R costs n m^2 flops (a triangular product), half of X H.
+    columns' ||X_j||^2 is exact. X R costs n m^2 flops (R is triangular, half of X H), taken
+    as products of QF_BLOCK columns: BLAS runs those faster than one triangular product.
+    R: P.R where it lives (a CuPy copy on a GPU); X NumPy or of R's kind.
     """
-    R = P.R
-    trmm = blas.strmm if R.dtype == np.float32 else blas.dtrmm
-    X = np.ascontiguousarray(X, R.dtype)
-    XRt = trmm(1.0, R, X.T, side=0, lower=0, trans_a=1)  # [m, n] R^T X^T = (X R)^T
-    total = float(np.sum(np.square(XRt, dtype=np.float64)))
-    total -= P.damping * float(np.sum(np.square(X, dtype=np.float64)))
-    total -= float(np.sum(np.square(X[:, P.dead], dtype=np.float64)))
+    R = P.R if R is None else R
+    xp = array_module(R)
+    X = xp.asarray(X, R.dtype)
+    m = X.shape[1]
+    total = 0.0
+    for s in range(0, m, QF_BLOCK):
+        e = min(m, s + QF_BLOCK)
+        total += sum_squares(X[:, :e] @ R[:e, s:e])  # (X R)[:, s:e]: R[e:, s:e] = 0
+    total -= P.damping * sum_squares(X)
+    total -= sum_squares(X[:, xp.asarray(P.dead)])
     return max(total, 0.0)
+
+
+def sum_squares(X) -> float:
+    """||X||_F^2 of a 2-D array, accumulated in float64 (NumPy: one parallel pass, no
+    temporary; CuPy: on the device)."""
+    xp = array_module(X)
+    if xp is np:
+        return float(_row_sums_of_squares(X).sum())
+    return float(xp.sum(xp.square(X), dtype=xp.float64))
+
+
+@njit(parallel=True, cache=True)
+def _row_sums_of_squares(X):
+    out = np.empty(X.shape[0])
+    for i in prange(X.shape[0]):
+        s = 0.0
+        for j in range(X.shape[1]):
+            s += np.float64(X[i, j]) ** 2
+        out[i] = s
+    return out
 
 
 def resolve_orders(orders: Orders, W: np.ndarray, P: PreparedHessian, name: str) -> np.ndarray:
@@ -217,13 +258,15 @@ def quantize_layer(
     refits the solved layer on the full H before its error is measured.
     """
     t0 = time.perf_counter()
-    W = np.array(W, dtype=np.float32)  # [n, m] a copy: the sweep compensates in place
+    W = np.array(W, dtype=np.float32)  # [n, m] a copy: dead columns are zeroed
     n, m = W.shape
     if H.shape != (m, m):
         raise QdtkError(f"{name}: H has shape {list(H.shape)}, expected {[m, m]}")
-    if not np.all(np.isfinite(W)):
+    if not all_finite(W):
         raise QdtkError(f"{name}: the weight contains NaN or Inf")
-    P = prepare_hessian(H, percdamp, name=name, dtype=np.float32)
+    dev = get_backend("cuda") if backend == "cuda" else CPU  # where the sweep's arrays live
+    P = prepare_hessian(H, percdamp, name=name, dtype=np.float32, cholesky=dev.cholesky)
+    R = dev.to_device(P.R)
     t1 = time.perf_counter()
     o = resolve_orders(orders, W, P, name)
     W0 = W.copy()
@@ -240,16 +283,23 @@ def quantize_layer(
         return out
 
     t2 = time.perf_counter()
-    layer = sweep(W, P, o, solve, compensate, feedback)
+    layer, damped_err = sweep(dev.to_device(W), R, o, solve, compensate, feedback)
     if refine is not None:
         from qdtk.refine import refine_layer
 
         layer = refine_layer(W0, H, layer, **refine, percdamp=percdamp, name=name)
+        damped_err = None
     t3 = time.perf_counter()
     if not (np.all(np.isfinite(layer.row_scale)) and np.all(np.isfinite(layer.col_scale))):
         raise QdtkError(f"{name}: scales overflow float16 (weights beyond 65504?)")
-    err = quadratic_form(W0 - layer.dequantize(), P)
-    energy = quadratic_form(W0, P)
+    What = layer.dequantize()
+    if damped_err is None:
+        err = quadratic_form(W0 - What, P, R)
+    else:  # the sweep's tr(Dz H_damped Dz^T), Dz = W - What (dead columns zeroed): undamp it
+        Dz = W - What
+        err = damped_err - P.damping * sum_squares(Dz) - sum_squares(Dz[:, P.dead])
+        err = max(err, 0.0)  # on the undamped H, dead columns add nothing: = tr(D H D^T)
+    energy = quadratic_form(W0, P, R)
     report = LayerReport(
         orders=o.tolist(),
         proxy_error=err / energy if energy > 0 else (0.0 if err == 0 else float("inf")),

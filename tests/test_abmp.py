@@ -366,7 +366,7 @@ def test_daq_group_solver_memoises_and_serves_the_uncompensated_sweep(rng, monke
     assert E[1, 1] < E[1, 0]
     # the driver's uncompensated sweep at an allocation solves nothing new
     orders = np.array([2, 1])
-    layer_ = quantize.sweep(W.copy(), P, orders, solver.solution, compensate=False)
+    layer_, _ = quantize.sweep(W.copy(), P.R, orders, solver.solution, compensate=False)
     assert len(calls) == 4
     np.testing.assert_array_equal(
         layer_.dequantize(), abmp.dequantize_orders(W, P.d, orders, solver)

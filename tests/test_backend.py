@@ -20,11 +20,11 @@ def fresh_status():
 
 def test_cpu_and_auto_here():
     """No GPU on this machine (and the simulator is on): auto is the CPU."""
-    from qdtk.hessian import cholesky_upper
+    from qdtk.hessian import cholesky_lower
 
     assert backend.get_backend("cpu") is backend.CPU
     b = backend.get_backend("auto")
-    assert (b.device, b.xp, b.daq, b.cholesky) == ("cpu", np, "cpu", cholesky_upper)
+    assert (b.device, b.xp, b.daq, b.cholesky) == ("cpu", np, "cpu", cholesky_lower)
     assert not b.on_gpu
 
 
@@ -62,12 +62,12 @@ def test_driver_errors_are_survived(monkeypatch, fresh_status):
 def test_auto_picks_a_reported_gpu(monkeypatch):
     pytest.importorskip("cupy")
     monkeypatch.setattr(backend, "gpu_status", lambda: (True, "Test GPU"))
-    from qdtk.daq.cuda import cholesky_upper_gpu
+    from qdtk.daq.cuda import cholesky_lower_gpu
 
     for device in ("auto", "cuda"):
         b = backend.get_backend(device)
         assert (b.device, b.daq, b.on_gpu, b.xp.__name__) == ("cuda", "cuda", True, "cupy")
-        assert b.cholesky is cholesky_upper_gpu
+        assert b.cholesky is cholesky_lower_gpu
 
 
 def test_unknown_device():

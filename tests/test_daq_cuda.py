@@ -17,7 +17,7 @@ from qdtk.bits import group_slices
 from qdtk.daq import cuda as daq_cuda
 from qdtk.daq import reference, solve_block
 from qdtk.errors import QdtkError
-from qdtk.hessian import cholesky_upper, prepare_hessian
+from qdtk.hessian import cholesky_lower, prepare_hessian
 from qdtk.solution import dequantize_block
 
 needs_gpu = pytest.mark.skipif(
@@ -160,14 +160,14 @@ def test_device_steps_are_the_driver_sweep(rng):
     qdtk.quantize.sweep exactly on NumPy, ragged last group included."""
     W, H = layer(rng)
     P = prepare_hessian(H, dtype=np.float32)
-    want = quantize.sweep(W.copy(), P, np.ones(3, np.int64), sign_solver).dequantize()
+    want = quantize.sweep(W.copy(), P.R, np.ones(3, np.int64), sign_solver)[0].dequantize()
     R, d = P.R, P.d.astype(np.float32)
-    YT = np.empty(W.shape[::-1], np.float32)
+    Y = np.empty_like(W)
     got = np.empty_like(W)
     for cols in group_slices(W.shape[1]):
-        Wg, S, Ugg = quantize.compensated_block(W, R, YT, cols)
+        Wg, S, Ugg = quantize.compensated_block(W, R, Y, cols)
         Q = sign_solver(np.ascontiguousarray(Wg), 1, d[cols])[3]
-        quantize.feed_forward(YT, Wg, Q, R, d, S, Ugg, cols)
+        quantize.feed_forward(Y, Wg, Q, R, d, S, Ugg, cols)
         got[:, cols] = Q
     np.testing.assert_array_equal(got, want)
 
@@ -179,7 +179,7 @@ def test_prepare_hessian_takes_the_backend_cholesky(rng):
 
     def flaky(Hd):
         calls.append(Hd[0, 0])
-        return None if len(calls) == 1 else cholesky_upper(Hd)
+        return None if len(calls) == 1 else cholesky_lower(Hd)
 
     P = prepare_hessian(H, cholesky=flaky)
     assert P.retries == 1 and len(calls) == 2 and calls[1] > calls[0]
@@ -192,14 +192,16 @@ def test_gpu_layer_algebra_matches_cpu(rng):
 
     W, H = layer(rng, n=64)
     Hd = prepare_hessian(H).H
-    R = daq_cuda.cholesky_upper_gpu(Hd)
-    np.testing.assert_allclose(R, cholesky_upper(Hd), rtol=1e-8, atol=1e-10)
-    assert daq_cuda.cholesky_upper_gpu(-np.eye(4)) is None
+    L = daq_cuda.cholesky_lower_gpu(Hd)
+    np.testing.assert_allclose(L, cholesky_lower(Hd.copy()), rtol=1e-8, atol=1e-10)
+    assert daq_cuda.cholesky_lower_gpu(-np.eye(4)) is None
+    R = prepare_hessian(H, cholesky=daq_cuda.cholesky_lower_gpu).R
+    np.testing.assert_allclose(R, prepare_hessian(H).R, rtol=1e-8, atol=1e-10)
     R32 = R.astype(np.float32)
     cols = slice(128, 256)
-    YT = rng.standard_normal(W.shape[::-1]).astype(np.float32)
-    host = quantize.compensated_block(W, R32, YT, cols)
-    dev = quantize.compensated_block(cupy.asarray(W), cupy.asarray(R32), cupy.asarray(YT), cols)
+    Y = rng.standard_normal(W.shape).astype(np.float32)
+    host = quantize.compensated_block(W, R32, Y, cols)
+    dev = quantize.compensated_block(cupy.asarray(W), cupy.asarray(R32), cupy.asarray(Y), cols)
     for h, g in zip(host, dev, strict=True):
         np.testing.assert_allclose(g.get(), h, rtol=1e-4, atol=1e-4)
 

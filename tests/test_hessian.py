@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from qdtk.errors import QdtkError
-from qdtk.hessian import cholesky_upper, flip, prepare_hessian, salience
+from qdtk.hessian import (
+    all_finite,
+    cholesky_lower,
+    prepare_hessian,
+    reverse_inplace,
+    reversed_copy,
+    salience,
+)
 
 
 def correlated_H(rng, m, tokens=400):
@@ -29,15 +36,32 @@ def test_factors(rng, dtype, tol):
     # the GPTQ definition: U is the upper Cholesky factor of H^-1
     U_gptq = np.linalg.cholesky(np.linalg.inv(Hd)).T
     np.testing.assert_allclose(U, U_gptq, rtol=tol * 100, atol=tol * np.abs(U_gptq).max())
-    assert cholesky_upper(-np.eye(3, dtype=dtype)) is None
+    assert cholesky_lower(-np.eye(3, dtype=dtype)) is None
+    # the damped H is formed on demand from the caller's H, which stays as it was
+    assert P.source is H and not np.shares_memory(P.H, H)
 
 
-def test_flip_reverses_rows_and_columns(rng):
+def test_reversals(rng):
     A = rng.standard_normal((5, 5))
     for X in (A, np.asfortranarray(A)):
-        F = flip(X)
-        np.testing.assert_array_equal(F, A[::-1, ::-1])
-        assert F.flags.c_contiguous == X.flags.c_contiguous
+        Y = X.copy(order="K")
+        assert reverse_inplace(Y) is Y
+        np.testing.assert_array_equal(Y, A[::-1, ::-1])
+    S = A + A.T  # symmetric: its flat buffer reads the same in either order
+    for X in (S, np.asfortranarray(S)):
+        F = reversed_copy(X, np.float32)
+        assert F.dtype == np.float32 and F.flags.c_contiguous
+        np.testing.assert_array_equal(F, S[::-1, ::-1].astype(np.float32))
+
+
+def test_all_finite():
+    A = np.ones((3, 3), np.float32)
+    assert all_finite(A)
+    for bad in (np.nan, np.inf, -np.inf):
+        B = A.copy()
+        B[1, 2] = bad
+        assert not all_finite(B)
+    assert all_finite(np.full((3, 3), 3e38, np.float32))  # its float32 sum would overflow
 
 
 def test_dead_columns(rng):

@@ -49,6 +49,27 @@ def test_compensation_lowers_output_error(rng):
     assert r_on.orders == [2, 2, 2] and r_on.compensated and not r_off.compensated
 
 
+def test_block_feedback_reports_its_free_error_exactly(rng, monkeypatch):
+    # with block feedback D = Err U: the sweep's sum ||Err_g||^2 is tr(D H D^T) on the damped H,
+    # undamped by the driver; only the energy tr(W H W^T) needs a product with R
+    from qdtk import quantize
+
+    n, m = 40, 300
+    W = rng.standard_normal((n, m)).astype(np.float32)
+    H = correlated_H(rng, m)
+    H[7, :] = H[:, 7] = 0  # a dead column: its weights count nowhere
+    calls = []
+    monkeypatch.setattr(quantize, "quadratic_form",
+                        lambda X, *a: calls.append(1) or quadratic_form(X, *a))
+    layer, report = quantize_layer(W, H, [2, 1, 3], feedback="block")
+    assert len(calls) == 1
+    e = output_error(W, layer.dequantize(), H)
+    assert report.output_error == pytest.approx(e, rel=1e-4)
+    assert report.weight_energy == pytest.approx(output_error(W, 0 * W, H), rel=1e-4)
+    quantize_layer(W, H, [2, 1, 3], feedback="diagonal")  # not free: measured
+    assert len(calls) == 3
+
+
 def test_compensation_through_R_equals_gptq_through_U(rng):
     # float64 throughout: the left-looking solve with R and GPTQ's W[:, later] -= Err U[g, later]
     n, m = 24, 260
@@ -59,7 +80,7 @@ def test_compensation_through_R_equals_gptq_through_U(rng):
     def solve(Wg, o, dg):
         return solve_group(Wg, o, dg, backend="reference")
 
-    Q_R = sweep(W.copy(), P, orders, solve).dequantize()
+    Q_R = sweep(W.copy(), P.R, orders, solve)[0].dequantize()
     U, d = P.U, P.d
     Wc, Q_U = W.copy(), np.empty_like(W)
     for g, cols in enumerate(group_slices(m)):
@@ -560,7 +581,7 @@ def test_block_feedback_is_the_exact_update_of_the_later_columns(rng):
             Qs.append(out[3])
             return out
 
-        sweep(W.copy(), P, np.array([1, 1]), solve, True, feedback)
+        sweep(W.copy(), P.R, np.array([1, 1]), solve, True, feedback)
         D = W.astype(np.float64) - np.concatenate(Qs, axis=1)
         return np.einsum("ij,ij->", D @ Hd, D), D[:, :128]
 

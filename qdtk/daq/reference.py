@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from qdtk.backend import array_module
+
 EPS = 1e-8  # keeps the scale updates finite on zero rows and columns
 
 
 def error_weights(s: np.ndarray, tau: float = 2.0, lam: float = 3.0) -> np.ndarray:
     """[n, w] E_ij = lam where the z-score of the block's salience exceeds tau, else 1."""
-    std = s.std()
-    z = (s - s.mean()) / std if std > 0 else np.zeros_like(s)
-    return np.where(z > tau, lam, 1.0).astype(s.dtype)
+    xp = array_module(s)  # NumPy or CuPy
+    std = float(s.std())
+    if not std > 0:
+        return xp.ones_like(s)
+    return xp.where((s - s.mean()) / std > tau, s.dtype.type(lam), s.dtype.type(1))
 
 
 def pm(signs: np.ndarray, dtype) -> np.ndarray:
