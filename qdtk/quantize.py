@@ -121,12 +121,15 @@ def triangular_inverse(R):
     return solve_triangular(R, array_module(R).eye(R.shape[0], dtype=R.dtype), lower=False)
 
 
-def compensated_block(W, R, Y, cols: slice):
+def compensated_block(W, R, Y, cols: slice, S0=None, s0: int = 0):
     """(W_g - c_g [n, w], S [n, w], U_gg [w, w]): block g of W [n, m] with the error of the
-    groups before it fed forward; Y [n, m] holds Y of those groups (Y R = Err).
+    groups before it fed forward; Y [n, m] holds Y of those groups (Y R = Err). S0 [n, w]:
+    Y_<s0 R_<s0,g when a wider product already gave it (`sweep`'s super-blocks).
     NumPy or CuPy arrays alike."""
     Ugg = triangular_inverse(R[cols, cols])  # [w, w] R_gg^-1 = U_gg
-    S = Y[:, : cols.start] @ R[: cols.start, cols]  # [n, w] Y_<g R_<g,g
+    S = Y[:, s0 : cols.start] @ R[s0 : cols.start, cols]  # [n, w] Y_<g R_<g,g
+    if S0 is not None:
+        S += S0
     return W[:, cols] + S @ Ugg, S, Ugg
 
 
@@ -169,8 +172,12 @@ def sweep(
     err = 0.0
     for g, cols in enumerate(slices):
         o = int(orders[g])
+        if compensate and g % SUPER == 0:  # every earlier group's share, SUPER groups at once
+            span = slice(cols.start, slices[min(g + SUPER, len(slices)) - 1].stop)
+            S_span = Y[:, : span.start] @ R[: span.start, span]  # [n, <= SUPER w]
         if compensate:
-            Wg, S, Ugg = compensated_block(W, R, Y, cols)  # [n, w] W_g - c_g
+            part = S_span[:, cols.start - span.start : cols.stop - span.start]
+            Wg, S, Ugg = compensated_block(W, R, Y, cols, part, span.start)
         else:
             Wg = W[:, cols]  # [n, w]
         sg, a, b, Q = solve(xp.ascontiguousarray(Wg), o, d[cols])
@@ -182,6 +189,7 @@ def sweep(
 
 
 QF_BLOCK = 512  # columns of X R per product in quadratic_form
+SUPER = 4  # groups per compensation product from all earlier groups (wider, faster GEMMs)
 
 
 def quadratic_form(X, P: PreparedHessian, R=None) -> float:

@@ -71,11 +71,12 @@ def test_block_feedback_reports_its_free_error_exactly(rng, monkeypatch):
 
 
 def test_compensation_through_R_equals_gptq_through_U(rng):
-    # float64 throughout: the left-looking solve with R and GPTQ's W[:, later] -= Err U[g, later]
-    n, m = 24, 260
+    # float64 throughout: the left-looking solve with R and GPTQ's W[:, later] -= Err U[g, later];
+    # 6 groups, so the sweep's super-block products (SUPER = 4 groups) are crossed
+    n, m = 24, 700
     W = rng.standard_normal((n, m))
     P = prepare_hessian(correlated_H(rng, m), dtype=np.float64)
-    orders = np.array([2, 1, 3])
+    orders = np.array([2, 1, 3, 1, 2, 2])
 
     def solve(Wg, o, dg):
         return solve_group(Wg, o, dg, backend="reference")
