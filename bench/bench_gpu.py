@@ -1,20 +1,22 @@
-"""DAQ layer sweep on GPU vs CPU, on the CPU bench's shapes, against its floors.
+"""DAQ on GPU vs CPU: whole layers through the layer driver, on the CPU bench's shapes, against
+their floors.
 
-For each layer shape n x m (uniform order K, T rounds): factor H (R, float32, as the driver
-does), then per 128-column group compensate the block (left-looking through R, as
-qdtk.quantize.sweep) and solve it (SPEC 4, 5). Printed per shape:
+For each layer shape n x m (uniform order K, T rounds, block feedback) qdtk.quantize's
+`quantize_layer` runs with --backend cuda (H factored by cuSOLVER, W, R and the sweep on the
+GPU: CuPy GEMMs, Numba CUDA DAQ kernels) and with --backend cpu. Printed per shape:
 
     floors   DAQ kernels: bytes every pass moves / bandwidth (and the one-pass ideal: read W
              and E once, write the signs); compensation: max(flops / GEMM rate, bytes / bw);
              factorisation: fp32 potrf flops / rate; launches per layer
-    measured GPU and CPU time per phase (CPU: the first --cpu-groups groups, scaled up); all-G:
-             every group solved at once by solve_blocks (no compensation: ABMP's e_g(o))
+    measured seconds per phase from the layer report (factor; DAQ = the block solves; comp =
+             the rest of the sweep; error = the proxy error's energy; total); all-G: every
+             group solved at once by solve_blocks (no compensation: ABMP's e_g(o))
 
 and the projection for an LLaDA-8B layer set (32 blocks of 4 x 4096x4096, 2 x 12288x4096,
-1 x 4096x12288; 4 distinct H per block). Peaks are measured on the GPU (copy bandwidth, fp32
-GEMM); without a GPU the floors use H100 SXM datasheet peaks and say so.
+1 x 4096x12288, each layer factoring its own H). Peaks are measured on the GPU (copy bandwidth,
+fp32 GEMM); without a GPU the floors use H100 SXM datasheet peaks and say so.
 
-    .venv/bin/python bench/bench_gpu.py [--order 2] [--iters 15] [--cpu-groups 2] [--no-cpu]
+    .venv/bin/python bench/bench_gpu.py [--order 2] [--iters 15] [--no-cpu] [--shapes ...]
 
 Timings are noisy on a shared machine: rerun on an idle one before quoting them.
 """
@@ -26,16 +28,16 @@ import time
 
 import numpy as np
 
-from qdtk import backend, quantize
+from qdtk import backend
 from qdtk.bits import group_slices
 from qdtk.daq import cuda as daq_cuda
-from qdtk.daq import error_weights, solve_block
+from qdtk.daq import error_weights
 from qdtk.hessian import prepare_hessian
+from qdtk.quantize import quantize_layer
 
 SHAPES = [(4096, 4096), (4096, 12288), (12288, 4096)]
 H100 = {"bw": 3.35e12, "fp32": 67e12}  # SXM datasheet: HBM3 bytes/s, fp32 flop/s
 LLADA_SET = {(4096, 4096): 4, (12288, 4096): 2, (4096, 12288): 1}  # per block, x 32 blocks
-LLADA_H = {4096: 3, 12288: 1}  # distinct H per block by size m
 
 
 def measure_peaks() -> dict[str, float]:
@@ -130,70 +132,36 @@ def random_layer(n: int, m: int, xp=np) -> tuple:
     return W, backend.Backend.to_host(H)
 
 
-def sweep(W, R, d, K: int, T: int, daq: str | None, groups: int | None, sync) -> dict[str, float]:
-    """qdtk.quantize.sweep's algebra (the device-generic steps of qdtk.daq.cuda) on the first
-    `groups` groups of W [n, m], NumPy or CuPy; seconds in DAQ and in compensation.
-    daq=None: a one-plane stand-in replaces DAQ (to time the compensation alone)."""
-    xp = backend.array_module(W)
-    Y = xp.empty_like(W)  # [n, m]
-    t_daq = t_comp = 0.0
-    for cols in group_slices(W.shape[1])[:groups]:
-        t = time.perf_counter()
-        Wg, S, Ugg = quantize.compensated_block(W, R, Y, cols)
-        sync()
-        t_comp += time.perf_counter() - t
-        t = time.perf_counter()
-        if daq is None:
-            signs, a, b = (Wg >= 0)[None], xp.abs(Wg).mean(1)[None], xp.ones((1, Wg.shape[1]))
-        else:
-            E = error_weights((Wg / d[cols][None, :]) ** 2)
-            signs, a, b = solve_block(xp.ascontiguousarray(Wg), K, E, iters=T, backend=daq)
-        sync()
-        t_daq += time.perf_counter() - t
-        t = time.perf_counter()
-        a, b = a.astype(xp.float16).astype(xp.float32), b.astype(xp.float16).astype(xp.float32)
-        Q = xp.zeros_like(Wg)
-        for k in range(len(a)):
-            Q += xp.outer(a[k], b[k]) * xp.where(signs[k], 1, -1).astype(xp.float32)
-        quantize.feed_forward(Y, Wg, Q, R, d, S, Ugg, cols)
-        sync()
-        t_comp += time.perf_counter() - t
-    return {"daq": t_daq, "comp": t_comp}
+def run_layer(n: int, m: int, K: int, T: int, device: str) -> dict[str, float]:
+    """Seconds per phase of qdtk.quantize.quantize_layer (block feedback, qdtk's default) on
+    `device` ("cuda": R, W and the sweep on the GPU; "cpu": LAPACK, OpenBLAS and Numba), after
+    a small warm-up layer that compiles the kernels."""
+    W, H = random_layer(n, m)
+    quantize_layer(W[:64, :256], H[:256, :256], [K, K], iters=T, backend=device,
+                   feedback="block")
+    G = len(group_slices(m))
+    _, r = quantize_layer(W, H, [K] * G, iters=T, backend=device, feedback="block")
+    return {"factor": r.seconds_factor, "daq": r.seconds_solve,
+            "comp": r.seconds_sweep - r.seconds_solve, "error": r.seconds_error,
+            "total": r.seconds}
 
 
-def prepared(H, device: str) -> tuple:
-    """(R, d, seconds): the driver's float32 factorisation through the device's Cholesky."""
-    t = time.perf_counter()
-    P = prepare_hessian(H, dtype=np.float32, cholesky=backend.get_backend(device).cholesky)
-    return P.R, P.d.astype(np.float32), time.perf_counter() - t
-
-
-def run_gpu(n: int, m: int, K: int, T: int) -> dict[str, float]:
+def solve_all_groups(n: int, m: int, K: int, T: int) -> float:
+    """GPU seconds to solve every group of a layer at once (solve_blocks; no compensation:
+    ABMP's e_g(o) profiles)."""
     import cupy
 
     W, H = random_layer(n, m, cupy)
-    sync = cupy.cuda.Device().synchronize
-    R, d, t_factor = prepared(H, "cuda")
-    R, d = cupy.asarray(R), cupy.asarray(d)
-    sweep(W[:, :256].copy(), R[:256, :256], d, K, T, "cuda", 1, sync)  # compile the kernels
-    slices = group_slices(m)
-    E = cupy.concatenate([error_weights((W[:, c] / d[c][None, :]) ** 2) for c in slices], 1)
+    d = cupy.asarray(prepare_hessian(H, dtype=np.float32).d)
+    E = cupy.concatenate(
+        [error_weights((W[:, c] / d[c][None, :]) ** 2) for c in group_slices(m)], 1
+    )
+    daq_cuda.solve_blocks(W[:, :256], K, E[:, :256], iters=T)  # compile
+    cupy.cuda.Device().synchronize()
     t = time.perf_counter()
-    daq_cuda.solve_blocks(W, K, E, iters=T)  # all groups at once: ABMP's profiles, no comp.
-    sync()
-    t_all = time.perf_counter() - t
-    return {"factor": t_factor, "all": t_all, **sweep(W, R, d, K, T, "cuda", None, sync)}
-
-
-def run_cpu(n: int, m: int, K: int, T: int, groups: int) -> dict[str, float]:
-    """CPU times: DAQ on the first `groups` groups, scaled by G / groups; the compensation of
-    every group, with a one-plane stand-in for DAQ."""
-    W, H = random_layer(n, m)
-    R, d, t_factor = prepared(H, "cpu")
-    sweep(W[:8, :256].copy(), R[:256, :256], d, K, T, "cpu", 1, lambda: None)  # compile
-    daq = sweep(W.copy(), R, d, K, T, "cpu", groups, lambda: None)["daq"]
-    comp = sweep(W, R, d, K, T, None, None, lambda: None)["comp"]
-    return {"factor": t_factor, "daq": daq * len(group_slices(m)) / groups, "comp": comp}
+    daq_cuda.solve_blocks(W, K, E, iters=T)
+    cupy.cuda.Device().synchronize()
+    return time.perf_counter() - t
 
 
 def ms(x: float) -> str:
@@ -204,7 +172,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--order", type=int, default=2, help="planes per group (uniform)")
     p.add_argument("--iters", type=int, default=15, help="DAQ rounds T")
-    p.add_argument("--cpu-groups", type=int, default=2, help="groups timed on CPU, scaled up")
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU timings")
     p.add_argument(
         "--shapes", default=",".join(f"{n}x{m}" for n, m in SHAPES),
@@ -223,28 +190,27 @@ def main() -> None:
     )
     print(
         "shape (n x m)   | floor ms: DAQ  1-pass   comp  factor | launches"
-        " | GPU ms: factor     DAQ    comp  DAQ/floor  all-G | CPU ms: factor     DAQ    comp"
+        " | GPU ms: factor     DAQ    comp   error   total DAQ/floor  all-G"
+        " | CPU ms: factor     DAQ    comp   error   total"
     )
     gpu_times: dict[tuple[int, int], float] = {}
-    factor_times: dict[int, float] = {}
     for n, m in shapes:
         f = floors(n, m, K, T, peaks)
         row = (
             f"{n:5d} x {m:<6d}  | {ms(f['daq'])}{ms(f['daq_ideal'])}{ms(f['comp'])}"
             f"{ms(f['factor'])} | {f['launches']:8d} |"
         )
+        phases = ("factor", "daq", "comp", "error", "total")
         if gpu:
-            g = run_gpu(n, m, K, T)
-            gpu_times[n, m] = g["daq"] + g["comp"]
-            factor_times[m] = g["factor"]
-            ratio = g["daq"] / f["daq"]
-            row += f"        {ms(g['factor'])}{ms(g['daq'])}{ms(g['comp'])}{ratio:10.1f}"
-            row += f"{ms(g['all'])} |"
+            g = run_layer(n, m, K, T, "cuda")
+            gpu_times[n, m] = g["total"]
+            row += "        " + "".join(ms(g[k]) for k in phases)
+            row += f"{g['daq'] / f['daq']:10.1f}{ms(solve_all_groups(n, m, K, T))} |"
         else:
-            row += " " * 55 + "|"
+            row += " " * 64 + "|"
         if not args.no_cpu:
-            c = run_cpu(n, m, K, T, args.cpu_groups)
-            row += f"        {ms(c['factor'])}{ms(c['daq'])}{ms(c['comp'])}"
+            c = run_layer(n, m, K, T, "cpu")
+            row += "        " + "".join(ms(c[k]) for k in phases)
         print(row, flush=True)
 
     if gpu and set(LLADA_SET) <= set(gpu_times):
@@ -257,7 +223,6 @@ def main() -> None:
                 f" {kt['pass'] / floor:4.1f}x), finalize {1e6 * kt['finalize']:5.1f} us"
             )
         total = 32 * sum(c * gpu_times[s] for s, c in LLADA_SET.items())
-        total += 32 * sum(c * factor_times[m] for m, c in LLADA_H.items())
         print(f"\nLLaDA-8B layer set (32 blocks) projected on this GPU: {total / 60:.1f} min")
     else:
         print(

@@ -233,6 +233,16 @@ def _row_sums_of_squares(X):
     return out
 
 
+def residual_sum_squares(W: np.ndarray, layer: BinaryCodedLayer, cols) -> tuple[float, float]:
+    """(||W - What||^2, ||(W - What)[:, cols]||^2) group by group, What never formed whole."""
+    total = part = 0.0
+    for g, sl in enumerate(group_slices(W.shape[1])):
+        D = W[:, sl] - layer.dequantize_group(g)  # [n, w]
+        total += sum_squares(D)
+        part += sum_squares(D[:, np.asarray(cols)[sl]])
+    return total, part
+
+
 def resolve_orders(orders: Orders, W: np.ndarray, P: PreparedHessian, name: str) -> np.ndarray:
     G = len(group_slices(W.shape[1]))
     o = np.asarray(orders(W, P) if callable(orders) else orders, np.int64).reshape(-1)
@@ -266,19 +276,21 @@ def quantize_layer(
     refits the solved layer on the full H before its error is measured.
     """
     t0 = time.perf_counter()
-    W = np.array(W, dtype=np.float32)  # [n, m] a copy: dead columns are zeroed
-    n, m = W.shape
+    W0 = np.asarray(W, dtype=np.float32)  # [n, m] never written to
+    n, m = W0.shape
     if H.shape != (m, m):
         raise QdtkError(f"{name}: H has shape {list(H.shape)}, expected {[m, m]}")
-    if not all_finite(W):
+    if not all_finite(W0):
         raise QdtkError(f"{name}: the weight contains NaN or Inf")
     dev = get_backend("cuda") if backend == "cuda" else CPU  # where the sweep's arrays live
     P = prepare_hessian(H, percdamp, name=name, dtype=np.float32, cholesky=dev.cholesky)
     R = dev.to_device(P.R)
     t1 = time.perf_counter()
-    o = resolve_orders(orders, W, P, name)
-    W0 = W.copy()
-    W[:, P.dead] = 0
+    o = resolve_orders(orders, W0, P, name)
+    W = W0
+    if P.dead.any():  # no token reached these columns: solve them as zeros
+        W = W0.copy()
+        W[:, P.dead] = 0
 
     solve_time = [0.0]
 
@@ -300,13 +312,11 @@ def quantize_layer(
     t3 = time.perf_counter()
     if not (np.all(np.isfinite(layer.row_scale)) and np.all(np.isfinite(layer.col_scale))):
         raise QdtkError(f"{name}: scales overflow float16 (weights beyond 65504?)")
-    What = layer.dequantize()
     if damped_err is None:
-        err = quadratic_form(W0 - What, P, R)
+        err = quadratic_form(W0 - layer.dequantize(), P, R)
     else:  # the sweep's tr(Dz H_damped Dz^T), Dz = W - What (dead columns zeroed): undamp it
-        Dz = W - What
-        err = damped_err - P.damping * sum_squares(Dz) - sum_squares(Dz[:, P.dead])
-        err = max(err, 0.0)  # on the undamped H, dead columns add nothing: = tr(D H D^T)
+        dz2, dz2_dead = residual_sum_squares(W, layer, P.dead)
+        err = max(damped_err - P.damping * dz2 - dz2_dead, 0.0)  # = tr(D H D^T), H undamped
     energy = quadratic_form(W0, P, R)
     report = LayerReport(
         orders=o.tolist(),

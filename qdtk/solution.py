@@ -102,11 +102,15 @@ class BinaryCodedLayer:
         n, m = self.shape
         What = np.empty((n, m), np.float32)
         for g, cols in enumerate(group_slices(m)):
-            o = int(self.orders[g])
-            What[:, cols] = dequantize_block(
-                self.signs[:o, :, cols], self.row_scale[:o, g], self.col_scale[:o, cols]
-            )
+            What[:, cols] = self.dequantize_group(g)
         return What
+
+    def dequantize_group(self, g: int) -> np.ndarray:
+        """[n, w] float32 What of group g (the same bits as its columns of `dequantize`)."""
+        o, cols = int(self.orders[g]), group_slices(self.shape[1])[g]
+        return dequantize_block(
+            self.signs[:o, :, cols], self.row_scale[:o, g], self.col_scale[:o, cols]
+        )
 
     def storage_bits(self) -> int:
         n, m = self.shape

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
@@ -216,3 +217,29 @@ def test_gpu_solver_on_device_arrays(rng):
     s0, a0, b0 = reference.solve_block(W, 3, E)
     loss = reference.objective(W, E, s.get(), a.get(), b.get())
     assert loss == pytest.approx(reference.objective(W, E, s0, a0, b0), rel=1e-3)
+
+
+def test_layer_driver_on_the_cuda_backend(rng, monkeypatch):
+    """quantize_layer with --backend cuda: the sweep runs the CUDA kernels (here on the
+    simulator with small launches, arrays NumPy; on a GPU, CuPy) and reports the true error
+    of what it stores."""
+    monkeypatch.setattr(daq_cuda, "solve_block", partial(daq_cuda.solve_block, **SMALL))
+    W, H = layer(rng, n=3, m=131)  # a full group and a ragged one
+    got, rep = quantize.quantize_layer(W, H, [2, 1], iters=1, backend="cuda", feedback="block")
+    want, rep0 = quantize.quantize_layer(W, H, [2, 1], iters=1, backend="reference",
+                                         feedback="block")
+    assert got.signs.shape == want.signs.shape == (2, 3, 131)
+    D = W.astype(np.float64) - got.dequantize()
+    assert rep.output_error == pytest.approx(np.einsum("ij,ij->", D @ H, D), rel=1e-4)
+    assert rep.proxy_error == pytest.approx(rep0.proxy_error, rel=0.05)
+
+
+@needs_gpu
+def test_layer_driver_on_a_gpu_matches_cpu(rng):
+    W, H = layer(rng, n=256, m=300)
+    got, rep = quantize.quantize_layer(W, H, [2, 3, 1], iters=5, backend="cuda",
+                                       feedback="block")
+    _, rep0 = quantize.quantize_layer(W, H, [2, 3, 1], iters=5, backend="cpu", feedback="block")
+    D = W.astype(np.float64) - got.dequantize()
+    assert rep.output_error == pytest.approx(np.einsum("ij,ij->", D @ H, D), rel=1e-4)
+    assert rep.proxy_error == pytest.approx(rep0.proxy_error, rel=0.02)
