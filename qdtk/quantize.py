@@ -7,11 +7,13 @@ error-compensated weights, its scales rounded to float16, Q_g taken from the can
 That diagonal scaling is GPTQ's per-column rule applied to a block, as published. qdtk's
 feedback "block" uses Err_g = (W_g - Q_g) U_gg^-1 = (W_g - Q_g) R_gg instead: the exact OBS
 update for a whole block (the later columns absorb the block's error optimally, given Q_g), and
-then D = Err U, so tr(D H D^T) = ||Err||^2 on the damped H.
+then D = Err U, so tr(D H D^T) = ||Err||^2 on the damped H: the layer's error comes free.
 We never form U. With Y = Err U (so Y R = Err, a blocked triangular solve) the correction of
 block g is c_g = sum_{h<g} Err_h U_hg = -(Y_<g R_<g,g) U_gg, and Y_g = (Err_g - S_g) U_gg with
-S_g = Y_<g R_<g,g: one [n, 128 g] x [128 g, 128] product per block (left-looking, the
-n m^2 flops of GPTQ), and only the 128 x 128 diagonal blocks of U (R_gg^-1).
+S_g = Y_<g R_<g,g: left-looking products (the n m^2 flops of GPTQ), the share of all earlier
+groups taken SUPER groups at a time (wider GEMMs), and only the 128 x 128 diagonal blocks of
+U (R_gg^-1). W and R may be CuPy arrays (--backend cuda on a GPU): the sweep runs where they
+live.
 
 Stage: for every statistics block, its selected Linears are solved by a pluggable layer solver
 `solver(W, H, options) -> (QuantizedLayer, report dict)` (DAQ here; RTN and GPTQ in

@@ -31,7 +31,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from qdtk.bits import GROUP, group_slices
 from qdtk.hessian import prepare_hessian
@@ -60,9 +60,21 @@ class CodedState:
         return self.a[k].T[:, group_index(self.S.shape[2])]
 
     def dequantize(self) -> np.ndarray:
-        """[n, m] float64 What."""
-        K = self.S.shape[0]
-        return sum(self.row_scale_columns(k) * self.b[k] * self.S[k] for k in range(K))
+        """[n, m] float64 What = sum_k (a_k expanded * b_k) * S_k, planes added in order."""
+        K, n, m = self.S.shape
+        return _dequantize(self.S, self.a, self.b, group_index(m), np.empty((n, m)))
+
+
+@njit(parallel=True, cache=True)
+def _dequantize(S, a, b, group, out):  # pragma: no cover - compiled
+    K, n, m = S.shape
+    for i in prange(n):
+        for j in range(m):
+            out[i, j] = 0.0
+        for k in range(K):
+            for j in range(m):
+                out[i, j] += a[k, group[j], i] * b[k, j] * S[k, i, j]
+    return out
 
 
 def state_from_layer(layer: BinaryCodedLayer) -> CodedState:
@@ -114,8 +126,9 @@ def refit_row_scales(W: np.ndarray, H: np.ndarray, state: CodedState) -> CodedSt
     """Exact least squares of every row's K*G scales on H, signs and column scales fixed.
 
     Row i: What_i = Phi_i a_i with Phi_i[j, (k, g)] = b[k, j] B[k, i, j] [j in g]; we solve
-    (Phi_i^T H Phi_i) delta_i = Phi_i^T H d_i for all rows at once. Cost: 2 K n m^2 (the
-    per-group products V_k[:, g] H[g, :]) + 2 n m^2 (D H) + 2 K^2 G n m + n (K G)^3 / 3.
+    (Phi_i^T H Phi_i) delta_i = Phi_i^T H d_i for all rows at once. Cost: K n m^2 (the
+    per-group products V_k[:, h] H[h, h:], half of them by symmetry) + 2 n m^2 (D H)
+    + K^2 G n m + n (K G)^3 / 3.
     """
     K, n, m = state.S.shape
     slices = group_slices(m)
@@ -127,15 +140,33 @@ def refit_row_scales(W: np.ndarray, H: np.ndarray, state: CodedState) -> CodedSt
     M = np.empty((n, K, G, K, G))
     for k in range(K):
         for h, cols in enumerate(slices):
-            Y = V[k][:, cols] @ H[cols, :]  # [n, m] the (k, h) column of Phi_i, times H
-            for l in range(K):
-                M[:, k, h, l, :] = np.add.reduceat(Y * V[l], starts, axis=1)
+            # the (k, h) column of Phi_i times H, on groups h.. only: M is symmetric
+            Y = V[k][:, cols] @ H[cols, cols.start :]  # [n, m - start]
+            _group_dots(Y, V, starts, h, M[:, k, h])
+    upper = np.arange(G)[:, None] <= np.arange(G)[None, :]  # [h, g] filled where g >= h
+    M = np.where(upper[None, None, :, None, :], M, M.transpose(0, 3, 4, 1, 2))
     M = M.reshape(n, K * G, K * G)
     M = (M + M.transpose(0, 2, 1)) / 2
     free = np.broadcast_to((np.arange(K)[:, None] < state.orders[None, :]).ravel(), (n, K * G))
     delta = solve_increment(M, g.reshape(n, K * G), free)  # [n, K G]
     a = state.a + delta.reshape(n, K, G).transpose(1, 2, 0)
     return CodedState(state.orders, state.S, a, state.b)
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "nsz"})
+def _group_dots(Y, V, starts, h, out):  # pragma: no cover - compiled
+    """out[i, l, g] = sum_{j in group g} Y[i, j - starts[h]] V[l, i, j] for the groups g >= h
+    (Y holds columns starts[h]..m); the others are left as they are. One pass, no temporaries."""
+    n, K, G = out.shape
+    m = V.shape[2]
+    for i in prange(n):
+        for l in range(K):
+            for g in range(h, G):
+                stop = starts[g + 1] if g + 1 < G else m
+                s = 0.0
+                for j in range(starts[g], stop):
+                    s += Y[i, j - starts[h]] * V[l, i, j]
+                out[i, l, g] = s
 
 
 def refit_col_scales(
@@ -214,7 +245,7 @@ def refine_signs(W: np.ndarray, H: np.ndarray, state: CodedState) -> CodedState:
     With R = D H, changing What_ij by Delta changes f by H_jj Delta^2 - 2 Delta R_ij, so each
     element picks the pattern minimising that (the current one gives 0: f never increases).
     R is updated inside a group element by element (Numba) and after the group with one matrix
-    product, as GPTQ does. Cost: 2 n m^2 (D H) + 2 n m^2 (updates) + n m (128 + 2^K K).
+    product, as GPTQ does. Cost: 2 n m^2 (D H) + n m^2 (updates) + n m (128 + 2^K K).
     """
     S = state.S.copy()  # [K, n, m]
     R = (W - state.dequantize()) @ H  # [n, m]
@@ -225,7 +256,7 @@ def refine_signs(W: np.ndarray, H: np.ndarray, state: CodedState) -> CodedState:
         Delta = np.zeros((S.shape[1], cols.stop - cols.start))  # [n, w]
         sign_pass_group(Sg, ab, np.ascontiguousarray(R[:, cols]), H[cols, cols].copy(), Delta)
         S[:o, :, cols] = Sg
-        R -= Delta @ H[cols, :]
+        R[:, cols.stop :] -= Delta @ H[cols, cols.stop :]  # only later groups still read R
     return CodedState(state.orders, S, state.a, state.b)
 
 
