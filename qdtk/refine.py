@@ -142,11 +142,8 @@ def refit_row_scales(W: np.ndarray, H: np.ndarray, state: CodedState) -> CodedSt
         for h, cols in enumerate(slices):
             # the (k, h) column of Phi_i times H, on groups h.. only: M is symmetric
             Y = V[k][:, cols] @ H[cols, cols.start :]  # [n, m - start]
-            _group_dots(Y, V, starts, h, M[:, k, h])
-    upper = np.arange(G)[:, None] <= np.arange(G)[None, :]  # [h, g] filled where g >= h
-    M = np.where(upper[None, None, :, None, :], M, M.transpose(0, 3, 4, 1, 2))
+            _group_dots(Y, V, starts, k, h, M)
     M = M.reshape(n, K * G, K * G)
-    M = (M + M.transpose(0, 2, 1)) / 2
     free = np.broadcast_to((np.arange(K)[:, None] < state.orders[None, :]).ravel(), (n, K * G))
     delta = solve_increment(M, g.reshape(n, K * G), free)  # [n, K G]
     a = state.a + delta.reshape(n, K, G).transpose(1, 2, 0)
@@ -154,10 +151,11 @@ def refit_row_scales(W: np.ndarray, H: np.ndarray, state: CodedState) -> CodedSt
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "nsz"})
-def _group_dots(Y, V, starts, h, out):  # pragma: no cover - compiled
-    """out[i, l, g] = sum_{j in group g} Y[i, j - starts[h]] V[l, i, j] for the groups g >= h
-    (Y holds columns starts[h]..m); the others are left as they are. One pass, no temporaries."""
-    n, K, G = out.shape
+def _group_dots(Y, V, starts, k, h, M):  # pragma: no cover - compiled
+    """M[i, k, h, l, g] = M[i, l, g, k, h] = sum_{j in group g} Y[i, j - starts[h]] V[l, i, j]
+    for the groups g >= h (Y holds columns starts[h]..m): one pass, no temporaries, and M
+    exactly symmetric (on the diagonal blocks the later (k, l) writes both entries)."""
+    n, K, G = M.shape[0], M.shape[1], M.shape[2]
     m = V.shape[2]
     for i in prange(n):
         for l in range(K):
@@ -166,7 +164,8 @@ def _group_dots(Y, V, starts, h, out):  # pragma: no cover - compiled
                 s = 0.0
                 for j in range(starts[g], stop):
                     s += Y[i, j - starts[h]] * V[l, i, j]
-                out[i, l, g] = s
+                M[i, k, h, l, g] = s
+                M[i, l, g, k, h] = s
 
 
 def refit_col_scales(
