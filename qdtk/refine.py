@@ -122,13 +122,19 @@ def solve_increment(M: np.ndarray, g: np.ndarray, free: np.ndarray) -> np.ndarra
     return np.where(bad[..., None], 0.0, delta)
 
 
-def refit_row_scales(W: np.ndarray, H: np.ndarray, state: CodedState) -> CodedState:
+ROW_SYSTEMS_BYTES = 1 << 28  # the row refit builds its normal matrices this many bytes at a time
+
+
+def refit_row_scales(
+    W: np.ndarray, H: np.ndarray, state: CodedState, max_bytes: int = ROW_SYSTEMS_BYTES
+) -> CodedState:
     """Exact least squares of every row's K*G scales on H, signs and column scales fixed.
 
     Row i: What_i = Phi_i a_i with Phi_i[j, (k, g)] = b[k, j] B[k, i, j] [j in g]; we solve
-    (Phi_i^T H Phi_i) delta_i = Phi_i^T H d_i for all rows at once. Cost: K n m^2 (the
-    per-group products V_k[:, h] H[h, h:], half of them by symmetry) + 2 n m^2 (D H)
-    + K^2 G n m + n (K G)^3 / 3.
+    (Phi_i^T H Phi_i) delta_i = Phi_i^T H d_i, for chunks of rows whose n (K G)^2 float64
+    normal matrices fit in max_bytes (K = 4 on a 4096 x 12288 layer would need 4.8 GB at
+    once). Cost: K n m^2 (the per-group products V_k[:, h] H[h, h:], half of them by symmetry)
+    + 2 n m^2 (D H) + K^2 G n m + n (K G)^3 / 3.
     """
     K, n, m = state.S.shape
     slices = group_slices(m)
@@ -137,15 +143,22 @@ def refit_row_scales(W: np.ndarray, H: np.ndarray, state: CodedState) -> CodedSt
     V = state.S * state.b[:, None, :]  # [K, n, m], What = sum_k a-expanded * V_k
     R = (W - state.dequantize()) @ H  # [n, m]
     g = np.stack([np.add.reduceat(V[k] * R, starts, axis=1) for k in range(K)], 1)  # [n, K, G]
-    M = np.empty((n, K, G, K, G))
-    for k in range(K):
-        for h, cols in enumerate(slices):
-            # the (k, h) column of Phi_i times H, on groups h.. only: M is symmetric
-            Y = V[k][:, cols] @ H[cols, cols.start :]  # [n, m - start]
-            _group_dots(Y, V, starts, k, h, M)
-    M = M.reshape(n, K * G, K * G)
-    free = np.broadcast_to((np.arange(K)[:, None] < state.orders[None, :]).ravel(), (n, K * G))
-    delta = solve_increment(M, g.reshape(n, K * G), free)  # [n, K G]
+    free = (np.arange(K)[:, None] < state.orders[None, :]).ravel()  # [K G]
+    delta = np.empty((n, K * G))
+    step = max(1, max_bytes // (8 * (K * G) ** 2))
+    for r0 in range(0, n, step):
+        rows = slice(r0, min(n, r0 + step))
+        Vr = np.ascontiguousarray(V[:, rows])  # [K, c, m]
+        M = np.empty((Vr.shape[1], K, G, K, G))
+        for k in range(K):
+            for h, cols in enumerate(slices):
+                # the (k, h) column of Phi_i times H, on groups h.. only: M is symmetric
+                Y = Vr[k][:, cols] @ H[cols, cols.start :]  # [c, m - start]
+                _group_dots(Y, Vr, starts, k, h, M)
+        c = M.shape[0]
+        M = M.reshape(c, K * G, K * G)
+        free_c = np.broadcast_to(free, (c, K * G))
+        delta[rows] = solve_increment(M, g[rows].reshape(c, K * G), free_c)
     a = state.a + delta.reshape(n, K, G).transpose(1, 2, 0)
     return CodedState(state.orders, state.S, a, state.b)
 

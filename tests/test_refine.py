@@ -78,6 +78,9 @@ def test_row_refit_equals_brute_force_lstsq(rng):
     state = state_from_layer(random_layer(rng, n, m, orders))
     C = np.linalg.cholesky(H)  # H = C C^T: (w - Phi a)^T H (w - Phi a) = |C^T (w - Phi a)|^2
     got = refit_row_scales(W, H, state).a
+    # built a few rows at a time (a memory bound): the same solution
+    two_rows = 2 * 8 * (3 * 2) ** 2  # K = 3 planes, G = 2 groups
+    np.testing.assert_allclose(refit_row_scales(W, H, state, two_rows).a, got, rtol=1e-10)
     for i in range(n):
         Phi = np.zeros((m, 0))
         cols_of = []
