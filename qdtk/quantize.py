@@ -194,24 +194,27 @@ QF_BLOCK = 512  # columns of X R per product in quadratic_form
 SUPER = 4  # groups per compensation product from all earlier groups (wider, faster GEMMs)
 
 
-def quadratic_form(X, P: PreparedHessian, R=None) -> float:
-    """tr(X H X^T) for the undamped H, from H_damped = R R^T: ||X R||^2 - corrections.
+def damped_quadratic_form(X, R) -> float:
+    """tr(X H_damped X^T) = ||X R||^2 for H_damped = R R^T, R [m, m] upper triangular.
 
-    H_damped = H + delta I + (1 on dead columns), so subtracting delta ||X||^2 and the dead
-    columns' ||X_j||^2 is exact. X R costs n m^2 flops (R is triangular, half of X H), taken
-    as products of QF_BLOCK columns: BLAS runs those faster than one triangular product.
-    R: P.R where it lives (a CuPy copy on a GPU); X NumPy or of R's kind.
-    """
-    R = P.R if R is None else R
-    xp = array_module(R)
-    X = xp.asarray(X, R.dtype)
-    m = X.shape[1]
+    X R costs n m^2 flops (half of X H), taken as products of QF_BLOCK columns: BLAS runs
+    those faster than one triangular product. NumPy or CuPy (X is moved to R's kind)."""
+    X = array_module(R).asarray(X, R.dtype)
     total = 0.0
-    for s in range(0, m, QF_BLOCK):
-        e = min(m, s + QF_BLOCK)
+    for s in range(0, X.shape[1], QF_BLOCK):
+        e = min(X.shape[1], s + QF_BLOCK)
         total += sum_squares(X[:, :e] @ R[:e, s:e])  # (X R)[:, s:e]: R[e:, s:e] = 0
-    total -= P.damping * sum_squares(X)
-    total -= sum_squares(X[:, xp.asarray(P.dead)])
+    return total
+
+
+def quadratic_form(X, P: PreparedHessian, R=None) -> float:
+    """tr(X H X^T) for the undamped H: the damped form minus delta ||X||^2 and the dead
+    columns' ||X_j||^2 (H_damped = H + delta I + 1 on dead columns, so this is exact).
+    R: P.R where it lives (a CuPy copy on a GPU); X NumPy or of R's kind."""
+    R = P.R if R is None else R
+    X = array_module(R).asarray(X, R.dtype)
+    total = damped_quadratic_form(X, R) - P.damping * sum_squares(X)
+    total -= sum_squares(X[:, array_module(R).asarray(P.dead)])
     return max(total, 0.0)
 
 

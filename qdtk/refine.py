@@ -35,6 +35,7 @@ from numba import njit, prange
 
 from qdtk.bits import GROUP, group_slices
 from qdtk.hessian import prepare_hessian
+from qdtk.quantize import damped_quadratic_form
 from qdtk.solution import BinaryCodedLayer, group_index
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def state_from_layer(layer: BinaryCodedLayer) -> CodedState:
     K, _, m = layer.signs.shape
     orders = np.asarray(layer.orders, np.int64)
     active = np.arange(K)[:, None] < orders[group_index(m)][None, :]  # [K, m]
-    S = np.where(layer.signs, 1.0, -1.0) * active[:, None, :]  # [K, n, m]
+    S = np.where(layer.signs, 1.0, -1.0)  # [K, n, m]
+    S *= active[:, None, :]
     a = layer.row_scale.astype(np.float64) * (np.arange(K)[:, None] < orders[None, :])[..., None]
     b = layer.col_scale.astype(np.float64) * active
     return CodedState(orders, S, a, b)
@@ -97,10 +99,6 @@ def layer_from_state(state: CodedState) -> BinaryCodedLayer:
     )
 
 
-def output_error(W: np.ndarray, What: np.ndarray, H: np.ndarray) -> float:
-    """tr(D H D^T), D = W - What. Cost 2 n m^2."""
-    D = np.asarray(W, np.float64) - What
-    return float(np.sum((D @ H) * D))
 
 
 def solve_increment(M: np.ndarray, g: np.ndarray, free: np.ndarray) -> np.ndarray:
@@ -149,13 +147,14 @@ def refit_row_scales(
     for r0 in range(0, n, step):
         rows = slice(r0, min(n, r0 + step))
         Vr = np.ascontiguousarray(V[:, rows])  # [K, c, m]
-        M = np.empty((Vr.shape[1], K, G, K, G))
-        for k in range(K):
-            for h, cols in enumerate(slices):
-                # the (k, h) column of Phi_i times H, on groups h.. only: M is symmetric
-                Y = Vr[k][:, cols] @ H[cols, cols.start :]  # [c, m - start]
-                _group_dots(Y, Vr, starts, k, h, M)
-        c = M.shape[0]
+        c = Vr.shape[1]
+        M = np.empty((c, K, G, K, G))
+        for h, cols in enumerate(slices):
+            # the (k, h) columns of Phi_i times H, every k in one product, on groups h.. only
+            # (M is symmetric)
+            Y = Vr[:, :, cols].reshape(K * c, -1) @ H[cols, cols.start :]  # [K c, m - start]
+            for k in range(K):
+                _group_dots(Y[k * c : (k + 1) * c], Vr, starts, k, h, M)
         M = M.reshape(c, K * G, K * G)
         free_c = np.broadcast_to(free, (c, K * G))
         delta[rows] = solve_increment(M, g[rows].reshape(c, K * G), free_c)
@@ -167,7 +166,8 @@ def refit_row_scales(
 def _group_dots(Y, V, starts, k, h, M):  # pragma: no cover - compiled
     """M[i, k, h, l, g] = M[i, l, g, k, h] = sum_{j in group g} Y[i, j - starts[h]] V[l, i, j]
     for the groups g >= h (Y holds columns starts[h]..m): one pass, no temporaries, and M
-    exactly symmetric (on the diagonal blocks the later (k, l) writes both entries)."""
+    exactly symmetric (on the diagonal blocks, k = 0, 1, ... in turn, the later (k, l)
+    writes both entries)."""
     n, K, G = M.shape[0], M.shape[1], M.shape[2]
     m = V.shape[2]
     for i in prange(n):
@@ -320,7 +320,8 @@ def refine_layer(
     is below the input layer's. Cost per round about (2K + 6) n m^2 flops, plus with columns
     6 n m^2 + 2 K^2 n m c + m (K c)^2 / 3 (c = columns per chunk, see refit_col_scales).
     """
-    Hd = prepare_hessian(H, percdamp, name=name).H  # [m, m] float64
+    P = prepare_hessian(H, percdamp, name=name)
+    Hd = P.H  # [m, m] float64
     W = np.asarray(W, np.float64)
     state = state_from_layer(layer)
     for _ in range(rounds):
@@ -333,7 +334,7 @@ def refine_layer(
     out = layer_from_state(balance_scales(state))
     if signs:
         out = layer_from_state(refine_signs(W, Hd, state_from_layer(out)))
-    before = output_error(W, layer.dequantize(), Hd)
-    after = output_error(W, out.dequantize(), Hd)
+    before = damped_quadratic_form(W - layer.dequantize(), P.R)  # tr(D Hd D^T)
+    after = damped_quadratic_form(W - out.dequantize(), P.R)
     log.debug("%s: refine tr(DHD^T) %.4g -> %.4g", name, before, after)
     return out if after < before else layer

@@ -9,7 +9,6 @@ from qdtk.bits import group_slices
 from qdtk.refine import (
     MODES,
     balance_scales,
-    output_error,
     refine_layer,
     refine_signs,
     refit_col_scales,
@@ -17,6 +16,12 @@ from qdtk.refine import (
     state_from_layer,
 )
 from qdtk.solution import BinaryCodedLayer
+
+
+def output_error(W, What, H):
+    """The objective, tr(D H D^T) with D = W - What, written out."""
+    D = np.asarray(W, np.float64) - What
+    return float(np.sum((D @ H) * D))
 
 
 def correlated_H(rng, m: int, T: int = 400) -> np.ndarray:
