@@ -169,8 +169,10 @@ def quantize_options(include: bool = True):
         click.option("--backend", "--device", "backend",
                      type=click.Choice(["auto", "cpu", "reference", "cuda"]), default="auto",
                      show_default=True,
-                     help="DAQ kernels: auto (a GPU when CuPy sees one, else cpu), cpu (Numba), "
-                     "reference (NumPy), cuda."),
+                     help="Where layers are solved: auto (a GPU when CuPy sees one, else cpu), "
+                     "cpu (Numba kernels, LAPACK/BLAS), reference (the NumPy solver, slow), cuda "
+                     "(cuSOLVER factor, CuPy compensation, Numba CUDA kernels; ABMP and "
+                     "refinement stay on the CPU)."),
     ]
     if include:
         opts += [include_option, exclude_option]
