@@ -63,11 +63,17 @@ def allocate_orders(
             log.info("%s: reusing the model-scope allocation", path)
             return old
     if output_change is None:
+        import torch
+
         from qdtk.evaluate import output_change_fn
 
+        # the sensitivity forwards run where the solver does (a layer set of an 8B model is
+        # hours of forwards on a CPU)
+        gpu = options.get("backend") == "cuda" and torch.cuda.is_available()
         output_change = output_change_fn(
             model_dir, **SENSITIVITY_WINDOWS,
-            trust_remote_code=bool(options.get("trust_remote_code", False)))
+            trust_remote_code=bool(options.get("trust_remote_code", False)),
+            device="cuda" if gpu else "cpu")
     cands, weights = model_candidates(ckpt, stats, names, options, output_change, progress)
     order_set = cands[0].orders if cands else abmp.ORDERS
     bits = knapsack_bits(options, [(c.n, c.m) for c in cands])
