@@ -303,13 +303,14 @@ def compare(model_a: str | Path, model_b: str | Path, text: str | None = None, n
 
 
 def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: int = 128,
-                     trust_remote_code: bool = False, device: str = "cpu"):
+                     trust_remote_code: bool = False, device: str = "cpu", skip_head: bool = True):
     """output_change(name, What) -> float for model-scope bit allocation (qdtk.abmp.sensitivity).
 
     The model is loaded once; each call replaces the weight `name` alone by What [n, m], runs
     n windows of `text` (default: the built-in calibration text, L capped by the model's
     positions) and returns the sum of squared changes of the final hidden states per token,
-    then restores the weight.
+    then restores the weight. `skip_head`: a Linear output head (vocabulary-sized, 20% of
+    SmolLM2's flops) returns one column instead; the final hidden states do not use it.
     """
     import torch
 
@@ -322,9 +323,19 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
     ids = torch.from_numpy(windows.ids).to(device)
     params = dict(lm.model.named_parameters())
 
+    head = lm.model.get_output_embeddings() if skip_head else None
+    if not isinstance(head, torch.nn.Linear):
+        head = None
+
     def hidden():
-        with torch.inference_mode():
-            return _forward(lm.model, ids, hidden=True)[1].double()
+        if head is not None:
+            head.forward = lambda x: x[..., :1]  # an instance attribute shadows the method
+        try:
+            with torch.inference_mode():
+                return _forward(lm.model, ids, hidden=True)[1].double()
+        finally:
+            if head is not None:
+                del head.forward
 
     base = hidden()
 

@@ -532,6 +532,26 @@ def test_output_change_of_a_real_model(tiny_bert):
     assert change(name, W) == 0  # the weight was restored
 
 
+def test_output_change_needs_no_head(tiny_llama, monkeypatch):
+    import qdtk.evaluate as ev
+
+    loaded = []
+    real_load = ev.load_for_eval
+    monkeypatch.setattr(ev, "load_for_eval", lambda *a, **k: loaded.append(real_load(*a, **k))
+                        or loaded[-1])
+    name = "model.layers.0.mlp.down_proj.weight"
+    W = Checkpoint(tiny_llama).read(name, np.float32)
+    What = W + 0.05 * np.sign(W)
+    full = ev.output_change_fn(tiny_llama, n=2, L=16, skip_head=False)(name, What)
+    change = ev.output_change_fn(tiny_llama, n=2, L=16)
+    head = loaded[-1].model.get_output_embeddings()
+    widths = []
+    head.register_forward_hook(lambda m, a, out: widths.append(out.shape[-1]))
+    assert full > 0 and change(name, What) == pytest.approx(full, rel=1e-12)
+    assert widths == [1]  # the head gave one column, not the vocabulary
+    assert "forward" not in vars(head)  # and is itself again
+
+
 def test_uncompensated_sweep_reuses_the_allocation_solves(rng, monkeypatch):
     import qdtk.quantize as q
 
