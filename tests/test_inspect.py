@@ -3,11 +3,11 @@
 import json
 
 from click.testing import CliRunner
-from test_pack import synthetic_model, write_quant
 
 from qdtk.checkpoint import Checkpoint
 from qdtk.cli.main import cli
 from qdtk.pack import pack_checkpoint
+from tests.test_pack import synthetic_model, write_quant
 
 SHAPES = {"model.layers.0.q.weight": (40, 200), "model.layers.1.q.weight": (24, 128)}
 
