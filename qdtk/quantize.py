@@ -190,7 +190,7 @@ def sweep(
     return layer, (err if compensate and feedback == "block" else None)
 
 
-QF_BLOCK = 512  # columns of X R per product in quadratic_form
+QF_BLOCK = 512  # columns of X R per product in damped_quadratic_form
 SUPER = 4  # groups per compensation product from all earlier groups (wider, faster GEMMs)
 
 
