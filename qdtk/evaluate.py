@@ -324,20 +324,26 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
     params = dict(lm.model.named_parameters())
 
     head = lm.model.get_output_embeddings() if skip_head else None
-    if not isinstance(head, torch.nn.Linear):
-        head = None
+    skipped = [head] if isinstance(head, torch.nn.Linear) else []
 
     def hidden():
-        if head is not None:
-            head.forward = lambda x: x[..., :1]  # an instance attribute shadows the method
+        for h in skipped:
+            h.forward = lambda x: x[..., :1]  # an instance attribute shadows the method
         try:
             with torch.inference_mode():
                 return _forward(lm.model, ids, hidden=True)[1].double()
         finally:
-            if head is not None:
-                del head.forward
+            for h in skipped:
+                del h.forward
 
-    base = hidden()
+    try:
+        base = hidden()
+    except Exception:  # a model's own code that needs the full logits: keep its head
+        if not skipped:
+            raise
+        log.debug("%s: the forward needs its output head; running it", path)
+        skipped.clear()
+        base = hidden()
 
     def param_of(name: str):
         # checkpoint names may lack or carry the model's prefix ("bert.", "model.")

@@ -552,6 +552,24 @@ def test_output_change_needs_no_head(tiny_llama, monkeypatch):
     assert "forward" not in vars(head)  # and is itself again
 
 
+def test_output_change_keeps_a_head_the_model_needs(tiny_llama, monkeypatch):
+    import qdtk.evaluate as ev
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    W = Checkpoint(tiny_llama).read(name, np.float32)
+    What = W + 0.05 * np.sign(W)
+    full = ev.output_change_fn(tiny_llama, n=2, L=16, skip_head=False)(name, What)
+    real = ev._forward
+
+    def needs_logits(model, ids, hidden):  # a model's own code that reads every logit
+        if "forward" in vars(model.get_output_embeddings()):
+            raise RuntimeError("shape mismatch")
+        return real(model, ids, hidden)
+
+    monkeypatch.setattr(ev, "_forward", needs_logits)
+    assert ev.output_change_fn(tiny_llama, n=2, L=16)(name, What) == pytest.approx(full)
+
+
 def test_uncompensated_sweep_reuses_the_allocation_solves(rng, monkeypatch):
     import qdtk.quantize as q
 
