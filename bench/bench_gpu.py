@@ -129,7 +129,7 @@ def random_layer(n: int, m: int, xp=np) -> tuple:
     W = rng.standard_normal((n, m), dtype=xp.float32)
     X = rng.standard_normal((m // 4, m)) * xp.linspace(1, 0.1, m)
     H = X.T @ X / X.shape[0]
-    return W, backend.Backend.to_host(H)
+    return W, backend.to_host(H)
 
 
 def run_layer(n: int, m: int, K: int, T: int, device: str) -> dict[str, float]:

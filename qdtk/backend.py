@@ -121,8 +121,6 @@ class Backend:
         """x as an array of this backend (a copy only when needed)."""
         return self.xp.asarray(x, dtype=dtype)
 
-    to_host = staticmethod(to_host)
-
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); a no-op on the CPU."""
         if self.on_gpu:

@@ -238,13 +238,16 @@ def _row_sums_of_squares(X):
     return out
 
 
-def residual_sum_squares(W: np.ndarray, layer: BinaryCodedLayer, cols) -> tuple[float, float]:
-    """(||W - What||^2, ||(W - What)[:, cols]||^2) group by group, What never formed whole."""
+def residual_sum_squares(
+    W: np.ndarray, layer: BinaryCodedLayer, mask: np.ndarray
+) -> tuple[float, float]:
+    """(||W - What||^2, ||(W - What)[:, mask]||^2), mask [m] bool, group by group: What is
+    never formed whole."""
     total = part = 0.0
     for g, sl in enumerate(group_slices(W.shape[1])):
         D = W[:, sl] - layer.dequantize_group(g)  # [n, w]
         total += sum_squares(D)
-        part += sum_squares(D[:, np.asarray(cols)[sl]])
+        part += sum_squares(D[:, mask[sl]])
     return total, part
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from qdtk.checkpoint import read_header, read_safetensors, write_safetensors
 from qdtk.errors import QdtkError
+from qdtk.hessian import all_finite
 from qdtk.io import clean_stale_temporaries, fingerprint, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class StatsWriter:
         file = f"block_{index:04d}.safetensors"
         tensors = {}
         for s in stats:
-            if not np.all(np.isfinite(s.H)):
+            if not all_finite(s.H):
                 raise QdtkError(f"block {name}: H of input {s.key!r} has NaN or Inf")
             tensors[s.key] = s.H.astype(np.float32, copy=False)
         write_safetensors(
@@ -194,6 +195,6 @@ class Stats:
                 f"{path}: statistic {inp['key']!r} has shape {list(H.shape)}, but {weight!r} "
                 f"has {dim if dim is not None else m} input columns"
             )
-        if not np.all(np.isfinite(H)):
+        if not all_finite(H):
             raise QdtkError(f"{path}: statistic {inp['key']!r} contains NaN or Inf")
         return H, int(inp["tokens"])
