@@ -58,11 +58,27 @@ class QdtkGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted; finished outputs are kept, rerun to resume.", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:
+            if ctx.meta.get(VERBOSE_KEY, 0) > 0:
+                raise  # -v: the full traceback
+            raise click.ClickException(unexpected_message(e)) from None
+
+
+VERBOSE_KEY = "qdtk.verbose"
+
+
+def unexpected_message(e: BaseException) -> str:
+    """One line for an exception qdtk did not anticipate: its type, its first line, the hint."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first} (rerun with -v for the traceback)"
 
 
 @click.group(cls=QdtkGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qdtk")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-v", "--verbose", count=True,
+              help="Debug log output, and the full traceback of an unexpected error.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def cli(verbose: int, quiet: bool) -> None:
     """qdtk: quantize diffusion LLMs to about 2 bits per weight.
@@ -70,9 +86,8 @@ def cli(verbose: int, quiet: bool) -> None:
     Pipeline: capture (masked calibration statistics) -> quantize (ABMP + DAQ) -> pack
     (bit-packed checkpoint) -> unpack / eval.  `qdtk run` does it all.
     """
+    click.get_current_context().meta[VERBOSE_KEY] = verbose
     level = logging.WARNING if quiet else (logging.INFO, logging.DEBUG)[min(verbose, 1)]
-    if not quiet and verbose == 0:
-        level = logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
 
 

@@ -66,3 +66,18 @@ def test_cli_as_a_subprocess(tiny_bert, tmp_path):
     assert bad.returncode == 1
     assert "Error:" in bad.stderr and "bad JSON header" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_unexpected_error_is_one_line_and_v_shows_the_traceback(tiny_bert, monkeypatch):
+    import qdtk.cli.inspect_cmd as inspect_cmd
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the disk said no\nsecond line")
+
+    monkeypatch.setattr(inspect_cmd, "describe", broken)
+    r = CliRunner().invoke(cli, ["inspect", str(tiny_bert)])
+    assert r.exit_code == 1
+    assert r.output.strip() == ("Error: RuntimeError: the disk said no "
+                                "(rerun with -v for the traceback)")
+    r = CliRunner().invoke(cli, ["-v", "inspect", str(tiny_bert)])
+    assert isinstance(r.exception, RuntimeError)  # propagated: click prints the traceback
