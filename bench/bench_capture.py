@@ -59,7 +59,8 @@ def _flops(session) -> tuple[float, float]:
 def throughput(path, N, L, chunk, repeat=2) -> list[dict]:
     import torch
 
-    from qdtk.capture import BlockSession, load_model
+    from qdtk.capture import BlockSession
+    from qdtk.models import load_model
 
     model = load_model(path)
     b = _batch(path, N, L)
@@ -98,7 +99,8 @@ def _peak_child(path: str, N: int, L: int, chunk: int, offload: bool) -> None:
     import gc
     import tempfile
 
-    from qdtk.capture import BlockSession, load_model
+    from qdtk.capture import BlockSession
+    from qdtk.models import load_model
 
     model = load_model(path)
     b = _batch(path, N, L)

@@ -38,8 +38,8 @@ def model_folder(name: str, work: Path) -> Path:
     folder = work / "smollm-hf"
     if (folder / "config.json").exists():
         return folder
-    from qdtk.capture import load_model, load_tokenizer
     from qdtk.checkpoint import CheckpointWriter
+    from qdtk.models import load_model, load_tokenizer
 
     gguf = smollm_gguf()
     model = load_model(gguf)

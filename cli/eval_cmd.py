@@ -6,6 +6,8 @@ import json
 
 import click
 
+from qdtk.cli.options import model_code_option
+
 LABELS = {
     "perplexity": "perplexity",
     "hidden_cosine": "cosine of final hidden states",
@@ -45,10 +47,11 @@ def format_table(result: dict) -> str:
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Windows per forward pass.")
 @click.option("--trust-remote-code", is_flag=True,
-              help="Allow the model's own code from its folder (LLaDA, Dream).")
+              help="Allow the model's own code from its folder.")
+@model_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
 def eval_(model_a, model_b, text_src, n, L, seed, device, dtype, batch, trust_remote_code,
-          as_json) -> None:
+          model_code, as_json) -> None:
     """Compare MODEL_B (e.g. quantized) with MODEL_A (the original) on held-out text.
 
     Each model is a checkpoint folder or a .gguf file. The metric follows the model: masked-token
@@ -60,7 +63,7 @@ def eval_(model_a, model_b, text_src, n, L, seed, device, dtype, batch, trust_re
 
     text = read_text(text_src)
     result = compare(model_a, model_b, text, n=n, L=L, seed=seed, device=device, dtype=dtype,
-                     batch=batch, trust_remote_code=trust_remote_code)
+                     batch=batch, trust_remote_code=trust_remote_code, model_code=model_code)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -26,6 +26,15 @@ device_option = click.option(
 )
 
 
+model_code_option = click.option(
+    "--model-code", type=click.Choice(["auto", "native", "remote"]), default="auto",
+    show_default=True,
+    help="Which forward runs the model: native (qdtk's own LLaDA/Dream, any transformers "
+    "release), remote (transformers, with the folder's own code under --trust-remote-code), or "
+    "auto (for LLaDA/Dream the folder's own code when trusted and it loads and runs here, else "
+    "native; says which it used).")
+
+
 def _compose(decorators):
     def apply(f):
         for d in reversed(decorators):
@@ -74,8 +83,9 @@ def capture_options(n: int | None = 128, L: int | None = 2048, device: bool = Tr
                      help="Precision of sum x x^T: float64 throughout, or float32 within a batch "
                      "and float64 across batches (about twice as fast)."),
         click.option("--trust-remote-code", is_flag=True,
-                     help="Run the model's own code from its folder (needed for LLaDA and "
-                     "Dream)."),
+                     help="Allow the model's own code from its folder (LLaDA and Dream run "
+                     "without it, on qdtk's native forward)."),
+        model_code_option,
     ]
     if device:
         opts.append(click.option(
@@ -97,7 +107,7 @@ def capture_options_from(kw: dict):
         n=kw.pop("n"), L=kw.pop("L"), mask=mask, mask_token_id=kw.pop("mask_token_id"),
         dtype=kw.pop("dtype"), device=kw.pop("device", "cpu"), chunk_size=kw.pop("chunk_size"),
         offload=kw.pop("offload"), accumulate=kw.pop("accumulate"),
-        trust_remote_code=kw.pop("trust_remote_code"),
+        trust_remote_code=kw.pop("trust_remote_code"), model_code=kw.pop("model_code"),
     )
 
 

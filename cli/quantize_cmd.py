@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from qdtk.cli.options import quantize_options, quantize_options_from
+from qdtk.cli.options import model_code_option, quantize_options, quantize_options_from
 
 
 def echo_report(report: dict, out_dir: str) -> None:
@@ -38,9 +38,11 @@ def echo_report(report: dict, out_dir: str) -> None:
               help="Output folder for the solution files and report.json; rerunning resumes.")
 @quantize_options()
 @click.option("--trust-remote-code", is_flag=True,
-              help="Let --budget-scope model run the model's own code from its folder (LLaDA, "
-              "Dream) to measure each layer's effect on the output.")
-def quantize(model_dir, stats_dir, out_dir, include, exclude, trust_remote_code, **kw) -> None:
+              help="Let --budget-scope model run the model's own code from its folder to "
+              "measure each layer's effect on the output.")
+@model_code_option
+def quantize(model_dir, stats_dir, out_dir, include, exclude, trust_remote_code, model_code,
+             **kw) -> None:
     """Quantize the Linear weights of MODEL_DIR with DAQ (or --method gptq/rtn), using the
     statistics in --stats.
 
@@ -53,6 +55,7 @@ def quantize(model_dir, stats_dir, out_dir, include, exclude, trust_remote_code,
     options = quantize_options_from(kw)
     if trust_remote_code:
         options["trust_remote_code"] = True
+    options["model_code"] = model_code
     report = quantize_model(model_dir, stats_dir, out_dir, options,
                             include=include, exclude=exclude)
     echo_report(report, out_dir)

@@ -89,6 +89,7 @@ def run(model, calib, out, sequential, eval_n, eval_length, eval_text, dense_dty
     quantize = quantize_options_from(kw)
     if kw["trust_remote_code"]:  # the model-scope pre-pass runs the model too
         quantize["trust_remote_code"] = True
+    quantize["model_code"] = kw["model_code"]
     # one device for everything: the model runs where the solver does
     device = kw["device"] = "cuda" if quantize.get("backend") == "cuda" else "cpu"
     opts = RunOptions(

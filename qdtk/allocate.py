@@ -73,7 +73,7 @@ def allocate_orders(
         output_change = output_change_fn(
             model_dir, **SENSITIVITY_WINDOWS,
             trust_remote_code=bool(options.get("trust_remote_code", False)),
-            device="cuda" if gpu else "cpu")
+            model_code=options.get("model_code", "auto"), device="cuda" if gpu else "cpu")
     cands, weights = model_candidates(ckpt, stats, names, options, output_change, progress)
     order_set = cands[0].orders if cands else abmp.ORDERS
     bits = knapsack_bits(options, [(c.n, c.m) for c in cands])

@@ -38,93 +38,22 @@ import numpy as np
 
 from qdtk.errors import QdtkError
 from qdtk.mcs import MaskedBatch, MaskOptions, cut_windows, mask_batch, resolve_mask_token_id
+from qdtk.models import (
+    attention_mask_for,
+    load_model,
+    load_tokenizer,
+    own_code_errors,
+    split_model_path,
+)
 from qdtk.stats import InputStat, StatsWriter, hessian_from_sums
 
 log = logging.getLogger(__name__)
 
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
-               "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 ACCUMULATE = ("float64", "float32")
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "cache", "layer_past")
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def split_model_path(path: str | Path) -> tuple[Path, str | None]:
-    """(folder, gguf file name or None): a path to a .gguf file loads through its folder."""
-    path = Path(path)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise QdtkError(f"{path}: GGUF file not found")
-        return path.parent, path.name
-    if not path.is_dir():
-        raise QdtkError(f"{path}: model folder not found")
-    return path, None
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    try:
-        return getattr(torch, DTYPE_NAMES[name])
-    except KeyError:
-        raise QdtkError(f"unknown dtype {name!r} (float32, bfloat16 or float16)") from None
-
-
-def _auto_class(config: Any, gguf: str | None):
-    """The class that loads the checkpoint's own tensor names: its architecture when
-    transformers has it, else the remote code's auto_map (LLaDA, Dream), else AutoModel."""
-    import transformers
-
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    auto_map = getattr(config, "auto_map", None) or {}
-    for name in ("AutoModelForMaskedLM", "AutoModelForCausalLM", "AutoModel"):
-        if name in auto_map:
-            return getattr(transformers, name)
-    return transformers.AutoModelForCausalLM if gguf else transformers.AutoModel
-
-
-def load_model(
-    path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
-):
-    """A model from a local folder or .gguf file, in eval mode without gradients, on `device`."""
-    import transformers
-
-    folder, gguf = split_model_path(path)
-    extra = {"gguf_file": gguf} if gguf else {}
-    try:
-        config = transformers.AutoConfig.from_pretrained(
-            folder, trust_remote_code=trust_remote_code, **extra
-        )
-        cls = _auto_class(config, gguf)
-        model = cls.from_pretrained(
-            folder, config=config, dtype=_torch_dtype(dtype),
-            trust_remote_code=trust_remote_code, **extra,
-        )
-    except (OSError, ValueError, KeyError) as e:
-        hint = " (LLaDA/Dream need --trust-remote-code)" if "trust_remote_code" in str(e) else ""
-        raise QdtkError(f"{path}: cannot load the model{hint}: {e}") from None
-    model.eval().requires_grad_(False)
-    return model.to(device)
-
-
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    import transformers
-
-    folder, gguf = split_model_path(path)
-    extra = {"gguf_file": gguf} if gguf else {}
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(
-            folder, trust_remote_code=trust_remote_code, **extra
-        )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise QdtkError(f"{path}: cannot load the tokenizer: {e}") from None
-    tok.model_max_length = 1 << 62  # the calibration stream is long; windows are cut later
-    return tok
 
 
 def model_fingerprint(path: str | Path) -> tuple[str, list[str] | None]:
@@ -335,8 +264,9 @@ class HiddenStore:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-class _Stop(Exception):
-    """Raised by the first block's pre-hook to end the embedding forward."""
+class _Stop(BaseException):
+    """Raised by the first block's pre-hook to end the embedding forward (a BaseException, so
+    that no `except Exception` in a model's own code, or in qdtk's, can swallow it)."""
 
     def __init__(self, args, kwargs):
         self.args, self.kwargs = args, kwargs
@@ -374,12 +304,14 @@ class BlockSession:
         accumulate: str = "float64",
         ckpt_names: Iterable[str] | None = None,
         progress: bool = False,
+        source: str | Path = "the model",
     ):
         import torch
 
         if accumulate not in ACCUMULATE:
             raise QdtkError(f"unknown accumulation {accumulate!r} (float64 or float32)")
         self.model, self.device, self.accumulate = model, device, accumulate
+        self.source = source  # the model folder, named when the model's own code fails
         self.progress = progress
         self.stack, self.blocks = find_blocks(model)
         self.ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))  # [S, L]
@@ -413,19 +345,20 @@ class BlockSession:
     # The model's own forward builds the block arguments; the first block's pre-hook stops it.
     def _entry(self, c: int) -> tuple[tuple, dict]:
         sl = self.chunks[c]
-        ids, att = self.ids[sl], self.attention[sl].long()
+        ids, att = self.ids[sl], attention_mask_for(self.model, self.attention[sl])
 
         def stop(module, args, kwargs):
             raise _Stop(args, kwargs)
 
         handle = self.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            try:
-                self.model(input_ids=ids, attention_mask=att, use_cache=False)
-            except TypeError as e:
-                if "use_cache" not in str(e):
-                    raise
-                self.model(input_ids=ids, attention_mask=att)
+            with own_code_errors(self.model, self.source):
+                try:
+                    self.model(input_ids=ids, attention_mask=att, use_cache=False)
+                except TypeError as e:
+                    if "use_cache" not in str(e):
+                        raise
+                    self.model(input_ids=ids, attention_mask=att)
         except _Stop as s:
             args, kwargs = s.args, dict(s.kwargs)
         else:
@@ -448,7 +381,8 @@ class BlockSession:
         """Block b on chunk c's stored hidden states; returns the block's output hidden states."""
         args, kwargs = self._entry(c)
         h = self.store[c].to(self.device)
-        out = self.blocks[b](h, *_to(args[1:], self.device), **_to(kwargs, self.device))
+        with own_code_errors(self.model, self.source):
+            out = self.blocks[b](h, *_to(args[1:], self.device), **_to(kwargs, self.device))
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def run_block(
@@ -593,6 +527,7 @@ class CaptureOptions:
     offload: bool = False
     accumulate: str = "float64"
     trust_remote_code: bool = False
+    model_code: str = "auto"
 
 
 def calibration_batch(
@@ -650,7 +585,7 @@ def capture(
     opts = opts or CaptureOptions()
     out = Path(out)
     model_fp, ckpt_names = model_fingerprint(model_path)
-    model = load_model(model_path, opts.dtype, "cpu", opts.trust_remote_code)
+    model = load_model(model_path, opts.dtype, "cpu", opts.trust_remote_code, opts.model_code)
     tokenizer = load_tokenizer(model_path, opts.trust_remote_code)
     batch, ident = calibration_batch(model_path, model, tokenizer, calib, opts)
     options = {"n": opts.n, "L": opts.L, **opts.mask.as_dict(), **ident, "dtype": opts.dtype,
@@ -664,6 +599,7 @@ def capture(
     session = BlockSession(
         model, batch.ids, batch.attention, device=opts.device, chunk_size=opts.chunk_size,
         offload=offload, accumulate=opts.accumulate, ckpt_names=ckpt_names, progress=progress,
+        source=model_path,
     )
     try:
         hidden = batch.ids.size * model.config.to_dict().get("hidden_size", 0) * \

@@ -28,10 +28,8 @@ from qdtk.errors import QdtkError
 log = logging.getLogger(__name__)
 
 MASK_RATIOS = (0.15, 0.5, 0.85)
-# dLLMs with remote code: their logits are masked-token predictions.
+# dLLMs with their own code: their logits are masked-token predictions.
 MASKED_LM_CLASSES = {"LLaDAModelLM", "DreamModel"}
-# Dream keeps its autoregressive parent's layout: position i's logits predict token i + 1.
-SHIFTED_LOGITS_CLASSES = {"DreamModel"}
 
 
 # ---------------------------------------------------------------- layer level (no torch)
@@ -141,6 +139,8 @@ def mask_positions(special: np.ndarray, ratio: float, seed: int) -> np.ndarray:
 
 def model_kind(model) -> str:
     """'mlm' (masked-LM head or a dLLM), 'causal' or 'encoder' (no head), from the model class."""
+    if isinstance(getattr(model, "kind", None), str):  # qdtk's native forwards say it
+        return model.kind
     cls = type(model).__name__
     if cls.endswith("ForMaskedLM") or cls in MASKED_LM_CLASSES:
         return "mlm"
@@ -155,33 +155,37 @@ class LoadedModel:
     tokenizer: Any  # or None when the folder has none
     kind: str
     config: dict
+    source: str = "the model"  # the folder, named when the model's own code fails
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """The tokenizer of a checkpoint folder or .gguf file, or None when it has none."""
-    from qdtk import capture
+    from qdtk import models
 
     try:
-        return capture.load_tokenizer(path, trust_remote_code)
+        return models.load_tokenizer(path, trust_remote_code)
     except QdtkError:
         log.info("%s: no tokenizer; using byte ids", path)
         return None
 
 
 def load_for_eval(path: str | Path, dtype: str = "float32", device: str = "cpu",
-                  trust_remote_code: bool = False) -> LoadedModel:
-    """A checkpoint folder or .gguf file, loaded with its head (qdtk.capture.load_model)."""
-    from qdtk import capture
+                  trust_remote_code: bool = False, model_code: str = "auto") -> LoadedModel:
+    """A checkpoint folder or .gguf file, loaded with its head (qdtk.models.load_model)."""
+    from qdtk import models
 
-    model = capture.load_model(path, dtype, device, trust_remote_code)
+    model = models.load_model(path, dtype, device, trust_remote_code, model_code)
     return LoadedModel(model, load_tokenizer(path, trust_remote_code), model_kind(model),
-                       model.config.to_dict())
+                       model.config.to_dict(), str(path))
 
 
-def _forward(model, ids, hidden: bool):
+def _forward(model, ids, hidden: bool, source: str = "the model"):
     """(logits or None, final hidden states) of one batch. The windows have no padding, so no
     attention mask is passed: each model then uses its own full (or causal) attention."""
-    out = model(input_ids=ids, output_hidden_states=hidden)
+    from qdtk.models import own_code_errors
+
+    with own_code_errors(model, source):
+        out = model(input_ids=ids, output_hidden_states=hidden)
     logits = getattr(out, "logits", None)
     states = out.hidden_states[-1] if getattr(out, "hidden_states", None) is not None else None
     if states is None:
@@ -200,14 +204,16 @@ def model_outputs(lm: LoadedModel, windows: Windows, masks: dict[float, np.ndarr
     import torch
     import torch.nn.functional as F
 
+    from qdtk.models import logits_shift
+
     ids_all = torch.from_numpy(windows.ids)
-    shifted = type(lm.model).__name__ in SHIFTED_LOGITS_CLASSES
+    shifted = logits_shift(lm.model) == 1
     hidden, nll_causal = [], []
     nll_masked: dict[float, list] = {r: [] for r in masks}
     with torch.inference_mode():
         for s in range(0, len(ids_all), batch):
             ids = ids_all[s : s + batch].to(device)
-            logits, states = _forward(lm.model, ids, hidden=True)
+            logits, states = _forward(lm.model, ids, hidden=True, source=lm.source)
             hidden.append(states.float().cpu().numpy())
             if lm.kind == "causal":
                 nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
@@ -215,7 +221,8 @@ def model_outputs(lm: LoadedModel, windows: Windows, masks: dict[float, np.ndarr
                 nll_causal.append(nll.cpu().numpy())
             for r, mask in masks.items():
                 m = torch.from_numpy(mask[s : s + batch]).to(device)
-                logits, _ = _forward(lm.model, ids.masked_fill(m, mask_id), hidden=False)
+                logits, _ = _forward(lm.model, ids.masked_fill(m, mask_id), hidden=False,
+                                     source=lm.source)
                 if shifted:  # as Dream's own sampler does: token i from the logits at i - 1
                     logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
                 nll = F.cross_entropy(logits[m].float(), ids[m], reduction="none")
@@ -259,7 +266,8 @@ def compare_outputs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str,
 
 def compare(model_a: str | Path, model_b: str | Path, text: str | None = None, n: int = 32,
             L: int = 128, seed: int = 0, device: str = "cpu", dtype: str = "float32",
-            batch: int = 8, trust_remote_code: bool = False) -> dict[str, Any]:
+            batch: int = 8, trust_remote_code: bool = False, model_code: str = "auto"
+            ) -> dict[str, Any]:
     """Compare model B (e.g. quantized) with model A (the original) on windows of `text`.
 
     `text` defaults to the built-in held-out text. The token windows and the masks are made
@@ -272,7 +280,7 @@ def compare(model_a: str | Path, model_b: str | Path, text: str | None = None, n
     text = read_text(None) if text is None else text
     outputs, kinds, shared = [], [], {}
     for path in (model_a, model_b):
-        lm = load_for_eval(path, dtype, device, trust_remote_code)
+        lm = load_for_eval(path, dtype, device, trust_remote_code, model_code)
         if not shared:
             tokenizer = lm.tokenizer
             if tokenizer is None:
@@ -303,7 +311,8 @@ def compare(model_a: str | Path, model_b: str | Path, text: str | None = None, n
 
 
 def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: int = 128,
-                     trust_remote_code: bool = False, device: str = "cpu", skip_head: bool = True):
+                     trust_remote_code: bool = False, device: str = "cpu", skip_head: bool = True,
+                     model_code: str = "auto"):
     """output_change(name, What) -> float for model-scope bit allocation (qdtk.abmp.sensitivity).
 
     The model is loaded once; each call replaces the weight `name` alone by What [n, m], runs
@@ -316,7 +325,7 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
 
     from qdtk.calib import calibration_text
 
-    lm = load_for_eval(path, "float32", device, trust_remote_code)
+    lm = load_for_eval(path, "float32", device, trust_remote_code, model_code)
     L = min(L, lm.config.get("max_position_embeddings") or L)
     windows = token_windows(calibration_text(None) if text is None else text, lm.tokenizer,
                             lm.config["vocab_size"], n, L)
@@ -331,7 +340,7 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
             h.forward = lambda x: x[..., :1]  # an instance attribute shadows the method
         try:
             with torch.inference_mode():
-                return _forward(lm.model, ids, hidden=True)[1].double()
+                return _forward(lm.model, ids, hidden=True, source=lm.source)[1].double()
         finally:
             for h in skipped:
                 del h.forward

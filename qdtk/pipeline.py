@@ -133,7 +133,8 @@ def evaluate_once(model: Path, dense: Path, quant: Path, path: Path, e: EvalOpti
             return old
     text = read_text(e.text)
     result = compare(model, dense, text, n=e.n, L=e.L, seed=e.seed, device=e.device,
-                     trust_remote_code=getattr(capture_opts, "trust_remote_code", False))
+                     trust_remote_code=getattr(capture_opts, "trust_remote_code", False),
+                     model_code=getattr(capture_opts, "model_code", "auto"))
     result["fingerprint"] = fp
     write_json_atomic(path, result)
     return result
@@ -170,13 +171,12 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
     from qdtk.capture import (
         BlockSession,
         calibration_batch,
-        load_model,
-        load_tokenizer,
         model_fingerprint,
         sequential_block,
         sequential_steps,
     )
     from qdtk.checkpoint import Checkpoint
+    from qdtk.models import load_model, load_tokenizer
     from qdtk.quantize import SolutionReport, make_solver
     from qdtk.solution import read_solution_block, write_solution_block
 
@@ -187,7 +187,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
     c = opts.capture
     ckpt = Checkpoint(model)
     model_fp, ckpt_names = model_fingerprint(model)
-    torch_model = load_model(model, c.dtype, "cpu", c.trust_remote_code)
+    torch_model = load_model(model, c.dtype, "cpu", c.trust_remote_code, c.model_code)
     tokenizer = load_tokenizer(model, c.trust_remote_code)
     batch, ident = calibration_batch(model, torch_model, tokenizer, calib, c)
     calib_fp = fingerprint(model_fp, ident, c.n, c.L, c.mask.as_dict(), c.dtype, c.accumulate)
@@ -197,7 +197,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
     session = BlockSession(
         torch_model, batch.ids, batch.attention, device=c.device, chunk_size=c.chunk_size,
         offload=quant / ".hidden" if c.offload else None, accumulate=c.accumulate,
-        ckpt_names=ckpt_names, progress=True,
+        ckpt_names=ckpt_names, progress=True, source=model,
     )
     from tqdm import tqdm
 

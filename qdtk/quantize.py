@@ -366,8 +366,8 @@ FEEDBACK = ("diagonal", "block")
 
 
 # Options that change how the stage runs but not its result (left out of the fingerprints):
-# trust_remote_code lets the model-scope pre-pass run a model with its own code (LLaDA, Dream).
-RUN_ONLY = ("trust_remote_code",)
+# How the model-scope pre-pass runs the model (its own code, or qdtk's native forward).
+RUN_ONLY = ("trust_remote_code", "model_code")
 
 
 def _opt(options: Mapping[str, Any], key: str) -> Any:

@@ -79,3 +79,21 @@ def tiny_llama(tmp_path_factory):
     model.save_pretrained(path, safe_serialization=True)
     save_char_tokenizer(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llada(tmp_path_factory):
+    """A 2-block LLaDA (GQA: 4 query heads, 2 KV heads) in bfloat16 shards, as published."""
+    pytest.importorskip("torch")
+    from tests.dllm import write_dllm
+
+    return write_dllm(tmp_path_factory.mktemp("tiny_llada"), "llada")
+
+
+@pytest.fixture(scope="session")
+def tiny_dream(tmp_path_factory):
+    """A 2-block Dream (Qwen2 layout, GQA) in bfloat16 shards, as published."""
+    pytest.importorskip("torch")
+    from tests.dllm import write_dllm
+
+    return write_dllm(tmp_path_factory.mktemp("tiny_dream"), "dream")

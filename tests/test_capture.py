@@ -79,9 +79,12 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("which", ["bert", "llama"])
-def test_block_by_block_equals_full_forward(which, tiny_bert, tiny_llama):
-    path = tiny_bert if which == "bert" else tiny_llama
+MODELS = ["bert", "llama", "llada", "dream"]  # llada, dream: qdtk's native forwards
+
+
+@pytest.mark.parametrize("which", MODELS)
+def test_block_by_block_equals_full_forward(which, request):
+    path = request.getfixturevalue(f"tiny_{which}")
     model = cap.load_model(path)
     b = _masked(S=6, L=16, real=9)
     session = _session(model, b.ids, b.attention, path, chunk_size=4)
@@ -100,10 +103,10 @@ def test_block_by_block_equals_full_forward(which, tiny_bert, tiny_llama):
         assert _rel(s.H, got[s.key].H) < 1e-5
 
 
-@pytest.mark.parametrize("which", ["bert", "llama"])
-def test_padding_excluded(which, tiny_bert, tiny_llama):
+@pytest.mark.parametrize("which", MODELS)
+def test_padding_excluded(which, request):
     """A short text padded to L gives the H of its tokens alone."""
-    path = tiny_bert if which == "bert" else tiny_llama
+    path = request.getfixturevalue(f"tiny_{which}")
     model = cap.load_model(path)
     stream = np.random.default_rng(1).integers(5, 100, size=10)
     got = []
@@ -209,9 +212,10 @@ class _LLaDA(nn.Module):
              "blocks": nn.ModuleList(_LLaDABlock(d) for _ in range(n_blocks))}
         )
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask=None):
         x = self.model.transformer["wte"](input_ids)
-        bias = (1.0 - attention_mask[:, None, :].float()) * -1e9  # [B, 1, L]
+        bias = 0.0 if attention_mask is None else \
+            (1.0 - attention_mask[:, None, :].float()) * -1e9  # [B, 1, L]
         for blk in self.model.transformer["blocks"]:
             x = blk(x, attention_bias=bias)
         return x
