@@ -23,6 +23,7 @@ COMMANDS = {
     "unpack": "qdtk.cli.pack_cmd:unpack",
     "run": "qdtk.cli.run_cmd:run",
     "eval": "qdtk.cli.eval_cmd:eval_",
+    "generate": "qdtk.cli.generate_cmd:generate",
 }
 
 
@@ -84,7 +85,8 @@ def cli(verbose: int, quiet: bool) -> None:
     """qdtk: quantize diffusion LLMs to about 2 bits per weight.
 
     Pipeline: capture (masked calibration statistics) -> quantize (ABMP + DAQ) -> pack
-    (bit-packed checkpoint) -> unpack / eval.  `qdtk run` does it all.
+    (bit-packed checkpoint) -> unpack / eval.  `qdtk run` does it all; `qdtk generate`
+    samples text from a LLaDA or Dream checkpoint.
     """
     click.get_current_context().meta[VERBOSE_KEY] = verbose
     level = logging.WARNING if quiet else (logging.INFO, logging.DEBUG)[min(verbose, 1)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -175,6 +176,29 @@ def load_native(folder: str | Path, dtype: str = "float32", device: str = "cpu")
 # ----------------------------------------------------------------------------- transformers
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own warnings and "Loading weights" bars silenced while qdtk loads a model
+    or tokenizer (its messages stay visible with -v)."""
+    from transformers.utils import logging as hf_logging
+
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _auto_class(config: Any, gguf: str | None):
     """The class that loads the checkpoint's own tensor names: its architecture when
     transformers has it, else the remote code's auto_map (LLaDA, Dream), else AutoModel."""
@@ -212,14 +236,15 @@ def load_transformers(path: str | Path, dtype: str = "float32", trust_remote_cod
     folder, gguf = split_model_path(path)
     extra = {"gguf_file": gguf} if gguf else {}
     try:
-        config = transformers.AutoConfig.from_pretrained(
-            folder, trust_remote_code=trust_remote_code, **extra
-        )
-        cls = _auto_class(config, gguf)
-        model = cls.from_pretrained(
-            folder, config=config, dtype=torch_dtype(dtype),
-            trust_remote_code=trust_remote_code, **extra,
-        )
+        with quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(
+                folder, trust_remote_code=trust_remote_code, **extra
+            )
+            cls = _auto_class(config, gguf)
+            model = cls.from_pretrained(
+                folder, config=config, dtype=torch_dtype(dtype),
+                trust_remote_code=trust_remote_code, **extra,
+            )
     except QdtkError:
         raise
     except (OSError, ValueError, KeyError) as e:
@@ -305,11 +330,13 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     folder, gguf = split_model_path(path)
     extra = {"gguf_file": gguf} if gguf else {}
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(
-            folder, trust_remote_code=trust_remote_code, **extra
-        )
+        with quiet_transformers():
+            tok = transformers.AutoTokenizer.from_pretrained(
+                folder, trust_remote_code=trust_remote_code, **extra
+            )
     except Exception as e:
-        tok = None if gguf else _fallback_tokenizer(folder)
+        with quiet_transformers():
+            tok = None if gguf else _fallback_tokenizer(folder)
         if tok is None:
             first = (str(e).strip().splitlines() or [""])[0]
             raise QdtkError(f"{path}: cannot load the tokenizer: {first}") from None
