@@ -184,3 +184,23 @@ def test_cli_names_the_failing_code_in_one_line(tmp_path):
     assert r.exit_code == 1 and r.exception is not None and "Traceback" not in r.output
     lines = r.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "--model-code native" in lines[0]
+
+
+def test_eval_reads_dreams_masked_tokens_from_the_shifted_logits(tiny_dream):
+    from qdtk.evaluate import Windows, load_for_eval, model_outputs
+
+    lm = load_for_eval(tiny_dream)
+    ids = np.random.default_rng(3).integers(0, 290, size=(2, 10))
+    masked = np.zeros((2, 10), bool)
+    masked[:, [2, 5, 9]] = True
+    out = model_outputs(lm, Windows(ids, np.zeros_like(masked)), {0.5: masked}, 301)
+    with torch.inference_mode():
+        logits = lm.model(input_ids=torch.from_numpy(ids).masked_fill(
+            torch.from_numpy(masked), 301)).logits.double()
+    logp = logits.log_softmax(-1)
+    t = torch.from_numpy(ids)
+    m = torch.from_numpy(masked)
+    shifted = -logp[:, :-1].gather(-1, t[:, 1:, None])[..., 0][m[:, 1:]]
+    unshifted = -logp.gather(-1, t[..., None])[..., 0][m]
+    np.testing.assert_allclose(out["masked_nll"][0.5], shifted.numpy(), rtol=1e-5)
+    assert not np.allclose(out["masked_nll"][0.5], unshifted.numpy(), rtol=1e-3)
