@@ -113,7 +113,8 @@ def _cap_length(path, L: int) -> int:
 
     config = path / "config.json"
     if config.exists():
-        limit = json.loads(config.read_text()).get("max_position_embeddings")
+        raw = json.loads(config.read_text())
+        limit = raw.get("max_position_embeddings") or raw.get("max_sequence_length")  # LLaDA
         if isinstance(limit, int) and limit > 0:
             return min(L, limit)
     return L

@@ -561,10 +561,10 @@ def test_output_change_keeps_a_head_the_model_needs(tiny_llama, monkeypatch):
     full = ev.output_change_fn(tiny_llama, n=2, L=16, skip_head=False)(name, What)
     real = ev._forward
 
-    def needs_logits(model, ids, hidden):  # a model's own code that reads every logit
+    def needs_logits(model, ids, hidden, **kw):  # a model's own code that reads every logit
         if "forward" in vars(model.get_output_embeddings()):
             raise RuntimeError("shape mismatch")
-        return real(model, ids, hidden)
+        return real(model, ids, hidden, **kw)
 
     monkeypatch.setattr(ev, "_forward", needs_logits)
     assert ev.output_change_fn(tiny_llama, n=2, L=16)(name, What) == pytest.approx(full)

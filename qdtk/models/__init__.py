@@ -242,8 +242,8 @@ def load_transformers(path: str | Path, dtype: str = "float32", trust_remote_cod
             )
             cls = _auto_class(config, gguf)
             model = cls.from_pretrained(
-                folder, config=config, dtype=torch_dtype(dtype),
-                trust_remote_code=trust_remote_code, **extra,
+                folder, config=config, trust_remote_code=trust_remote_code,
+                **{DTYPE_KWARG(): torch_dtype(dtype)}, **extra,
             )
     except QdtkError:
         raise
@@ -257,6 +257,14 @@ def load_transformers(path: str | Path, dtype: str = "float32", trust_remote_cod
                                          native_type(read_config(folder)) is not None)) from None
     model.eval().requires_grad_(False)
     return model
+
+
+def DTYPE_KWARG() -> str:  # noqa: N802 - a constant of the installed transformers
+    """from_pretrained's dtype keyword: `dtype` since transformers 4.56, `torch_dtype` before."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 def _or_native(folder: Path) -> str:
