@@ -23,6 +23,7 @@ COMMANDS = {
     "unpack": "qdtk.cli.pack_cmd:unpack",
     "run": "qdtk.cli.run_cmd:run",
     "eval": "qdtk.cli.eval_cmd:eval_",
+    "report": "qdtk.cli.report_cmd:report",
 }
 
 
