@@ -45,6 +45,10 @@ def quantize(model_dir, stats_dir, out_dir, include, exclude, trust_remote_code,
     Writes one solution file per transformer block and report.json: per layer the orders
     histogram, honest bits per weight with the float16 scales, predicted and proxy output error
     tr(D H D^T)/tr(W H W^T), time; the whole model's bits per weight in the summary.
+
+    The method step by step (MCS, DAQ, the sweep, ABMP, refinement, bit accounting) and qdtk's
+    defaults beside the published choices, with the options that select each: docs/METHOD.md
+    in the qdtk repository.
     """
     from qdtk.quantize import quantize_model
 
