@@ -169,18 +169,19 @@ def _figure_class():
     return Figure
 
 
-def _layer_axes(Figure, n_layers: int, width: float = 8.0):
-    """A figure with one axes whose rows are the layers (first at the top)."""
-    fig = Figure(figsize=(width, min(max(1.5 + 0.16 * n_layers, 3.0), 40.0)),
+def _layer_axes(Figure, rows: Sequence[LayerRow], xlabel: str, title: str, width: float = 8.0,
+                xscale: str = "linear"):
+    """A figure with one axes whose rows are the layers (the first at the top), labelled."""
+    fig = Figure(figsize=(width, min(max(1.5 + 0.16 * len(rows), 3.0), 40.0)),
                  layout="constrained")
-    return fig, fig.add_subplot()
-
-
-def _label_layers(ax, labels: Sequence[str]) -> None:
-    step = math.ceil(len(labels) / MAX_LABELS)
-    ticks = np.arange(0, len(labels), step)
-    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=7)
-    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax = fig.add_subplot()
+    ticks = np.arange(0, len(rows), math.ceil(len(rows) / MAX_LABELS))
+    ax.set_yticks(ticks, [rows[i].label for i in ticks], fontsize=7)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xscale(xscale)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    return fig, ax
 
 
 def orders_figure(Figure, rows: Sequence[LayerRow]):
@@ -193,31 +194,29 @@ def orders_figure(Figure, rows: Sequence[LayerRow]):
     for i, r in enumerate(rows):
         if r.orders:
             A[i, : len(r.orders)] = r.orders
-    fig, ax = _layer_axes(Figure, len(rows), width=min(max(3.0 + 0.1 * G, 6.0), 16.0))
+    fig, ax = _layer_axes(Figure, rows, "group (128 input columns)", "Planes per group",
+                          width=min(max(3.0 + 0.1 * G, 6.0), 16.0))
     cmap = ListedColormap(ORDER_COLORS).with_extremes(bad="white")
     im = ax.imshow(np.ma.masked_invalid(A), aspect="auto", interpolation="nearest", cmap=cmap,
                    norm=BoundaryNorm(np.arange(0.5, 5.5), cmap.N))
-    fig.colorbar(im, ax=ax, ticks=[1, 2, 3, 4], label="order (sign planes)")
-    _label_layers(ax, [r.label for r in rows])
+    fig.colorbar(im, ax=ax, ticks=[1, 2, 3, 4], label="order (sign planes)",
+                 shrink=min(1.0, 4.0 / fig.get_figheight()))  # at most 4 inches long
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("group (128 input columns)")
-    ax.set_title("Planes per group")
     return fig
 
 
 def bits_figure(Figure, rows: Sequence[LayerRow], model_bits: float):
-    fig, ax = _layer_axes(Figure, len(rows))
+    fig, ax = _layer_axes(Figure, rows, "bits per weight (sign planes and float16 scales)",
+                          "Bits per layer")
     ax.barh(np.arange(len(rows)), [r.bits_per_weight for r in rows], color=ORDER_COLORS[3])
     ax.axvline(model_bits, color="black", linestyle="--", label=f"model {model_bits:.4f}")
-    _label_layers(ax, [r.label for r in rows])
-    ax.set_xlabel("bits per weight (sign planes and float16 scales)")
-    ax.set_title("Bits per layer")
     fig.legend(loc="outside lower center", ncols=2)
     return fig
 
 
 def error_figure(Figure, rows: Sequence[LayerRow]):
-    fig, ax = _layer_axes(Figure, len(rows))
+    fig, ax = _layer_axes(Figure, rows, "tr(D H D^T) / tr(W H W^T)", "Proxy error per layer",
+                          xscale="log")
     y = np.arange(len(rows))
     nan = float("nan")
     ax.plot([nan if r.proxy_error is None else r.proxy_error for r in rows], y, "o",
@@ -225,21 +224,14 @@ def error_figure(Figure, rows: Sequence[LayerRow]):
     if any(r.predicted is not None for r in rows):
         ax.plot([nan if r.predicted is None else r.predicted for r in rows], y, "x",
                 color=ORDER_COLORS[0], label="predicted: groups solved alone")
-    ax.set_xscale("log")
-    _label_layers(ax, [r.label for r in rows])
-    ax.set_xlabel("tr(D H D^T) / tr(W H W^T)")
-    ax.set_title("Proxy error per layer")
     fig.legend(loc="outside lower center", ncols=2)
     return fig
 
 
 def sensitivity_figure(Figure, rows: Sequence[LayerRow]):
-    fig, ax = _layer_axes(Figure, len(rows))
+    fig, ax = _layer_axes(Figure, rows, "model output change per unit of layer output error",
+                          "Model-scope sensitivity weights", xscale="log")
     ax.barh(np.arange(len(rows)), [r.sensitivity or 0.0 for r in rows], color=ORDER_COLORS[2])
-    ax.set_xscale("log")
-    _label_layers(ax, [r.label for r in rows])
-    ax.set_xlabel("model output change per unit of layer output error")
-    ax.set_title("Model-scope sensitivity weights")
     return fig
 
 
