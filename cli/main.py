@@ -24,6 +24,7 @@ COMMANDS = {
     "run": "qdtk.cli.run_cmd:run",
     "eval": "qdtk.cli.eval_cmd:eval_",
     "generate": "qdtk.cli.generate_cmd:generate",
+    "report": "qdtk.cli.report_cmd:report",
 }
 
 

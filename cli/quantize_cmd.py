@@ -12,14 +12,12 @@ def echo_report(report: dict, out_dir: str) -> None:
     """Per layer: orders histogram (or method), real bits per weight, the allocation's predicted
     error (groups solved alone, relative to tr(W H W^T)) and the proxy error of the stored
     solution; then the whole model."""
+    from qdtk.report import orders_counts, relative_predicted_error
+
     click.echo(f"{'layer':<52} {'orders 1/2/3/4':>14} {'bits/w':>7} {'predicted':>10} "
                f"{'proxy err':>10}")
     for name, r in report["layers"].items():
-        hist = r.get("orders_histogram")
-        orders = "/".join(str(hist.get(str(o), 0)) for o in (1, 2, 3, 4)) if hist else r["method"]
-        pred = r.get("predicted_error")
-        if pred is not None and r.get("weight_energy"):
-            pred /= r["weight_energy"]
+        orders, pred = orders_counts(r), relative_predicted_error(r)
         click.echo(f"{name[-52:]:<52} {orders:>14} {r['bits_per_weight']:>7.4f} "
                    f"{'-' if pred is None else f'{pred:.4g}':>10} {r['proxy_error']:>10.4g}")
     s = report["summary"]
@@ -49,6 +47,10 @@ def quantize(model_dir, stats_dir, out_dir, include, exclude, trust_remote_code,
     Writes one solution file per transformer block and report.json: per layer the orders
     histogram, honest bits per weight with the float16 scales, predicted and proxy output error
     tr(D H D^T)/tr(W H W^T), time; the whole model's bits per weight in the summary.
+
+    The method step by step (MCS, DAQ, the sweep, ABMP, refinement, bit accounting) and qdtk's
+    defaults beside the published choices, with the options that select each: docs/METHOD.md
+    in the qdtk repository.
     """
     from qdtk.quantize import quantize_model
 

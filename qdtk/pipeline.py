@@ -5,6 +5,7 @@
     OUT/packed  the deployable bit-packed checkpoint
     OUT/dense   the packed model unpacked to dense weights, what eval loads
     OUT/eval.json, OUT/summary.json
+    OUT/report  figures and report.md (qdtk.report; skipped without matplotlib)
 
 Every stage resumes on its own (fingerprints), so a killed run picks up where it stopped and a
 finished one is a no-op. The sequential mode (SPEC 1, the published order) replaces capture +
@@ -118,7 +119,18 @@ def run(
     summary["seconds"] = times
     summary["out"] = str(out)
     write_json_atomic(out / "summary.json", summary)
+    write_run_report(out, echo)
     return summary
+
+
+def write_run_report(out: Path, echo: Callable[[str], None]) -> None:
+    """OUT/report of a finished run; without matplotlib (the report extra) a line says why not."""
+    from qdtk.report import MissingExtra, write_report
+
+    try:
+        echo(f"report: {write_report(out, out / 'report')}")
+    except MissingExtra as e:
+        echo(f"report skipped: {e}")
 
 
 def evaluate_once(model: Path, dense: Path, quant: Path, path: Path, e: EvalOptions,
