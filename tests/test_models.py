@@ -204,3 +204,20 @@ def test_eval_reads_dreams_masked_tokens_from_the_shifted_logits(tiny_dream):
     unshifted = -logp.gather(-1, t[..., None])[..., 0][m]
     np.testing.assert_allclose(out["masked_nll"][0.5], shifted.numpy(), rtol=1e-5)
     assert not np.allclose(out["masked_nll"][0.5], unshifted.numpy(), rtol=1e-3)
+
+
+def test_attention_mask_in_the_form_each_model_takes():
+    from qdtk.models import attention_mask_for
+
+    class DreamModel(torch.nn.Module):  # the name of Dream's own class
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
+
+    keep = torch.tensor([[True, True, True], [True, True, False]])
+    assert attention_mask_for(DreamModel(), torch.ones(2, 3, dtype=torch.bool)) is None
+    bias = attention_mask_for(DreamModel(), keep)
+    assert bias.shape == (2, 1, 1, 3) and bias.dtype == torch.bfloat16
+    assert bias[1, 0, 0, 2] == torch.finfo(torch.bfloat16).min and (bias[0] == 0).all()
+    plain = attention_mask_for(torch.nn.Linear(1, 1), keep)
+    assert plain.dtype == torch.long and torch.equal(plain, keep.long())
