@@ -318,8 +318,10 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
     The model is loaded once; each call replaces the weight `name` alone by What [n, m], runs
     n windows of `text` (default: the built-in calibration text, L capped by the model's
     positions) and returns the sum of squared changes of the final hidden states per token,
-    then restores the weight. `skip_head`: a Linear output head (vocabulary-sized, 20% of
-    SmolLM2's flops) returns one column instead; the final hidden states do not use it.
+    then restores the weight. Only the blocks from the weight's own onward run (the earlier
+    ones replay their recorded outputs): about half the forwards of a whole-model pass.
+    `skip_head`: a Linear output head (vocabulary-sized, 20% of SmolLM2's flops) returns one
+    column instead; the final hidden states do not use it.
     """
     import torch
 
@@ -334,40 +336,64 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
 
     head = lm.model.get_output_embeddings() if skip_head else None
     skipped = [head] if isinstance(head, torch.nn.Linear) else []
+    from qdtk.capture import find_blocks
 
-    def hidden():
+    stack, blocks = find_blocks(lm.model)
+    replay: list = [None] * len(blocks)  # each block's output in the unchanged model
+
+    def hidden(start: int = 0):
+        """Final hidden states; blocks before `start` return their recorded outputs instead of
+        running (their weights are the original ones), so a weight in block b costs the
+        forward of blocks b.. only, with the same numbers as the whole forward."""
         for h in skipped:
             h.forward = lambda x: x[..., :1]  # an instance attribute shadows the method
+        for i in range(start):
+            blocks[i].forward = lambda *a, _out=replay[i], **k: _out
         try:
             with torch.inference_mode():
                 return _forward(lm.model, ids, hidden=True, source=lm.source)[1].double()
         finally:
-            for h in skipped:
-                del h.forward
+            for m in skipped + list(blocks[:start]):
+                del m.forward
 
+    def record(i: int):
+        def hook(module, args, out):
+            replay[i] = out
+        return hook
+
+    handles = [blk.register_forward_hook(record(i)) for i, blk in enumerate(blocks)]
     try:
-        base = hidden()
-    except Exception:  # a model's own code that needs the full logits: keep its head
-        if not skipped:
-            raise
-        log.debug("%s: the forward needs its output head; running it", path)
-        skipped.clear()
-        base = hidden()
+        try:
+            base = hidden()
+        except Exception:  # a model's own code that needs the full logits: keep its head
+            if not skipped:
+                raise
+            log.debug("%s: the forward needs its output head; running it", path)
+            skipped.clear()
+            base = hidden()
+    finally:
+        for h in handles:
+            h.remove()
+
+    def first_block(key: str) -> int:
+        """The block holding model parameter `key`; 0 (run everything) outside the stack."""
+        rest = key[len(stack) + 1:].split(".", 1)[0] if key.startswith(stack + ".") else ""
+        return int(rest) if rest.isdigit() else 0
 
     def param_of(name: str):
         # checkpoint names may lack or carry the model's prefix ("bert.", "model.")
-        hits = [p for k, p in params.items()
+        hits = [(k, p) for k, p in params.items()
                 if k == name or k.endswith("." + name) or name.endswith("." + k)]
         if len(hits) != 1:
             raise QdtkError(f"{path}: {len(hits)} model parameters match the weight {name!r}")
         return hits[0]
 
     def output_change(name: str, What: np.ndarray) -> float:
-        p = param_of(name)
+        key, p = param_of(name)
         old = p.data.clone()
         p.data.copy_(torch.from_numpy(np.asarray(What, np.float32)).to(p.dtype))
         try:
-            return float(((hidden() - base) ** 2).sum() / ids.numel())
+            return float(((hidden(first_block(key)) - base) ** 2).sum() / ids.numel())
         finally:
             p.data.copy_(old)
 

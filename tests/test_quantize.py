@@ -532,6 +532,48 @@ def test_output_change_of_a_real_model(tiny_bert):
     assert change(name, W) == 0  # the weight was restored
 
 
+@pytest.mark.parametrize("which", ["bert", "llama", "llada", "dream"])
+def test_output_change_replays_the_blocks_before_the_weight(which, request, monkeypatch):
+    """A weight in the last block runs that block alone (the first block's Linears never run),
+    and gives the change that a whole forward of the modified model gives."""
+    import torch
+
+    import qdtk.evaluate as ev
+    from qdtk.calib import calibration_text
+    from qdtk.capture import find_blocks
+
+    path = request.getfixturevalue(f"tiny_{which}")
+    loaded = []
+    real_load = ev.load_for_eval
+    monkeypatch.setattr(ev, "load_for_eval", lambda *a, **k: loaded.append(real_load(*a, **k))
+                        or loaded[-1])
+    change = ev.output_change_fn(path, n=2, L=16)
+    model = loaded[-1].model
+    _, blocks = find_blocks(model)
+    last = len(blocks) - 1
+    key, mod = next((k, m) for k, m in blocks[last].named_modules()
+                    if isinstance(m, torch.nn.Linear))
+    first = next(m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear))
+    ran = []
+    first.register_forward_pre_hook(lambda *a: ran.append(1))
+    name = next(n for n in Checkpoint(path).names() if n.endswith(f".{last}.{key}.weight"))
+    W = mod.weight.detach().numpy().copy()
+    What = W + 0.05 * np.sign(W)
+    got = change(name, What)
+    assert ran == []  # block 0 replayed, not run
+
+    ids = torch.from_numpy(ev.token_windows(
+        calibration_text(None), loaded[-1].tokenizer, loaded[-1].config["vocab_size"], 2,
+        16).ids)
+    with torch.inference_mode():
+        base = ev._forward(model, ids, hidden=True)[1].double()
+        mod.weight.copy_(torch.from_numpy(What))
+        new = ev._forward(model, ids, hidden=True)[1].double()
+        mod.weight.copy_(torch.from_numpy(W))
+    assert got > 0 and got == pytest.approx(float(((new - base) ** 2).sum() / ids.numel()),
+                                            rel=1e-6)
+
+
 def test_output_change_needs_no_head(tiny_llama, monkeypatch):
     import qdtk.evaluate as ev
 

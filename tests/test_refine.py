@@ -184,3 +184,24 @@ def test_every_mode_lowers_the_error(rng, mode):
     out = refine_layer(W, H, layer, **MODES[mode])
     out.validate("layer")
     assert output_error(W, out.dequantize(), H) < output_error(W, layer.dequantize(), H)
+
+
+@pytest.mark.parametrize("step", [refit_row_scales, refit_col_scales, refine_signs])
+def test_float32_steps_keep_float32_and_track_float64(problem, step):
+    """The float32 working precision stays float32 through every step and lands where float64
+    does (the same signs, scales to float32 rounding)."""
+    W, H, layer = problem
+    s64 = step(W, H, state_from_layer(layer))
+    s32 = step(W.astype(np.float32), H.astype(np.float32), state_from_layer(layer, np.float32))
+    assert s32.S.dtype == s32.a.dtype == s32.b.dtype == np.float32
+    e64 = output_error(W, s64.dequantize(), H)
+    e32 = output_error(W, s32.dequantize().astype(np.float64), H)
+    assert e32 == pytest.approx(e64, rel=1e-3)
+
+
+def test_refine_layer_in_float32_matches_float64(problem):
+    W, H, layer = problem
+    e = {dt: output_error(W, refine_layer(W, H, layer, rounds=2, dtype=dt).dequantize(), H)
+         for dt in (np.float32, np.float64)}
+    assert e[np.float32] == pytest.approx(e[np.float64], rel=1e-3)
+    assert e[np.float32] < output_error(W, layer.dequantize(), H)
