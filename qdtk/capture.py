@@ -6,9 +6,10 @@ functions). The flow, for S masked sequences in chunks of `chunk_size`:
 1. Embed: a forward of the whole model per chunk, stopped by a sentinel exception at the first
    block's pre-forward hook, yields the hidden states entering block 0 and the block's extra
    arguments (attention mask, rotary position embeddings, ...) as the model itself builds them.
-   Those extra arguments are rebuilt the same way whenever a chunk enters a block, so the
-   generic path assumes every block takes the same ones as block 0 (true for BERT, Llama,
-   Qwen2, LLaDA and Dream; not for models alternating sliding-window layers).
+   Those extra arguments are rebuilt the same way whenever a chunk enters block b: the same
+   forward, stopped at block b, with the blocks before it passing their input through unrun,
+   so that each block gets its own (models alternating sliding-window and full attention hand
+   their layers different masks).
 2. For each block b: forward hooks on every nn.Linear of the block accumulate sum x x^T over
    the non-padding tokens, in float64. Linears reading the same tensor object (q/k/v,
    gate/up) form one input and are counted once, under the module path of the first reader.
@@ -312,6 +313,7 @@ class BlockSession:
             raise QdtkError(f"unknown accumulation {accumulate!r} (float64 or float32)")
         self.model, self.device, self.accumulate = model, device, accumulate
         self.source = source  # the model folder, named when the model's own code fails
+        self._tuple_out: bool | None = None  # whether the blocks return tuples (learnt)
         self.progress = progress
         self.stack, self.blocks = find_blocks(model)
         self.ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))  # [S, L]
@@ -342,15 +344,25 @@ class BlockSession:
         """The block's name in checkpoint naming, e.g. "model.layers.3"."""
         return self.fix(f"{self.stack}.{b}.").rstrip(".")
 
-    # The model's own forward builds the block arguments; the first block's pre-hook stops it.
-    def _entry(self, c: int) -> tuple[tuple, dict]:
+    # The model's own forward builds the block arguments; block b's pre-hook stops it. The
+    # blocks before b return their input unchanged instead of running: their outputs do not
+    # matter, only the arguments the model hands block b (its own attention mask on models that
+    # alternate sliding-window and full attention).
+    def _entry(self, c: int, b: int = 0) -> tuple[tuple, dict]:
         sl = self.chunks[c]
         ids, att = self.ids[sl], attention_mask_for(self.model, self.attention[sl])
 
         def stop(module, args, kwargs):
             raise _Stop(args, kwargs)
 
-        handle = self.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+        def passthrough(*args, **kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            return (h,) if self._tuple_out else h
+
+        assert b == 0 or self._tuple_out is not None, "block 0 runs before the others"
+        handle = self.blocks[b].register_forward_pre_hook(stop, with_kwargs=True)
+        for blk in self.blocks[:b]:
+            blk.forward = passthrough  # an instance attribute shadows the method
         try:
             with own_code_errors(self.model, self.source):
                 try:
@@ -363,9 +375,11 @@ class BlockSession:
             args, kwargs = s.args, dict(s.kwargs)
         else:
             raise QdtkError(f"{type(self.model).__name__}: the forward never reached "
-                            f"{self.stack}.0; cannot capture its blocks")
+                            f"{self.stack}.{b}; cannot capture its blocks")
         finally:
             handle.remove()
+            for blk in self.blocks[:b]:
+                del blk.forward
         for k in _CACHE_KWARGS:
             if k in kwargs:
                 kwargs[k] = None
@@ -379,10 +393,11 @@ class BlockSession:
 
     def _call(self, b: int, c: int):
         """Block b on chunk c's stored hidden states; returns the block's output hidden states."""
-        args, kwargs = self._entry(c)
+        args, kwargs = self._entry(c, b)
         h = self.store[c].to(self.device)
         with own_code_errors(self.model, self.source):
             out = self.blocks[b](h, *_to(args[1:], self.device), **_to(kwargs, self.device))
+        self._tuple_out = isinstance(out, (tuple, list))  # what the model's loop expects back
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def run_block(

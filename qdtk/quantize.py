@@ -75,8 +75,9 @@ class LayerReport:
     compensated: bool
     seconds: float  # end to end; the parts below add up to about it
     seconds_factor: float  # damping + Cholesky of H
-    seconds_sweep: float  # block solves + compensation (+ refinement)
+    seconds_sweep: float  # block solves + compensation
     seconds_solve: float  # of which the block solves (salience weights, DAQ, dequantisation)
+    seconds_refine: float  # the refinement on the full H (0 without)
     seconds_error: float  # the proxy error (tr(W H W^T); tr(D H D^T) too unless the sweep gave it)
 
     def to_dict(self) -> dict[str, Any]:
@@ -312,6 +313,7 @@ def quantize_layer(
 
     t2 = time.perf_counter()
     layer, damped_err = sweep(dev.to_device(W), R, o, solve, compensate, feedback)
+    t_sweep = time.perf_counter()
     if refine is not None:
         from qdtk.refine import refine_layer
 
@@ -338,8 +340,9 @@ def quantize_layer(
         compensated=compensate,
         seconds=time.perf_counter() - t0,
         seconds_factor=t1 - t0,
-        seconds_sweep=t3 - t2,
+        seconds_sweep=t_sweep - t2,
         seconds_solve=solve_time[0],
+        seconds_refine=t3 - t_sweep,
         seconds_error=time.perf_counter() - t3,
     )
     return layer, report

@@ -392,3 +392,24 @@ def test_mask_auto_calibrates_like_use(kind, tiny_bert, tiny_llama, tmp_path, ch
     batch, ident = cap.calibration_batch(path, model, cap.load_tokenizer(path), None, opts)
     assert ident["masked"] is (kind == "mlm")
     assert bool(batch.masked.any()) is (kind == "mlm")
+
+
+def test_each_block_gets_its_own_arguments(tmp_path):
+    """Gemma2 alternates sliding-window and full attention, so its layers get different masks
+    from the model: block-by-block H equals the full forward's on every layer."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, head_dim=8,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                       sliding_window=4, max_position_embeddings=64,
+                       layer_types=["sliding_attention", "full_attention"] * 2)
+    Gemma2ForCausalLM(cfg).save_pretrained(tmp_path)
+    model = cap.load_model(tmp_path)
+    b = _masked(S=4, L=16, real=12)
+    got = _capture_all(_session(model, b.ids, b.attention, tmp_path, chunk_size=2))
+    ref = _reference(model, b.ids, b.attention)
+    modules = dict(model.named_modules())
+    assert len(got) == 16
+    for s in got.values():
+        assert _rel(s.H, ref[modules[s.members[0].removesuffix(".weight")]]) < 1e-6

@@ -1,0 +1,181 @@
+"""The quantize stage at LLaDA-8B and Dream-7B scale: one transformer block of each shape, every
+stage timed for each setting, projected to the whole model.
+
+Blocks (rows x input columns of each Linear; Linears reading one input share its H):
+  llada   q, k, v, attn_out 4096x4096; ff_proj, up_proj 12288x4096; ff_out 4096x12288 (x32)
+  dream   q, o 3584x3584; k, v 512x3584; gate, up 18944x3584; down 3584x18944 (x28)
+  bert4k  six 4096x4096 (the shape of the issue's measurement; x1)
+W is Gaussian / sqrt(m); H = (2/T) X^T X of T correlated activations X = Z A (a decaying
+spectrum, eight outlier channels twenty times larger), T = --tokens (2048 = -n 8 -L 256).
+
+Settings (the options of `qdtk quantize`, budget per layer: the model-scope pre-pass's forwards
+need a model and are timed by --forwards):
+  published  --abmp swap --rho 0.05 --feedback diagonal --refine none
+  none       --abmp knapsack --feedback block --refine none
+  rows       ... --refine rows
+  full       ... --refine full (qdtk's default)
+Per layer: orders (ABMP: the knapsack's per-order group solves), factor (Cholesky of H), sweep
+(block solves + compensation), refine, error (proxy error), pack (bit packing), the process CPU
+seconds, and the peak NumPy memory (tracemalloc). Wall seconds are noisy on a shared machine;
+CPU seconds less so.
+
+    .venv/bin/python bench/bench_scale.py [--blocks llada,dream] [--settings published,full]
+        [--layers 1] [--forwards]
+
+--layers K times only the first K distinct shapes' first Linear and projects the block from
+them (each shape's layers cost alike). --forwards also times a forward of one LLaDA-shaped
+block on 8 x 128 tokens in torch (the model-scope pre-pass runs, per Linear, the blocks from
+its own onward: half the model on average) and projects the pre-pass of each model.
+"""
+
+from __future__ import annotations
+
+# isort: off
+import qdtk  # noqa: F401  (first: it sets OpenBLAS's thread policy before NumPy loads it)
+# isort: on
+
+import argparse
+import time
+import tracemalloc
+
+import numpy as np
+
+from qdtk.pack import pack_layer
+from qdtk.quantize import solve_daq
+
+# name -> ([(role, n, m, input)], blocks in the model)
+BLOCKS = {
+    "llada": ([("q/k/v", 4096, 4096, "attn"), ("q/k/v", 4096, 4096, "attn"),
+               ("q/k/v", 4096, 4096, "attn"), ("attn_out", 4096, 4096, "out"),
+               ("ff/up", 12288, 4096, "ff"), ("ff/up", 12288, 4096, "ff"),
+               ("ff_out", 4096, 12288, "down")], 32),
+    "dream": ([("q", 3584, 3584, "attn"), ("k/v", 512, 3584, "attn"), ("k/v", 512, 3584, "attn"),
+               ("o", 3584, 3584, "out"), ("gate/up", 18944, 3584, "ff"),
+               ("gate/up", 18944, 3584, "ff"), ("down", 3584, 18944, "down")], 28),
+    "bert4k": ([("linear", 4096, 4096, f"x{i}") for i in range(6)], 1),
+}
+SETTINGS = {
+    "published": {"abmp": "swap", "rho": 0.05, "bits": 2, "feedback": "diagonal",
+                  "refine": "none"},
+    "none": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "none"},
+    "rows": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "rows"},
+    "full": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "full"},
+}
+BASE = {"method": "daq", "iters": 15, "tau": 2.0, "lam": 3.0, "percdamp": 0.01,
+        "compensate": True, "refit": True, "backend": "cpu", "budget_scope": "layer",
+        "count": "real", "orders": [1, 2, 3]}
+PARTS = ("orders", "factor", "sweep", "refine", "error", "pack")
+
+
+def activations_H(rng: np.random.Generator, m: int, T: int) -> np.ndarray:
+    """(2/T) X^T X [m, m] float64 of correlated activations X [T, m] with outlier channels."""
+    A = rng.standard_normal((m, m), dtype=np.float32) / np.sqrt(m)
+    Z = rng.standard_normal((T, m), dtype=np.float32)
+    Z *= np.exp(-np.arange(m, dtype=np.float32) / (m / 8))  # decaying spectrum
+    X = Z @ A
+    X[:, rng.choice(m, 8, replace=False)] *= 20
+    return (2.0 / T) * (X.T.astype(np.float64) @ X)
+
+
+def time_layer(W: np.ndarray, H: np.ndarray, options: dict) -> dict:
+    tracemalloc.start()
+    cpu, wall = time.process_time(), time.perf_counter()
+    layer, rep = solve_daq(W, H, options)
+    t = time.perf_counter()
+    pack_layer(layer)
+    parts = {"factor": rep["seconds_factor"], "sweep": rep["seconds_sweep"],
+             "refine": rep["seconds_refine"], "error": rep["seconds_error"],
+             "pack": time.perf_counter() - t}
+    parts["orders"] = max(rep["seconds"] - sum(v for k, v in parts.items() if k != "pack"), 0)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {**parts, "wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
+            "peak": peak, "proxy": rep["proxy_error"], "bits": rep["bits_per_weight"],
+            "weights": W.size}
+
+
+def block_forward_seconds(tokens: int = 1024) -> float:
+    """Seconds of one LLaDA-8B-shaped block (qdtk's native forward, float32) on `tokens`."""
+    import torch
+
+    from qdtk.models.layers import NativeConfig, rotary_tables
+    from qdtk.models.llada import LLaDABlock
+
+    c = NativeConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
+                     intermediate_size=12288, eps=1e-5, norm_bias=False, qkv_bias=False,
+                     include_bias=False)
+    block = LLaDABlock(c).eval()
+    x = torch.randn(tokens // 128, 128, 4096)
+    rope = rotary_tables(torch.arange(128)[None], 128, 500000.0)
+    with torch.inference_mode():
+        block(x, rope)
+        t = time.perf_counter()
+        block(x, rope)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--blocks", default="llada,dream")
+    ap.add_argument("--settings", default="published,none,rows,full")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=0,
+                    help="time the first Linear of each distinct shape only (0: every Linear)")
+    ap.add_argument("--forwards", action="store_true")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    solve_daq(rng.standard_normal((8, 256)).astype(np.float32), np.eye(256),
+              {**BASE, **SETTINGS["full"]})  # compile the kernels outside the timings
+    rows = []
+    for block in args.blocks.split(","):
+        linears, count = BLOCKS[block]
+        if args.layers:
+            seen, chosen = set(), []
+            for lin in linears:
+                if (lin[1], lin[2]) not in seen:
+                    seen.add((lin[1], lin[2]))
+                    chosen.append(lin)
+            chosen = chosen[: args.layers] if args.layers < len(chosen) else chosen
+        else:
+            chosen = linears
+        Hs = {}
+        for setting in args.settings.split(","):
+            per_shape: dict[tuple, dict] = {}
+            for role, n, m, inp in chosen:
+                if inp not in Hs:
+                    Hs[inp] = activations_H(np.random.default_rng(hash(inp) % 2**32), m,
+                                            args.tokens)
+                W = (np.random.default_rng(n * m).standard_normal((n, m), dtype=np.float32)
+                     / np.sqrt(m))
+                r = time_layer(W, Hs[inp], {**BASE, **SETTINGS[setting], "name": role})
+                per_shape.setdefault((n, m), r)
+                print(f"  {block:6} {setting:9} {role:8} {n}x{m}: wall {r['wall']:.1f} s, "
+                      f"cpu {r['cpu']:.1f} s, proxy {r['proxy']:.4f}", flush=True)
+            # the block: every Linear costs as the measured one of its shape
+            total = {k: sum(per_shape[(n, m)][k] for _, n, m, _ in linears)
+                     for k in (*PARTS, "wall", "cpu")}
+            proxies = [per_shape[(n, m)]["proxy"] for _, n, m, _ in linears]
+            weights = sum(n * m for _, n, m, _ in linears)
+            bits = sum(per_shape[(n, m)]["bits"] * n * m for _, n, m, _ in linears) / weights
+            peak = max(r["peak"] for r in per_shape.values())
+            rows.append((block, setting, total, float(np.median(proxies)), bits, peak, count))
+    print("\n| block | setting | " + " | ".join(PARTS) + " | block wall (s) | block cpu (s) "
+          "| median proxy | bits/w | peak MiB | model (h, wall) |")
+    print("|" + "---|" * (len(PARTS) + 9))
+    for block, setting, t, proxy, bits, peak, count in rows:
+        print(f"| {block} | {setting} | " + " | ".join(f"{t[p]:.1f}" for p in PARTS)
+              + f" | {t['wall']:.1f} | {t['cpu']:.1f} | {proxy:.4f} | {bits:.3f} | "
+              f"{peak / 2**20:,.0f} | {t['wall'] * count / 3600:.2f} |")
+    if args.forwards:
+        f = block_forward_seconds()
+        print(f"\none LLaDA-shaped block forward on 8 x 128 tokens: {f:.2f} s; the model-scope "
+              f"pre-pass runs about n_layers/2 blocks per Linear:")
+        for block, (linears, count) in BLOCKS.items():
+            if count > 1:
+                hours = len(linears) * count * (count / 2) * f / 3600
+                print(f"  {block}: {len(linears) * count} Linears x {count / 2:.0f} blocks "
+                      f"= {hours:.1f} h of forwards on this CPU")
+
+
+if __name__ == "__main__":
+    main()
