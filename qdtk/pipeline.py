@@ -233,8 +233,8 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
                 return new
 
             sequential_block(session, b, sequential_steps(names), solve)
-            write_solution_block(quant / file, solutions, fp)
-            report.add_block(session.block_name(b), file, fp, names)
+            sha = write_solution_block(quant / file, solutions, fp)
+            report.add_block(session.block_name(b), file, fp, names, sha)
     finally:
         session.close()
     return report.finish()
