@@ -29,6 +29,7 @@ from qdtk.errors import QdtkError, os_fault
 from qdtk.io import (
     Recorded,
     atomic_path,
+    clean_stale_temporaries,
     fingerprint,
     hash_bytes,
     new_hash,
@@ -100,7 +101,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
                 raise QdtkError(f"{path}: bad header length {n} for a file of {size} bytes")
             raw = f.read(n)
     except FileNotFoundError:
-        raise QdtkError(f"{path}: shard file is missing") from None
+        raise QdtkError(f"{path}: file not found (removed while qdtk ran?)") from None
     except OSError as e:
         raise os_fault(e, path) from e
     try:
@@ -346,6 +347,7 @@ class CheckpointWriter:
             self.folder.mkdir(parents=True, exist_ok=True)
             for stale in self.folder.glob("*.partial"):  # left by a killed writer
                 stale.unlink()
+        clean_stale_temporaries(self.folder)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = metadata or {"format": "pt"}
         self._pending: dict[str, np.ndarray] = {}

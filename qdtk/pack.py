@@ -544,6 +544,7 @@ def _check_blocks(quant: Path, report: dict, ckpt: Checkpoint) -> tuple[list[Pat
         path = quant / block["file"]
         if not path.is_file():
             raise QdtkError(f"{quant / REPORT}: block file {block['file']!r} is missing")
+        read_header(path)  # a damaged file is named as such, not as another run's
         fp = block.get("fingerprint")
         if fp is not None and solution_fingerprint(path) != fp:
             raise QdtkError(
