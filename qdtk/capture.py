@@ -666,6 +666,7 @@ def capture(
         offload=offload, accumulate=opts.accumulate, ckpt_names=ckpt_names, progress=progress,
     )
     try:
+        writer.check_space(session.estimate_bytes())
         hidden = batch.ids.size * model.config.to_dict().get("hidden_size", 0) * \
             session.store[0].element_size()
         echo(f"{len(batch.t)} sequences x {opts.L} tokens ({batch.tokens} counted, "

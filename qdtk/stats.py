@@ -43,7 +43,7 @@ from qdtk.io import (
     warn_unhashed,
     write_json_atomic,
 )
-from qdtk.validate import check_finite
+from qdtk.validate import check_finite, check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,11 @@ class StatsWriter:
                 ) == len(old.get("blocks", []))
             else:
                 log.info("%s: statistics of other inputs or options; starting afresh", path)
+
+    def check_space(self, need: int) -> None:
+        """Before the first block: room for `need` bytes of statistics, less those kept."""
+        kept = sum((self.folder / b["file"]).stat().st_size for b in self.manifest["blocks"])
+        check_free_space(self.folder, need - kept, "capture")
 
     @property
     def complete(self) -> bool:

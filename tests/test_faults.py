@@ -286,6 +286,18 @@ def test_unwritable_output_is_one_line(ref, tmp_path, monkeypatch, err, what):
     assert not list(out.glob("*.safetensors"))
 
 
+def test_an_os_error_no_stage_named_is_one_line(ref, tmp_path, monkeypatch):
+    import qdtk.pack as pack_mod
+
+    def fails(*a, **k):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "/data/model/model.safetensors")
+
+    monkeypatch.setattr(pack_mod, "pack_checkpoint", fails)
+    line = error_line(qdtk(*stage_args(ref, "pack", tmp_path / "p"), code=1))
+    assert line == "Error: /data/model/model.safetensors: input/output error; check the disk " \
+        "and rerun (finished outputs are kept, the rerun resumes)"
+
+
 def test_a_file_vanishing_mid_run_is_named(ref, tmp_path, monkeypatch):
     import qdtk.quantize as quantize_mod
 
@@ -311,7 +323,7 @@ def test_a_file_vanishing_mid_run_is_named(ref, tmp_path, monkeypatch):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["block_0000.safetensors"]
 
 
-@pytest.mark.parametrize("stage", ["quantize", "pack", "unpack"])
+@pytest.mark.parametrize("stage", ["capture", "quantize", "pack", "unpack"])
 def test_too_little_free_space_is_found_before_writing(ref, tmp_path, monkeypatch, stage):
     import qdtk.validate as validate_mod
 
@@ -322,7 +334,7 @@ def test_too_little_free_space_is_found_before_writing(ref, tmp_path, monkeypatc
     assert re.fullmatch(rf"Error: {re.escape(str(out))}: {stage} needs about [\d.]+ MiB, but its "
                         r"filesystem has 0\.0 MiB free; free space there or choose another "
                         r"output folder", line), line
-    assert not out.exists()
+    assert not list(out.glob("*")) if stage == "capture" else not out.exists()
 
 
 @pytest.fixture
