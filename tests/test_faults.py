@@ -98,42 +98,59 @@ def assert_nothing_partial(folder: Path) -> None:
 
 # ----------------------------------------------------------------------------- kill -9
 
-DRIVER = r'''
-import os, signal, sys
-n, mode = int(sys.argv[1]), sys.argv[2]
-count = [0]
-
-def hit():
-    count[0] += 1
-    return count[0] == n
-
-if mode == "rename":  # killed just before the nth rename of a finished temporary
-    real_replace = os.replace
-    def replace(src, dst, *a, **k):
-        if hit():
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_replace(src, dst, *a, **k)
-    os.replace = replace
-else:  # "write": killed inside the nth safetensors file, its header written, its data not
+def write_opener(nth: int, fault, at_open: bool = False):
+    """An `open` for qdtk.checkpoint under which the nth file it writes calls `fault()`: at
+    its opening, or (as a full disk or a kill does) at its second write, its header written."""
     import builtins
-    import qdtk.checkpoint as ck
-    class Dying:
+
+    count = [0]
+
+    class Faulty:
         def __init__(self, f):
             self.f, self.writes = f, 0
+
         def __enter__(self):
             return self
+
         def __exit__(self, *exc):
             self.f.close()
+
         def write(self, b):
             self.writes += 1
             if self.writes == 2:
                 self.f.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
+                fault()
             return self.f.write(b)
+
     def opener(path, mode="r", *a, **k):
-        f = builtins.open(path, mode, *a, **k)
-        return Dying(f) if mode == "wb" and hit() else f
-    ck.open = opener
+        hit = False
+        if mode == "wb":
+            count[0] += 1
+            hit = count[0] == nth
+        if hit and at_open:
+            fault(path)
+        f = builtins.open(path, mode, *a, **k)  # noqa: SIM115 (the caller's with closes it)
+        return Faulty(f) if hit else f
+
+    return opener
+
+
+DRIVER = r'''
+import os, signal, sys
+n, mode = int(sys.argv[1]), sys.argv[2]
+kill = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+if mode == "rename":  # killed just before the nth rename of a finished temporary
+    count, real_replace = [0], os.replace
+    def replace(src, dst, *a, **k):
+        count[0] += 1
+        if count[0] == n:
+            kill()
+        return real_replace(src, dst, *a, **k)
+    os.replace = replace
+else:  # "write": killed inside the nth safetensors file, its header written, its data not
+    import qdtk.checkpoint
+    from tests.test_faults import write_opener
+    qdtk.checkpoint.open = write_opener(n, kill)
 from qdtk.cli.main import cli
 cli(sys.argv[3:], prog_name="qdtk")
 '''
@@ -143,8 +160,10 @@ def killed(tmp_path: Path, n: int, mode: str, *args) -> None:
     """Run `qdtk ARGS` in a subprocess that kill -9s itself at the nth rename or write."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    r = subprocess.run([sys.executable, str(driver), str(n), mode, *map(str, args)],
-                       capture_output=True, text=True, timeout=300)
+    root = Path(__file__).resolve().parents[1]  # the driver imports tests.test_faults
+    r = subprocess.run([sys.executable, str(driver), str(n), mode, *map(str, args)], cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == -9, r.stderr[-2000:]
 
 
@@ -202,37 +221,11 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(ref, tmp_path, case):
 
 
 def failing_writes(monkeypatch, nth: int, err: int, at_open: bool = False) -> None:
-    """The nth safetensors file qdtk writes fails with OSError `err`: when opened, or (as a
-    full disk does) after its header is written."""
-    import builtins
+    """The nth safetensors file qdtk writes fails with OSError `err` (write_opener)."""
+    def fault(path=None):
+        raise OSError(err, os.strerror(err), *([str(path)] if path else []))
 
-    count = [0]
-
-    class Failing:
-        def __init__(self, f):
-            self.f, self.writes = f, 0
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, b):
-            self.writes += 1
-            if self.writes == 2:
-                raise OSError(err, os.strerror(err))
-            return self.f.write(b)
-
-    def opener(path, mode="r", *a, **k):
-        if mode == "wb":
-            count[0] += 1
-            if count[0] == nth and at_open:
-                raise OSError(err, os.strerror(err), str(path))
-        f = builtins.open(path, mode, *a, **k)  # noqa: SIM115 (the caller's with closes it)
-        return Failing(f) if mode == "wb" and count[0] == nth else f
-
-    monkeypatch.setattr(checkpoint_mod, "open", opener, raising=False)
+    monkeypatch.setattr(checkpoint_mod, "open", write_opener(nth, fault, at_open), raising=False)
 
 
 # stage: (its command, the file that fails, the reference output)
@@ -396,9 +389,11 @@ def test_non_finite_weight_is_named_before_any_solve(ref, tmp_path, value, name)
                          "value)")
 
 
-def restat(stats: Path, file: str, edit) -> None:
-    """Rewrite a statistics file edited, with the manifest's hash updated to match (damage the
-    content hash cannot see: a capture that wrote NaN)."""
+def restat(ref, tmp_path: Path, file: str, edit) -> Path:
+    """A copy of the reference statistics with one file rewritten edited, and the manifest's
+    hash updated to match (damage the content hash cannot see: a capture that wrote NaN)."""
+    stats = tmp_path / "stats"
+    shutil.copytree(ref["stats"], stats)
     t, meta = read_safetensors(stats / file)
     edit(t)
     sha = write_safetensors(stats / file, t, meta)
@@ -407,34 +402,35 @@ def restat(stats: Path, file: str, edit) -> None:
         if block["file"] == file:
             block["sha256"] = sha
     write_json_atomic(stats / "manifest.json", manifest)
+    return stats
+
+
+def quantize_fails(ref, stats: Path, out: Path) -> str:
+    """The error line of `qdtk quantize` with these statistics; it wrote nothing."""
+    line = error_line(qdtk("quantize", ref["model"], "--stats", stats, "--out", out, *QUANT,
+                           code=1))
+    assert not out.exists()
+    return line
 
 
 @pytest.mark.parametrize("value,name", [(np.nan, "NaN"), (np.inf, "Inf")])
 def test_non_finite_statistic_is_named_before_any_solve(ref, tmp_path, value, name):
-    stats = tmp_path / "stats"
-    shutil.copytree(ref["stats"], stats)
     key = "model.layers.1.mlp.down_proj"
-    restat(stats, "block_0001.safetensors", lambda t: t[key].__setitem__((5, 2), value))
-    out = tmp_path / "q"
-    line = error_line(qdtk("quantize", ref["model"], "--stats", stats, "--out", out, *QUANT,
-                           code=1))
+    stats = restat(ref, tmp_path, "block_0001.safetensors",
+                   lambda t: t[key].__setitem__((5, 2), value))
+    line = quantize_fails(ref, stats, tmp_path / "q")
     assert line == f"Error: {stats}/block_0001.safetensors: statistic '{key}' has {name} at " \
         "index [5, 2] (the first of 1 non-finite value)"
-    assert not out.exists()
     assert line[len("Error: "):] in error_line(qdtk("inspect", "--verify", stats, code=1))
 
 
 def test_statistics_of_another_model_are_refused(ref, tmp_path):
-    stats = tmp_path / "stats"
-    shutil.copytree(ref["stats"], stats)
     key = "model.layers.0.mlp.down_proj"
-    restat(stats, "block_0000.safetensors", lambda t: t.update({key: t[key][:100, :100]}))
-    out = tmp_path / "q"
-    line = error_line(qdtk("quantize", ref["model"], "--stats", stats, "--out", out, *QUANT,
-                           code=1))
+    stats = restat(ref, tmp_path, "block_0000.safetensors",
+                   lambda t: t.update({key: t[key][:100, :100]}))
+    line = quantize_fails(ref, stats, tmp_path / "q")
     assert line == f"Error: {stats}/block_0000.safetensors: statistic '{key}' has shape " \
         "[100, 100], but 'model.layers.0.mlp.down_proj.weight' has 192 input columns"
-    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------- damaged files
