@@ -706,6 +706,11 @@ def check_inputs(ckpt: Any, stats: Any, selected: Sequence[str], progress: bool 
                             f"Linear weights can be quantized")
         check_finite(ckpt.read(w), f"{info.file}: tensor {w!r}")
     stats.verify({w: ckpt.info(w).shape[1] for w in selected})
+    captured = stats.manifest.get("model") or {}
+    if captured.get("fingerprint") not in (None, ckpt.fingerprint()):
+        log.warning("%s: captured from %s, whose fingerprint differs from %s's: the shapes "
+                    "fit, but the statistics may be of another model", stats.folder,
+                    captured.get("path"), ckpt.folder)
 
 
 def solution_bytes(shape: Sequence[int], options: Mapping[str, Any]) -> int:

@@ -267,16 +267,21 @@ def test_no_space_is_one_line_and_the_rerun_resumes(ref, tmp_path, monkeypatch, 
         assert all(got[k] == v for k, v in expected.items() if k.endswith(".safetensors"))
 
 
-@pytest.mark.parametrize("err,what", [
-    (errno.EACCES, "permission denied; make it writable/readable"),
-    (errno.EROFS, "read-only file system; write to another folder"),
+FIRST_FILE = {"capture": "block_0000.safetensors", "quantize": "block_0000.safetensors",
+              "pack": "shard-00001.safetensors.partial",
+              "unpack": "shard-00001.safetensors.partial"}
+
+
+@pytest.mark.parametrize("stage,err,what", [
+    *((s, errno.EACCES, "permission denied; make it writable/readable") for s in FIRST_FILE),
+    ("quantize", errno.EROFS, "read-only file system; write to another folder"),
 ])
-def test_unwritable_output_is_one_line(ref, tmp_path, monkeypatch, err, what):
-    out = tmp_path / "q"
+def test_unwritable_output_is_one_line(ref, tmp_path, monkeypatch, stage, err, what):
+    out = tmp_path / stage
     failing_writes(monkeypatch, 1, err, at_open=True)
-    line = error_line(qdtk(*stage_args(ref, "quantize", out), code=1))
-    assert line.startswith(f"Error: {out}/block_0000.safetensors: {what}"), line
-    assert not list(out.glob("*.safetensors"))
+    line = error_line(qdtk(*stage_args(ref, stage, out), code=1))
+    assert line.startswith(f"Error: {out}/{FIRST_FILE[stage]}: {what}"), line
+    assert not list(out.glob("*.safetensors")) and not (out / "config.json").exists()
 
 
 def test_an_os_error_no_stage_named_is_one_line(ref, tmp_path, monkeypatch):
@@ -431,6 +436,17 @@ def test_statistics_of_another_model_are_refused(ref, tmp_path):
     line = quantize_fails(ref, stats, tmp_path / "q")
     assert line == f"Error: {stats}/block_0000.safetensors: statistic '{key}' has shape " \
         "[100, 100], but 'model.layers.0.mlp.down_proj.weight' has 192 input columns"
+
+
+def test_statistics_of_a_model_with_the_same_shapes_are_a_warning(ref, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(ref["model"], model)
+    t, meta = read_safetensors(model / "model.safetensors")
+    write_safetensors(model / "model.safetensors", t, {**meta, "saved_by": "another tool"})
+    output = qdtk("quantize", model, "--stats", ref["stats"], "--out", tmp_path / "q", *QUANT)
+    assert f"WARNING qdtk.quantize: {ref['stats']}: captured from {ref['model']}, whose " \
+        f"fingerprint differs from {model}'s: the shapes fit, but the statistics may be of " \
+        "another model" in output
 
 
 # ----------------------------------------------------------------------------- damaged files
