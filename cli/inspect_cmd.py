@@ -96,11 +96,11 @@ def verify_folder(folder: str) -> str:
     the first bad one. Returns what was checked, in words."""
     from pathlib import Path
 
-    from qdtk.checkpoint import FLOAT_CODES, Checkpoint
+    from qdtk.checkpoint import Checkpoint
     from qdtk.pack import is_packed, read_quantization_config, verify_packed
     from qdtk.solution import REPORT, verify_solutions
     from qdtk.stats import MANIFEST, Stats
-    from qdtk.validate import check_finite
+    from qdtk.validate import check_tensors_finite
 
     if is_packed(folder):
         ckpt = Checkpoint(folder)
@@ -112,9 +112,7 @@ def verify_folder(folder: str) -> str:
     if (Path(folder) / REPORT).is_file():
         return f"{verify_solutions(folder)} solution file(s): content hashes and layers"
     ckpt = Checkpoint(folder)  # an ordinary model: headers, and every float tensor finite
-    for name, info in ckpt.tensors.items():
-        if info.dtype in FLOAT_CODES:
-            check_finite(ckpt.read(name), f"{info.file}: tensor {name!r}")
+    check_tensors_finite(ckpt)
     return f"{len(ckpt.files)} model file(s): headers, every floating tensor finite"
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from qdtk.errors import QdtkError
 from qdtk.mcs import MaskedBatch, MaskOptions, cut_windows, mask_batch, resolve_mask_token_id
 from qdtk.stats import InputStat, StatsWriter, hessian_from_sums
+from qdtk.validate import check_model_finite
 
 log = logging.getLogger(__name__)
 
@@ -650,6 +651,7 @@ def capture(
     opts = opts or CaptureOptions()
     out = Path(out)
     model_fp, ckpt_names = model_fingerprint(model_path)
+    check_model_finite(model_path)  # a NaN weight is named before the forwards spread it
     model = load_model(model_path, opts.dtype, "cpu", opts.trust_remote_code)
     tokenizer = load_tokenizer(model_path, opts.trust_remote_code)
     batch, ident = calibration_batch(model_path, model, tokenizer, calib, opts)

@@ -37,6 +37,7 @@ from qdtk.checkpoint import (
 )
 from qdtk.errors import QdtkError
 from qdtk.io import Recorded, fingerprint, read_json, warn_unhashed, write_json_atomic
+from qdtk.solution import FORMAT as QUANT_FORMAT
 from qdtk.solution import (
     REPORT,
     AffineLayer,
@@ -45,7 +46,6 @@ from qdtk.solution import (
     read_report,
     read_solution_block,
     recorded_hash,
-    solution_fingerprint,
 )
 from qdtk.validate import check_free_space
 
@@ -544,9 +544,9 @@ def _check_blocks(quant: Path, report: dict, ckpt: Checkpoint) -> tuple[list[Pat
         path = quant / block["file"]
         if not path.is_file():
             raise QdtkError(f"{quant / REPORT}: block file {block['file']!r} is missing")
-        read_header(path)  # a damaged file is named as such, not as another run's
+        _, meta = read_header(path)  # a damaged file is named as such
         fp = block.get("fingerprint")
-        if fp is not None and solution_fingerprint(path) != fp:
+        if fp is not None and (meta.get("format"), meta.get("fingerprint")) != (QUANT_FORMAT, fp):
             raise QdtkError(
                 f"{path}: its fingerprint does not match {quant / REPORT}; rerun quantize"
             )
@@ -554,7 +554,7 @@ def _check_blocks(quant: Path, report: dict, ckpt: Checkpoint) -> tuple[list[Pat
         if recorded is not None:
             recorded.check(path)
         try:
-            layers = json.loads(read_header(path)[1]["layers"])
+            layers = json.loads(meta["layers"])
             shapes = {w: tuple(info["shape"]) for w, info in layers.items()}
         except (KeyError, TypeError, ValueError):
             raise QdtkError(f"{path}: header metadata has no valid 'layers' entry") from None

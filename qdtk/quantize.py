@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numba import njit, prange
@@ -41,7 +41,7 @@ from scipy.linalg import lapack
 from qdtk import abmp
 from qdtk.backend import CPU, array_module, get_backend, to_host
 from qdtk.bits import bcq_bits, group_slices
-from qdtk.checkpoint import FLOAT_CODES
+from qdtk.checkpoint import FLOAT_CODES, Checkpoint
 from qdtk.daq import error_weights, solve_block
 from qdtk.errors import QdtkError
 from qdtk.hessian import PreparedHessian, all_finite, prepare_hessian, salience
@@ -55,7 +55,10 @@ from qdtk.solution import (
     solution_fingerprint,
     write_solution_block,
 )
-from qdtk.validate import check_finite, check_free_space
+from qdtk.validate import check_free_space, check_tensors_finite
+
+if TYPE_CHECKING:
+    from qdtk.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -623,7 +626,6 @@ def quantize_model(
     """
     from tqdm.auto import tqdm
 
-    from qdtk.checkpoint import Checkpoint
     from qdtk.stats import Stats
 
     check_options(options)
@@ -693,18 +695,17 @@ def quantize_model(
     return report.finish()
 
 
-def check_inputs(ckpt: Any, stats: Any, selected: Sequence[str], progress: bool = True) -> None:
+def check_inputs(ckpt: Checkpoint, stats: Stats, selected: Sequence[str],
+                 progress: bool = True) -> None:
     """What the solves will read, checked before the first one: every weight a floating tensor
     with finite values, every statistic it reads intact (content hash), finite and of its
     size. One read of each; errors name the file, the tensor and the first bad index."""
-    from tqdm.auto import tqdm
-
-    for w in tqdm(selected, desc="check weights", unit="layer", disable=not progress):
+    for w in selected:
         info = ckpt.info(w)
         if info.dtype not in FLOAT_CODES:
             raise QdtkError(f"{info.file}: tensor {w!r} is {info.dtype}; only floating-point "
                             f"Linear weights can be quantized")
-        check_finite(ckpt.read(w), f"{info.file}: tensor {w!r}")
+    check_tensors_finite(ckpt, selected, progress)
     stats.verify({w: ckpt.info(w).shape[1] for w in selected})
     captured = stats.manifest.get("model") or {}
     if captured.get("fingerprint") not in (None, ckpt.fingerprint()):
@@ -720,7 +721,8 @@ def solution_bytes(shape: Sequence[int], options: Mapping[str, Any]) -> int:
     G = len(group_slices(m))
     if _opt(options, "method") != "daq":
         return n * m + 4 * n * G
-    K = max(abmp.check_orders(_opt(options, "orders")))
+    # knapsack: the allowed orders; none/swap: --bits planes, swap moving groups one up
+    K = max(*abmp.check_orders(_opt(options, "orders")), int(float(_opt(options, "bits") or 0)) + 1)
     return K * (n * -(-m // 8) + 2 * G * n + 2 * m) + G
 
 

@@ -220,6 +220,8 @@ class Stats:
         H = self._load(block).get(inp["key"])
         if H is None:
             raise QdtkError(f"{path}: missing statistic {inp['key']!r}")
+        if H.dtype != np.float32:
+            raise QdtkError(f"{path}: statistic {inp['key']!r} is {H.dtype}, expected float32")
         m = inp["dim"]
         if H.shape != (m, m) or (dim is not None and dim != m):
             reader = f"{weight!r} has {dim if dim is not None else m}" if weight else \

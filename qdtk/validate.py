@@ -7,10 +7,12 @@ bad index), raised before the stage has solved or written anything.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from qdtk.checkpoint import FLOAT_CODES, Checkpoint
 from qdtk.errors import QdtkError
 from qdtk.hessian import all_finite
 
@@ -36,6 +38,24 @@ def check_finite(A: np.ndarray, where: str) -> None:
         name = "NaN" if np.isnan(value) else ("Inf" if value > 0 else "-Inf")
         raise QdtkError(f"{where} has {name} at index {list(index)} (the first of {count} "
                         f"non-finite value{'s' if count > 1 else ''})")
+
+
+def check_tensors_finite(ckpt: Checkpoint, names: Iterable[str] | None = None,
+                         progress: bool = False) -> None:
+    """Every floating tensor of `ckpt` among `names` (default: all) is finite; one read each."""
+    from tqdm.auto import tqdm
+
+    names = ckpt.names() if names is None else list(names)
+    for name in tqdm(names, desc="check weights", unit="tensor", disable=not progress):
+        info = ckpt.info(name)
+        if info.dtype in FLOAT_CODES:
+            check_finite(ckpt.read(name), f"{info.file}: tensor {name!r}")
+
+
+def check_model_finite(model: str | Path) -> None:
+    """Every floating tensor of a checkpoint folder is finite (a GGUF file is not checked)."""
+    if Path(model).is_dir():
+        check_tensors_finite(Checkpoint(model), progress=True)
 
 
 def free_bytes(folder: str | Path) -> int:

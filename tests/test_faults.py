@@ -381,7 +381,7 @@ def model_with(ref, tmp_path, name: str, index: tuple, value: float) -> Path:
 
 
 @pytest.mark.parametrize("value,name", [(np.nan, "NaN"), (np.inf, "Inf"), (-np.inf, "-Inf")])
-def test_non_finite_weight_is_named_before_any_solve(ref, tmp_path, value, name):
+def test_non_finite_weight_is_named_before_any_solve_or_forward(ref, tmp_path, value, name):
     model = model_with(ref, tmp_path, K, (3, 17), value)
     out = tmp_path / "q"
     # the default, model-wide budget: found before its pre-pass runs the model
@@ -389,9 +389,10 @@ def test_non_finite_weight_is_named_before_any_solve(ref, tmp_path, value, name)
     assert line == f"Error: {model}/model.safetensors: tensor '{K}' has {name} at index " \
         "[3, 17] (the first of 1 non-finite value)"
     assert not out.exists()
-    line = error_line(qdtk("inspect", "--verify", model, code=1))
-    assert line.endswith(f"tensor '{K}' has {name} at index [3, 17] (the first of 1 non-finite "
-                         "value)")
+    for args in (["inspect", "--verify", model], ["capture", model, "--out", tmp_path / "s"],
+                 ["run", model, "--sequential", "--out", tmp_path / "r", *QUANT]):
+        assert error_line(qdtk(*args, code=1)) == line, args  # before any forward
+    assert not list(tmp_path.glob("[sr]/**/*.safetensors"))
 
 
 def restat(ref, tmp_path: Path, file: str, edit) -> Path:
@@ -429,13 +430,21 @@ def test_non_finite_statistic_is_named_before_any_solve(ref, tmp_path, value, na
     assert line[len("Error: "):] in error_line(qdtk("inspect", "--verify", stats, code=1))
 
 
-def test_statistics_of_another_model_are_refused(ref, tmp_path):
-    key = "model.layers.0.mlp.down_proj"
-    stats = restat(ref, tmp_path, "block_0000.safetensors",
-                   lambda t: t.update({key: t[key][:100, :100]}))
+SD = "model.layers.0.mlp.down_proj"
+BAD_STATISTIC = {  # of another model, or not what capture writes
+    "shape": (lambda t: t.update({SD: t[SD][:100, :100]}),
+              f"statistic '{SD}' has shape [100, 100], but '{SD}.weight' has 192 input columns"),
+    "dtype": (lambda t: t.update({SD: t[SD].astype(np.float16)}),
+              f"statistic '{SD}' is float16, expected float32"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_STATISTIC)
+def test_a_statistic_that_does_not_fit_is_refused(ref, tmp_path, case):
+    edit, message = BAD_STATISTIC[case]
+    stats = restat(ref, tmp_path, "block_0000.safetensors", edit)
     line = quantize_fails(ref, stats, tmp_path / "q")
-    assert line == f"Error: {stats}/block_0000.safetensors: statistic '{key}' has shape " \
-        "[100, 100], but 'model.layers.0.mlp.down_proj.weight' has 192 input columns"
+    assert line == f"Error: {stats}/block_0000.safetensors: {message}"
 
 
 def test_statistics_of_a_model_with_the_same_shapes_are_a_warning(ref, tmp_path):
