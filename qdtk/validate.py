@@ -72,6 +72,14 @@ def check_free_space(folder: str | Path, need: int, what: str) -> None:
     free = free_bytes(folder)
     if need * SPACE_MARGIN > free:
         raise QdtkError(
-            f"{folder}: {what} needs about {need / 2**20:,.1f} MiB, but its filesystem has "
-            f"{free / 2**20:,.1f} MiB free; free space there or choose another output folder"
+            f"{folder}: {what} needs about {size_text(need)}, but its filesystem has "
+            f"{size_text(free)} free; free space there or choose another output folder"
         )
+
+
+def size_text(n: int) -> str:
+    """Bytes in words: '812 bytes', '93.4 KiB', '1.2 GiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"

@@ -329,8 +329,8 @@ def test_too_little_free_space_is_found_before_writing(ref, tmp_path, monkeypatc
                         lambda p: shutil._ntuple_diskusage(2**30, 2**30 - 1000, 1000))
     out = tmp_path / stage
     line = error_line(qdtk(*stage_args(ref, stage, out), code=1))
-    assert re.fullmatch(rf"Error: {re.escape(str(out))}: {stage} needs about [\d.]+ MiB, but its "
-                        r"filesystem has 0\.0 MiB free; free space there or choose another "
+    assert re.fullmatch(rf"Error: {re.escape(str(out))}: {stage} needs about [\d.]+ KiB, but its "
+                        r"filesystem has 1000 bytes free; free space there or choose another "
                         r"output folder", line), line
     assert not list(out.glob("*")) if stage == "capture" else not out.exists()
 
@@ -353,7 +353,7 @@ def test_a_real_full_and_read_only_disk(ref, tiny_tmpfs, monkeypatch):
     out = tiny_tmpfs / "packed"
     (tiny_tmpfs / "filler").write_bytes(b"\0" * 200 * 2**10)
     line = error_line(qdtk(*stage_args(ref, "pack", out), code=1))
-    assert "pack needs about" in line and "MiB free" in line  # the check before writing
+    assert "pack needs about" in line and "KiB free" in line  # the check before writing
     monkeypatch.setattr(pack_mod, "check_free_space", lambda *a: None)  # the kernel's ENOSPC
     line = error_line(qdtk(*stage_args(ref, "pack", out), code=1))
     assert re.match(rf"Error: {re.escape(str(out))}/\S+: no space left on device;", line), line
