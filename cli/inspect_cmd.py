@@ -91,6 +91,31 @@ def describe(folder: str, include=(), exclude=()) -> dict:
     }
 
 
+def verify_folder(folder: str) -> str:
+    """Check every file of a packed, statistics, solution or model folder; a QdtkError names
+    the first bad one. Returns what was checked, in words."""
+    from pathlib import Path
+
+    from qdtk.checkpoint import Checkpoint
+    from qdtk.pack import is_packed, read_quantization_config, verify_packed
+    from qdtk.solution import REPORT, verify_solutions
+    from qdtk.stats import MANIFEST, Stats
+    from qdtk.validate import check_tensors_finite
+
+    if is_packed(folder):
+        ckpt = Checkpoint(folder)
+        verify_packed(folder, read_quantization_config(folder), ckpt)
+        return f"{len(ckpt.files)} packed shard(s): content hashes and every module's tensors"
+    if (Path(folder) / MANIFEST).is_file():
+        n = Stats(folder, require_complete=False).verify()
+        return f"{n} statistics file(s): content hashes, shapes, finiteness"
+    if (Path(folder) / REPORT).is_file():
+        return f"{verify_solutions(folder)} solution file(s): content hashes and layers"
+    ckpt = Checkpoint(folder)  # an ordinary model: headers, and every float tensor finite
+    check_tensors_finite(ckpt)
+    return f"{len(ckpt.files)} model file(s): headers, every floating tensor finite"
+
+
 def _mb(x: int) -> str:
     return f"{x / 2**20:,.1f} MiB"
 
@@ -121,7 +146,10 @@ def _show_packed(d: dict, as_json: bool) -> None:
 @include_option
 @exclude_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of text.")
-def inspect(model_dir: str, include, exclude, as_json: bool) -> None:
+@click.option("--verify", is_flag=True,
+              help="Check every file instead: content hashes (packed, statistics and solution "
+              "folders) and formats; of a model folder, that every float tensor is finite.")
+def inspect(model_dir: str, include, exclude, as_json: bool, verify: bool) -> None:
     """Show the tensors of MODEL_DIR, the Linears qdtk would quantize, and the size at 2 bits.
 
     For a packed checkpoint (qdtk pack): bits per weight per module and overall, and the size
@@ -129,8 +157,15 @@ def inspect(model_dir: str, include, exclude, as_json: bool) -> None:
 
     The 2-bit size counts the scales honestly (order 2 per 128-column group, float16 row and
     column scales per plane) and keeps every other tensor as it is.
+
+    With --verify MODEL_DIR may also be a statistics (capture) or solution (quantize) folder;
+    a damaged file is an error naming it (exit code 1).
     """
     from qdtk.pack import is_packed
+
+    if verify:
+        click.echo(f"{model_dir}: verified {verify_folder(model_dir)}")
+        return
 
     if is_packed(model_dir):
         _show_packed(describe_packed(model_dir), as_json)

@@ -12,7 +12,7 @@ import sys
 import click
 
 from qdtk import __version__
-from qdtk.errors import QdtkError
+from qdtk.errors import QdtkError, os_error_message
 
 # Commands registered lazily: name -> "module:attribute" inside qdtk.cli.
 COMMANDS = {
@@ -57,6 +57,10 @@ class QdtkGroup(click.Group):
             return super().invoke(ctx)
         except QdtkError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # one the stages did not name: where, what, what to do
+            if ctx.meta.get(VERBOSE_KEY, 0) > 0:
+                raise
+            raise click.ClickException(os_error_message(e)) from None
         except KeyboardInterrupt:
             click.echo("Interrupted; finished outputs are kept, rerun to resume.", err=True)
             sys.exit(130)

@@ -39,6 +39,7 @@ def allocate_orders(
     exclude: Sequence[str] = (),
     progress: bool = True,
     output_change: Callable[[str, np.ndarray], float] | None = None,
+    stats: Any = None,
 ) -> dict[str, Any]:
     """{"fingerprint", "bits" (the budget), "count", "bits_per_weight" (real, reached),
     "weighted_predicted_error", "layers": {name: {"orders", "predicted_error", "sensitivity"}}},
@@ -52,7 +53,8 @@ def allocate_orders(
     from qdtk.stats import Stats
 
     opts = {k: options.get(k, DEFAULTS[k]) for k in ALLOCATION_KEYS}
-    ckpt, stats = Checkpoint(model_dir), Stats(stats_dir)
+    # `stats`: the caller's open qdtk.stats.Stats of stats_dir (its files hashed once)
+    ckpt, stats = Checkpoint(model_dir), stats if stats is not None else Stats(stats_dir)
     names = ckpt.linear_names(include, exclude)
     fp = fingerprint(ckpt.fingerprint(), stats.fingerprint, opts, names, SENSITIVITY_WINDOWS)
     path = Path(out_dir) / ORDERS_FILE

@@ -47,6 +47,7 @@ from qdtk.models import (
     split_model_path,
 )
 from qdtk.stats import InputStat, StatsWriter, hessian_from_sums
+from qdtk.validate import check_model_finite
 
 log = logging.getLogger(__name__)
 
@@ -600,6 +601,7 @@ def capture(
     opts = opts or CaptureOptions()
     out = Path(out)
     model_fp, ckpt_names = model_fingerprint(model_path)
+    check_model_finite(model_path)  # a NaN weight is named before the forwards spread it
     model = load_model(model_path, opts.dtype, "cpu", opts.trust_remote_code, opts.model_code)
     tokenizer = load_tokenizer(model_path, opts.trust_remote_code)
     batch, ident = calibration_batch(model_path, model, tokenizer, calib, opts)
@@ -617,6 +619,7 @@ def capture(
         source=model_path,
     )
     try:
+        writer.check_space(session.estimate_bytes())
         hidden = batch.ids.size * model.config.to_dict().get("hidden_size", 0) * \
             session.store[0].element_size()
         echo(f"{len(batch.t)} sequences x {opts.L} tokens ({batch.tokens} counted, "

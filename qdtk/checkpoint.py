@@ -25,8 +25,17 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from qdtk.errors import QdtkError
-from qdtk.io import atomic_path, fingerprint, write_json_atomic
+from qdtk.errors import QdtkError, os_fault
+from qdtk.io import (
+    Recorded,
+    atomic_path,
+    clean_stale_temporaries,
+    fingerprint,
+    hash_bytes,
+    new_hash,
+    os_faults,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,7 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
 }
 CODES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64"})
 
 # Weights inside numbered blocks (layers.3., blocks.12., layer.0., h.5.) are the Linears of the
 # transformer stack; embeddings, norms and the output head live outside or are excluded by name.
@@ -91,7 +101,9 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
                 raise QdtkError(f"{path}: bad header length {n} for a file of {size} bytes")
             raw = f.read(n)
     except FileNotFoundError:
-        raise QdtkError(f"{path}: shard file is missing") from None
+        raise QdtkError(f"{path}: file not found (removed while qdtk ran?)") from None
+    except OSError as e:
+        raise os_fault(e, path) from e
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):
@@ -213,7 +225,8 @@ class Checkpoint:
         info = self.info(name)
         mm = self._maps.get(info.file)
         if mm is None:
-            mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
+            with os_faults(info.file):
+                mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
         arr = mm[info.begin : info.end].view(DTYPES[info.dtype]).reshape(info.shape)
         return arr if dtype is None else arr.astype(dtype)
 
@@ -270,8 +283,9 @@ def _encode_header(entries: dict[str, dict], metadata: dict[str, str] | None) ->
 
 def write_safetensors(
     path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
-) -> None:
-    """Write one safetensors file atomically (tensors in the given order)."""
+) -> str:
+    """Write one safetensors file atomically (tensors in the given order); returns the sha256
+    of its bytes, computed while writing."""
     entries, offset = {}, 0
     arrays = {}
     for name, arr in tensors.items():
@@ -287,16 +301,25 @@ def write_safetensors(
             "data_offsets": [offset, offset + arr.nbytes],
         }
         offset += arr.nbytes
+    h = new_hash()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(_encode_header(entries, metadata))
-        for arr in arrays.values():
-            f.write(arr.tobytes())
+        for chunk in (_encode_header(entries, metadata),
+                      *(arr.reshape(-1).view(np.uint8) for arr in arrays.values())):
+            h.update(chunk)
+            f.write(chunk)
+    return h.hexdigest()
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a whole (small) safetensors file: arrays copied into memory, and its metadata."""
+def read_safetensors(
+    path: str | Path, recorded: Recorded | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read a whole (small) safetensors file: arrays copied into memory, and its metadata;
+    with `recorded`, its content hash is checked first."""
     infos, meta = read_header(path)
-    data = Path(path).read_bytes()
+    with os_faults(path):
+        data = Path(path).read_bytes()
+    if recorded is not None:
+        recorded.check(path, hash_bytes(data))
     out = {
         name: np.frombuffer(data, DTYPES[i.dtype], i.numel, i.begin).reshape(i.shape).copy()
         for name, i in infos.items()
@@ -310,7 +333,7 @@ class CheckpointWriter:
     Shards hold at most `max_shard_bytes` (a single larger tensor gets a shard of its own).
     Nothing gets a final name until `close()` succeeds: shards are renamed from temporaries to
     `model-0000i-of-0000N.safetensors` (or `model.safetensors` when one suffices), then the
-    index is written.
+    index is written. `hashes` then maps each shard's name to the sha256 of its bytes.
     """
 
     def __init__(
@@ -320,14 +343,17 @@ class CheckpointWriter:
         metadata: dict[str, str] | None = None,
     ):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob("*.partial"):  # left by a killed writer
-            stale.unlink()
+        with os_faults(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob("*.partial"):  # left by a killed writer
+                stale.unlink()
+        clean_stale_temporaries(self.folder)
         self.max_shard_bytes = max_shard_bytes
         self.metadata = metadata or {"format": "pt"}
         self._pending: dict[str, np.ndarray] = {}
         self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []  # temporary path, tensor names
+        self._shards: list[tuple[Path, list[str], str]] = []  # temporary path, names, sha256
+        self.hashes: dict[str, str] = {}
         self._names: set[str] = set()
         self.total_bytes = 0
 
@@ -343,8 +369,8 @@ class CheckpointWriter:
 
     def _flush(self) -> None:
         tmp = self.folder / f"shard-{len(self._shards) + 1:05d}.safetensors.partial"
-        write_safetensors(tmp, self._pending, self.metadata)
-        self._shards.append((tmp, list(self._pending)))
+        sha = write_safetensors(tmp, self._pending, self.metadata)
+        self._shards.append((tmp, list(self._pending), sha))
         self._pending, self._pending_bytes = {}, 0
 
     def close(self) -> list[Path]:
@@ -359,24 +385,27 @@ class CheckpointWriter:
             finals += [
                 self.folder / f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)
             ]
-        for (tmp, _), final in zip(self._shards, finals, strict=True):
-            tmp.replace(final)
+        for (tmp, _, sha), final in zip(self._shards, finals, strict=True):
+            with os_faults(final):
+                tmp.replace(final)
+            self.hashes[final.name] = sha
         index = self.folder / INDEX_NAME
         if n > 1:
             weight_map = {
                 name: f.name
-                for (_, names), f in zip(self._shards, finals, strict=True)
+                for (_, names, _), f in zip(self._shards, finals, strict=True)
                 for name in names
             }
             write_json_atomic(
                 index, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             )
         elif index.exists():
-            index.unlink()
+            with os_faults(index):
+                index.unlink()
         return finals
 
     def abort(self) -> None:
-        for tmp, _ in self._shards:
+        for tmp, _, _ in self._shards:
             tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> CheckpointWriter:
@@ -395,14 +424,17 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h
 def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy every non-weight file: config, tokenizer, remote code, pooling folders."""
     src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    with os_faults(dst):
+        dst.mkdir(parents=True, exist_ok=True)
     copied = []
     for p in sorted(src.iterdir()):
         if p.name.startswith(".") or p.name == INDEX_NAME or p.name.endswith(_WEIGHT_SUFFIXES):
             continue
         if p.is_dir():
-            shutil.copytree(p, dst / p.name, dirs_exist_ok=True)
+            with os_faults(dst / p.name):  # a shutil.Error is an OSError too
+                shutil.copytree(p, dst / p.name, dirs_exist_ok=True)
         else:
-            shutil.copy2(p, dst / p.name)
+            with atomic_path(dst / p.name) as tmp:
+                shutil.copy2(p, tmp)
         copied.append(p.name)
     return copied

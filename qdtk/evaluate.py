@@ -53,14 +53,15 @@ def layer_errors(model_dir: str | Path, quant_dir: str | Path, stats_dir: str | 
     """
     from qdtk.checkpoint import Checkpoint
     from qdtk.io import read_json
-    from qdtk.solution import REPORT, read_solution_block
+    from qdtk.solution import REPORT, read_solution_block, recorded_hash
     from qdtk.stats import Stats
 
     ckpt, stats = Checkpoint(model_dir), Stats(stats_dir)
     report = read_json(Path(quant_dir) / REPORT)
     errors: dict[str, float] = {}
     for block in report.get("blocks", []):
-        for name, layer in read_solution_block(Path(quant_dir) / block["file"]).items():
+        path = Path(quant_dir) / block["file"]
+        for name, layer in read_solution_block(path, recorded_hash(quant_dir, block)).items():
             W = ckpt.read(name, np.float32)
             H, _ = stats.hessian(name, W.shape[1])
             errors[name] = proxy_error(W, layer.dequantize(), H)

@@ -27,6 +27,7 @@ from numba import njit, prange
 from qdtk.bits import GROUP, affine_bits, bcq_bits, group_slices, group_widths
 from qdtk.checkpoint import (
     DTYPES,
+    FLOAT_CODES,
     INDEX_NAME,
     SINGLE_NAME,
     Checkpoint,
@@ -35,16 +36,18 @@ from qdtk.checkpoint import (
     read_header,
 )
 from qdtk.errors import QdtkError
-from qdtk.io import fingerprint, read_json, write_json_atomic
+from qdtk.io import Recorded, fingerprint, read_json, warn_unhashed, write_json_atomic
 from qdtk.solution import FORMAT as QUANT_FORMAT
 from qdtk.solution import (
     REPORT,
     AffineLayer,
     BinaryCodedLayer,
     QuantizedLayer,
+    read_report,
     read_solution_block,
-    solution_fingerprint,
+    recorded_hash,
 )
+from qdtk.validate import check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,6 @@ OUT_DTYPES: dict[str, np.dtype] = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float32": np.dtype(np.float32),
 }
-_FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
 
 
 # --------------------------------------------------------------------------- bit kernels
@@ -454,6 +456,28 @@ def read_packed_layer(ckpt: Checkpoint, module: str, info: dict) -> PackedLayer:
     return PackedBCQ(shape, t["orders"], t["planes"], t["row_scale"], t["col_scale"])
 
 
+def verify_packed(folder: str | Path, qc: dict, ckpt: Checkpoint) -> set[str]:
+    """Check a packed folder whole: every shard's content hash against the config's record,
+    and every quantized module's tensors against the format. Returns the tensor names the
+    modules own. Reads each file once."""
+    recorded = qc.get("sha256")
+    config = Path(folder) / "config.json"
+    if recorded is None:
+        warn_unhashed(folder, "config.json")
+    else:
+        fix = f"delete {folder} and rerun `qdtk pack`"
+        for file in ckpt.files:
+            if file.name not in recorded:
+                raise QdtkError(f"{file}: not a shard that {config} records; {fix}")
+            Recorded(recorded[file.name], config, fix).check(file)
+    owned: set[str] = set()
+    for module, info in qc["modules"].items():
+        fields = PackedAffine.FIELDS if info["kind"] == "affine" else PackedBCQ.FIELDS
+        owned |= {f"{module}.{f}" for f in fields}
+        read_packed_layer(ckpt, module, info)
+    return owned
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -504,34 +528,33 @@ def _remove_stale_shards(out: Path) -> None:
 
 
 def _read_report(quant: Path) -> dict:
-    report = read_json(quant / REPORT)
-    found = report.get("format") if isinstance(report, dict) else None
-    if found != QUANT_FORMAT:
-        raise QdtkError(f"{quant / REPORT}: format {found!r}, expected {QUANT_FORMAT!r}")
-    blocks = report.get("blocks")
-    if not isinstance(blocks, list) or not all(isinstance(b, dict) and "file" in b for b in blocks):
-        raise QdtkError(f"{quant / REPORT}: 'blocks' must list objects with a 'file'")
+    report = read_report(quant)
     if report.get("complete") is False:
         raise QdtkError(f"{quant}: quantize has not finished; rerun `qdtk quantize` to complete it")
     return report
 
 
-def _check_blocks(quant: Path, report: dict, ckpt: Checkpoint) -> list[Path]:
-    """Every solution file, checked from its header alone before anything is written: it
-    exists, is the one the report describes, and its layers are 2-D '*.weight' tensors of the
-    model with the model's shapes, each in one block only."""
+def _check_blocks(quant: Path, report: dict, ckpt: Checkpoint) -> tuple[list[Path], set[str]]:
+    """Every solution file, checked before anything is written: it exists, is the one the
+    report describes (fingerprint and content hash), and its layers are 2-D '*.weight'
+    tensors of the model with the model's shapes, each in one block only. Returns the files
+    and the weights they solve."""
     paths, seen = [], set()
     for block in report["blocks"]:
         path = quant / block["file"]
         if not path.is_file():
             raise QdtkError(f"{quant / REPORT}: block file {block['file']!r} is missing")
+        _, meta = read_header(path)  # a damaged file is named as such
         fp = block.get("fingerprint")
-        if fp is not None and solution_fingerprint(path) != fp:
+        if fp is not None and (meta.get("format"), meta.get("fingerprint")) != (QUANT_FORMAT, fp):
             raise QdtkError(
                 f"{path}: its fingerprint does not match {quant / REPORT}; rerun quantize"
             )
+        recorded = recorded_hash(quant, block)
+        if recorded is not None:
+            recorded.check(path)
         try:
-            layers = json.loads(read_header(path)[1]["layers"])
+            layers = json.loads(meta["layers"])
             shapes = {w: tuple(info["shape"]) for w, info in layers.items()}
         except (KeyError, TypeError, ValueError):
             raise QdtkError(f"{path}: header metadata has no valid 'layers' entry") from None
@@ -548,7 +571,7 @@ def _check_blocks(quant: Path, report: dict, ckpt: Checkpoint) -> list[Path]:
                 raise QdtkError(f"{path}: layer {weight!r} is also in an earlier block")
             seen.add(weight)
         paths.append(path)
-    return paths
+    return paths, seen
 
 
 def _quantization_config(
@@ -589,7 +612,7 @@ def pack_checkpoint(
         if not model:
             raise QdtkError(f"{quant / REPORT}: records no model path; pass --model")
     ckpt = Checkpoint(model)
-    paths = _check_blocks(quant, report, ckpt)
+    paths, quantized = _check_blocks(quant, report, ckpt)
     fp = fingerprint(FORMAT, _file_hash(quant / REPORT), [_head_hash(p) for p in paths],
                      ckpt.fingerprint(), max_shard_bytes)
     if _finished(out, fp, packed=True):
@@ -599,6 +622,8 @@ def pack_checkpoint(
     if recorded and recorded != ckpt.fingerprint():
         log.warning("%s: model fingerprint differs from the one %s records", ckpt.folder,
                     quant / REPORT)
+    copied = sum(ckpt.info(n).nbytes for n in ckpt.names() if n not in quantized)
+    check_free_space(out, sum(p.stat().st_size for p in paths) + copied, "pack")  # upper bound
     _start_output(out, ckpt.folder, quant)
 
     modules: dict[str, dict] = {}
@@ -620,7 +645,6 @@ def pack_checkpoint(
                 else:
                     modules[module]["bits"] = p.bits
                 packed_bits[module] = p.storage_bits()
-        quantized = {m + ".weight" for m in modules}
         for name in ckpt.names():
             if name not in quantized:
                 writer.add(name, ckpt.read(name))
@@ -631,6 +655,7 @@ def pack_checkpoint(
     config["quantization_config"] = _quantization_config(
         report, modules, packed_bits, fp, ckpt.nbytes()
     )
+    config["quantization_config"]["sha256"] = writer.hashes
     write_json_atomic(out / "config.json", config)
     log.info("%s: %d modules packed at %.3f bits/weight", out, len(modules),
              config["quantization_config"]["bits_per_weight"] or 0.0)
@@ -658,11 +683,11 @@ def unpack_checkpoint(
         log.info("%s: already unpacked from these inputs; nothing to do", out)
         return out
     modules = qc["modules"]
-    owned: set[str] = set()
-    for module, info in modules.items():  # validate everything before writing anything
-        fields = PackedAffine.FIELDS if info["kind"] == "affine" else PackedBCQ.FIELDS
-        owned |= {f"{module}.{f}" for f in fields}
-        read_packed_layer(ckpt, module, info)
+    owned = verify_packed(packed, qc, ckpt)  # everything validated before anything is written
+    dense = sum(i["shape"][0] * i["shape"][1] for i in modules.values()) * to.itemsize
+    for info in (ckpt.info(n) for n in ckpt.names() if n not in owned):
+        dense += info.numel * to.itemsize if info.dtype in FLOAT_CODES else info.nbytes
+    check_free_space(out, dense, "unpack")
     _start_output(out, packed)
 
     with CheckpointWriter(out, max_shard_bytes, {"format": "pt", "qdtk_fingerprint": fp}) as w:
@@ -672,7 +697,7 @@ def unpack_checkpoint(
         for name in ckpt.names():
             if name not in owned:
                 arr = ckpt.read(name)
-                w.add(name, arr.astype(to) if ckpt.info(name).dtype in _FLOAT_CODES else arr)
+                w.add(name, arr.astype(to) if ckpt.info(name).dtype in FLOAT_CODES else arr)
     _remove_stale_shards(out)
 
     copy_aux_files(packed, out)

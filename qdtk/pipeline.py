@@ -191,6 +191,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
     from qdtk.models import load_model, load_tokenizer
     from qdtk.quantize import SolutionReport, make_solver
     from qdtk.solution import read_solution_block, write_solution_block
+    from qdtk.validate import check_model_finite
 
     if opts.quantize.get("budget_scope") == "model":
         raise QdtkError("--sequential solves each block before the next is calibrated, so a "
@@ -198,6 +199,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
     solver = opts.solver or make_solver(opts.quantize)
     c = opts.capture
     ckpt = Checkpoint(model)
+    check_model_finite(model)
     model_fp, ckpt_names = model_fingerprint(model)
     torch_model = load_model(model, c.dtype, "cpu", c.trust_remote_code, c.model_code)
     tokenizer = load_tokenizer(model, c.trust_remote_code)
@@ -245,8 +247,8 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
                 return new
 
             sequential_block(session, b, sequential_steps(names), solve)
-            write_solution_block(quant / file, solutions, fp)
-            report.add_block(session.block_name(b), file, fp, names)
+            sha = write_solution_block(quant / file, solutions, fp)
+            report.add_block(session.block_name(b), file, fp, names, sha)
     finally:
         session.close()
     return report.finish()

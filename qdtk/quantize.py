@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numba import njit, prange
@@ -41,10 +41,11 @@ from scipy.linalg import lapack
 from qdtk import abmp
 from qdtk.backend import CPU, array_module, get_backend, to_host
 from qdtk.bits import bcq_bits, group_slices
+from qdtk.checkpoint import FLOAT_CODES, Checkpoint
 from qdtk.daq import error_weights, solve_block
 from qdtk.errors import QdtkError
 from qdtk.hessian import PreparedHessian, all_finite, prepare_hessian, salience
-from qdtk.io import clean_stale_temporaries, fingerprint, read_json, write_json_atomic
+from qdtk.io import clean_stale_temporaries, fingerprint, hash_file, read_json, write_json_atomic
 from qdtk.solution import (
     FORMAT,
     REPORT,
@@ -54,6 +55,10 @@ from qdtk.solution import (
     solution_fingerprint,
     write_solution_block,
 )
+from qdtk.validate import check_free_space, check_tensors_finite
+
+if TYPE_CHECKING:
+    from qdtk.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -541,7 +546,10 @@ class SolutionReport:
         out.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(out)
         old = read_json(out / REPORT) if (out / REPORT).exists() else {}
-        self.old_layers = old.get("layers", {}) if old.get("format") == FORMAT else {}
+        if old.get("format") != FORMAT:
+            old = {}
+        self.old_layers = old.get("layers", {})
+        self.old_blocks = {b.get("file"): b for b in old.get("blocks", []) if isinstance(b, dict)}
         self.data: dict[str, Any] = {
             "format": FORMAT,
             "complete": False,
@@ -554,15 +562,23 @@ class SolutionReport:
         }
 
     def done(self, file: str, weights: Sequence[str], fp: str) -> bool:
-        """Whether `file` already holds these weights solved from the same inputs."""
-        return solution_fingerprint(self.out / file) == fp and all(
+        """Whether `file` already holds these weights solved from the same inputs, with the
+        content the old report recorded (a damaged file is solved again)."""
+        if solution_fingerprint(self.out / file) != fp or not all(
             self.old_layers.get(w, {}).get("fingerprint") == fp for w in weights
-        )
+        ):
+            return False
+        sha = self.old_blocks.get(file, {}).get("sha256")
+        if sha is not None and hash_file(self.out / file) != sha:
+            log.warning("%s: content does not match %s; solving it again", self.out / file,
+                        REPORT)
+            return False
+        return True
 
     def keep(self, block: str, file: str, fp: str, weights: Sequence[str]) -> None:
         """Record a block solved by an earlier run."""
         self.data["layers"].update({w: self.old_layers[w] for w in weights})
-        self.add_block(block, file, fp, weights)
+        self.add_block(block, file, fp, weights, self.old_blocks.get(file, {}).get("sha256"))
 
     def add_layer(self, w: str, shape: Sequence[int], layer: QuantizedLayer, rep: Mapping,
                   fp: str) -> None:
@@ -570,9 +586,12 @@ class SolutionReport:
             **rep, "shape": list(shape), "storage_bits": layer.storage_bits(), "fingerprint": fp,
         }
 
-    def add_block(self, block: str, file: str, fp: str, weights: Sequence[str]) -> None:
-        self.data["blocks"].append({"name": block, "file": file, "fingerprint": fp,
-                                    "layers": list(weights)})
+    def add_block(self, block: str, file: str, fp: str, weights: Sequence[str],
+                  sha256: str | None) -> None:
+        """Record a written block file and its content hash (None: from an older qdtk)."""
+        entry = {"name": block, "file": file, "fingerprint": fp, "sha256": sha256,
+                 "layers": list(weights)}
+        self.data["blocks"].append({k: v for k, v in entry.items() if v is not None})
         self.data["summary"] = _summary(self.data["layers"])
         write_json_atomic(self.out / REPORT, self.data)
 
@@ -610,7 +629,6 @@ def quantize_model(
     """
     from tqdm.auto import tqdm
 
-    from qdtk.checkpoint import Checkpoint
     from qdtk.stats import Stats
 
     check_options(options)
@@ -631,13 +649,17 @@ def quantize_model(
         weights = [w for w in stats.layers_of(block.name) if w in chosen]
         if weights:
             plan.append((f"block_{i:04d}.safetensors", block.name, weights))
+    check_inputs(ckpt, stats, selected, progress)
+    existing = sum(p.stat().st_size for p in Path(out_dir).glob("block_*.safetensors"))
+    check_free_space(out_dir, sum(solution_bytes(ckpt.info(w).shape, options)
+                                  for w in selected) - existing, "quantize")
 
     alloc: dict[str, Any] = {"fingerprint": None, "layers": {}}
     if _opt(options, "method") == "daq" and _opt(options, "budget_scope") == "model":
         from qdtk.allocate import allocate_orders
 
         alloc = allocate_orders(model_dir, stats_dir, out_dir, options, include, exclude,
-                                progress=progress)
+                                progress=progress, stats=stats)
     report = SolutionReport(
         Path(out_dir), ckpt, {"path": str(stats.folder), "fingerprint": stats.fingerprint},
         options,
@@ -669,11 +691,42 @@ def quantize_model(
                 rep = {**rep, **{k: v for k, v in planned.items() if k != "orders"}}
                 report.add_layer(w, W.shape, layer, rep, fp)
                 bar.update(1)
-            write_solution_block(Path(out_dir) / file, solutions, fp)
-            report.add_block(block, file, fp, weights)
+            sha = write_solution_block(Path(out_dir) / file, solutions, fp)
+            report.add_block(block, file, fp, weights, sha)
     finally:
         bar.close()
     return report.finish()
+
+
+def check_inputs(ckpt: Checkpoint, stats: Stats, selected: Sequence[str],
+                 progress: bool = True) -> None:
+    """What the solves will read, checked before the first one: every weight a floating tensor
+    with finite values, every statistic it reads intact (content hash), finite and of its
+    size. One read of each; errors name the file, the tensor and the first bad index."""
+    for w in selected:
+        info = ckpt.info(w)
+        if info.dtype not in FLOAT_CODES:
+            raise QdtkError(f"{info.file}: tensor {w!r} is {info.dtype}; only floating-point "
+                            f"Linear weights can be quantized")
+    check_tensors_finite(ckpt, selected, progress)
+    stats.verify({w: ckpt.info(w).shape[1] for w in selected})
+    captured = stats.manifest.get("model") or {}
+    if captured.get("fingerprint") not in (None, ckpt.fingerprint()):
+        log.warning("%s: captured from %s, whose fingerprint differs from %s's: the shapes "
+                    "fit, but the statistics may be of another model", stats.folder,
+                    captured.get("path"), ckpt.folder)
+
+
+def solution_bytes(shape: Sequence[int], options: Mapping[str, Any]) -> int:
+    """An upper bound on a layer's bytes in a solution file: sign planes padded to the largest
+    allowed order (DAQ) or one byte per code (baselines), with the float16 scales."""
+    n, m = shape
+    G = len(group_slices(m))
+    if _opt(options, "method") != "daq":
+        return n * m + 4 * n * G
+    # knapsack: the allowed orders; none/swap: --bits planes, swap moving groups one up
+    K = max(*abmp.check_orders(_opt(options, "orders")), int(float(_opt(options, "bits") or 0)) + 1)
+    return K * (n * -(-m // 8) + 2 * G * n + 2 * m) + G
 
 
 def check_budgets(options: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> None:

@@ -14,7 +14,8 @@ Two kinds of layer:
 Format "qdtk-quant/1", a folder:
 
     report.json     {"format", "model": {path, fingerprint}, "stats": {path, fingerprint},
-                     "options", "blocks": [{"name", "file", "fingerprint", "layers": [...]}],
+                     "options", "blocks": [{"name", "file", "fingerprint", "sha256",
+                                            "layers": [...]}],
                      "layers": {weight name: per-layer report}, "summary": {...}}
     block_0000.safetensors, ...   per weight name w (a checkpoint tensor name):
         binary coded:  w.orders    uint8   [G]
@@ -27,6 +28,8 @@ Format "qdtk-quant/1", a folder:
                           "layers": JSON {w: {"kind": "bcq" | "affine", "shape": [n, m],
                                               "bits": int (affine only)}}}
 Planes beyond a group's order are padding here; the deployable packed format (pack.py) drops it.
+A block's "sha256" is that of its file's bytes, computed while writing; readers check it (a report
+without them, from an older qdtk, is read with one warning).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from qdtk.backend import array_module
 from qdtk.bits import GROUP, affine_bits, bcq_bits, group_slices
 from qdtk.checkpoint import read_header, read_safetensors, write_safetensors
 from qdtk.errors import QdtkError
+from qdtk.io import Recorded, read_json, warn_unhashed
 
 FORMAT = "qdtk-quant/1"
 REPORT = "report.json"
@@ -203,8 +207,8 @@ QuantizedLayer = BinaryCodedLayer | AffineLayer
 
 def write_solution_block(
     path: str | Path, layers: dict[str, QuantizedLayer], fingerprint: str
-) -> None:
-    """Write the solutions of one block's layers atomically."""
+) -> str:
+    """Write the solutions of one block's layers atomically; returns the file's sha256."""
     tensors: dict[str, np.ndarray] = {}
     meta: dict[str, dict] = {}
     for name, layer in layers.items():
@@ -212,7 +216,7 @@ def write_solution_block(
         meta[name] = {"kind": layer.kind, "shape": list(layer.shape)}
         if isinstance(layer, AffineLayer):
             meta[name]["bits"] = layer.bits
-    write_safetensors(
+    return write_safetensors(
         path, tensors, {"format": FORMAT, "fingerprint": fingerprint, "layers": json.dumps(meta)}
     )
 
@@ -226,9 +230,19 @@ def solution_fingerprint(path: str | Path) -> str | None:
     return meta.get("fingerprint") if meta.get("format") == FORMAT else None
 
 
-def read_solution_block(path: str | Path) -> dict[str, QuantizedLayer]:
-    """Read every layer of one solution file; errors name the file and tensor."""
-    tensors, meta = read_safetensors(path)
+def recorded_hash(quant: str | Path, block: dict) -> Recorded | None:
+    """What report.json's entry `block` records of its file's content (None: older report)."""
+    sha = block.get("sha256")
+    return None if sha is None else Recorded(
+        sha, Path(quant) / REPORT, "rerun `qdtk quantize` (it solves that block again)")
+
+
+def read_solution_block(
+    path: str | Path, recorded: Recorded | None = None
+) -> dict[str, QuantizedLayer]:
+    """Read every layer of one solution file (its content hash checked against `recorded`);
+    errors name the file and tensor."""
+    tensors, meta = read_safetensors(path, recorded)
     if meta.get("format") != FORMAT:
         raise QdtkError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     try:
@@ -249,3 +263,27 @@ def read_solution_block(path: str | Path) -> dict[str, QuantizedLayer]:
         except QdtkError as e:
             raise QdtkError(f"{path}: {e}") from None
     return out
+
+
+def read_report(quant: str | Path) -> dict:
+    """report.json of a solution folder, its format and block list checked."""
+    path = Path(quant) / REPORT
+    report = read_json(path)
+    found = report.get("format") if isinstance(report, dict) else None
+    if found != FORMAT:
+        raise QdtkError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    blocks = report.get("blocks")
+    if not isinstance(blocks, list) or not all(isinstance(b, dict) and "file" in b for b in blocks):
+        raise QdtkError(f"{path}: 'blocks' must list objects with a 'file'")
+    if any("sha256" not in b for b in blocks):
+        warn_unhashed(quant, REPORT)
+    return report
+
+
+def verify_solutions(quant: str | Path) -> int:
+    """Read every solution file report.json lists, checking its content hash and layers;
+    returns the number of files."""
+    blocks = read_report(quant)["blocks"]
+    for block in blocks:
+        read_solution_block(Path(quant) / block["file"], recorded_hash(quant, block))
+    return len(blocks)

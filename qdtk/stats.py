@@ -9,6 +9,7 @@ Format "qdtk-stats/1", a folder:
          "fingerprint": str,              # of model fingerprint + options: what the blocks are of
          "complete": bool,                # every block written
          "blocks": [{"name": "model.layers.0", "file": "block_0000.safetensors",
+                     "sha256": str,       # of the block file's bytes, checked by every reader
                      "inputs": [{"key": str, "members": [weight names], "dim": m, "tokens": T}]}]}
     block_0000.safetensors, ...
         one float32 tensor [m, m] per input, named by its key; header metadata
@@ -19,7 +20,8 @@ module path (e.g. "model.layers.0.self_attn.q_proj"); `members` are the checkpoi
 of the Linear weights that read it (e.g. "model.layers.0.self_attn.q_proj.weight"), which is
 how `quantize` finds the H of a weight. T counts the tokens that entered H (padding never does).
 Block files are written atomically and the manifest is rewritten after each, so a killed capture
-resumes at the first block missing from the manifest.
+resumes at the first block missing from the manifest. A manifest without "sha256" entries (older
+qdtk) is read with one warning and no integrity check.
 """
 
 from __future__ import annotations
@@ -32,8 +34,16 @@ import numpy as np
 
 from qdtk.checkpoint import read_header, read_safetensors, write_safetensors
 from qdtk.errors import QdtkError
-from qdtk.hessian import all_finite
-from qdtk.io import clean_stale_temporaries, fingerprint, read_json, write_json_atomic
+from qdtk.io import (
+    Recorded,
+    clean_stale_temporaries,
+    fingerprint,
+    os_faults,
+    read_json,
+    warn_unhashed,
+    write_json_atomic,
+)
+from qdtk.validate import check_finite, check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,7 @@ class BlockEntry:
     name: str
     file: str
     inputs: list[dict] = field(default_factory=list)
+    sha256: str | None = None  # None: written before content hashes
 
 
 def hessian_from_sums(xtx: np.ndarray, tokens: int) -> np.ndarray:
@@ -70,7 +81,8 @@ class StatsWriter:
 
     def __init__(self, folder: str | Path, model_path: str, model_fingerprint: str, options: dict):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with os_faults(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(self.folder)
         self.fingerprint = fingerprint(model_fingerprint, options)
         self.manifest = {
@@ -94,6 +106,11 @@ class StatsWriter:
             else:
                 log.info("%s: statistics of other inputs or options; starting afresh", path)
 
+    def check_space(self, need: int) -> None:
+        """Before the first block: room for `need` bytes of statistics, less those kept."""
+        kept = sum((self.folder / b["file"]).stat().st_size for b in self.manifest["blocks"])
+        check_free_space(self.folder, need - kept, "capture")
+
     @property
     def complete(self) -> bool:
         return self.manifest["complete"]
@@ -105,15 +122,15 @@ class StatsWriter:
         file = f"block_{index:04d}.safetensors"
         tensors = {}
         for s in stats:
-            if not all_finite(s.H):
-                raise QdtkError(f"block {name}: H of input {s.key!r} has NaN or Inf")
+            check_finite(s.H, f"{self.folder / file}: block {name}: H of input {s.key!r}")
             tensors[s.key] = s.H.astype(np.float32, copy=False)
-        write_safetensors(
+        sha = write_safetensors(
             self.folder / file, tensors, {"format": FORMAT, "fingerprint": self.fingerprint}
         )
         entry = {
             "name": name,
             "file": file,
+            "sha256": sha,
             "inputs": [
                 {"key": s.key, "members": list(s.members), "dim": int(s.H.shape[0]),
                  "tokens": int(s.tokens)}
@@ -147,14 +164,18 @@ class Stats:
             raise QdtkError(f"{self.folder}: capture did not finish; rerun `qdtk capture`")
         self.fingerprint: str = self.manifest["fingerprint"]
         self.blocks = [
-            BlockEntry(b["name"], b["file"], b["inputs"]) for b in self.manifest["blocks"]
+            BlockEntry(b["name"], b["file"], b["inputs"], b.get("sha256"))
+            for b in self.manifest["blocks"]
         ]
+        if any(b.sha256 is None for b in self.blocks):
+            warn_unhashed(self.folder, MANIFEST)
         self._where: dict[str, tuple[BlockEntry, dict]] = {}
         for block in self.blocks:
             for inp in block.inputs:
                 for member in inp["members"]:
                     self._where[member] = (block, inp)
         self._cache: tuple[str, dict[str, np.ndarray]] | None = None
+        self._verified: set[str] = set()  # block files whose content hash was checked
 
     def layers(self) -> list[str]:
         """Every weight with a statistic, in block order."""
@@ -177,24 +198,55 @@ class Stats:
         entry = next(b for b in self.blocks if b.name == block)
         return fingerprint(self.fingerprint, entry.file, entry.inputs)
 
+    def _load(self, block: BlockEntry) -> dict[str, np.ndarray]:
+        """A block file's statistics (one block cached); its header fingerprint checked, and
+        its content hash when the manifest records one."""
+        path = self.folder / block.file
+        if self._cache is None or self._cache[0] != block.file:
+            _, meta = read_header(path)
+            if meta.get("fingerprint") != self.fingerprint:
+                raise QdtkError(f"{path}: written by another capture run than the manifest's")
+            recorded = None if block.sha256 is None or block.file in self._verified else Recorded(
+                block.sha256, self.folder / MANIFEST,
+                "delete it and rerun `qdtk capture` (it recomputes that block)")
+            self._cache = (block.file, read_safetensors(path, recorded)[0])
+            self._verified.add(block.file)
+        return self._cache[1]
+
+    def _checked(self, block: BlockEntry, inp: dict, weight: str | None = None,
+                 dim: int | None = None) -> np.ndarray:
+        """[m, m] H of input `inp`: present, of the manifest's (and the weight's) size, finite."""
+        path = self.folder / block.file
+        H = self._load(block).get(inp["key"])
+        if H is None:
+            raise QdtkError(f"{path}: missing statistic {inp['key']!r}")
+        if H.dtype != np.float32:
+            raise QdtkError(f"{path}: statistic {inp['key']!r} is {H.dtype}, expected float32")
+        m = inp["dim"]
+        if H.shape != (m, m) or (dim is not None and dim != m):
+            reader = f"{weight!r} has {dim if dim is not None else m}" if weight else \
+                f"the manifest says {m}"
+            raise QdtkError(
+                f"{path}: statistic {inp['key']!r} has shape {list(H.shape)}, but {reader} "
+                f"input columns"
+            )
+        check_finite(H, f"{path}: statistic {inp['key']!r}")
+        return H
+
     def hessian(self, weight: str, dim: int | None = None) -> tuple[np.ndarray, int]:
         """(H [m, m] float32, T) of the input `weight` reads; checks shape and finiteness."""
         block, inp = self._entry(weight)
-        path = self.folder / block.file
-        if self._cache is None or self._cache[0] != block.file:
-            infos, meta = read_header(path)
-            if meta.get("fingerprint") != self.fingerprint:
-                raise QdtkError(f"{path}: written by another capture run than the manifest's")
-            self._cache = (block.file, read_safetensors(path)[0])
-        H = self._cache[1].get(inp["key"])
-        if H is None:
-            raise QdtkError(f"{path}: missing statistic {inp['key']!r}")
-        m = inp["dim"]
-        if H.shape != (m, m) or (dim is not None and dim != m):
-            raise QdtkError(
-                f"{path}: statistic {inp['key']!r} has shape {list(H.shape)}, but {weight!r} "
-                f"has {dim if dim is not None else m} input columns"
-            )
-        if not all_finite(H):
-            raise QdtkError(f"{path}: statistic {inp['key']!r} contains NaN or Inf")
-        return H, int(inp["tokens"])
+        return self._checked(block, inp, weight, dim), int(inp["tokens"])
+
+    def verify(self, dims: dict[str, int] | None = None) -> int:
+        """Check every block file (content hash, fingerprint) and statistic (shape, finite),
+        and with `dims` (weight -> input columns) that each statistic fits its weight; only
+        the blocks holding those weights then. Returns the number of files checked."""
+        blocks = self.blocks if dims is None else \
+            [b for b in self.blocks if any(w in dims for i in b.inputs for w in i["members"])]
+        for block in blocks:
+            for inp in block.inputs:
+                members = [w for w in inp["members"] if dims is not None and w in dims]
+                for w in members or [None]:
+                    self._checked(block, inp, w, dims[w] if w else None)
+        return len(blocks)
