@@ -88,6 +88,10 @@ def describe(folder: str, include=(), exclude=()) -> dict:
         "size_bytes": ckpt.nbytes(),
         "size_at_2bit_bytes": kept_bytes + q_bits // 8,
         "bits_per_weight_at_order_2": q_bits / q_weights if q_weights else None,
+        # MoE: experts per layer, the expert weights among the Linears, routers kept as they are
+        "experts": ckpt.experts(),
+        "expert_linears": sum(".experts." in n for n in linears),
+        "routers": sorted(ckpt.routers()),
     }
 
 
@@ -177,6 +181,11 @@ def inspect(model_dir: str, include, exclude, as_json: bool, verify: bool) -> No
     click.echo(f"{d['folder']}: {d['tensors']} tensors in {len(d['files'])} file(s), "
                f"{d['parameters']:,} parameters, dtypes {d['dtypes']}")
     click.echo(f"Linears to quantize: {len(d['linears'])} ({d['quantized_parameters']:,} weights)")
+    if d["experts"]:
+        per = sorted(set(d["experts"].values()))
+        click.echo(f"Mixture of experts: {len(d['experts'])} layers of {'/'.join(map(str, per))} "
+                   f"experts; {d['expert_linears']} expert matrices among the Linears; "
+                   f"{len(d['routers'])} routers kept in full precision")
     for r in d["linears"]:
         click.echo(f"  {r['name']:<60} {r['shape'][0]:>6} x {r['shape'][1]:<6} {r['dtype']}")
     if d["bits_per_weight_at_order_2"] is not None:

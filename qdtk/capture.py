@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from qdtk.errors import QdtkError
+from qdtk.experts import expert_names
 from qdtk.mcs import MaskedBatch, MaskOptions, cut_windows, mask_batch, resolve_mask_token_id
 from qdtk.models import (
     attention_mask_for,
@@ -130,6 +131,26 @@ def name_map(model_names: Iterable[str], ckpt_names: Iterable[str] | None) -> Na
     return fix
 
 
+def block_experts(block, prefix: str, fix: NameMap, ckpt_names: Iterable[str] | None
+                  ) -> dict[str, Any]:
+    """Checkpoint prefix ("....experts") -> fused experts module, for the fused MoE layers of
+    one block whose checkpoint stores the experts per expert (qdtk.experts)."""
+    from qdtk.experts import expert_weight, is_fused_experts
+
+    names = set(ckpt_names or ())
+    out = {}
+    for rel, mod in block.named_modules():
+        if not is_fused_experts(mod):
+            continue
+        ckpt_prefix = fix(f"{prefix}.{rel}.").rstrip(".")
+        if ckpt_names is not None and expert_weight(ckpt_prefix, 0, "gate_proj") not in names:
+            log.warning("%s: experts stored as 3-D tensors are not quantized yet; they stay in "
+                        "full precision", ckpt_prefix)
+            continue
+        out[ckpt_prefix] = mod
+    return out
+
+
 def block_linears(block, prefix: str, fix: NameMap) -> dict[str, Any]:
     """Checkpoint weight name -> nn.Linear for the Linears of one block."""
     from torch import nn
@@ -190,19 +211,39 @@ class Recorder:
     """Forward hooks on the Linears of one block: sum x x^T per distinct input tensor.
 
     The first Linear to read a tensor accumulates it; later readers of the same object (weakly
-    referenced, so a freed tensor's reused id cannot alias) only join its members.
+    referenced, so a freed tensor's reused id cannot alias) only join its members. Fused MoE
+    experts (qdtk.experts) are hooked as a whole: each expert's gate/up and down inputs from the
+    tokens routed to it, and the layer's input over all tokens for experts that get too few.
     """
 
-    def __init__(self, block, linears: dict[str, Any], accumulate: str):
+    def __init__(self, block, linears: dict[str, Any], accumulate: str,
+                 experts: dict[str, Any] | None = None):
         self.accumulate = accumulate
         self.keep = None  # [B*L] bool on the device: the tokens that count
         self.all_kept = False
         self.sums: dict[str, Any] = {}  # key -> running sum (add_xtx)
+        self.rows: dict[str, int] = {}  # key -> tokens summed (an expert: those routed to it)
         self.members: dict[str, list[str]] = {}  # key -> checkpoint weight names
+        self.experts = experts or {}  # checkpoint prefix "...experts" -> the fused module
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
         self._handles = [block.register_forward_pre_hook(lambda *_: self._seen.clear())]
         for name, mod in linears.items():
             self._handles.append(mod.register_forward_hook(self._hook(name)))
+        for prefix, mod in self.experts.items():
+            self._handles.append(mod.register_forward_hook(self._expert_hook(prefix),
+                                                           with_kwargs=True))
+
+    def _add(self, key: str, X) -> None:
+        self.sums[key] = add_xtx(self.sums.get(key), X, self.accumulate)
+        self.rows[key] = self.rows.get(key, 0) + int(X.shape[0])
+
+    def _tokens(self, name: str, x):
+        """x as [T, m] over the counted tokens (padding removed)."""
+        X = x.reshape(-1, x.shape[-1])  # [B*L, m]
+        if X.shape[0] != self.keep.numel():
+            raise QdtkError(f"{name}: input of shape {list(x.shape)} is not [batch, length, "
+                            f"features]; cannot tell padding apart")
+        return X if self.all_kept else X[self.keep]
 
     def _hook(self, name: str):
         key_of = name.removesuffix(".weight")
@@ -216,15 +257,72 @@ class Recorder:
                 return
             self._seen[id(x)] = (weakref.ref(x), key_of)
             self.members.setdefault(key_of, [name])
-            X = x.reshape(-1, x.shape[-1])  # [B*L, m]
-            if X.shape[0] != self.keep.numel():
-                raise QdtkError(f"{name}: input of shape {list(x.shape)} is not [batch, length, "
-                                f"features]; cannot tell padding apart")
-            if not self.all_kept:
-                X = X[self.keep]  # [T, m]: padding never counts
-            self.sums[key_of] = add_xtx(self.sums.get(key_of), X, self.accumulate)
+            self._add(key_of, self._tokens(name, x))
 
         return hook
+
+    def _expert_hook(self, prefix: str):
+        from qdtk.experts import expert_weight, routed
+
+        def hook(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            self._add(prefix, self._tokens(prefix, hidden))  # every token: the fallback's
+            keep = None if self.all_kept else self.keep
+            for e, X, A in routed(module, hidden, index, keep):
+                gate, down = f"{prefix}.{e}.gate_proj", f"{prefix}.{e}.down_proj"
+                self.members.setdefault(gate, [expert_weight(prefix, e, p)
+                                               for p in ("gate_proj", "up_proj")])
+                self.members.setdefault(down, [expert_weight(prefix, e, "down_proj")])
+                self._add(gate, X)
+                self._add(down, A)
+
+        return hook
+
+    def statistics(self, only: set[str] | None = None) -> list[InputStat]:
+        """The H of every input recorded; experts that fewer than MIN_EXPERT_TOKENS tokens
+        reached take the layer's input over all tokens (gate/up) and the pooled down input
+        of the layer's routed experts (down), marked as fallbacks."""
+        from qdtk.experts import MIN_EXPERT_TOKENS, expert_weight
+
+        stats, expert_keys = [], self._expert_keys()
+        for key, members in self.members.items():
+            if key in expert_keys and self.rows[key] < MIN_EXPERT_TOKENS:
+                continue  # the fallback below
+            chosen = [m for m in members if only is None or m in only]
+            if chosen:
+                stats.append(InputStat(key, chosen, self._H(key), self.rows[key]))
+        for prefix, mod in self.experts.items():
+            downs = [k for k in self.members if k.startswith(prefix + ".")
+                     and k.endswith(".down_proj") and self.rows[k] >= MIN_EXPERT_TOKENS]
+            pooled = sum(xtx_value(self.sums[k]) for k in downs) if downs else None
+            pooled_rows = sum(self.rows[k] for k in downs)
+            for e in range(mod.gate_up_proj.shape[0]):
+                gate, down = f"{prefix}.{e}.gate_proj", f"{prefix}.{e}.down_proj"
+                routed_rows = self.rows.get(gate, 0)
+                if routed_rows >= MIN_EXPERT_TOKENS:
+                    continue
+                if pooled is None:
+                    raise QdtkError(f"{prefix}: no expert received {MIN_EXPERT_TOKENS} "
+                                    f"calibration tokens; calibrate on more text")
+                for key, names, H in (
+                    (gate, [expert_weight(prefix, e, p) for p in ("gate_proj", "up_proj")],
+                     self._H(prefix)),
+                    (down, [expert_weight(prefix, e, "down_proj")],
+                     hessian_from_sums(pooled, pooled_rows)),
+                ):
+                    chosen = [m for m in names if only is None or m in only]
+                    if chosen:
+                        stats.append(InputStat(key, chosen, H, routed_rows,
+                                               fallback="all tokens" if key == gate
+                                               else "pooled experts"))
+        return stats
+
+    def _expert_keys(self) -> set[str]:
+        return {k for k in self.members for p in self.experts if k.startswith(p + ".")}
+
+    def _H(self, key: str) -> np.ndarray:
+        return hessian_from_sums(xtx_value(self.sums[key]), self.rows[key])
 
     def remove(self) -> None:
         for h in self._handles:
@@ -332,6 +430,8 @@ class BlockSession:
         self.linears = [
             block_linears(blk, f"{self.stack}.{b}", self.fix) for b, blk in enumerate(self.blocks)
         ]
+        self.experts = [block_experts(blk, f"{self.stack}.{b}", self.fix, ckpt_names)
+                        for b, blk in enumerate(self.blocks)]
         self.store = HiddenStore(offload)
         self.position = 0
         with torch.inference_mode():
@@ -414,9 +514,11 @@ class BlockSession:
                             f"{self.position}")
         block, linears = self.blocks[b], self.linears[b]
         only = None if isinstance(record, bool) else set(record)
-        if only is not None and not only <= set(linears):
-            raise QdtkError(f"{self.block_name(b)}: no Linear named {sorted(only - set(linears))}")
-        rec = Recorder(block, linears, self.accumulate) if record else None
+        known = set(linears) | {m for p, mod in self.experts[b].items()
+                                for m in expert_names(p, mod)}
+        if only is not None and not only <= known:
+            raise QdtkError(f"{self.block_name(b)}: no Linear named {sorted(only - known)}")
+        rec = Recorder(block, linears, self.accumulate, self.experts[b]) if record else None
         block.to(self.device)
         try:
             with torch.inference_mode():
@@ -440,13 +542,7 @@ class BlockSession:
             self.position = b + 1
         if rec is None:
             return []
-        stats = []
-        for key, members in rec.members.items():
-            chosen = [m for m in members if only is None or m in only]
-            if chosen:
-                H = hessian_from_sums(xtx_value(rec.sums[key]), self.tokens)
-                stats.append(InputStat(key, chosen, H, self.tokens))
-        return stats
+        return rec.statistics(only)
 
     def set_weights(self, b: int, weights: dict[str, np.ndarray]) -> None:
         """Replace Linear weights of block b (checkpoint name -> [n, m] array)."""

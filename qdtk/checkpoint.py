@@ -65,6 +65,7 @@ FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64"})
 # transformer stack; embeddings, norms and the output head live outside or are excluded by name.
 _IN_BLOCK = re.compile(r"\.\d+\.")
 _NOT_LINEAR = re.compile(r"(norm|ln_|layernorm|embed|wte|wpe)", re.IGNORECASE)
+_EXPERT = re.compile(r"^(?P<parent>.+)\.experts\.(?P<e>\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,7 @@ class Checkpoint:
                         f"{list(self.tensors[n].shape)}; only 2-D Linear weights can be quantized"
                     )
         else:
+            routers = self.routers()
             chosen = [
                 n
                 for n, info in self.tensors.items()
@@ -256,8 +258,30 @@ class Checkpoint:
                 and n.endswith(".weight")
                 and _IN_BLOCK.search(n)
                 and not _NOT_LINEAR.search(n)
+                and n not in routers
             ]
         return [n for n in chosen if not any(_match(n, p) for p in exclude)]
+
+    def experts(self) -> dict[str, int]:
+        """MoE layers stored per expert: parent module ("....mlp") -> number of experts."""
+        found: dict[str, set[int]] = {}
+        for n in self.tensors:
+            m = _EXPERT.match(n)
+            if m:
+                found.setdefault(m["parent"], set()).add(int(m["e"]))
+        return {p: len(es) for p, es in found.items()}
+
+    def routers(self) -> set[str]:
+        """The routers of the MoE layers: a 2-D weight right under an experts' parent with one
+        row per expert (they stay in full precision unless --include names them)."""
+        experts = self.experts()
+        out = set()
+        for n, info in self.tensors.items():
+            parent, _, leaf = n.removesuffix(".weight").rpartition(".")
+            if (len(info.shape) == 2 and n.endswith(".weight") and parent in experts
+                    and info.shape[0] == experts[parent] and leaf != "experts"):
+                out.add(n)
+        return out
 
     def fingerprint(self) -> str:
         """Changes when any shard's header or size changes (cheap: no data is hashed)."""
@@ -430,6 +454,8 @@ def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
     for p in sorted(src.iterdir()):
         if p.name.startswith(".") or p.name == INDEX_NAME or p.name.endswith(_WEIGHT_SUFFIXES):
             continue
+        if p.is_dir() and dst.resolve().is_relative_to(p.resolve()):
+            continue  # the output folder itself (a run folder inside the model's)
         if p.is_dir():
             with os_faults(dst / p.name):  # a shutil.Error is an OSError too
                 shutil.copytree(p, dst / p.name, dirs_exist_ok=True)

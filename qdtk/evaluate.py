@@ -382,12 +382,21 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
         return int(rest) if rest.isdigit() else 0
 
     def param_of(name: str):
+        """(model parameter name, the tensor holding weight `name`: the parameter, or for a
+        per-expert checkpoint weight its slice of the fused expert parameter)."""
+        from qdtk.experts import expert_slot
+
+        slot = expert_slot(name)
+        target = name if slot is None or name in params else slot.param
         # checkpoint names may lack or carry the model's prefix ("bert.", "model.")
         hits = [(k, p) for k, p in params.items()
-                if k == name or k.endswith("." + name) or name.endswith("." + k)]
+                if k == target or k.endswith("." + target) or target.endswith("." + k)]
         if len(hits) != 1:
             raise QdtkError(f"{path}: {len(hits)} model parameters match the weight {name!r}")
-        return hits[0]
+        key, p = hits[0]
+        if target != name:  # [E, rows, cols] fused experts: expert e's rows
+            p = p.data[slot.expert, slot.rows(p.shape[1])]
+        return key, p
 
     def output_change(name: str, What: np.ndarray) -> float:
         key, p = param_of(name)

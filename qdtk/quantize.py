@@ -638,9 +638,13 @@ def quantize_model(
     have = set(stats.layers())
     missing = [w for w in selected if w not in have]
     if missing:
+        experts = any(".experts." in w for w in missing) and not any(".experts." in w
+                                                                     for w in have)
         raise QdtkError(
             f"{stats.folder}: no statistic for {', '.join(missing[:5])}"
-            f"{' ...' if len(missing) > 5 else ''}; recapture or --exclude them"
+            f"{' ...' if len(missing) > 5 else ''}; "
+            f"{'captured from a model without these experts? ' if experts else ''}"
+            f"recapture or --exclude them"
         )
     check_budgets(options, {w: ckpt.info(w).shape for w in selected})
     chosen = set(selected)

@@ -18,7 +18,9 @@ Format "qdtk-stats/1", a folder:
 An *input* is what one or more Linears read: q/k/v share one, gate/up share one. Its key is a
 module path (e.g. "model.layers.0.self_attn.q_proj"); `members` are the checkpoint tensor names
 of the Linear weights that read it (e.g. "model.layers.0.self_attn.q_proj.weight"), which is
-how `quantize` finds the H of a weight. T counts the tokens that entered H (padding never does).
+how `quantize` finds the H of a weight. T counts the tokens that entered H (padding never does);
+for a mixture-of-experts expert, the tokens routed to it, and an expert that too few reached has
+"fallback": what its H was taken from instead (qdtk.capture.Recorder.statistics).
 Block files are written atomically and the manifest is rewritten after each, so a killed capture
 resumes at the first block missing from the manifest. A manifest without "sha256" entries (older
 qdtk) is read with one warning and no integrity check.
@@ -58,7 +60,8 @@ class InputStat:
     key: str
     members: list[str]  # weight tensor names of the Linears reading this input
     H: np.ndarray  # [m, m] float32, (2/T) sum over counted tokens of x x^T
-    tokens: int  # T
+    tokens: int  # T (an expert: the tokens routed to it)
+    fallback: str | None = None  # an expert too few tokens reached: what H was taken from
 
 
 @dataclass
@@ -133,7 +136,7 @@ class StatsWriter:
             "sha256": sha,
             "inputs": [
                 {"key": s.key, "members": list(s.members), "dim": int(s.H.shape[0]),
-                 "tokens": int(s.tokens)}
+                 "tokens": int(s.tokens), **({"fallback": s.fallback} if s.fallback else {})}
                 for s in stats
             ],
         }

@@ -97,3 +97,23 @@ def tiny_dream(tmp_path_factory):
     from tests.dllm import write_dllm
 
     return write_dllm(tmp_path_factory.mktemp("tiny_dream"), "dream")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory):
+    """A 2-layer Qwen3-MoE (4 experts, top 2): transformers 5 runs the experts as fused 3-D
+    parameters, the checkpoint stores them per expert, 2-D."""
+    pytest.importorskip("torch")
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    path = tmp_path_factory.mktemp("tiny_moe")
+    Qwen3MoeForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
+    save_char_tokenizer(path)
+    return path

@@ -1,0 +1,82 @@
+"""Mixture-of-experts layers as transformers 5 runs them: each expert's matrices are slices of
+fused 3-D parameters (gate_up_proj [E, 2I, d], down_proj [E, d, I]) applied to the tokens the
+router sends to the expert, while the checkpoint stores them per expert, 2-D, under
+`<experts>.<e>.{gate,up,down}_proj.weight`. qdtk quantizes the checkpoint's tensors, so each
+expert matrix is one layer with its own H: gate and up read the expert's routed tokens x, down
+reads silu(x Wg^T) * (x Wu^T) of those tokens.
+
+Found by structure (a module holding 3-D gate_up_proj and down_proj parameters and an act_fn,
+called as experts(hidden [T, d], top_k_index [T, k], top_k_weights [T, k])), not by class, so
+every model built that way is covered. torch is imported by the callers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# An expert that fewer tokens than this reach gets the stated fallback statistics.
+MIN_EXPERT_TOKENS = 16
+PROJ = ("gate_proj", "up_proj", "down_proj")
+_EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|"
+                            r"down_proj)\.weight$")
+
+
+def is_fused_experts(module: Any) -> bool:
+    """Whether `module` holds its experts as fused 3-D gate_up_proj / down_proj parameters."""
+    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (getattr(gu, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3
+            and gu.shape[0] == down.shape[0] and hasattr(module, "act_fn"))
+
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    """Where a per-expert checkpoint weight lives in the fused parameters."""
+
+    param: str  # e.g. "model.layers.0.mlp.experts.gate_up_proj"
+    expert: int
+    proj: str  # gate_proj (the first half of gate_up's rows), up_proj (the second), down_proj
+
+    def rows(self, fused_rows: int) -> slice:
+        """The rows of param[expert] that hold this weight."""
+        half = fused_rows // 2
+        return {"gate_proj": slice(0, half), "up_proj": slice(half, fused_rows)}.get(
+            self.proj, slice(None))
+
+
+def expert_slot(name: str) -> ExpertSlot | None:
+    """The fused parameter slice of checkpoint weight `name`, or None if not an expert's."""
+    m = _EXPERT_WEIGHT.match(name)
+    if m is None:
+        return None
+    fused = "down_proj" if m["proj"] == "down_proj" else "gate_up_proj"
+    return ExpertSlot(f"{m['prefix']}.{fused}", int(m["e"]), m["proj"])
+
+
+def expert_weight(prefix: str, e: int, proj: str) -> str:
+    return f"{prefix}.{e}.{proj}.weight"
+
+
+def expert_names(prefix: str, module: Any) -> list[str]:
+    """The checkpoint weights of every expert of a fused module under `prefix`."""
+    return [expert_weight(prefix, e, p) for e in range(module.gate_up_proj.shape[0]) for p in PROJ]
+
+
+def routed(module, hidden, top_k_index, keep=None):
+    """Per expert e that receives tokens: (e, X_e [T_e, d], A_e [T_e, I]), the routed tokens
+    (padding excluded by keep [T] bool) and the down projection's input act(X Wg^T) * X Wu^T."""
+    import torch
+
+    hit = torch.zeros(top_k_index.shape[0], module.gate_up_proj.shape[0] + 1, dtype=torch.bool,
+                      device=hidden.device)
+    hit.scatter_(1, top_k_index.long().clamp(max=hit.shape[1] - 1), True)
+    if keep is not None:
+        hit &= keep[:, None]
+    for e in range(module.gate_up_proj.shape[0]):
+        rows = hit[:, e].nonzero()[:, 0]
+        if rows.numel() == 0:
+            continue
+        X = hidden[rows]
+        gate, up = torch.nn.functional.linear(X, module.gate_up_proj[e]).chunk(2, dim=-1)
+        yield e, X, module.act_fn(gate) * up

@@ -1,0 +1,139 @@
+"""Mixture-of-experts layers (qdtk/experts.py): every expert matrix is a layer with the H of
+the tokens routed to it, on a tiny Qwen3-MoE whose experts transformers runs fused."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from click.testing import CliRunner  # noqa: E402
+
+import qdtk.experts as ex  # noqa: E402
+from qdtk import capture as cap  # noqa: E402
+from qdtk.checkpoint import Checkpoint  # noqa: E402
+from qdtk.cli.main import cli  # noqa: E402
+from qdtk.errors import QdtkError  # noqa: E402
+from tests.test_capture import _capture_all, _masked, _rel, _session  # noqa: E402
+
+
+def routed_reference(model, ids, att):
+    """Per expert of every MoE layer, (2/T_e) sum x x^T of its routed tokens and of its down
+    projection's input, from one ordinary forward: the router's choices and the experts' input
+    taken by hooks, the expert MLP written out."""
+    keep = torch.as_tensor(att).reshape(-1)
+    out, handles = {}, []
+    for name, mod in model.named_modules():
+        if not ex.is_fused_experts(mod):
+            continue
+
+        def hook(m, args, output, name=name):
+            x, index = args[0][keep].double(), args[1][keep]
+            for e in range(m.gate_up_proj.shape[0]):
+                X = x[(index == e).any(-1)]
+                if len(X) == 0:
+                    continue
+                gu = m.gate_up_proj[e].double()
+                g, u = X @ gu[: gu.shape[0] // 2].T, X @ gu[gu.shape[0] // 2 :].T
+                A = g / (1 + torch.exp(-g)) * u
+                out[f"{name}.{e}.gate_proj"] = (2 / len(X) * X.T @ X, len(X))
+                out[f"{name}.{e}.down_proj"] = (2 / len(X) * A.T @ A, len(X))
+
+        handles.append(mod.register_forward_hook(hook))
+    with torch.inference_mode():
+        model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(att).long())
+    for h in handles:
+        h.remove()
+    return out
+
+
+def test_each_expert_gets_the_H_of_its_routed_tokens(tiny_moe):
+    model = cap.load_model(tiny_moe)
+    b = _masked(S=6, L=16, real=11)
+    got = _capture_all(_session(model, b.ids, b.attention, tiny_moe, chunk_size=4))
+    ref = routed_reference(model, b.ids, b.attention)
+    experts = {k: s for k, s in got.items() if ".experts." in k}
+    assert set(experts) == set(ref) and len(ref) == 2 * 4 * 2  # layers x experts x inputs
+    for key, s in experts.items():
+        H, T = ref[key]
+        assert s.tokens == T and s.fallback is None
+        assert _rel(s.H.astype(np.float64), H.numpy()) < 1e-6
+    e0 = "model.layers.0.mlp.experts.0"
+    assert got[e0 + ".gate_proj"].members == [e0 + ".gate_proj.weight", e0 + ".up_proj.weight"]
+    routed = sum(s.tokens for k, s in experts.items() if k.endswith("gate_proj")) // 2
+    assert routed == 2 * b.tokens  # top 2: every token reaches two experts in each layer
+
+
+def test_an_expert_short_of_tokens_takes_the_stated_fallback(tiny_moe, monkeypatch):
+    model = cap.load_model(tiny_moe)
+    b = _masked(S=4, L=16)
+    first = _capture_all(_session(model, b.ids, b.attention, tiny_moe, chunk_size=4))
+    counts = {k: s.tokens for k, s in first.items() if k.endswith("experts.0.gate_proj")
+              or ".experts." in k and k.endswith("gate_proj")}
+    starved = min(counts, key=counts.get)
+    monkeypatch.setattr(ex, "MIN_EXPERT_TOKENS", counts[starved] + 1)
+    got = _capture_all(_session(model, b.ids, b.attention, tiny_moe, chunk_size=4))
+    layer = starved.rsplit(".", 2)[0]  # "....experts"
+    low = {k for k, t in counts.items() if t <= counts[starved]}
+    for key in low:
+        assert got[key].fallback == "all tokens"
+        assert got[key.replace("gate_proj", "down_proj")].fallback == "pooled experts"
+    # gate/up: the layer's input over every token, which the router sees
+    everyone = routed_reference(model, b.ids, b.attention)
+    X_all = sum(everyone[k][0] * everyone[k][1] for k in everyone
+                if k.startswith(layer) and k.endswith("gate_proj")) / 2  # each token twice
+    assert _rel(got[starved].H.astype(np.float64), (X_all * 2 / (2 * b.tokens)).numpy()) < 1e-6
+
+
+def test_routers_stay_in_full_precision_and_experts_are_layers(tiny_moe):
+    ckpt = Checkpoint(tiny_moe)
+    names = ckpt.linear_names()
+    assert ckpt.experts() == {"model.layers.0.mlp": 4, "model.layers.1.mlp": 4}
+    assert ckpt.routers() == {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"}
+    assert not ckpt.routers() & set(names)
+    assert sum(".experts." in n for n in names) == 2 * 4 * 3
+    r = CliRunner().invoke(cli, ["inspect", str(tiny_moe)])
+    assert r.exit_code == 0, r.output
+    assert ("Mixture of experts: 2 layers of 4 experts; 24 expert matrices among the Linears; "
+            "2 routers kept in full precision") in r.output
+
+
+def test_output_change_of_an_expert_slices_the_fused_parameter(tiny_moe):
+    from qdtk.evaluate import output_change_fn
+
+    name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    W = Checkpoint(tiny_moe).read(name, np.float32)
+    change = output_change_fn(tiny_moe, n=2, L=16)
+    assert change(name, W) == 0
+    assert 0 < change(name, W + 0.01 * np.sign(W)) < change(name, W + 0.1 * np.sign(W))
+    assert change(name, W) == 0  # restored
+
+
+def test_run_end_to_end_replaces_every_expert(tiny_moe, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", str(tiny_moe), "--out", str(out), "-n", "4", "-L",
+                                 "24", "--eval-n", "2", "--eval-length", "16", "--iters", "2"])
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["layers"] == 2 * (4 + 4 * 3)
+    orig, dense = Checkpoint(tiny_moe), Checkpoint(out / "dense")
+    report = json.loads((out / "quant" / "report.json").read_text())
+    for name in orig.linear_names():
+        if ".experts." in name:
+            assert name in report["layers"]
+            assert not np.array_equal(orig.read(name, np.float32), dense.read(name, np.float32))
+    for name in orig.routers():
+        assert np.array_equal(orig.read(name, np.float32), dense.read(name, np.float32))
+
+
+def test_statistics_of_a_dense_model_do_not_fit_an_moe(tiny_moe, tiny_llama, tmp_path):
+    from qdtk.capture import CaptureOptions, capture
+    from qdtk.mcs import MaskOptions
+    from qdtk.quantize import quantize_model
+
+    stats = capture(tiny_llama, None, tmp_path / "stats",
+                    CaptureOptions(n=2, L=16, mask=MaskOptions(mask=False)), progress=False)
+    with pytest.raises(QdtkError, match="no statistic for .*experts.* captured from a model "
+                       "without these experts"):
+        quantize_model(tiny_moe, stats, tmp_path / "q", {"method": "rtn", "bits": 2},
+                       progress=False)
