@@ -9,6 +9,19 @@ import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from qdtk.errors import QdtkError  # noqa: E402
+from qdtk.nn.registry import register_when_imported  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["QdtkError", "__version__"]
+__all__ = ["QdtkError", "__version__", "load"]
+
+# After `import qdtk`, AutoModel*.from_pretrained(PACKED) loads packed Linears: the quantizer
+# registers as soon as transformers is imported (now, or later), without importing it here.
+register_when_imported()
+
+
+def __getattr__(name: str):
+    if name == "load":  # torch and transformers load on first use only
+        from qdtk.nn.load import load
+
+        return load
+    raise AttributeError(f"module 'qdtk' has no attribute {name!r}")

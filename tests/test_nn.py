@@ -7,12 +7,15 @@ from numba import cuda
 
 torch = pytest.importorskip("torch")
 
+import qdtk  # noqa: E402
 from qdtk.bits import group_slices  # noqa: E402
+from qdtk.checkpoint import Checkpoint  # noqa: E402
+from qdtk.errors import QdtkError  # noqa: E402
 from qdtk.nn import cuda as kcuda  # noqa: E402
 from qdtk.nn import kernels, linear  # noqa: E402
 from qdtk.nn.linear import BCQLinear  # noqa: E402
-from qdtk.pack import PackedBCQ, plane_layout  # noqa: E402
-from tests.test_pack import random_bcq  # noqa: E402
+from qdtk.pack import PackedBCQ, pack_checkpoint, plane_layout, unpack_checkpoint  # noqa: E402
+from tests.test_pack import _edit_config, _edit_shard, random_bcq, write_quant  # noqa: E402
 
 # ragged n and last groups (300 = 128 + 128 + 44, 33 < 32 + 2), several groups, one group
 SHAPES = [(37, 300), (130, 256), (5, 33), (20, 520)]
@@ -117,3 +120,87 @@ def test_cuda_kernels_match_the_cpu_kernels(rng, n, m):
     y = np.zeros((2, n), np.float32)
     kcuda.matmul_packed(x, planes, rs, cs, DL, y, threads=4)  # 4 threads stride over the words
     assert rel_err(y, kernels.matmul_lut(x, planes, rs, cs, L)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_bert"])
+def packed_model(request, tmp_path_factory):
+    """(packed folder, unpacked float32 folder, AutoModel class) of a tiny model whose every
+    block Linear is quantized with mixed orders; the packed folder is sharded."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    model_dir = request.getfixturevalue(request.param)
+    tmp = tmp_path_factory.mktemp(request.param + "_packed")
+    write_quant(model_dir, tmp / "quant", np.random.default_rng(1))
+    packed = pack_checkpoint(tmp / "quant", tmp / "packed", model_dir, max_shard_bytes=40_000)
+    dense = unpack_checkpoint(packed, tmp / "dense", dtype="float32")
+    auto = AutoModelForCausalLM if request.param == "tiny_llama" else AutoModelForMaskedLM
+    return packed, dense, auto
+
+
+def test_load_keeps_the_files_tensors_bit_for_bit(packed_model):
+    packed, _, _ = packed_model
+    model = qdtk.load(packed)
+    ckpt = Checkpoint(packed)
+    sd = model.state_dict()
+    assert set(ckpt.names()) <= set(sd)
+    for name in ckpt.names():
+        want = ckpt.read(name)
+        got = sd[name].view(torch.uint16) if sd[name].dtype == torch.bfloat16 else sd[name]
+        assert got.numpy().dtype == want.dtype.newbyteorder("=") or want.dtype.name == "bfloat16"
+        assert got.numpy().tobytes() == want.tobytes(), name
+    # resident: the packed bytes and the kept tensors, no dense copy (tied weights count once)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in list(model.parameters()) + list(model.buffers())
+                if t.untyped_storage().data_ptr()}
+    assert sum(storages.values()) <= 1.02 * ckpt.nbytes()
+    qc = model.config.quantization_config
+    assert sum(isinstance(m, BCQLinear) for m in model.modules()) == len(qc.modules)
+
+
+@pytest.mark.parametrize("tokens", [(2, 24), (1, 3)])  # tiled GEMM, then lookup tables
+def test_packed_model_gives_the_unpacked_models_logits(packed_model, tokens):
+    packed, dense, auto = packed_model
+    ids = torch.tensor(np.random.default_rng(2).integers(5, 100, tokens))
+    ref = auto.from_pretrained(dense, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(ids).logits
+        for model in (qdtk.load(packed), auto.from_pretrained(packed)):
+            assert isinstance(model, type(ref))
+            assert rel_err(model(ids).logits, want) < 1e-5
+
+
+Q = "model.layers.0.self_attn.q_proj"
+BAD = {
+    "unknown format version": (
+        lambda f: _edit_config(f, lambda qc: qc.update(format="qdtk-bcq/9")),
+        r"config\.json: quantization_config format 'qdtk-bcq/9' is not supported",
+    ),
+    "planes inconsistent with orders": (  # group 0 changes order: planes no longer fits
+        lambda f: _edit_shard(f, lambda t: t[Q + ".orders"].__setitem__(
+            0, t[Q + ".orders"][0] % 4 + 1)),
+        r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.planes' is U32 "
+        r"\[64, \d+\], expected uint32 \[64, \d+\]",
+    ),
+    "truncated shard": (
+        lambda f: (f / "model.safetensors").write_bytes(
+            (f / "model.safetensors").read_bytes()[:-100]),
+        r"model\.safetensors: data shorter than the header says \(tensor '.*'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_damaged_packed_folders_stop_with_unpacks_errors(rng, tmp_path, tiny_llama, case):
+    from transformers import AutoModelForCausalLM
+
+    write_quant(tiny_llama, tmp_path / "quant", rng)
+    packed = pack_checkpoint(tmp_path / "quant", tmp_path / "packed", tiny_llama)
+    damage, message = BAD[case]
+    damage(packed)
+    with pytest.raises(QdtkError, match=message):
+        qdtk.load(packed)
+    with pytest.raises(QdtkError, match=message):
+        AutoModelForCausalLM.from_pretrained(packed)
