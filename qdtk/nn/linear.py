@@ -17,11 +17,16 @@ from qdtk.nn import kernels
 from qdtk.pack import PackedBCQ, PlaneLayout, bcq_expected, plane_layout
 
 # Up to this many tokens the product reads the packed bytes only (`kernels.matmul_lut`);
-# beyond, tiles of What are dequantised and multiplied with BLAS. From bench/bench_infer.py on
-# 2 shared cores (4096 x 4096 and 4096 x 12288): the LUT kernel's time grows with T, the
-# tiled GEMM's stays near the dense one; they cross between T = 4 and T = 16.
-FEW_TOKENS = 8
-TILE_BYTES = 1 << 20  # one float32 tile of What: about L2-sized, so BLAS reads it from cache
+# beyond, tiles of What are dequantised and multiplied with BLAS. Measured as CPU time on one
+# core (the shared machine's wall clock was too noisy), ms, lookup tables / tiles:
+#   4096 x 4096:  T=1 6.0 / 12.8, T=2 12.2 / 13.0, T=4 24.3 / 15.5
+#   4096 x 12288: T=1 21.5 / 39.1, T=2 43.4 / 39.3
+# The tables' cost grows with T, the tiles' hardly: they cross at T = 2.
+FEW_TOKENS = 1
+# One float32 tile of What (scratch, reused; the dense weight never exists whole beyond it).
+# 4096 x 4096 at T = 256, one core, against 16 MiB tiles: 4 MiB +7%, 1 MiB +15% (x is
+# re-read per tile).
+TILE_BYTES = 4 << 20
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint32): torch.uint32,
                  np.dtype(np.float16): torch.float16}
@@ -76,13 +81,28 @@ class BCQLinear(nn.Module):
 
 
 def _matmul_cpu(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
-    """[T, n] float32; Numba reads the buffers through .numpy() views (no copies)."""
-    L = mod.layout()
+    """[T, n] float32 = x What^T, by token count (FEW_TOKENS)."""
+    return (matmul_lut if x.shape[0] <= FEW_TOKENS else matmul_tiled)(mod, x)
+
+
+def _cpu_arrays(mod: BCQLinear):
+    """NumPy views of the buffers for Numba (no copies; float16 scales as their bits)."""
     planes = mod.planes.numpy()  # [n, U] uint32
-    row_scale = mod.row_scale.numpy().view(np.uint16)  # [P, n] float16 bits
+    row_scale = mod.row_scale.numpy().view(np.uint16)  # [P, n]
     col_scale = mod.col_scale.float().numpy()  # [C] float32: C is about 2 m, small
-    if x.shape[0] <= FEW_TOKENS:
-        return torch.from_numpy(kernels.matmul_lut(x.numpy(), planes, row_scale, col_scale, L))
+    return planes, row_scale, col_scale
+
+
+def matmul_lut(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
+    """[T, n] float32 on the CPU from the packed bytes (lookup tables)."""
+    out = kernels.matmul_lut(x.numpy(), *_cpu_arrays(mod), mod.layout())
+    return torch.from_numpy(out)
+
+
+def matmul_tiled(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
+    """[T, n] float32 on the CPU: tiles of What (exact, L2-sized) times x through BLAS."""
+    L = mod.layout()
+    planes, row_scale, col_scale = _cpu_arrays(mod)
     n, m = mod.out_features, mod.in_features
     rows = max(16, min(n, TILE_BYTES // (4 * m)))
     y = torch.empty(x.shape[0], n)
