@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -39,21 +38,21 @@ from common import best, model_folder  # noqa: E402
 import qdtk  # noqa: E402, F401  (registers the quantizer)
 
 
-def rates(repeat: int) -> tuple[float, float]:
+def rates(repeat: int, clock) -> tuple[float, float]:
     """(memory read bandwidth in bytes/s, float32 GEMM rate in flop/s) of this machine."""
     import torch
 
     a = torch.ones(2**26)  # 256 MiB: far beyond the caches
-    bw = a.numel() * 4 / best(lambda: a.sum(), repeat, warmup=True)
+    bw = a.numel() * 4 / best(lambda: a.sum(), repeat, True, clock)
     x, w = torch.randn(1024, 4096), torch.randn(4096, 4096)
-    gemm = 2 * 1024 * 4096 * 4096 / best(lambda: x @ w.T, repeat, warmup=True)
+    gemm = 2 * 1024 * 4096 * 4096 / best(lambda: x @ w.T, repeat, True, clock)
     return bw, gemm
 
 
-def layer_table(shapes, tokens, repeat: int) -> None:
+def layer_table(shapes, tokens, repeat: int, clock) -> None:
     import torch
 
-    bw, gemm = rates(repeat)
+    bw, gemm = rates(repeat, clock)
     print(f"memory bandwidth {bw / 1e9:.1f} GB/s, float32 GEMM {gemm / 1e9:.0f} GFLOP/s "
           f"(torch threads {torch.get_num_threads()}); floor = max(bytes / bandwidth, "
           "flops / GEMM rate)\n")
@@ -62,10 +61,10 @@ def layer_table(shapes, tokens, repeat: int) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for n, m in shapes:
-        layer_rows(rng, n, m, tokens, repeat, bw, gemm)
+        layer_rows(rng, n, m, tokens, repeat, bw, gemm, clock)
 
 
-def layer_rows(rng, n: int, m: int, tokens, repeat: int, bw: float, gemm: float) -> None:
+def layer_rows(rng, n: int, m: int, tokens, repeat: int, bw: float, gemm: float, clock) -> None:
     import torch
 
     from qdtk.bits import bcq_bits_per_weight
@@ -86,9 +85,9 @@ def layer_rows(rng, n: int, m: int, tokens, repeat: int, bw: float, gemm: float)
         ref = x @ W.T
         err = float((mod(x) - ref).abs().max() / ref.abs().max())  # also compiles
         t = {
-            "packed": best(lambda x=x: mod(x), repeat),
-            "fp32": best(lambda x=x: x @ W.T, repeat),
-            "bf16": best(lambda xb=xb: xb @ Wb.T, repeat, warmup=True),
+            "packed": best(lambda x=x: mod(x), repeat, False, clock),
+            "fp32": best(lambda x=x: x @ W.T, repeat, False, clock),
+            "bf16": best(lambda xb=xb: xb @ Wb.T, repeat, True, clock),
         }
         io = 4 * T * (m + n)
         flop = 2 * T * n * m / gemm
@@ -101,7 +100,7 @@ def layer_rows(rng, n: int, m: int, tokens, repeat: int, bw: float, gemm: float)
               + f" | {t['packed'] / t['fp32']:.2f} | {err:.1e} |")
 
 
-def crossover_table(n: int, m: int, tokens, repeat: int) -> None:
+def crossover_table(n: int, m: int, tokens, repeat: int, clock) -> None:
     import torch
 
     from qdtk.nn import linear
@@ -113,8 +112,8 @@ def crossover_table(n: int, m: int, tokens, repeat: int) -> None:
     print("|---|---|---|---|")
     for T in tokens:
         x = torch.randn(T, m)
-        t_lut = best(lambda x=x: linear.matmul_lut(mod, x), repeat, warmup=True)
-        t_tile = best(lambda x=x: linear.matmul_tiled(mod, x), repeat, warmup=True)
+        t_lut = best(lambda x=x: linear.matmul_lut(mod, x), repeat, True, clock)
+        t_tile = best(lambda x=x: linear.matmul_tiled(mod, x), repeat, True, clock)
         chosen = "lut" if T <= linear.FEW_TOKENS else "tiles"
         print(f"| {T} | {1e3 * t_lut:.2f} | {1e3 * t_tile:.2f} | {chosen} |")
 
@@ -185,8 +184,11 @@ def measure(kind: str, folder: str, T: int, repeat: int) -> dict:
         fwd = best(lambda: model(ids), repeat, warmup=True)
     tensors = list(model.parameters()) + list(model.buffers())
     resident = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    # VmHWM, not ru_maxrss: Linux carries the forking parent's peak across exec into the latter
+    status = Path("/proc/self/status").read_text()
+    peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
     return {"load_s": load_s, "forward_s": fwd, "resident": sum(resident.values()),
-            "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "maxrss": peak}
 
 
 def model_table(names, work: Path, T: int, repeat: int) -> None:
@@ -220,16 +222,28 @@ def main() -> None:
     ap.add_argument("--model-tokens", type=int, default=128, help="tokens per model forward")
     ap.add_argument("--work", default="/tmp/qdtk-bench-infer", help="converted/packed models")
     ap.add_argument("--repeat", type=int, default=3, help="runs per timing (best is kept)")
+    ap.add_argument("--one-core", action="store_true",
+                    help="one thread everywhere, CPU time of this process (layer tables): "
+                    "steadier than the wall clock on a shared machine")
     ap.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--measure-tokens", type=int, default=128, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         print(json.dumps(measure(*args.measure, args.measure_tokens, args.repeat)))
         return
+    clock = time.perf_counter
+    if args.one_core:
+        import numba
+        import torch
+
+        torch.set_num_threads(1)
+        numba.set_num_threads(1)
+        clock = time.process_time
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     if shapes:
-        layer_table(shapes, [int(t) for t in args.tokens.split(",")], args.repeat)
-        crossover_table(*shapes[0], [int(t) for t in args.crossover.split(",")], args.repeat)
+        layer_table(shapes, [int(t) for t in args.tokens.split(",")], args.repeat, clock)
+        crossover_table(*shapes[0], [int(t) for t in args.crossover.split(",")], args.repeat,
+                        clock)
     if args.models:
         model_table(args.models.split(","), Path(args.work), args.model_tokens, args.repeat)
 
