@@ -15,7 +15,8 @@ from qdtk.nn import cuda as kcuda  # noqa: E402
 from qdtk.nn import kernels, linear  # noqa: E402
 from qdtk.nn.linear import BCQLinear  # noqa: E402
 from qdtk.pack import PackedBCQ, pack_checkpoint, plane_layout, unpack_checkpoint  # noqa: E402
-from tests.test_pack import _edit_config, _edit_shard, random_bcq, write_quant  # noqa: E402
+from tests.test_pack import BAD as PACK_BAD  # noqa: E402
+from tests.test_pack import _edit_shard, random_bcq, write_quant  # noqa: E402
 
 # ragged n and last groups (300 = 128 + 128 + 44, 33 < 32 + 2), several groups, one group
 SHAPES = [(37, 300), (130, 256), (5, 33), (20, 520)]
@@ -173,23 +174,14 @@ def test_packed_model_gives_the_unpacked_models_logits(packed_model, tokens):
 
 
 Q = "model.layers.0.self_attn.q_proj"
-BAD = {
-    "unknown format version": (
-        lambda f: _edit_config(f, lambda qc: qc.update(format="qdtk-bcq/9")),
-        r"config\.json: quantization_config format 'qdtk-bcq/9' is not supported",
-    ),
-    "planes inconsistent with orders": (  # group 0 changes order: planes no longer fits
-        lambda f: _edit_shard(f, lambda t: t[Q + ".orders"].__setitem__(
-            0, t[Q + ".orders"][0] % 4 + 1)),
-        r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.planes' is U32 "
-        r"\[64, \d+\], expected uint32 \[64, \d+\]",
-    ),
-    "truncated shard": (
-        lambda f: (f / "model.safetensors").write_bytes(
-            (f / "model.safetensors").read_bytes()[:-100]),
-        r"model\.safetensors: data shorter than the header says \(tensor '.*'",
-    ),
-}
+# unpack's own cases and messages, and one that needs a real model's module names
+BAD = {case: PACK_BAD[case] for case in ("unknown format version", "truncated shard")}
+BAD["planes inconsistent with orders"] = (  # group 0 changes order: planes no longer fits
+    lambda f: _edit_shard(f, lambda t: t[Q + ".orders"].__setitem__(
+        0, t[Q + ".orders"][0] % 4 + 1)),
+    r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.planes' is U32 "
+    r"\[64, \d+\], expected uint32 \[64, \d+\]",
+)
 
 
 @pytest.mark.parametrize("case", BAD)

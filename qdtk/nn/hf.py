@@ -93,9 +93,12 @@ def register_transformers() -> bool:
         requires_calibration = True
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-            if not checkpoint_files:
-                raise QdtkError("a qdtk checkpoint loads from its safetensors files only")
-            replace_linears(model, quantized_modules(Path(checkpoint_files[0]).parent))
+            # transformers 5 names the shards; 4.x only the folder, through the config
+            folder = (Path(checkpoint_files[0]).parent if checkpoint_files
+                      else Path(getattr(model.config, "_name_or_path", "")))
+            if not (folder / "config.json").is_file():
+                raise QdtkError(f"{folder}: a qdtk checkpoint loads from a local folder only")
+            replace_linears(model, quantized_modules(folder))
 
         def is_serializable(self, safe_serialization=None):
             return True
