@@ -196,3 +196,18 @@ def test_damaged_packed_folders_stop_with_unpacks_errors(rng, tmp_path, tiny_lla
         qdtk.load(packed)
     with pytest.raises(QdtkError, match=message):
         AutoModelForCausalLM.from_pretrained(packed)
+
+
+def test_import_qdtk_is_torch_free_and_registers_with_transformers_later():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qdtk\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "import transformers\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M\n"
+        "assert 'qdtk' in M, sorted(M)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
