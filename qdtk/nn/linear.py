@@ -21,7 +21,8 @@ from qdtk.pack import PackedBCQ, PlaneLayout, bcq_expected, plane_layout
 # core (the shared machine's wall clock was too noisy), ms, lookup tables / tiles:
 #   4096 x 4096:  T=1 6.0 / 12.8, T=2 12.2 / 13.0, T=4 24.3 / 15.5
 #   4096 x 12288: T=1 21.5 / 39.1, T=2 43.4 / 39.3
-# The tables' cost grows with T, the tiles' hardly: they cross at T = 2.
+# On 2 shared cores (bench_infer's crossover table, wall clock): T=1 18.8 / 32.8, T=2 32.2 /
+# 17.1. The tables' cost grows with T, the tiles' hardly: they cross at T = 2.
 FEW_TOKENS = 1
 # One float32 tile of What (scratch, reused; the dense weight never exists whole beyond it).
 # Fewer, larger tiles mean fewer hand-overs between Numba's and torch's threads: 4096 x 4096
