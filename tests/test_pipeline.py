@@ -160,3 +160,26 @@ def test_run_end_to_end_on_published_dllm_checkpoints(arch, request, tmp_path):
     assert set(Checkpoint(out / "dense").names()) == set(Checkpoint(folder).names())
     dense = load_model(out / "dense")  # the unpacked model runs natively too
     assert type(dense).__module__ == f"qdtk.models.{arch}"
+    # the packed folder runs at 2 bits: packed Linears, the unpacked model's logits and tokens
+    import torch
+
+    from qdtk.nn import BCQLinear
+
+    packed = load_model(out / "packed")
+    assert sum(isinstance(m, BCQLinear) for m in packed.modules()) == 14
+    ids = torch.arange(12)[None] % 90
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(input_ids=ids).logits, dense(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    gen = ["generate", "--prompt", "masked", "--gen-length", "8", "--block-length", "4",
+           "--steps", "4", "--json"]
+    tokens = [json.loads(o[o.index("{"):])["tokens"] for o in (
+        CliRunner().invoke(cli, [gen[0], str(out / d), *gen[1:]]).output
+        for d in ("packed", "dense"))]
+    assert tokens[0] == tokens[1]
+    from qdtk.evaluate import compare
+
+    on = {d: compare(folder, out / d, n=2, L=16)["metrics"] for d in ("packed", "dense")}
+    for key, m in on["dense"].items():
+        for k, v in m.items():
+            assert on["packed"][key][k] == pytest.approx(v, rel=1e-4)

@@ -138,16 +138,24 @@ def build_native(config: dict, where: str):
 
 def load_native(folder: str | Path, dtype: str = "float32", device: str = "cpu"):
     """qdtk's native forward with every parameter read from the checkpoint (none left
-    uninitialised), converted to `dtype`, in eval mode without gradients."""
+    uninitialised), converted to `dtype`, in eval mode without gradients. A packed folder
+    (`qdtk pack`) keeps its quantized Linears packed: qdtk.nn.BCQLinear modules whose buffers
+    are the file's tensors as stored."""
     from qdtk.checkpoint import Checkpoint
+    from qdtk.pack import is_packed
 
     folder = Path(folder)
     model = build_native(read_config(folder), str(folder))
+    if is_packed(folder):
+        from qdtk.nn.hf import quantized_modules, replace_linears
+
+        replace_linears(model, quantized_modules(folder))
     ckpt = Checkpoint(folder)
-    params = dict(model.named_parameters())
+    params = set(dict(model.named_parameters()))
+    wanted = model.state_dict(keep_vars=True)  # parameters and the packed modules' buffers
     tied = {k: v for k, v in model.tied().items() if k not in ckpt}
-    missing = [n for n in params if n not in ckpt and n not in tied]
-    extra = [n for n in ckpt.names() if n not in params]
+    missing = [n for n in wanted if n not in ckpt and n not in tied]
+    extra = [n for n in ckpt.names() if n not in wanted]
     if missing or extra:
         what = (f"has no tensor {missing[0]!r} ({len(missing)} missing)" if missing else
                 f"has tensors the architecture does not have, e.g. {extra[0]!r} "
@@ -156,19 +164,21 @@ def load_native(folder: str | Path, dtype: str = "float32", device: str = "cpu")
                         f"{type(model).__name__}; is config.json the checkpoint's own?")
     want = torch_dtype(dtype)
     state = {}
-    for name, p in params.items():
+    for name, t in wanted.items():
         if name in tied:
             continue
         info = ckpt.info(name)
-        if tuple(info.shape) != tuple(p.shape):
+        if tuple(info.shape) != tuple(t.shape):
             raise QdtkError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, the "
-                            f"config gives {list(p.shape)}")
-        state[name] = to_torch(ckpt.read(name)).to(want)
+                            f"config gives {list(t.shape)}")
+        value = to_torch(ckpt.read(name))
+        state[name] = value.to(want) if name in params else value  # packed buffers as stored
     model.load_state_dict(state, strict=False, assign=True)
     for dst, src in tied.items():  # share the stored tensor, as the published code ties it
         owner, _, leaf = dst.rpartition(".")
         setattr(model.get_submodule(owner), leaf, model.get_parameter(src))
-    assert not any(p.is_meta for p in model.parameters()), "a parameter was left unloaded"
+    left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    assert not left, f"left unloaded: {left[:3]}"
     model.eval().requires_grad_(False)
     return model.to(device)
 
@@ -308,6 +318,12 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu",
         raise QdtkError(f"unknown --model-code {model_code!r} (auto, native or remote)")
     folder, gguf = split_model_path(path)
     native = None if gguf else native_type(read_config(folder))
+    from qdtk.pack import is_packed
+
+    if not gguf and native is None and is_packed(folder):  # run at 2 bits (qdtk.nn)
+        from qdtk.nn.load import load
+
+        return load(folder, device, None if dtype == "float32" else dtype)
     if model_code == "native" or (model_code == "auto" and native and not trust_remote_code):
         model = load_native(folder, dtype, device)
         log.info("%s: running qdtk's native %s forward", path, type(model).__name__)

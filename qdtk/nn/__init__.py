@@ -1,0 +1,19 @@
+"""Packed inference: `BCQLinear`, `load`, and transformers' quantizer for qdtk-bcq/1 folders.
+
+The torch corner of qdtk: attributes are imported on first use, so that `import qdtk.nn.kernels`
+(Numba only) never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"BCQLinear": "qdtk.nn.linear", "load": "qdtk.nn.load",
+            "register_transformers": "qdtk.nn.hf"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'qdtk.nn' has no attribute {name!r}")

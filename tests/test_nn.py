@@ -1,0 +1,213 @@
+"""Packed inference: the kernels against the unpacked matmul, BCQLinear, qdtk.load and
+transformers' from_pretrained on packed folders, and their errors on damaged ones."""
+
+import numpy as np
+import pytest
+from numba import cuda
+
+torch = pytest.importorskip("torch")
+
+import qdtk  # noqa: E402
+from qdtk.bits import group_slices  # noqa: E402
+from qdtk.checkpoint import Checkpoint  # noqa: E402
+from qdtk.errors import QdtkError  # noqa: E402
+from qdtk.nn import cuda as kcuda  # noqa: E402
+from qdtk.nn import kernels, linear  # noqa: E402
+from qdtk.nn.linear import BCQLinear  # noqa: E402
+from qdtk.pack import PackedBCQ, pack_checkpoint, plane_layout, unpack_checkpoint  # noqa: E402
+from tests.test_pack import BAD as PACK_BAD  # noqa: E402
+from tests.test_pack import _edit_shard, random_bcq, write_quant  # noqa: E402
+
+# ragged n and last groups (300 = 128 + 128 + 44, 33 < 32 + 2), several groups, one group
+SHAPES = [(37, 300), (130, 256), (5, 33), (20, 520)]
+
+
+def packed_layer(rng, n, m, orders=None):
+    """(PackedBCQ, float32 What) with mixed orders 1..4 across the groups."""
+    G = len(group_slices(m))
+    layer = random_bcq(rng, n, m, rng.integers(1, 5, G) if orders is None else orders)
+    return PackedBCQ.from_layer(layer), layer.dequantize()
+
+
+def kernel_args(p: PackedBCQ):
+    return p.planes, p.row_scale.view(np.uint16), p.col_scale.astype(np.float32)
+
+
+def rel_err(y, ref) -> float:
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(y - ref).max() / np.abs(ref).max())
+
+
+# ----------------------------------------------------------------------------- CPU kernels
+
+
+@pytest.mark.parametrize("n,m", SHAPES)
+def test_dequantized_tiles_are_unpacks_what_bit_for_bit(rng, n, m):
+    p, What = packed_layer(rng, n, m)
+    L = plane_layout(p.orders, m)
+    out = np.full((n, m), np.nan, np.float32)
+    for r0 in range(0, n, 16):  # tiles of 16 rows, the last one ragged
+        r = min(16, n - r0)
+        kernels.dequantize_rows(*kernel_args(p), L.start, L.width, L.word, L.col, r0,
+                                out[r0 : r0 + r])
+    np.testing.assert_array_equal(out.view(np.uint32), What.view(np.uint32))
+
+
+@pytest.mark.parametrize("n,m", SHAPES)
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_lut_kernel_equals_the_unpacked_matmul(rng, n, m, T):
+    p, What = packed_layer(rng, n, m)
+    x = rng.standard_normal((T, m)).astype(np.float32)
+    y = kernels.matmul_lut(x, *kernel_args(p), plane_layout(p.orders, m))
+    assert y.shape == (T, n) and y.dtype == np.float32
+    assert rel_err(y, x @ What.T) < 1e-5
+
+
+def test_half_decoding_is_exact_for_every_float16():
+    h = np.arange(2**16, dtype=np.uint16)
+    want = h.view(np.float16).astype(np.float32)
+    got = np.array([kernels._half(v) for v in h[::97]] + [kernels._half(h[-1])], np.float32)
+    ref = np.concatenate([want[::97], want[-1:]])
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    ok = ~np.isnan(ref)
+    np.testing.assert_array_equal(got[ok].view(np.uint32), ref[ok].view(np.uint32))
+
+
+# ----------------------------------------------------------------------------- BCQLinear
+
+
+@pytest.mark.parametrize("n,m", SHAPES)
+@pytest.mark.parametrize("T", [1, linear.FEW_TOKENS + 1, 40])  # LUT path, then tiles
+@pytest.mark.parametrize("bias", [True, False])
+def test_bcq_linear_is_the_unpacked_linear(rng, monkeypatch, n, m, T, bias):
+    monkeypatch.setattr(linear, "TILE_BYTES", 16 * 4 * m)  # tiles of 16 rows: n is ragged
+    p, What = packed_layer(rng, n, m)
+    b = torch.randn(n) if bias else None
+    mod = BCQLinear.from_packed(p, b)
+    x = torch.randn(2, T, m)
+    ref = torch.nn.functional.linear(x, torch.from_numpy(What), b)
+    y = mod(x)
+    assert y.shape == (2, T, n) and y.dtype == torch.float32
+    assert rel_err(y, ref) < 1e-5
+    yb = mod(x.bfloat16())  # bfloat16 in and out; computed in float32, rounded once
+    refb = torch.nn.functional.linear(x.bfloat16().float(), torch.from_numpy(What), b)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), refb.bfloat16().float(), rtol=2**-7, atol=1e-5)
+
+
+def test_bcq_linear_buffers_are_the_packed_arrays(rng):
+    p, _ = packed_layer(rng, 37, 300)
+    sd = BCQLinear.from_packed(p).state_dict()
+    assert list(sd) == ["orders", "planes", "row_scale", "col_scale"]
+    for name in PackedBCQ.FIELDS:
+        arr = getattr(p, name)
+        assert sd[name].numpy().dtype == arr.dtype and sd[name].numpy().tobytes() == arr.tobytes()
+
+
+# ----------------------------------------------------------------------------- CUDA kernels
+
+
+@pytest.mark.skipif(not cuda.is_available(), reason="no CUDA device and no simulator")
+@pytest.mark.parametrize("n,m", [(5, 300), (3, 33)])
+def test_cuda_kernels_match_the_cpu_kernels(rng, n, m):
+    p, What = packed_layer(rng, n, m)
+    L = plane_layout(p.orders, m)
+    DL = kcuda.device_layout(L, p.orders)
+    planes, rs, cs = kernel_args(p)
+    out = np.zeros((n - 1, m), np.float32)  # rows 1.. : a tile that starts inside the layer
+    kcuda.dequantize_rows(planes, rs, cs, DL, p.orders, 1, out, tile=(2, 64))
+    np.testing.assert_array_equal(out.view(np.uint32), What[1:].view(np.uint32))
+    x = rng.standard_normal((2, m)).astype(np.float32)
+    y = np.zeros((2, n), np.float32)
+    kcuda.matmul_packed(x, planes, rs, cs, DL, y, threads=4)  # 4 threads stride over the words
+    assert rel_err(y, kernels.matmul_lut(x, planes, rs, cs, L)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_bert"])
+def packed_model(request, tmp_path_factory):
+    """(packed folder, unpacked float32 folder, AutoModel class) of a tiny model whose every
+    block Linear is quantized with mixed orders; the packed folder is sharded."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    model_dir = request.getfixturevalue(request.param)
+    tmp = tmp_path_factory.mktemp(request.param + "_packed")
+    write_quant(model_dir, tmp / "quant", np.random.default_rng(1))
+    packed = pack_checkpoint(tmp / "quant", tmp / "packed", model_dir, max_shard_bytes=40_000)
+    dense = unpack_checkpoint(packed, tmp / "dense", dtype="float32")
+    auto = AutoModelForCausalLM if request.param == "tiny_llama" else AutoModelForMaskedLM
+    return packed, dense, auto
+
+
+def test_load_keeps_the_files_tensors_bit_for_bit(packed_model):
+    packed, _, _ = packed_model
+    model = qdtk.load(packed)
+    ckpt = Checkpoint(packed)
+    sd = model.state_dict()
+    assert set(ckpt.names()) <= set(sd)
+    for name in ckpt.names():
+        want = ckpt.read(name)
+        got = sd[name].view(torch.uint16) if sd[name].dtype == torch.bfloat16 else sd[name]
+        assert got.numpy().dtype == want.dtype.newbyteorder("=") or want.dtype.name == "bfloat16"
+        assert got.numpy().tobytes() == want.tobytes(), name
+    # resident: the packed bytes and the kept tensors, no dense copy (tied weights count once)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in list(model.parameters()) + list(model.buffers())
+                if t.untyped_storage().data_ptr()}
+    assert sum(storages.values()) <= 1.02 * ckpt.nbytes()
+    qc = model.config.quantization_config
+    assert sum(isinstance(m, BCQLinear) for m in model.modules()) == len(qc.modules)
+
+
+@pytest.mark.parametrize("tokens", [(2, 24), (1, 3)])  # tiled GEMM, then lookup tables
+def test_packed_model_gives_the_unpacked_models_logits(packed_model, tokens):
+    packed, dense, auto = packed_model
+    ids = torch.tensor(np.random.default_rng(2).integers(5, 100, tokens))
+    ref = auto.from_pretrained(dense, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(ids).logits
+        for model in (qdtk.load(packed), auto.from_pretrained(packed)):
+            assert isinstance(model, type(ref))
+            assert rel_err(model(ids).logits, want) < 1e-5
+
+
+Q = "model.layers.0.self_attn.q_proj"
+# unpack's own cases and messages, and one that needs a real model's module names
+BAD = {case: PACK_BAD[case] for case in ("unknown format version", "truncated shard")}
+BAD["planes inconsistent with orders"] = (  # group 0 changes order: planes no longer fits
+    lambda f: _edit_shard(f, lambda t: t[Q + ".orders"].__setitem__(
+        0, t[Q + ".orders"][0] % 4 + 1)),
+    r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.planes' is U32 "
+    r"\[64, \d+\], expected uint32 \[64, \d+\]",
+)
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_damaged_packed_folders_stop_with_unpacks_errors(rng, tmp_path, tiny_llama, case):
+    from transformers import AutoModelForCausalLM
+
+    write_quant(tiny_llama, tmp_path / "quant", rng)
+    packed = pack_checkpoint(tmp_path / "quant", tmp_path / "packed", tiny_llama)
+    damage, message = BAD[case]
+    damage(packed)
+    with pytest.raises(QdtkError, match=message):
+        qdtk.load(packed)
+    with pytest.raises(QdtkError, match=message):
+        AutoModelForCausalLM.from_pretrained(packed)
+
+
+def test_import_qdtk_is_torch_free_and_registers_with_transformers_later():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qdtk\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "import transformers\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M\n"
+        "assert 'qdtk' in M, sorted(M)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
