@@ -13,7 +13,8 @@ need a model and are timed by --forwards):
   published  --abmp swap --rho 0.05 --feedback diagonal --refine none
   none       --abmp knapsack --feedback block --refine none
   rows       ... --refine rows
-  full       ... --refine full (qdtk's default)
+  full       ... --refine full (4 rounds)
+  full2      ... --refine full --refine-rounds 2
 Per layer: orders (ABMP: the knapsack's per-order group solves), factor (Cholesky of H), sweep
 (block solves + compensation), refine, error (proxy error), pack (bit packing), the process CPU
 seconds, and the peak NumPy memory (tracemalloc). Wall seconds are noisy on a shared machine;
@@ -60,6 +61,8 @@ SETTINGS = {
     "none": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "none"},
     "rows": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "rows"},
     "full": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "full"},
+    "full2": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "full",
+              "refine_rounds": 2},
 }
 BASE = {"method": "daq", "iters": 15, "tau": 2.0, "lam": 3.0, "percdamp": 0.01,
         "compensate": True, "refit": True, "backend": "cpu", "budget_scope": "layer",

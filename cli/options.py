@@ -176,6 +176,10 @@ def quantize_options(include: bool = True):
                      help="After the sweep, lower tr(D H D^T) on the full H: none (the paper), "
                      "rows (exact row-scale refit), full (rows and signs alternated), all (also "
                      "the column scales; slowest)."),
+        click.option("--refine-rounds", type=click.IntRange(1), default=None,
+                     help="Rounds of the refinement (each: rows, then signs; full and all end "
+                     "with one more sign pass). Default: the mode's own (rows 1, full 4, all "
+                     "4)."),
         click.option("--backend", "--device", "backend",
                      type=click.Choice(["auto", "cpu", "reference", "cuda"]), default="auto",
                      show_default=True,
@@ -202,7 +206,7 @@ def quantize_options_from(kw: dict) -> dict:
         "budget_scope": kw.pop("budget_scope"), "orders": kw.pop("orders"),
         "iters": kw.pop("iters"), "tau": kw.pop("tau"), "lam": kw.pop("lam"),
         "compensate": not kw.pop("no_compensation"), "feedback": kw.pop("feedback"),
-        "refit": True, "refine": kw.pop("refine"),
+        "refit": True, "refine": kw.pop("refine"), "refine_rounds": kw.pop("refine_rounds"),
     }
     backend = kw.pop("backend")
     options = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp")}

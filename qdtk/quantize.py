@@ -368,7 +368,7 @@ DEFAULTS: dict[str, Any] = {
     "method": "daq", "bits": 2, "abmp": "none", "rho": 0.05, "count": "real",
     "budget_scope": "layer", "orders": list(abmp.ORDERS), "iters": 15, "tau": 2.0, "lam": 3.0,
     "percdamp": 0.01, "compensate": True, "feedback": "diagonal", "refit": True,
-    "refine": "none", "backend": "cpu",
+    "refine": "none", "refine_rounds": None, "backend": "cpu",
 }
 FEEDBACK = ("diagonal", "block")
 
@@ -420,6 +420,9 @@ def check_options(options: Mapping[str, Any]) -> None:
         raise QdtkError(f"--feedback must be one of {', '.join(FEEDBACK)}")
     if _opt(options, "refine") not in MODES:
         raise QdtkError(f"--refine must be one of {', '.join(MODES)}")
+    rounds = _opt(options, "refine_rounds")
+    if rounds is not None and (not isinstance(rounds, int) or rounds < 1):
+        raise QdtkError(f"--refine-rounds must be a whole number >= 1, got {rounds!r}")
 
 
 def knapsack_bits(options: Mapping[str, Any], shapes: Sequence[Sequence[int]]) -> float:
@@ -449,7 +452,6 @@ def solve_daq(
     error is given where it is free or needed: with knapsack, or without compensation (whose
     sweep reuses the allocation's cached solves).
     """
-    from qdtk.refine import MODES
 
     name = str(options.get("name", "layer"))
     method = _opt(options, "abmp")
@@ -488,13 +490,23 @@ def solve_daq(
             backend=str(_opt(options, "backend")),
             name=name,
             group_solver=gs.solution,
-            refine=MODES[_opt(options, "refine")],
+            refine=refine_mode(options),
         )
     finally:
         gs.clear()
     n, m = W.shape
     info = {"abmp": method, **abmp.layer_report(n, m, np.asarray(report.orders)), **info}
     return layer, {**report.to_dict(), **info, "refine": _opt(options, "refine")}
+
+
+def refine_mode(options: Mapping[str, Any]) -> dict | None:
+    """refine_layer's keyword arguments for the options' --refine (None: no refinement), with
+    --refine-rounds replacing the mode's own number of rounds."""
+    from qdtk.refine import MODES
+
+    mode = MODES[_opt(options, "refine")]
+    rounds = _opt(options, "refine_rounds")
+    return mode if mode is None or rounds is None else {**mode, "rounds": int(rounds)}
 
 
 def make_solver(options: Mapping[str, Any]) -> LayerSolver:

@@ -682,3 +682,19 @@ def test_block_feedback_lowers_the_layer_error(rng):
     err = {fb: quantize_layer(W, H, [2, 2, 2], iters=5, feedback=fb)[1].proxy_error
            for fb in ("diagonal", "block")}
     assert err["block"] < err["diagonal"]
+
+
+def test_refine_rounds_option(rng):
+    from qdtk.quantize import check_options, refine_mode
+
+    assert refine_mode({"refine": "full"})["rounds"] == 4
+    assert refine_mode({"refine": "full", "refine_rounds": 2})["rounds"] == 2
+    assert refine_mode({"refine": "none", "refine_rounds": 2}) is None
+    with pytest.raises(QdtkError, match="--refine-rounds"):
+        check_options({"refine": "full", "refine_rounds": 0})
+    W = rng.standard_normal((16, 256)).astype(np.float32)
+    H = correlated_H(rng, 256)
+    errors = [solve_daq(W, H, {"iters": 3, "refine": "full", "refine_rounds": r})[1]
+              ["proxy_error"] for r in (1, 3)]
+    none = solve_daq(W, H, {"iters": 3})[1]["proxy_error"]
+    assert errors[1] <= errors[0] * 1.001 and errors[0] < none
