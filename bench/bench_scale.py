@@ -21,12 +21,13 @@ seconds, and the peak NumPy memory (tracemalloc). Wall seconds are noisy on a sh
 CPU seconds less so.
 
     .venv/bin/python bench/bench_scale.py [--blocks llada,dream] [--settings published,full]
-        [--layers 1] [--forwards]
+        [--all-layers] [--forwards]
 
---layers K times only the first K distinct shapes' first Linear and projects the block from
-them (each shape's layers cost alike). --forwards also times a forward of one LLaDA-shaped
-block on 8 x 128 tokens in torch (the model-scope pre-pass runs, per Linear, the blocks from
-its own onward: half the model on average) and projects the pre-pass of each model.
+By default only the first Linear of each distinct shape is timed and the block is projected
+from them (each shape's layers cost alike); --all-layers times every one. --forwards also
+times a forward of one LLaDA-shaped block on 8 x 128 tokens in torch (the model-scope pre-pass
+runs, per Linear, the blocks from its own onward: half the model on average) and projects the
+pre-pass of each model.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def main() -> None:
     ap.add_argument("--blocks", default="llada,dream")
     ap.add_argument("--settings", default="published,none,rows,full")
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=0,
-                    help="time the first Linear of each distinct shape only (0: every Linear)")
+    ap.add_argument("--all-layers", action="store_true",
+                    help="time every Linear (default: the first of each distinct shape)")
     ap.add_argument("--forwards", action="store_true")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
@@ -132,15 +133,11 @@ def main() -> None:
     rows = []
     for block in args.blocks.split(","):
         linears, count = BLOCKS[block]
-        if args.layers:
-            seen, chosen = set(), []
-            for lin in linears:
-                if (lin[1], lin[2]) not in seen:
-                    seen.add((lin[1], lin[2]))
-                    chosen.append(lin)
-            chosen = chosen[: args.layers] if args.layers < len(chosen) else chosen
-        else:
+        if args.all_layers:
             chosen = linears
+        else:  # the first Linear of each distinct shape
+            chosen = list({(n, m): (role, n, m, inp) for role, n, m, inp in reversed(linears)}
+                          .values())[::-1]
         Hs = {}
         for setting in args.settings.split(","):
             per_shape: dict[tuple, dict] = {}
