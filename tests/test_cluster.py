@@ -170,6 +170,23 @@ def test_cluster_option_errors(model_and_stats, tmp_path, monkeypatch):
     assert r.exit_code != 0 and "--sequential" in r.output and "--cluster" in r.output
 
 
+def test_run_passes_the_cluster_to_the_quantize_stage(model_and_stats, monkeypatch):
+    pytest.importorskip("ray")
+    import qdtk.pipeline
+
+    seen = {}
+
+    def run(model, calib, out, opts, echo):
+        seen.update(opts.quantize)
+        raise QdtkError("stopped here")
+
+    monkeypatch.setattr(qdtk.pipeline, "run", run)
+    model, _ = model_and_stats
+    r = CliRunner().invoke(cli, ["run", str(model), "--cluster", "ray://auto", "--num-cpus", "2"])
+    assert r.exit_code == 1 and "stopped here" in r.output
+    assert seen["cluster"] == "ray://auto" and seen["num_cpus"] == 2
+
+
 def test_addresses_and_task_resources():
     assert parse_cluster("ray") is None
     assert parse_cluster("ray://10.0.0.1:6379") == "10.0.0.1:6379"
