@@ -667,10 +667,10 @@ def quantize_model(
                          alloc["fingerprint"])
         jobs.append((file, block, weights, fp, report.done(file, weights, fp)))
     orders = {w: alloc["layers"].get(w, {}).get("orders") for w in selected}
-    if options.get("cluster"):  # every unsolved layer a task; collected below in this order
+    todo = [(w, orders[w]) for *_, weights, _, done in jobs if not done for w in weights]
+    if options.get("cluster") and todo:  # every unsolved layer a task, collected in this order
         from qdtk.cluster import ray_layers
 
-        todo = [(w, orders[w]) for *_, weights, _, done in jobs if not done for w in weights]
         results = ray_layers(options, model_dir, stats_dir, solver, todo)
     else:
         results = nullcontext(lambda w: solve_layer(ckpt, stats, solver, options, w, orders[w]))

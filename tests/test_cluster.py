@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import qdtk.cluster
 import qdtk.quantize
 from qdtk.cli.main import cli
 from qdtk.cluster import parse_cluster, task_resources
@@ -126,6 +127,9 @@ def test_rerun_after_a_killed_driver_redoes_only_the_unfinished(
     assert len(calls.solved()) == 6
     assert not any(w.startswith("model.layers.0.") for w in calls.solved())
     assert block_bytes(tmp_path / "ray") == block_bytes(tmp_path / "serial")
+    monkeypatch.setattr(qdtk.cluster, "ray_layers", None)  # a finished run needs no cluster
+    quantize_model(model, stats, tmp_path / "ray", CLUSTER, calls, progress=False)
+    assert len(calls.solved()) == 6
 
 
 def test_bad_input_stops_with_the_serial_message(ray_cluster, model_and_stats, tmp_path):
