@@ -51,8 +51,9 @@ cluster_options = _compose([
                  "ray://HOST:PORT names the head node. Run it on a node of the cluster, with the "
                  "model and statistics folders on storage every node reads."),
     click.option("--num-cpus", default=1, show_default=True, type=click.IntRange(1),
-                 help="CPUs each --cluster task reserves (and its threads); with --backend cuda "
-                 "each task also reserves one GPU."),
+                 help="CPUs each --cluster task reserves, and its threads (the serial run's "
+                 "files bit for bit need its BLAS threads); with --backend cuda each task also "
+                 "reserves one GPU."),
 ])
 
 

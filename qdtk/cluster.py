@@ -2,11 +2,14 @@
 
 The driver (`qdtk.quantize.quantize_model`) keeps everything that plans or records the result:
 the fingerprints, the resume, the progress bar, report.json and the solution files, which it
-writes in the serial run's order from the same layers, so they are the serial run's bit for
-bit. A task solves one Linear exactly as the serial run does (`qdtk.quantize.solve_layer`),
-reading its weight and statistic from the folders every node sees, and returns the layer and its
-report. Faults: a task whose worker dies is run again (Ray's `max_retries`); a task that raises
-is not, and its QdtkError reaches the user as the serial run's would; a killed driver leaves the
+writes in the serial run's order from the same layers. A task solves one Linear exactly as the
+serial run does (`qdtk.quantize.solve_layer`), reading its weight and statistic from the folders
+every node sees, and returns the layer and its report; the files are the serial run's bit for
+bit where each task's BLAS runs on as many threads as the serial run's did (OpenBLAS's results
+depend on its thread count; a task's follow its CPUs: Ray sets OMP_NUM_THREADS).
+
+Faults: a task whose worker dies is run again (Ray's `max_retries`); a task that raises is not,
+and its QdtkError reaches the user as the serial run's would; a killed driver leaves the
 finished blocks' files, which a rerun keeps (the stage's own resume).
 
 Ray is the optional extra `ray`: nothing here imports it before a cluster is asked for.

@@ -23,7 +23,7 @@ orders plug into DAQ the same way, e.g. with an allocator `abmp(W, P) -> orders 
     quantize_model(model, stats, out, {**options, "abmp": ...}, partial(solve_daq, orders=abmp))
 (everything that changes the result belongs in `options`, which the fingerprint covers).
 With options["cluster"] the layers are solved as Ray tasks instead (qdtk.cluster), collected in
-the same order, so the files are the same.
+the same order into the same files.
 """
 
 from __future__ import annotations

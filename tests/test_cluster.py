@@ -81,6 +81,8 @@ def report_without_times(out: Path) -> dict:
 
 
 def test_cluster_gives_the_serial_files_bit_for_bit(ray_cluster, model_and_stats, tmp_path):
+    """Shapes this small run on one BLAS thread either way; on real ones the bits also need the
+    serial run's BLAS threads per task (README: --num-cpus)."""
     model, stats = model_and_stats
     quantize_model(model, stats, tmp_path / "serial", OPTIONS, progress=False)
     calls = recording(tmp_path)
