@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,17 @@ def import_ray() -> Any:
 
 
 def check_cluster(spec: str) -> str:
-    """`spec` when it is a valid --cluster and Ray is installed (checked before any work)."""
-    parse_cluster(spec)
+    """`spec` when it is a valid --cluster, Ray is installed and a HOST:PORT it names answers
+    (checked before any work: Ray itself retries an address that does not for minutes)."""
+    address = parse_cluster(spec)
     import_ray()
+    host, _, port = (address or "").rpartition(":")
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            raise QdtkError(f"--cluster {spec}: no Ray head node answers at {address} "
+                            f"({e.strerror or e})") from None
     return spec
 
 
@@ -96,7 +105,7 @@ def ray_layers(
     cancelled and a connection made here is closed (which stops a local cluster started here).
     """
     ray = import_ray()
-    address = parse_cluster(options["cluster"])
+    address = parse_cluster(check_cluster(options["cluster"]))
     connected_here = not ray.is_initialized()
     if connected_here:
         try:

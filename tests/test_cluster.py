@@ -2,6 +2,7 @@
 for bit, survive a killed worker and a killed driver, and stop on bad input as the serial run
 does. One small local Ray cluster (2 CPUs) serves the whole module."""
 
+import importlib.util
 import json
 import os
 import sys
@@ -167,6 +168,9 @@ def test_cluster_option_errors(model_and_stats, tmp_path, monkeypatch):
     args = ["quantize", str(model), "--stats", str(stats), "--out", str(tmp_path / "q")]
     r = CliRunner().invoke(cli, [*args, "--cluster", "dask"])
     assert r.exit_code == 1 and "--cluster 'dask': expected ray or ray://HOST:PORT" in r.output
+    if importlib.util.find_spec("ray"):
+        r = CliRunner().invoke(cli, [*args, "--cluster", "ray://127.0.0.1:1"])
+        assert r.exit_code == 1 and "no Ray head node answers at 127.0.0.1:1" in r.output
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     r = CliRunner().invoke(cli, [*args, "--cluster", "ray"])
     assert r.exit_code == 1
