@@ -59,7 +59,8 @@ cluster_options = _compose([
 
 def cluster_options_from(kw: dict) -> dict:
     """{"cluster", "num_cpus"} for the quantize stage's options when --cluster is given (checked
-    now: its form, and that Ray is installed), else {} (consumes their keys from kw)."""
+    now: its form, that Ray is installed, that its address answers), else {} (consumes their
+    keys from kw)."""
     from qdtk.cluster import check_cluster
 
     cluster, num_cpus = kw.pop("cluster"), kw.pop("num_cpus")
