@@ -44,6 +44,29 @@ def _compose(decorators):
     return apply
 
 
+cluster_options = _compose([
+    click.option("--cluster", default=None, metavar="ray[://ADDRESS]",
+                 help="Solve the layers as tasks on a Ray cluster (the `ray` extra): 'ray' uses "
+                 "RAY_ADDRESS or a cluster running on this node, else starts a local one; "
+                 "ray://HOST:PORT names the head node. Run it on a node of the cluster, with the "
+                 "model and statistics folders on storage every node reads."),
+    click.option("--num-cpus", default=1, show_default=True, type=click.IntRange(1),
+                 help="CPUs each --cluster task reserves, and its threads (the serial run's "
+                 "files bit for bit need its BLAS threads); with --backend cuda each task also "
+                 "reserves one GPU."),
+])
+
+
+def cluster_options_from(kw: dict) -> dict:
+    """{"cluster", "num_cpus"} for the quantize stage's options when --cluster is given (checked
+    now: its form, that Ray is installed, that its address answers), else {} (consumes their
+    keys from kw)."""
+    from qdtk.cluster import check_cluster
+
+    cluster, num_cpus = kw.pop("cluster"), kw.pop("num_cpus")
+    return {"cluster": check_cluster(cluster), "num_cpus": num_cpus} if cluster else {}
+
+
 def capture_options(n: int | None = 128, L: int | None = 2048, device: bool = True):
     """The MCS and model-running options of `qdtk capture` (also offered by `qdtk run`)."""
     opts = [

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import click
 
-from qdtk.cli.options import model_code_option, quantize_options, quantize_options_from
+from qdtk.cli.options import (
+    cluster_options,
+    cluster_options_from,
+    model_code_option,
+    quantize_options,
+    quantize_options_from,
+)
 
 
 def echo_report(report: dict, out_dir: str) -> None:
@@ -39,6 +45,7 @@ def echo_report(report: dict, out_dir: str) -> None:
               help="Let --budget-scope model run the model's own code from its folder to "
               "measure each layer's effect on the output.")
 @model_code_option
+@cluster_options
 def quantize(model_dir, stats_dir, out_dir, include, exclude, trust_remote_code, model_code,
              **kw) -> None:
     """Quantize the Linear weights of MODEL_DIR with DAQ (or --method gptq/rtn), using the
@@ -54,7 +61,7 @@ def quantize(model_dir, stats_dir, out_dir, include, exclude, trust_remote_code,
     """
     from qdtk.quantize import quantize_model
 
-    options = quantize_options_from(kw)
+    options = {**quantize_options_from(kw), **cluster_options_from(kw)}
     if trust_remote_code:
         options["trust_remote_code"] = True
     options["model_code"] = model_code

@@ -7,6 +7,8 @@ import click
 from qdtk.cli.options import (
     capture_options,
     capture_options_from,
+    cluster_options,
+    cluster_options_from,
     quantize_options,
     quantize_options_from,
 )
@@ -56,6 +58,7 @@ def format_summary(s: dict) -> str:
               "previous steps (slower; one pass instead of capture + quantize).")
 @capture_options(n=None, L=None, device=False)
 @quantize_options()
+@cluster_options
 @click.option("--eval-n", default=32, show_default=True, type=click.IntRange(1),
               help="Held-out windows for the final evaluation.")
 @click.option("--eval-length", default=128, show_default=True, type=click.IntRange(2),
@@ -86,7 +89,11 @@ def run(model, calib, out, sequential, eval_n, eval_length, eval_text, dense_dty
     source = click.get_current_context().get_parameter_source("budget_scope")
     if sequential and source == click.core.ParameterSource.DEFAULT:
         kw["budget_scope"] = "layer"  # a model-wide budget needs every H before any solve
-    quantize = quantize_options_from(kw)
+    if sequential and kw["cluster"]:
+        raise click.UsageError("--cluster solves the layers of the one-pass quantize stage; "
+                               "--sequential calibrates each block after the last is solved, "
+                               "on this machine")
+    quantize = {**quantize_options_from(kw), **cluster_options_from(kw)}
     if kw["trust_remote_code"]:  # the model-scope pre-pass runs the model too
         quantize["trust_remote_code"] = True
     quantize["model_code"] = kw["model_code"]

@@ -22,6 +22,8 @@ file carries the same fingerprint (model, statistics block, options, layer names
 orders plug into DAQ the same way, e.g. with an allocator `abmp(W, P) -> orders [G]`:
     quantize_model(model, stats, out, {**options, "abmp": ...}, partial(solve_daq, orders=abmp))
 (everything that changes the result belongs in `options`, which the fingerprint covers).
+With options["cluster"] the layers are solved as Ray tasks instead (qdtk.cluster), collected in
+the same order into the same files.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -374,8 +377,9 @@ FEEDBACK = ("diagonal", "block")
 
 
 # Options that change how the stage runs but not its result (left out of the fingerprints):
-# How the model-scope pre-pass runs the model (its own code, or qdtk's native forward).
-RUN_ONLY = ("trust_remote_code", "model_code")
+# How the model-scope pre-pass runs the model (its own code, or qdtk's native forward); where
+# the layers are solved (qdtk.cluster: a Ray cluster, and the CPUs per task).
+RUN_ONLY = ("trust_remote_code", "model_code", "cluster", "num_cpus")
 
 
 def _opt(options: Mapping[str, Any], key: str) -> Any:
@@ -620,6 +624,19 @@ class SolutionReport:
         return self.data
 
 
+def solve_layer(
+    ckpt: Any, stats: Any, solver: LayerSolver, options: Mapping[str, Any], w: str,
+    orders: Sequence[int] | None = None,
+) -> tuple[tuple[int, int], QuantizedLayer, dict]:
+    """(shape, layer, report) of the Linear `w`: its weight from the checkpoint, its H from the
+    statistics, solved by `solver` (with the model-scope allocation's `orders`, if any). The one
+    solve of the stage, here or on a --cluster worker."""
+    W = ckpt.read(w, np.float32)
+    H, _ = stats.hessian(w, dim=W.shape[1])
+    layer, rep = solver(W, H, {**options, "name": w, "layer_orders": orders})
+    return W.shape, layer, rep
+
+
 def quantize_model(
     model_dir: str | Path,
     stats_dir: str | Path,
@@ -685,12 +702,22 @@ def quantize_model(
     report.remove_stale({file for file, _, _ in plan})
     model_fp = report.data["model"]["fingerprint"]
     result_options = report.data["options"]
-    bar = tqdm(total=len(selected), unit="layer", disable=not progress)
-    try:
-        for file, block, weights in plan:
-            fp = fingerprint(model_fp, stats.block_fingerprint(block), result_options, weights,
-                             alloc["fingerprint"])
-            if report.done(file, weights, fp):
+    jobs = []  # (file, block name, weights, fingerprint, solved by an earlier run)
+    for file, block, weights in plan:
+        fp = fingerprint(model_fp, stats.block_fingerprint(block), result_options, weights,
+                         alloc["fingerprint"])
+        jobs.append((file, block, weights, fp, report.done(file, weights, fp)))
+    orders = {w: alloc["layers"].get(w, {}).get("orders") for w in selected}
+    todo = [(w, orders[w]) for *_, weights, _, done in jobs if not done for w in weights]
+    if options.get("cluster") and todo:  # every unsolved layer a task, collected in this order
+        from qdtk.cluster import ray_layers
+
+        results = ray_layers(options, model_dir, stats_dir, solver, todo)
+    else:
+        results = nullcontext(lambda w: solve_layer(ckpt, stats, solver, options, w, orders[w]))
+    with results as solve, tqdm(total=len(selected), unit="layer", disable=not progress) as bar:
+        for file, block, weights, fp, done in jobs:
+            if done:
                 log.debug("%s: already solved, skipping", block)
                 report.keep(block, file, fp, weights)
                 bar.update(len(weights))
@@ -698,19 +725,14 @@ def quantize_model(
             solutions = {}
             for w in weights:
                 bar.set_postfix_str(w, refresh=True)
-                W = ckpt.read(w, np.float32)
-                H, _ = stats.hessian(w, dim=W.shape[1])
-                planned = alloc["layers"].get(w, {})
-                layer, rep = solver(W, H, {**options, "name": w,
-                                           "layer_orders": planned.get("orders")})
+                shape, layer, rep = solve(w)
                 solutions[w] = layer
+                planned = alloc["layers"].get(w, {})
                 rep = {**rep, **{k: v for k, v in planned.items() if k != "orders"}}
-                report.add_layer(w, W.shape, layer, rep, fp)
+                report.add_layer(w, shape, layer, rep, fp)
                 bar.update(1)
             sha = write_solution_block(Path(out_dir) / file, solutions, fp)
             report.add_block(block, file, fp, weights, sha)
-    finally:
-        bar.close()
     return report.finish()
 
 

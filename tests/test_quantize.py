@@ -321,7 +321,7 @@ def test_cli(model_and_stats, tmp_path):
         "method": "daq", "bits": 3, "abmp": "none", "rho": 0.05, "count": "real",
         "budget_scope": "layer", "orders": [1, 2, 3], "iters": 3, "tau": 2.0, "lam": 3.0,
         "percdamp": 0.01, "compensate": False, "feedback": "block", "refit": True,
-        "refine": "none", "backend": "cpu"}
+        "refine": "none", "refine_rounds": None, "backend": "cpu"}
     assert f"{report['summary']['bits_per_weight']:.4f} bits/weight" in r.output
     assert report["summary"]["orders_histogram"] == {"3": sum(
         len(r_["orders"]) for r_ in report["layers"].values())}
@@ -330,8 +330,8 @@ def test_cli(model_and_stats, tmp_path):
     assert r.exit_code == 0
     for opt in ("--stats", "--out", "--method", "--bits", "--abmp", "--rho", "--count",
                 "--budget-scope", "--orders", "--iters", "--tau", "--lam", "--percdamp",
-                "--no-compensation", "--refine", "--backend", "--device", "--include",
-                "--exclude"):
+                "--no-compensation", "--refine", "--refine-rounds", "--backend", "--device",
+                "--include", "--exclude"):
         assert opt in r.output
 
 
