@@ -243,8 +243,7 @@ def load_transformers(path: str | Path, dtype: str = "float32", trust_remote_cod
     """A model through transformers (the folder's own code when it has and trusts some)."""
     import transformers
 
-    folder, gguf = split_model_path(path)
-    extra = {"gguf_file": gguf} if gguf else {}
+    folder, gguf, extra = _hub_args(path)
     try:
         with quiet_transformers():
             config = transformers.AutoConfig.from_pretrained(
@@ -267,6 +266,12 @@ def load_transformers(path: str | Path, dtype: str = "float32", trust_remote_cod
                                          native_type(read_config(folder)) is not None)) from None
     model.eval().requires_grad_(False)
     return model
+
+
+def _hub_args(path: str | Path) -> tuple[Path, str | None, dict]:
+    """(folder, gguf file or None, the from_pretrained keywords that name the file)."""
+    folder, gguf = split_model_path(path)
+    return folder, gguf, ({"gguf_file": gguf} if gguf else {})
 
 
 def DTYPE_KWARG() -> str:  # noqa: N802 - a constant of the installed transformers
@@ -351,8 +356,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     on the same files (tokenizer.json, or Qwen2's vocab.json + merges.txt: Dream's)."""
     import transformers
 
-    folder, gguf = split_model_path(path)
-    extra = {"gguf_file": gguf} if gguf else {}
+    folder, gguf, extra = _hub_args(path)
     try:
         with quiet_transformers():
             tok = transformers.AutoTokenizer.from_pretrained(
