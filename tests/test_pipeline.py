@@ -55,6 +55,8 @@ def test_run_cli_end_to_end_and_rerun_is_a_no_op(tiny_bert, tmp_path):
     assert 2.0 < s["bits_per_weight"] < 3.5
     assert s["packed_bytes"] < s["size_bytes"]
     assert s["kind"] == "mlm" and "masked_ce@0.5" in s["metrics"]
+    assert list(s["sources"]) == ["builtin:pydoc", "builtin:docstrings", "builtin:manpages"]
+    assert s["metrics"] == s["sources"]["builtin:pydoc"]
     assert "bits per weight" in r.output and "masked-token CE" in r.output
     # the unpacked model is a real checkpoint with every tensor of the original
     assert set(Checkpoint(out / "dense").names()) == set(Checkpoint(tiny_bert).names())
