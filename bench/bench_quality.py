@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import model_folder  # noqa: E402
+from common import model_folder, quantize_options  # noqa: E402
 
 SETTINGS = {
     "published": {"method": "daq", "abmp": "swap", "rho": 0.05, "refine": "none",
@@ -44,26 +44,6 @@ SETTINGS = {
     "gptq": {"method": "gptq", "bits": 2},
     "rtn": {"method": "rtn", "bits": 2},
 }
-
-
-def options_for(setting: str) -> dict:
-    """The stage options of a setting: the CLI's defaults overridden by the setting."""
-    import click
-    from click.testing import CliRunner
-
-    from qdtk.cli.options import quantize_options, quantize_options_from
-
-    captured = {}
-
-    @click.command()
-    @quantize_options(include=False)
-    def probe(**kw):
-        captured.update(quantize_options_from({**kw, **SETTINGS[setting]}))
-
-    result = CliRunner().invoke(probe, [])
-    if result.exit_code:
-        raise SystemExit(f"{setting}: {result.output}")
-    return captured
 
 
 def heldout_source(work: Path) -> Path:
@@ -96,7 +76,7 @@ def run_setting(model: Path, stats: dict[str, Path], work: Path, setting: str) -
     from qdtk.pack import pack_checkpoint, unpack_checkpoint
     from qdtk.quantize import make_solver, quantize_model
 
-    options = options_for(setting)
+    options = quantize_options(SETTINGS[setting])
     calib = stats["calib-plain"] if setting == "qdtk-plain" else stats["calib"]
     q, p, u = (work / f"{kind}-{setting}" for kind in ("quant", "packed", "dense"))
     t0 = time.perf_counter()

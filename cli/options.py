@@ -154,6 +154,11 @@ def quantize_options(include: bool = True):
                      help="Error weight of the salient weights (1 elsewhere)."),
         click.option("--percdamp", type=click.FloatRange(min=0, min_open=True), default=0.01,
                      show_default=True, help="Damping of H as a fraction of its mean diagonal."),
+        click.option("--shrink", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+                     show_default=True,
+                     help="Fit on H shrunk toward its diagonal, (1 - a) H + a diag(H): the "
+                     "off-diagonal correlations are what fits the calibration text; errors are "
+                     "still reported on H."),
         click.option("--feedback", type=click.Choice(["block", "diagonal"]), default="block",
                      show_default=True,
                      help="How a solved block's error reaches the later columns: block (the "
@@ -192,7 +197,7 @@ def quantize_options_from(kw: dict) -> dict:
         "budget_scope": kw.pop("budget_scope"), "orders": kw.pop("orders"),
         "iters": kw.pop("iters"), "tau": kw.pop("tau"), "lam": kw.pop("lam"),
         "compensate": not kw.pop("no_compensation"), "feedback": kw.pop("feedback"),
-        "refit": True, "refine": kw.pop("refine"),
+        "refit": True, "refine": kw.pop("refine"), "shrink": kw.pop("shrink"),
     }
     backend = kw.pop("backend")
     options = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp")}

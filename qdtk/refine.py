@@ -310,17 +310,19 @@ def refine_layer(
     percdamp: float = 0.01,
     max_unknowns: int = 4096,
     name: str = "layer",
+    shrink: float = 0.0,
 ) -> BinaryCodedLayer:
     """Lower tr(D H D^T) of a solved layer by alternating exact refits on the full H.
 
-    W [n, m], H [m, m] the layer's undamped statistic; the solver works on the damped H (SPEC 2).
+    W [n, m], H [m, m] the layer's undamped statistic; the solver works on the damped H (SPEC 2),
+    shrunk toward its diagonal by `shrink` first (qdtk.hessian).
     Each round: row scales (scales), column scales (scales and columns), signs (signs); then the
     scales are balanced and rounded to float16 and the signs refit once more on the rounded
     scales. The result is returned only if its error (damped H, canonical float32 evaluation)
     is below the input layer's. Cost per round about (2K + 6) n m^2 flops, plus with columns
     6 n m^2 + 2 K^2 n m c + m (K c)^2 / 3 (c = columns per chunk, see refit_col_scales).
     """
-    P = prepare_hessian(H, percdamp, name=name)
+    P = prepare_hessian(H, percdamp, name=name, shrink=shrink)
     Hd = P.H  # [m, m] float64
     W = np.asarray(W, np.float64)
     state = state_from_layer(layer)
