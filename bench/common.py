@@ -76,6 +76,19 @@ def quantize_options(overrides: dict) -> dict:
     return captured
 
 
+def calibration_source(spec: str, work: Path) -> str:
+    """A calibration source for the stages: SRC as given, or for "mix:A,B,..." a file holding
+    the calibration parts of those built-in sources (qdtk.calib.mix_documents)."""
+    if not spec.startswith("mix:"):
+        return spec
+    from qdtk.calib import SEPARATOR, mix_documents
+
+    path = work / f"calib-{spec[4:].replace(',', '+')}.txt"
+    if not path.exists():
+        path.write_text(SEPARATOR.join(mix_documents(tuple(spec[4:].split(",")))))
+    return str(path)
+
+
 def best(fn: Callable[[], object], repeat: int, warmup: bool = False) -> float:
     """The fastest of `repeat` timed calls, in seconds (after one untimed call if warmup)."""
     if warmup:
