@@ -14,7 +14,8 @@ embedding cosine (MiniLM) or the perplexity (SmolLM2). Bits per weight are real:
 float16 scales (DAQ), codes and float16 scale and zero per group of 128 (GPTQ, RTN).
 
 Settings:
-    published   DAQ as published: swap rho 0.05, diagonal error feedback, no refinement
+    published   DAQ as published: swap rho 0.05, diagonal error feedback, no refinement, no
+                shrinkage of H
     qdtk        DAQ with qdtk's defaults (`qdtk quantize` without options)
     qdtk-plain  qdtk's defaults on H from unmasked calibration (MiniLM: does MCS matter?)
     qdtk-2.00   qdtk's defaults at a budget of exactly 2.00 real bits per weight
@@ -42,7 +43,7 @@ from qdtk.calib import EVAL_SOURCES, PREFIX  # noqa: E402
 
 SETTINGS = {
     "published": {"method": "daq", "abmp": "swap", "rho": 0.05, "refine": "none",
-                  "budget_scope": "layer", "feedback": "diagonal"},
+                  "budget_scope": "layer", "feedback": "diagonal", "shrink": 0.0},
     "qdtk": {"method": "daq"},
     "qdtk-plain": {"method": "daq"},
     "qdtk-2.00": {"method": "daq", "bits": 2.0},

@@ -54,21 +54,22 @@ N_LAYERS = 30
 LLAMA_TYPES = {"iq2_xs": "IQ2_XS", "iq2_xxs": "IQ2_XXS"}
 QDTK = {"budget_scope": "layer"}  # a layer's own budget: the cost of uniform order 2
 SETTINGS = {
-    "qdtk": {**QDTK},
-    "qdtk-refine-none": {**QDTK, "refine": "none"},
-    "published": {"abmp": "swap", "rho": 0.05, "refine": "none", "budget_scope": "layer",
-                  "feedback": "diagonal"},
-    "no-compensation": {**QDTK, "refine": "none", "no_compensation": True},
+    "qdtk": {**QDTK},  # qdtk's defaults (--shrink 0.25)
+    "shrink-0": {**QDTK, "shrink": 0.0},
     "shrink-0.1": {**QDTK, "shrink": 0.1},
-    "shrink-0.25": {**QDTK, "shrink": 0.25},
     "shrink-0.5": {**QDTK, "shrink": 0.5},
     "shrink-0.75": {**QDTK, "shrink": 0.75},
-    "percdamp-0.1": {**QDTK, "percdamp": 0.1},
+    "refine-none-shrink-0": {**QDTK, "refine": "none", "shrink": 0.0},
+    "refine-none": {**QDTK, "refine": "none"},
+    "published": {"abmp": "swap", "rho": 0.05, "refine": "none", "budget_scope": "layer",
+                  "feedback": "diagonal", "shrink": 0.0},
+    "no-compensation": {**QDTK, "refine": "none", "no_compensation": True, "shrink": 0.0},
+    "percdamp-0.1": {**QDTK, "percdamp": 0.1, "shrink": 0.0},
+    "rotated-shrink-0": {**QDTK, "shrink": 0.0, "rotate": True},
     "rotated": {**QDTK, "rotate": True},
-    "rotated-shrink-0.25": {**QDTK, "shrink": 0.25, "rotate": True},
 }
 __doc__ += "".join(f"    {k:<21} {v}\n" for k, v in SETTINGS.items())
-DEFAULT_SETTINGS = "iq2_xs,iq2_xxs,qdtk,qdtk-refine-none,published,no-compensation"
+DEFAULT_SETTINGS = "iq2_xs,iq2_xxs,qdtk,shrink-0,refine-none,published,no-compensation,rotated"
 
 
 def find_llama_quantize(given: str | None) -> Path | None:
