@@ -16,6 +16,18 @@ BUILTIN_N, BUILTIN_L = 64, 256
 MODEL_N, MODEL_L = 128, 2048
 
 
+def _text_sources(ctx, param, value):
+    from qdtk.calib import check_text_source
+    from qdtk.errors import QdtkError
+
+    try:
+        for src in value:
+            check_text_source(src)
+    except QdtkError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def _size(x: float) -> str:
     return f"{x / 2**20:,.1f} MiB"
 
@@ -61,7 +73,7 @@ def format_summary(s: dict) -> str:
               help="Held-out windows for the final evaluation.")
 @click.option("--eval-length", default=128, show_default=True, type=click.IntRange(2),
               help="Tokens per held-out window.")
-@click.option("--eval-text", multiple=True, metavar="SRC",
+@click.option("--eval-text", multiple=True, metavar="SRC", callback=_text_sources,
               help="Held-out text to evaluate on, repeatable (see `qdtk eval --text`; default: "
               "the held-out parts of builtin:pydoc, builtin:docstrings, builtin:manpages).")
 @click.option("--dense-dtype", type=click.Choice(["float32", "float16", "bfloat16"]),

@@ -219,6 +219,13 @@ def builtin_name(source: str | Path | None) -> str | None:
     return None
 
 
+def check_text_source(source: str | Path) -> None:
+    """Raise QdtkError unless `source` names a built-in text or an existing path (cheap: for
+    options checked before a long run)."""
+    if builtin_name(source) is None and not Path(source).exists():
+        raise QdtkError(f"{source}: text source not found")
+
+
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
     with open(path, encoding="utf-8") as f:

@@ -141,3 +141,12 @@ def test_sequential_refuses_a_model_wide_budget_it_cannot_plan(tiny_bert, tmp_pa
     assert r.exit_code == 1
     assert "--budget-scope layer" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "o" / "quant" / "report.json").exists()
+
+
+def test_run_checks_eval_texts_before_any_stage(tiny_bert, tmp_path):
+    for bad, message in ((str(tmp_path / "missing.txt"), "text source not found"),
+                         ("builtin:novels", "builtin:manpages")):
+        r = CliRunner().invoke(cli, ["run", str(tiny_bert), "--out", str(tmp_path / "run"),
+                                     "--eval-text", "builtin:pydoc", "--eval-text", bad])
+        assert r.exit_code == 2 and message in r.output, r.output
+        assert not (tmp_path / "run").exists()
