@@ -75,31 +75,45 @@ def _pydoc_documents() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def _module_docstrings(name: str) -> str:
-    """A module's docstring and those of its public classes, functions and methods."""
+def _own_doc(obj) -> str:
+    """obj's own docstring, cleaned (inspect.getdoc would inherit a base class's)."""
+    doc = getattr(obj, "__doc__", None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) else ""
+
+
+def _module_docstrings(name: str, seen: set[str]) -> str:
+    """A module's docstring and those of its public classes, functions and methods, leaving
+    out any text already in `seen` (shared docstrings would cross the calibration split)."""
     import importlib
 
     module = importlib.import_module(name)
-    parts = [inspect.getdoc(module) or ""]
+    parts = [_own_doc(module)]
     for attr in sorted(vars(module)):
-        obj = getattr(module, attr)
+        obj = vars(module)[attr]
         if attr.startswith("_") or getattr(obj, "__module__", None) != name:
             continue
         if not (inspect.isclass(obj) or inspect.isfunction(obj)):
             continue
-        parts.append(inspect.getdoc(obj) or "")
+        parts.append(_own_doc(obj))
         if inspect.isclass(obj):
-            parts += [inspect.getdoc(f) or "" for k, f in sorted(vars(obj).items())
+            parts += [_own_doc(f) for k, f in sorted(vars(obj).items())
                       if not k.startswith("_") and inspect.isfunction(f)]
-    return SEPARATOR.join(p for p in parts if p.strip())
+    fresh = []
+    for part in parts:
+        if part.strip() and part not in seen:
+            seen.add(part)
+            fresh.append(part)
+    return SEPARATOR.join(fresh)
 
 
 def _docstring_documents() -> list[str]:
     import warnings
 
+    seen: set[str] = set()
     with warnings.catch_warnings():  # deprecated aliases (typing.io) warn when read
         warnings.simplefilter("ignore", DeprecationWarning)
-        return [d for d in map(_module_docstrings, DOCSTRING_MODULES) if d]
+        docs = [_module_docstrings(name, seen) for name in DOCSTRING_MODULES]
+    return [d for d in docs if d]
 
 
 _FONT_MACROS = {"B": " ", "I": " ", "SM": " ", "BR": "", "RB": "", "IR": "", "RI": "", "BI": "",
@@ -156,7 +170,9 @@ def _manpage_documents() -> list[str]:
 SOURCES = {"pydoc": _pydoc_documents, "docstrings": _docstring_documents,
            "manpages": _manpage_documents}
 # The default calibration (`--calib builtin`) and evaluation (`--eval-text` unset) sources.
-CALIB_MIX = ("pydoc",)
+# pydoc + docstrings: on MiniLM it raised the embedding cosine on the never-calibrated manpages
+# 0.841 -> 0.869 at 0.876 -> 0.875 on pydoc; manpages stays out, an unseen domain to check on.
+CALIB_MIX = ("pydoc", "docstrings")
 EVAL_SOURCES = ("pydoc", "docstrings", "manpages")
 MIX_CHARS = 400_000  # at most this much of each source in the calibration mix
 
