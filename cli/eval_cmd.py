@@ -17,19 +17,6 @@ def _label(key: str) -> str:
     return LABELS.get(key, key.replace("masked_ce@", "masked-token CE, mask ratio "))
 
 
-def format_table(result: dict) -> str:
-    """The comparison as a small text table: metric, A, B, and B vs A (ratio B/A for losses,
-    the cosine itself for the similarities)."""
-    lines = [f"{'metric':<34} {'A':>10} {'B':>10} {'B vs A':>10}"]
-    for key, m in result["metrics"].items():
-        if "value" in m:
-            lines.append(f"{_label(key):<34} {'':>10} {'':>10} {m['value']:>10.4f}")
-        else:
-            lines.append(f"{_label(key):<34} {m['a']:>10.4g} {m['b']:>10.4g} "
-                         f"{m['ratio']:>9.4f}x")
-    return "\n".join(lines)
-
-
 def format_sources_table(sources: dict[str, dict]) -> str:
     """Several texts side by side, one column each: "A -> B" for losses, the cosine itself
     for the similarities."""
