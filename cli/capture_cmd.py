@@ -11,7 +11,8 @@ from qdtk.cli.options import capture_options, capture_options_from
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--calib", default="builtin", show_default=True, metavar="SRC",
               help="Calibration text: a .txt file, a .jsonl file with a \"text\" field, a folder "
-              "of them, or 'builtin' (the first part of Python's pydoc topics).")
+              "of them, 'builtin' (the built-in calibration mix) or builtin:NAME (the calibration "
+              "part of one built-in source: pydoc, docstrings, manpages).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Statistics folder to write (a killed run resumes there).")
 @capture_options()

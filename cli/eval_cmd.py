@@ -15,25 +15,32 @@ LABELS = {
 }
 
 
-def format_table(result: dict) -> str:
-    """The comparison as a small text table: metric, A, B, and B vs A (ratio B/A for losses,
-    the cosine itself for the similarities)."""
-    lines = [f"{'metric':<34} {'A':>10} {'B':>10} {'B vs A':>10}"]
-    for key, m in result["metrics"].items():
-        label = LABELS.get(key, key.replace("masked_ce@", "masked-token CE, mask ratio "))
-        if "value" in m:
-            lines.append(f"{label:<34} {'':>10} {'':>10} {m['value']:>10.4f}")
-        else:
-            lines.append(f"{label:<34} {m['a']:>10.4g} {m['b']:>10.4g} {m['ratio']:>9.4f}x")
+def _label(key: str) -> str:
+    return LABELS.get(key, key.replace("masked_ce@", "masked-token CE, mask ratio "))
+
+
+def format_sources_table(sources: dict[str, dict]) -> str:
+    """Several texts side by side, one column each: "A -> B" for losses, the cosine itself
+    for the similarities."""
+    width = max(18, *(len(s) for s in sources))
+    lines = [f"{'metric':<34} " + " ".join(f"{s:>{width}}" for s in sources)]
+    for key in next(iter(sources.values())):
+        cells = []
+        for metrics in sources.values():
+            m = metrics[key]
+            cells.append(f"{m['value']:.4f}" if "value" in m else f"{m['a']:.4g} -> {m['b']:.4g}")
+        lines.append(f"{_label(key):<34} " + " ".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
 
 @click.command("eval")
 @click.argument("model_a", type=click.Path())
 @click.argument("model_b", type=click.Path())
-@click.option("--text", "text_src", type=click.Path(), default=None,
-              help="Text to evaluate on: a .txt file, a .jsonl file with a \"text\" field, or a "
-              "folder of them. Default: the built-in held-out text (never used for calibration).")
+@click.option("--text", "text_srcs", type=click.Path(), multiple=True, metavar="SRC",
+              help="Text to evaluate on, repeatable (each reported side by side): a .txt file, "
+              "a .jsonl file with a \"text\" field, a folder of them, or builtin:NAME (the "
+              "held-out part of builtin:pydoc, builtin:docstrings or builtin:manpages, never "
+              "used for calibration). Default: all three built-in held-out texts.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=32, show_default=True,
               help="Number of token windows, evenly spaced over the text.")
 @click.option("-L", "--length", "L", type=click.IntRange(min=2), default=128, show_default=True,
@@ -50,7 +57,7 @@ def format_table(result: dict) -> str:
               help="Allow the model's own code from its folder.")
 @model_code_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
-def eval_(model_a, model_b, text_src, n, L, seed, device, dtype, batch, trust_remote_code,
+def eval_(model_a, model_b, text_srcs, n, L, seed, device, dtype, batch, trust_remote_code,
           model_code, as_json) -> None:
     """Compare MODEL_B (e.g. quantized) with MODEL_A (the original) on held-out text.
 
@@ -59,14 +66,15 @@ def eval_(model_a, model_b, text_src, n, L, seed, device, dtype, batch, trust_re
     LMs), and for every model the cosine similarity of the final hidden states and of the
     mean-pooled sentence embeddings (the metric of encoders without a head).
     """
-    from qdtk.evaluate import compare, read_text
+    from qdtk.evaluate import compare_texts, default_sources, read_text
 
-    text = read_text(text_src)
-    result = compare(model_a, model_b, text, n=n, L=L, seed=seed, device=device, dtype=dtype,
-                     batch=batch, trust_remote_code=trust_remote_code, model_code=model_code)
+    texts = {src: read_text(src) for src in text_srcs or default_sources()}
+    result = compare_texts(model_a, model_b, texts, n=n, L=L, seed=seed, device=device,
+                           dtype=dtype, batch=batch, trust_remote_code=trust_remote_code,
+                           model_code=model_code)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(f"A = {result['model_a']}\nB = {result['model_b']}\n"
-               f"{result['kind']} model, {n} windows of {L} tokens")
-    click.echo(format_table(result))
+               f"{result['kind']} model, {n} windows of {L} tokens per text")
+    click.echo(format_sources_table(result["sources"]))

@@ -18,13 +18,25 @@ BUILTIN_N, BUILTIN_L = 64, 256
 MODEL_N, MODEL_L = 128, 2048
 
 
+def _text_sources(ctx, param, value):
+    from qdtk.calib import check_text_source
+    from qdtk.errors import QdtkError
+
+    try:
+        for src in value:
+            check_text_source(src)
+    except QdtkError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def _size(x: float) -> str:
     return f"{x / 2**20:,.1f} MiB"
 
 
 def format_summary(s: dict) -> str:
     """The closing table of `qdtk run`."""
-    from qdtk.cli.eval_cmd import format_table
+    from qdtk.cli.eval_cmd import format_sources_table
 
     e = s["proxy_error"]
     lines = [
@@ -38,7 +50,7 @@ def format_summary(s: dict) -> str:
         "time                   " + ", ".join(f"{k} {v:.1f} s" for k, v in s["seconds"].items()),
         "",
         f"held-out quality, original (A) vs quantized (B), {s['kind']} model:",
-        format_table({"metrics": s["metrics"]}),
+        format_sources_table(s["sources"]),
         "",
         f"outputs in {s['out']} (packed/: the deployable checkpoint)",
     ]
@@ -48,8 +60,9 @@ def format_summary(s: dict) -> str:
 @click.command()
 @click.argument("model", required=False, type=click.Path(exists=True))
 @click.option("--calib", default="builtin", show_default=True, metavar="SRC",
-              help="Calibration text: .txt, .jsonl with a \"text\" field, a folder of them, or "
-              "'builtin' (the first part of Python's pydoc topics).")
+              help="Calibration text: .txt, .jsonl with a \"text\" field, a folder of them, "
+              "'builtin' (the built-in calibration mix) or builtin:NAME (the calibration part "
+              "of one built-in source: pydoc, docstrings, manpages).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: runs/<model name>). A rerun resumes there.")
 @click.option("--sequential", is_flag=True,
@@ -63,8 +76,9 @@ def format_summary(s: dict) -> str:
               help="Held-out windows for the final evaluation.")
 @click.option("--eval-length", default=128, show_default=True, type=click.IntRange(2),
               help="Tokens per held-out window.")
-@click.option("--eval-text", default=None, type=click.Path(exists=True),
-              help="Held-out text to evaluate on (default: the built-in held-out text).")
+@click.option("--eval-text", multiple=True, metavar="SRC", callback=_text_sources,
+              help="Held-out text to evaluate on, repeatable (see `qdtk eval --text`; default: "
+              "the held-out parts of builtin:pydoc, builtin:docstrings, builtin:manpages).")
 @click.option("--dense-dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
               default="float32", show_default=True,
               help="Dtype of the unpacked checkpoint the evaluation loads.")
@@ -105,8 +119,8 @@ def run(model, calib, out, sequential, eval_n, eval_length, eval_text, dense_dty
         sequential=sequential,
         include=include,
         exclude=exclude,
-        eval=EvalOptions(n=eval_n, L=eval_length, text=eval_text, dense_dtype=dense_dtype,
-                         device=device),
+        eval=EvalOptions(n=eval_n, L=eval_length, texts=tuple(eval_text),
+                         dense_dtype=dense_dtype, device=device),
     )
     out = Path(out) if out else Path("runs") / (path.parent.name if path.name == "model"
                                                  else path.name)

@@ -116,12 +116,13 @@ def model_candidates(
 
     order_set = abmp.check_orders(options.get("orders", DEFAULTS["orders"]))
     percdamp = float(options.get("percdamp", DEFAULTS["percdamp"]))
+    shrink = float(options.get("shrink", DEFAULTS["shrink"]))
     solve = _group_solver(options)
     cands, weights = [], []
     for name in tqdm(names, desc="allocate", unit="layer", disable=not progress):
         W = ckpt.read(name, np.float32)  # [n, m]
         H, _ = stats.hessian(name, dim=W.shape[1])
-        P = prepare_hessian(H, percdamp, name=name, dtype=np.float32)
+        P = prepare_hessian(H, percdamp, name=name, dtype=np.float32, shrink=shrink)
         E = abmp.group_errors(W, P.H, P.d, order_set, solve)  # [G, C]
         What = abmp.dequantize_orders(W, P.d, np.full(E.shape[0], 2), solve)  # cached if 2 in C
         weights.append(abmp.sensitivity(name, W, P.H, What, output_change))

@@ -72,15 +72,19 @@ def layer_errors(model_dir: str | Path, quant_dir: str | Path, stats_dir: str | 
 
 
 def read_text(src: str | Path | None) -> str:
-    """The text of SRC (.txt, .jsonl or a folder of them; see qdtk.calib), or the built-in
-    held-out text (never seen by calibration) when SRC is None."""
-    from qdtk.calib import builtin_text, calibration_text
+    """The text of SRC: "builtin:NAME" that built-in source's held-out part (never seen by
+    calibration), a .txt, .jsonl or a folder of them (see qdtk.calib), or the built-in pydoc
+    held-out text when SRC is None."""
+    from qdtk.calib import builtin_text, evaluation_text
 
-    if src is None:
-        return builtin_text("heldout")
-    if not Path(src).exists():
-        raise QdtkError(f"{src}: text source not found")
-    return calibration_text(src)
+    return builtin_text("heldout") if src is None else evaluation_text(src)
+
+
+def default_sources() -> tuple[str, ...]:
+    """The evaluation sources when none is named: every built-in source's held-out part."""
+    from qdtk.calib import EVAL_SOURCES, PREFIX
+
+    return tuple(PREFIX + s for s in EVAL_SOURCES)
 
 
 @dataclass
@@ -269,17 +273,34 @@ def compare(model_a: str | Path, model_b: str | Path, text: str | None = None, n
             L: int = 128, seed: int = 0, device: str = "cpu", dtype: str = "float32",
             batch: int = 8, trust_remote_code: bool = False, model_code: str = "auto"
             ) -> dict[str, Any]:
-    """Compare model B (e.g. quantized) with model A (the original) on windows of `text`.
+    """Compare model B (e.g. quantized) with model A (the original) on windows of `text`
+    (default: the built-in pydoc held-out text); compare_texts on one text."""
+    text = read_text(None) if text is None else text
+    result = compare_texts(model_a, model_b, {"text": text}, n, L, seed, device, dtype, batch,
+                           trust_remote_code, model_code)
+    result["metrics"] = result.pop("sources")["text"]
+    return result
 
-    `text` defaults to the built-in held-out text. The token windows and the masks are made
-    once, from model A's tokenizer (else B's) and the seed, and given to both models.
+
+def compare_texts(model_a: str | Path, model_b: str | Path, texts: dict[str, str], n: int = 32,
+                  L: int = 128, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+                  batch: int = 8, trust_remote_code: bool = False, model_code: str = "auto"
+                  ) -> dict[str, Any]:
+    """Compare model B with model A on windows of every text (label -> text), each model
+    loaded once: result["sources"][label] holds that text's metrics.
+
+    The token windows and the masks are made once per text, from model A's tokenizer (else
+    B's) and the seed, and given to both models.
     """
     if n < 1 or L < 2:
         raise QdtkError(f"need at least one window of at least 2 tokens (got n={n}, L={L})")
+    if not texts:
+        raise QdtkError("nothing to evaluate on: no text source")
     from qdtk.mcs import resolve_mask_token_id
 
-    text = read_text(None) if text is None else text
-    outputs, kinds, shared = [], [], {}
+    outputs: list[dict[str, Any]] = []
+    kinds: list[str] = []
+    shared: dict[str, dict] = {}
     for path in (model_a, model_b):
         lm = load_for_eval(path, dtype, device, trust_remote_code, model_code)
         if not shared:
@@ -289,25 +310,28 @@ def compare(model_a: str | Path, model_b: str | Path, text: str | None = None, n
             longest = lm.config.get("max_position_embeddings")
             if longest is not None and longest < L:
                 raise QdtkError(f"{path}: windows of {L} tokens exceed the model's {longest}")
-            windows = token_windows(text, tokenizer, lm.config["vocab_size"], n, L)
             mask_id = None
             if lm.kind == "mlm":
                 mask_id = resolve_mask_token_id(
                     lm.config, getattr(tokenizer, "mask_token_id", None), where=str(path))
-            masks = {r: mask_positions(windows.special, r, seed) for r in MASK_RATIOS}
-            shared = {"windows": windows, "mask_id": mask_id,
-                      "masks": masks if lm.kind == "mlm" else {}}
+            for label, text in texts.items():
+                windows = token_windows(text, tokenizer, lm.config["vocab_size"], n, L)
+                masks = {r: mask_positions(windows.special, r, seed) for r in MASK_RATIOS}
+                shared[label] = {"windows": windows, "mask_id": mask_id,
+                                 "masks": masks if lm.kind == "mlm" else {}}
         elif lm.kind != kinds[0]:
             raise QdtkError(f"{path}: a {lm.kind} model, but {model_a} is a {kinds[0]} model")
         kinds.append(lm.kind)
-        log.info("evaluating %s (%s) on %d windows of %d tokens", path, lm.kind, n, L)
-        outputs.append(model_outputs(lm, shared["windows"], shared["masks"], shared["mask_id"],
-                                     batch, device))
+        log.info("evaluating %s (%s) on %d x %d windows of %d tokens", path, lm.kind,
+                 len(texts), n, L)
+        outputs.append({label: model_outputs(lm, s["windows"], s["masks"], s["mask_id"],
+                                             batch, device) for label, s in shared.items()})
         del lm
     return {
         "model_a": str(model_a), "model_b": str(model_b), "kind": kinds[0],
         "windows": n, "length": L, "seed": seed,
-        "metrics": compare_outputs(*outputs),
+        "sources": {label: compare_outputs(outputs[0][label], outputs[1][label])
+                    for label in texts},
     }
 
 

@@ -1,4 +1,8 @@
-"""Preparing H for a layer (SPEC 2): dead columns, damping with retries, U, salience.
+"""Preparing H for a layer (SPEC 2): dead columns, shrinkage, damping with retries, U, salience.
+
+qdtk: H may be shrunk toward its diagonal before damping, H_s = (1 - alpha) H + alpha diag(H):
+the off-diagonal correlations estimated from a few thousand calibration tokens are the part
+that fits the calibration text (they differ most between texts), the diagonal is robust.
 
 U is the upper Cholesky factor of H^-1 (H^-1 = U^T U), as GPTQ uses it. One Cholesky gives it:
 with J the reversal permutation, chol(J H J) = L gives H = R R^T for the upper triangular
@@ -37,14 +41,16 @@ class PreparedHessian:
     damping: float  # delta actually added to the diagonal
     retries: int  # how many times delta was multiplied by 10
     source: np.ndarray = field(repr=False)  # [m, m] the undamped H as given (not copied)
+    shrink: float = 0.0  # alpha: R factors (1 - alpha) H + alpha diag(H), then damped
     _H: np.ndarray | None = field(default=None, repr=False)
     _U: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def H(self) -> np.ndarray:
-        """[m, m] the damped H (dead columns 1 + delta on the diagonal) in R's dtype."""
+        """[m, m] the shrunk, damped H (dead columns 1 + delta on the diagonal) in R's dtype."""
         if self._H is None:
             self._H = self.source.astype(self.R.dtype)  # a copy
+            shrink_to_diagonal(self._H, self.shrink)
             damp(self._H, self.damping, self.dead)
         return self._H
 
@@ -63,6 +69,23 @@ class PreparedHessian:
                 raise QdtkError(f"triangular inverse failed (info {info})")
             self._U = U
         return self._U
+
+
+def shrink_to_diagonal(A: np.ndarray, alpha: float) -> None:
+    """In place: A = (1 - alpha) A + alpha diag(A) (the diagonal is unchanged)."""
+    if alpha:
+        diag = np.diag(A).copy()
+        A *= 1 - alpha
+        A.reshape(-1, order="A")[:: A.shape[0] + 1] = diag
+
+
+def shrunk_form_correction(X_col_sq: np.ndarray, H: np.ndarray, alpha: float,
+                           shrunk_form: float) -> float:
+    """tr(X H X^T) from tr(X H_s X^T) for H_s = (1 - alpha) H + alpha diag(H), exactly:
+    tr(X H_s X^T) = (1 - alpha) tr(X H X^T) + alpha sum_j H_jj ||X_j||^2.
+    X_col_sq [m] the column sums of squares of X; alpha < 1."""
+    diag_part = float(np.dot(np.diag(H).astype(np.float64), X_col_sq))
+    return (shrunk_form - alpha * diag_part) / (1 - alpha)
 
 
 def damp(A: np.ndarray, delta: float, dead: np.ndarray) -> None:
@@ -116,11 +139,15 @@ def prepare_hessian(
     name: str = "layer",
     dtype: type = np.float64,
     cholesky: Callable[[np.ndarray], np.ndarray | None] = cholesky_lower,
+    shrink: float = 0.0,
 ) -> PreparedHessian:
-    """Damp H (delta = percdamp * mean diag, x10 per failed try) and factor it in `dtype`.
+    """Shrink H toward its diagonal by `shrink` (alpha in [0, 1)), damp it (delta = percdamp *
+    mean diag, x10 per failed try) and factor it in `dtype`.
 
     `cholesky(A)` gives the lower factor of the damped J H J it is handed (or None), and may
     overwrite A; a GPU passes qdtk.backend's. H is not changed."""
+    if not 0 <= shrink < 1:
+        raise QdtkError(f"{name}: shrinkage toward the diagonal must lie in [0, 1), got {shrink}")
     if not all_finite(H):
         raise QdtkError(f"{name}: the statistic H contains NaN or Inf")
     dead = np.diag(H) == 0
@@ -129,13 +156,14 @@ def prepare_hessian(
     delta = percdamp * mean_diag if mean_diag > 0 else percdamp
     for attempt in range(retries + 1):
         JHJ = reversed_copy(H, dtype)  # [m, m] C order
+        shrink_to_diagonal(JHJ, shrink)
         damp(JHJ, delta, dead[::-1])
         L = cholesky(JHJ)
         if L is not None:
             if attempt:
                 log.warning("%s: H needed damping %.3g (%d retries)", name, delta, attempt)
             R = reverse_inplace(L)  # [m, m] J L J, upper
-            return PreparedHessian(R, dead, delta, attempt, source=H)
+            return PreparedHessian(R, dead, delta, attempt, source=H, shrink=shrink)
         delta *= 10
     raise QdtkError(
         f"{name}: H is not positive definite even with damping {delta / 10:.3g}; "

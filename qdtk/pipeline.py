@@ -55,7 +55,7 @@ class EvalOptions:
     n: int = 32
     L: int = 128
     seed: int = 0
-    text: str | None = None  # a source path; None = the built-in held-out text
+    texts: tuple[str, ...] = ()  # sources (qdtk.evaluate.read_text); () = every built-in one
     dense_dtype: str = "float32"
     device: str = "cpu"
 
@@ -135,18 +135,18 @@ def write_run_report(out: Path, echo: Callable[[str], None]) -> None:
 
 def evaluate_once(model: Path, dense: Path, quant: Path, path: Path, e: EvalOptions,
                   capture_opts: Any) -> dict:
-    """qdtk.evaluate.compare, cached in `path` for the same quantized model and options."""
-    from qdtk.evaluate import compare, read_text
+    """qdtk.evaluate.compare_texts, cached in `path` for the same quantized model and options."""
+    from qdtk.evaluate import compare_texts, default_sources, read_text
 
     fp = fingerprint(read_json(quant / "report.json").get("summary"), e.__dict__, str(model))
     if path.exists():
         old = read_json(path)
         if old.get("fingerprint") == fp:
             return old
-    text = read_text(e.text)
-    result = compare(model, dense, text, n=e.n, L=e.L, seed=e.seed, device=e.device,
-                     trust_remote_code=getattr(capture_opts, "trust_remote_code", False),
-                     model_code=getattr(capture_opts, "model_code", "auto"))
+    texts = {src: read_text(src) for src in e.texts or default_sources()}
+    result = compare_texts(model, dense, texts, n=e.n, L=e.L, seed=e.seed, device=e.device,
+                           trust_remote_code=getattr(capture_opts, "trust_remote_code", False),
+                           model_code=getattr(capture_opts, "model_code", "auto"))
     result["fingerprint"] = fp
     write_json_atomic(path, result)
     return result
@@ -168,7 +168,8 @@ def summarize(ckpt: Any, report: dict, packed: Path, result: dict) -> dict[str, 
             "max": float(errors.max()),
         },
         "kind": result["kind"],
-        "metrics": result["metrics"],
+        "sources": result["sources"],
+        "metrics": next(iter(result["sources"].values())),  # the first source's, the headline
     }
 
 

@@ -47,7 +47,13 @@ from qdtk.bits import bcq_bits, group_slices
 from qdtk.checkpoint import FLOAT_CODES, Checkpoint
 from qdtk.daq import error_weights, solve_block
 from qdtk.errors import QdtkError
-from qdtk.hessian import PreparedHessian, all_finite, prepare_hessian, salience
+from qdtk.hessian import (
+    PreparedHessian,
+    all_finite,
+    prepare_hessian,
+    salience,
+    shrunk_form_correction,
+)
 from qdtk.io import clean_stale_temporaries, fingerprint, hash_file, read_json, write_json_atomic
 from qdtk.solution import (
     FORMAT,
@@ -217,13 +223,18 @@ def damped_quadratic_form(X, R) -> float:
 
 
 def quadratic_form(X, P: PreparedHessian, R=None) -> float:
-    """tr(X H X^T) for the undamped H: the damped form minus delta ||X||^2 and the dead
-    columns' ||X_j||^2 (H_damped = H + delta I + 1 on dead columns, so this is exact).
+    """tr(X H X^T) for the H as given: the damped form minus delta ||X||^2 and the dead
+    columns' ||X_j||^2 (H_damped = H_s + delta I + 1 on dead columns), then the shrinkage
+    undone (hessian.shrunk_form_correction); all exact.
     R: P.R where it lives (a CuPy copy on a GPU); X NumPy or of R's kind."""
     R = P.R if R is None else R
-    X = array_module(R).asarray(X, R.dtype)
+    xp = array_module(R)
+    X = xp.asarray(X, R.dtype)
     total = damped_quadratic_form(X, R) - P.damping * sum_squares(X)
-    total -= sum_squares(X[:, array_module(R).asarray(P.dead)])
+    total -= sum_squares(X[:, xp.asarray(P.dead)])
+    if P.shrink:
+        col_sq = (X * X).sum(axis=0, dtype=xp.float64)  # [m]
+        total = shrunk_form_correction(to_host(col_sq), P.source, P.shrink, total)
     return max(total, 0.0)
 
 
@@ -284,8 +295,10 @@ def quantize_layer(
     name: str = "layer",
     group_solver: Callable[[np.ndarray, int, np.ndarray], tuple] | None = None,
     refine: Mapping[str, Any] | None = None,
+    shrink: float = 0.0,
 ) -> tuple[BinaryCodedLayer, LayerReport]:
-    """DAQ of one Linear weight W [n, m] against its statistic H [m, m] (SPEC 5).
+    """DAQ of one Linear weight W [n, m] against its statistic H [m, m] (SPEC 5), fitted on H
+    shrunk toward its diagonal by `shrink` (qdtk.hessian); the reported errors are on H itself.
 
     `group_solver(W_g, order, d_g)` replaces `solve_group` (e.g. ABMP's memoising
     `DaqGroupSolver.solution`, so an uncompensated sweep reuses the allocation's solves);
@@ -300,7 +313,8 @@ def quantize_layer(
     if not all_finite(W0):
         raise QdtkError(f"{name}: the weight contains NaN or Inf")
     dev = get_backend("cuda") if backend == "cuda" else CPU  # where the sweep's arrays live
-    P = prepare_hessian(H, percdamp, name=name, dtype=np.float32, cholesky=dev.cholesky)
+    P = prepare_hessian(H, percdamp, name=name, dtype=np.float32, cholesky=dev.cholesky,
+                        shrink=shrink)
     R = dev.to_device(P.R)
     t1 = time.perf_counter()
     o = resolve_orders(orders, W0, P, name)
@@ -325,8 +339,10 @@ def quantize_layer(
     if refine is not None:
         from qdtk.refine import refine_layer
 
-        layer = refine_layer(W0, H, layer, **refine, percdamp=percdamp, name=name)
+        layer = refine_layer(W0, H, layer, **refine, percdamp=percdamp, shrink=shrink, name=name)
         damped_err = None
+    if shrink:
+        damped_err = None  # quadratic_form undoes the shrinkage
     t3 = time.perf_counter()
     if not (np.all(np.isfinite(layer.row_scale)) and np.all(np.isfinite(layer.col_scale))):
         raise QdtkError(f"{name}: scales overflow float16 (weights beyond 65504?)")
@@ -371,7 +387,7 @@ DEFAULTS: dict[str, Any] = {
     "method": "daq", "bits": 2, "abmp": "none", "rho": 0.05, "count": "real",
     "budget_scope": "layer", "orders": list(abmp.ORDERS), "iters": 15, "tau": 2.0, "lam": 3.0,
     "percdamp": 0.01, "compensate": True, "feedback": "diagonal", "refit": True,
-    "refine": "none", "refine_rounds": None, "backend": "cpu",
+    "refine": "none", "refine_rounds": None, "backend": "cpu", "shrink": 0.0,
 }
 FEEDBACK = ("diagonal", "block")
 
@@ -427,6 +443,8 @@ def check_options(options: Mapping[str, Any]) -> None:
     rounds = _opt(options, "refine_rounds")
     if rounds is not None and (not isinstance(rounds, int) or rounds < 1):
         raise QdtkError(f"--refine-rounds must be a whole number >= 1, got {rounds!r}")
+    if not 0 <= float(_opt(options, "shrink")) < 1:
+        raise QdtkError(f"--shrink must lie in [0, 1), got {_opt(options, 'shrink')}")
 
 
 def knapsack_bits(options: Mapping[str, Any], shapes: Sequence[Sequence[int]]) -> float:
@@ -495,6 +513,7 @@ def solve_daq(
             name=name,
             group_solver=gs.solution,
             refine=refine_mode(options),
+            shrink=float(_opt(options, "shrink")),
         )
     finally:
         gs.clear()

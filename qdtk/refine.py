@@ -314,11 +314,13 @@ def refine_layer(
     percdamp: float = 0.01,
     max_unknowns: int = 4096,
     name: str = "layer",
+    shrink: float = 0.0,
     dtype: type = np.float32,
 ) -> BinaryCodedLayer:
     """Lower tr(D H D^T) of a solved layer by alternating exact refits on the full H.
 
-    W [n, m], H [m, m] the layer's undamped statistic; the solver works on the damped H (SPEC 2).
+    W [n, m], H [m, m] the layer's undamped statistic; the solver works on the damped H (SPEC 2),
+    shrunk toward its diagonal by `shrink` first (qdtk.hessian).
     Each round: row scales (scales), column scales (scales and columns), signs (signs); then the
     scales are balanced and rounded to float16 and the signs refit once more on the rounded
     scales. The result is returned only if its error (damped H, canonical float32 evaluation)
@@ -329,7 +331,7 @@ def refine_layer(
     the final comparison is exact, so f still never increases (its error matched float64's to
     5 digits on 2048^2 layers).
     """
-    P = prepare_hessian(H, percdamp, name=name)
+    P = prepare_hessian(H, percdamp, name=name, shrink=shrink)
     Hd = P.H.astype(dtype)  # [m, m]
     W64 = np.asarray(W, np.float64)
     W = W64.astype(dtype)

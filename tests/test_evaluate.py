@@ -8,6 +8,8 @@ import pytest
 from qdtk.errors import QdtkError
 from qdtk.evaluate import (
     compare,
+    compare_texts,
+    default_sources,
     layer_errors,
     mask_positions,
     mean_cosine,
@@ -157,6 +159,20 @@ def test_layer_errors_of_a_quantized_model(tmp_path, rng, method):
         assert 0 < errors[k] < 1
 
 
+def test_compare_texts_matches_compare_on_each_text(tiny_bert, tmp_path):
+    """Each text's metrics are those of a comparison on that text alone."""
+    other = perturbed(tiny_bert, tmp_path / "b", "layer.1")
+    texts = {"fox": "The quick brown fox jumps over the lazy dog. " * 20,
+             "zen": "Beautiful is better than ugly. Explicit is better than implicit. " * 20}
+    both = compare_texts(tiny_bert, other, texts, seed=1, **FAST)
+    assert list(both["sources"]) == ["fox", "zen"]
+    for label, text in texts.items():
+        assert both["sources"][label] == compare(tiny_bert, other, text, seed=1, **FAST)["metrics"]
+    assert both["sources"]["fox"] != both["sources"]["zen"]
+    with pytest.raises(QdtkError, match="no text source"):
+        compare_texts(tiny_bert, other, {}, **FAST)
+
+
 def test_cli_eval(tiny_bert, tmp_path):
     from click.testing import CliRunner
 
@@ -166,17 +182,26 @@ def test_cli_eval(tiny_bert, tmp_path):
     res = CliRunner().invoke(cli, [*args, "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output[res.output.index("{"):])
-    assert out["metrics"]["masked_ce@0.15"]["ratio"] == 1.0
+    assert list(out["sources"]) == list(default_sources()) == [
+        "builtin:pydoc", "builtin:docstrings", "builtin:manpages"]
+    for metrics in out["sources"].values():
+        assert metrics["masked_ce@0.15"]["ratio"] == 1.0
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0 and "masked-token CE, mask ratio 0.85" in res.output
     assert "cosine of mean-pooled embeddings" in res.output
+    header = next(line for line in res.output.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", *default_sources()]  # one column per source
     text = tmp_path / "t.txt"
     text.write_text("some held-out words " * 10)
-    res = CliRunner().invoke(cli, [*args, "--text", str(text)])
+    res = CliRunner().invoke(cli, [*args, "--text", str(text), "--text", "builtin:pydoc"])
     assert res.exit_code == 0, res.output
+    header = next(line for line in res.output.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", str(text), "builtin:pydoc"]
     res = CliRunner().invoke(cli, ["eval", str(tmp_path / "nope"), str(tiny_bert)])
     assert res.exit_code == 1 and "Error:" in res.output and "nope" in res.output
     res = CliRunner().invoke(cli, [*args, "--text", str(tmp_path / "missing.txt")])
     assert res.exit_code == 1 and "text source not found" in res.output
+    res = CliRunner().invoke(cli, [*args, "--text", "builtin:novels"])
+    assert res.exit_code == 1 and "builtin:manpages" in res.output
     res = CliRunner().invoke(cli, ["eval", "--help"])
     assert res.exit_code == 0 and "--trust-remote-code" in res.output

@@ -5,7 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from qdtk.calib import builtin_text, calibration_documents, calibration_text
+from qdtk.calib import (
+    SOURCES,
+    builtin_documents,
+    builtin_text,
+    calibration_documents,
+    calibration_text,
+    evaluation_text,
+    mix_documents,
+    troff_to_text,
+)
 from qdtk.errors import QdtkError
 from qdtk.mcs import (
     MaskOptions,
@@ -149,11 +158,58 @@ def test_mask_token_id_rule():
         resolve_mask_token_id({"vocab_size": 10}, None, 12)
 
 
-def test_builtin_text_split_is_fixed_and_disjoint():
-    calib, held = builtin_text("calib"), builtin_text("heldout")
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_builtin_sources_split_fixed_and_disjoint(source):
+    calib, held = builtin_text("calib", source), builtin_text("heldout", source)
     assert 0.7 < len(calib) / (len(calib) + len(held)) < 0.9
+    assert len(held) > 50_000  # enough for 32 windows of 256 tokens
     assert held and held not in calib and calib[:2000] not in held
-    assert calibration_text(None) == calib == calibration_text("builtin")
+    assert not set(builtin_documents(source, "calib")) & set(builtin_documents(source, "heldout"))
+    assert calibration_text(f"builtin:{source}") == calib
+    assert evaluation_text(f"builtin:{source}") == held
+    assert "\\f" not in held and "\n.SH" not in held  # troff markup is gone (man pages)
+
+
+def test_builtin_calibration_mix():
+    """`builtin` is the calibration mix: no held-out text of any source is in it."""
+    text = calibration_text(None)
+    assert text == calibration_text("builtin")
+    for source in SOURCES:
+        for doc in builtin_documents(source, "heldout"):
+            assert doc[:500] not in text
+    docs = mix_documents(("pydoc", "manpages"), limit=1000)
+    assert sum(map(len, docs)) == 2000  # each source cut to the limit
+    assert docs[0] == builtin_documents("pydoc", "calib")[0][:1000]
+    with pytest.raises(QdtkError, match="builtin:pydoc"):
+        calibration_text("builtin:novels")
+    with pytest.raises(QdtkError, match="one built-in source"):
+        evaluation_text("builtin")
+
+
+def test_troff_to_text():
+    src = """.\\" a comment
+.TH pipe 7 2022-12-04 "Linux man-pages 6.03"
+.SH NAME
+pipe \\- overview of pipes
+.SH DESCRIPTION
+A pipe has a
+.I read end
+and a
+.IR "write end" .
+See
+.BR fifo (7)
+for details.
+.TS
+tab;
+l l.
+x\ty
+.TE
+.PP
+It\\(aqs \\fBbold\\fP and \\fIitalic\\fR\\(emdone.
+"""
+    assert troff_to_text(src) == (
+        "NAME pipe - overview of pipes\n\nDESCRIPTION A pipe has a read end and a write end. "
+        "See fifo(7) for details.\n\nIt's bold and italic - done.")
 
 
 def test_calibration_sources(tmp_path):

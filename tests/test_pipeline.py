@@ -55,6 +55,8 @@ def test_run_cli_end_to_end_and_rerun_is_a_no_op(tiny_bert, tmp_path):
     assert 2.0 < s["bits_per_weight"] < 3.5
     assert s["packed_bytes"] < s["size_bytes"]
     assert s["kind"] == "mlm" and "masked_ce@0.5" in s["metrics"]
+    assert list(s["sources"]) == ["builtin:pydoc", "builtin:docstrings", "builtin:manpages"]
+    assert s["metrics"] == s["sources"]["builtin:pydoc"]
     assert "bits per weight" in r.output and "masked-token CE" in r.output
     # the unpacked model is a real checkpoint with every tensor of the original
     assert set(Checkpoint(out / "dense").names()) == set(Checkpoint(tiny_bert).names())
@@ -183,3 +185,12 @@ def test_run_end_to_end_on_published_dllm_checkpoints(arch, request, tmp_path):
     for key, m in on["dense"].items():
         for k, v in m.items():
             assert on["packed"][key][k] == pytest.approx(v, rel=1e-4)
+
+
+def test_run_checks_eval_texts_before_any_stage(tiny_bert, tmp_path):
+    for bad, message in ((str(tmp_path / "missing.txt"), "text source not found"),
+                         ("builtin:novels", "builtin:manpages")):
+        r = CliRunner().invoke(cli, ["run", str(tiny_bert), "--out", str(tmp_path / "run"),
+                                     "--eval-text", "builtin:pydoc", "--eval-text", bad])
+        assert r.exit_code == 2 and message in r.output, r.output
+        assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ from qdtk.cli.main import cli
 from qdtk.errors import QdtkError
 from qdtk.hessian import prepare_hessian
 from qdtk.quantize import (
+    check_options,
     quadratic_form,
     quantize_layer,
     quantize_model,
@@ -101,6 +102,35 @@ def test_quadratic_form_uses_the_undamped_H(rng):
         expect = np.einsum("ij,ij->", X @ H, X)
         tol = 1e-4 if dtype == np.float32 else 1e-9
         assert quadratic_form(X, P) == pytest.approx(expect, rel=tol)
+
+
+def test_shrinkage_fits_on_shrunk_H_and_reports_on_H(rng):
+    """--shrink: the factor is of (1 - a) H + a diag(H) damped; quadratic_form still gives the
+    exact form on H; the layer's reported error is tr(D H D^T)/tr(W H W^T) on H itself."""
+    from qdtk.evaluate import proxy_error
+
+    n, m = 12, 260
+    H = correlated_H(rng, m).astype(np.float64)
+    H[7, :] = H[:, 7] = 0  # a dead column
+    X = rng.standard_normal((5, m))
+    P = prepare_hessian(H, 0.05, shrink=0.3)
+    Hs = 0.7 * H + 0.3 * np.diag(np.diag(H))
+    np.fill_diagonal(Hs, np.where(np.diag(H) == 0, 1, np.diag(H)) + P.damping)
+    np.testing.assert_allclose(P.H, Hs, rtol=1e-12)
+    np.testing.assert_allclose(P.R @ P.R.T, Hs, rtol=1e-9, atol=1e-9)
+    assert quadratic_form(X, P) == pytest.approx(np.einsum("ij,ij->", X @ H, X), rel=1e-9)
+    W = rng.standard_normal((n, m)).astype(np.float32)
+    W[:, 7] = 0
+    base, rep0 = solve_daq(W, H, {"iters": 3})
+    for refine in ("none", "rows"):
+        layer, rep = solve_daq(W, H, {"iters": 3, "shrink": 0.3, "refine": refine})
+        assert rep["proxy_error"] == pytest.approx(proxy_error(W, layer.dequantize(), H),
+                                                   rel=1e-4)
+    assert not np.array_equal(layer.dequantize(), base.dequantize())
+    with pytest.raises(QdtkError, match="toward the diagonal"):
+        solve_daq(W, H, {"shrink": 1.0})
+    with pytest.raises(QdtkError, match="--shrink"):
+        check_options({"shrink": -0.1})
 
 
 def test_orders_per_group_and_as_a_function(rng):
@@ -321,7 +351,7 @@ def test_cli(model_and_stats, tmp_path):
         "method": "daq", "bits": 3, "abmp": "none", "rho": 0.05, "count": "real",
         "budget_scope": "layer", "orders": [1, 2, 3], "iters": 3, "tau": 2.0, "lam": 3.0,
         "percdamp": 0.01, "compensate": False, "feedback": "block", "refit": True,
-        "refine": "none", "refine_rounds": None, "backend": "cpu"}
+        "refine": "none", "refine_rounds": None, "shrink": 0.25, "backend": "cpu"}
     assert f"{report['summary']['bits_per_weight']:.4f} bits/weight" in r.output
     assert report["summary"]["orders_histogram"] == {"3": sum(
         len(r_["orders"]) for r_ in report["layers"].values())}
