@@ -58,7 +58,7 @@ BLOCKS = {
 }
 SETTINGS = {
     "published": {"abmp": "swap", "rho": 0.05, "bits": 2, "feedback": "diagonal",
-                  "refine": "none"},
+                  "refine": "none", "shrink": 0.0},
     "none": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "none"},
     "rows": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "rows"},
     "full": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "full"},
@@ -67,7 +67,7 @@ SETTINGS = {
 }
 BASE = {"method": "daq", "iters": 15, "tau": 2.0, "lam": 3.0, "percdamp": 0.01,
         "compensate": True, "refit": True, "backend": "cpu", "budget_scope": "layer",
-        "count": "real", "orders": [1, 2, 3]}
+        "count": "real", "orders": [1, 2, 3], "shrink": 0.25}  # the CLI's defaults
 PARTS = ("orders", "factor", "sweep", "refine", "error", "pack")
 
 
