@@ -8,6 +8,7 @@ qdtk.capture's block-by-block session records and replays.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,11 +104,11 @@ class NativeOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # block inputs, then the final norm's
 
 
-class DenoisingTransformer(nn.Module):
+class DenoisingTransformer(nn.Module, ABC):
     """embed -> blocks (bidirectional) -> final norm -> head. Subclasses build the modules under
     the checkpoint's own names and say where they are (embedding, blocks, norm, head)."""
 
-    kind = "mlm"  # qdtk.evaluate.model_kind: a mask predictor
+    kind = "mlm"  # qdtk.models.model_kind: a mask predictor
     logits_shift = 0  # position i's logits predict token i + logits_shift
     count_positions = False  # positions counted over unpadded tokens (Dream's sampler) or 0..L-1
 
@@ -116,26 +117,31 @@ class DenoisingTransformer(nn.Module):
         self.config = config
 
     # where the parts are (modules named as in the checkpoint)
+    @abstractmethod
     def embedding(self) -> nn.Embedding:
-        raise NotImplementedError
+        """The token embedding."""
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding()(input_ids)
 
+    @abstractmethod
     def blocks(self) -> nn.ModuleList:
-        raise NotImplementedError
+        """The block stack."""
 
+    @abstractmethod
     def final_norm(self) -> nn.Module:
-        raise NotImplementedError
+        """The norm after the last block."""
 
+    @abstractmethod
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Logits [B, L, vocab] of the final hidden states h [B, L, d]."""
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embedding()
 
+    @abstractmethod
     def get_output_embeddings(self) -> nn.Module:
-        raise NotImplementedError
+        """The output head's module (transformers' name for it)."""
 
     def tied(self) -> dict[str, str]:
         """Parameters the checkpoint may omit -> the stored tensor they share."""
