@@ -25,7 +25,7 @@ register_when_imported()
 
 def __getattr__(name: str):
     if name == "load":  # torch and transformers load on first use only
-        from qdtk.nn.load import load
+        from qdtk.models import load_packed
 
-        return load
+        return load_packed
     raise AttributeError(f"module 'qdtk' has no attribute {name!r}")

@@ -109,13 +109,9 @@ class Backend:
     def cholesky(self):
         """A -> L lower with L L^T = A, or None: the `cholesky` of hessian.prepare_hessian.
         cuSOLVER on a GPU, LAPACK otherwise; both take and return NumPy arrays."""
-        if self.on_gpu:
-            from qdtk.daq.cuda import cholesky_lower_gpu
+        from qdtk.hessian import cholesky_lower, cholesky_lower_gpu
 
-            return cholesky_lower_gpu
-        from qdtk.hessian import cholesky_lower
-
-        return cholesky_lower
+        return cholesky_lower_gpu if self.on_gpu else cholesky_lower
 
     def to_device(self, x, dtype=None):
         """x as an array of this backend (a copy only when needed)."""

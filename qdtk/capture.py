@@ -678,7 +678,7 @@ def calibration_batch(
 def uses_masks(model) -> bool:
     """Whether the model sees mask tokens in use: masked-LM heads and dLLMs do; encoders
     without a head (sentence embedders like MiniLM) and causal LMs see plain text."""
-    from qdtk.evaluate import model_kind
+    from qdtk.models import model_kind
 
     return model_kind(model) == "mlm"
 

@@ -28,8 +28,6 @@ from qdtk.errors import QdtkError
 log = logging.getLogger(__name__)
 
 MASK_RATIOS = (0.15, 0.5, 0.85)
-# dLLMs with their own code: their logits are masked-token predictions.
-MASKED_LM_CLASSES = {"LLaDAModelLM", "DreamModel"}
 
 
 # ---------------------------------------------------------------- layer level (no torch)
@@ -142,18 +140,6 @@ def mask_positions(special: np.ndarray, ratio: float, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------- models
 
 
-def model_kind(model) -> str:
-    """'mlm' (masked-LM head or a dLLM), 'causal' or 'encoder' (no head), from the model class."""
-    if isinstance(getattr(model, "kind", None), str):  # qdtk's native forwards say it
-        return model.kind
-    cls = type(model).__name__
-    if cls.endswith("ForMaskedLM") or cls in MASKED_LM_CLASSES:
-        return "mlm"
-    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
-        return "causal"
-    return "encoder"
-
-
 @dataclass
 class LoadedModel:
     model: Any  # torch.nn.Module in eval mode
@@ -180,7 +166,7 @@ def load_for_eval(path: str | Path, dtype: str = "float32", device: str = "cpu",
     from qdtk import models
 
     model = models.load_model(path, dtype, device, trust_remote_code, model_code)
-    return LoadedModel(model, load_tokenizer(path, trust_remote_code), model_kind(model),
+    return LoadedModel(model, load_tokenizer(path, trust_remote_code), models.model_kind(model),
                        model.config.to_dict(), str(path))
 
 

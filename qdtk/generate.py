@@ -124,9 +124,8 @@ def generate(model_path, prompt: str, opts: GenerateOptions, *, chat: bool = Fal
 
     import torch
 
-    from qdtk.evaluate import model_kind
     from qdtk.mcs import resolve_mask_token_id
-    from qdtk.models import load_model, load_tokenizer, logits_shift, own_code_errors
+    from qdtk.models import load_model, load_tokenizer, logits_shift, model_kind, own_code_errors
 
     model = load_model(model_path, dtype, device, trust_remote_code, model_code)
     if model_kind(model) != "mlm":

@@ -126,6 +126,23 @@ def cholesky_lower(A: np.ndarray) -> np.ndarray | None:
     return L
 
 
+
+def cholesky_lower_gpu(A: np.ndarray) -> np.ndarray | None:
+    """cholesky_lower on the GPU: L lower with L L^T = A, or None (not positive definite),
+    through cuSOLVER's potrf; A in and L out are NumPy, in A's dtype. prepare_hessian's
+    `cholesky` hook on a CUDA backend (the damping policy and reversals stay here)."""
+    import cupy
+    import cupyx
+
+    try:
+        with cupyx.errstate(linalg="raise"):  # potrf's info != 0 raises instead of NaN
+            L = cupy.linalg.cholesky(cupy.asarray(A))
+    except np.linalg.LinAlgError:
+        return None
+    if not bool(cupy.isfinite(cupy.diagonal(L)).all()):
+        return None
+    return L.get()
+
 def all_finite(A: np.ndarray) -> bool:
     """Whether A has no NaN or Inf; a sum checks it without an A-sized temporary (an overflow
     of the sum, with finite entries, falls back to the exact test)."""

@@ -62,7 +62,7 @@ def test_driver_errors_are_survived(monkeypatch, fresh_status):
 def test_auto_picks_a_reported_gpu(monkeypatch):
     pytest.importorskip("cupy")
     monkeypatch.setattr(backend, "gpu_status", lambda: (True, "Test GPU"))
-    from qdtk.daq.cuda import cholesky_lower_gpu
+    from qdtk.hessian import cholesky_lower_gpu
 
     for device in ("auto", "cuda"):
         b = backend.get_backend(device)

@@ -18,7 +18,7 @@ from qdtk.bits import group_slices
 from qdtk.daq import cuda as daq_cuda
 from qdtk.daq import reference, solve_block
 from qdtk.errors import QdtkError
-from qdtk.hessian import cholesky_lower, prepare_hessian
+from qdtk.hessian import cholesky_lower, cholesky_lower_gpu, prepare_hessian
 from qdtk.solution import dequantize_block
 
 needs_gpu = pytest.mark.skipif(
@@ -193,10 +193,10 @@ def test_gpu_layer_algebra_matches_cpu(rng):
 
     W, H = layer(rng, n=64)
     Hd = prepare_hessian(H).H
-    L = daq_cuda.cholesky_lower_gpu(Hd)
+    L = cholesky_lower_gpu(Hd)
     np.testing.assert_allclose(L, cholesky_lower(Hd.copy()), rtol=1e-8, atol=1e-10)
-    assert daq_cuda.cholesky_lower_gpu(-np.eye(4)) is None
-    R = prepare_hessian(H, cholesky=daq_cuda.cholesky_lower_gpu).R
+    assert cholesky_lower_gpu(-np.eye(4)) is None
+    R = prepare_hessian(H, cholesky=cholesky_lower_gpu).R
     np.testing.assert_allclose(R, prepare_hessian(H).R, rtol=1e-8, atol=1e-10)
     R32 = R.astype(np.float32)
     cols = slice(128, 256)

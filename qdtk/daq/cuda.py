@@ -311,21 +311,3 @@ def solve_blocks(
 # the solve Y_g = (Err_g - S) U_gg. Those two steps (quantize.compensated_block and
 # quantize.feed_forward) take NumPy and CuPy arrays alike (cuBLAS GEMMs and a cuBLAS trsm on a
 # GPU), so a layer can run on the device with W, R and Y^T uploaded once.
-# cholesky_lower_gpu is hessian.cholesky_lower through cuSOLVER, for prepare_hessian's
-# `cholesky` hook (the damping policy and the reversals stay in qdtk.hessian).
-
-
-def cholesky_lower_gpu(A: np.ndarray) -> np.ndarray | None:
-    """hessian.cholesky_lower on the GPU: L lower with L L^T = A, or None (not positive
-    definite), through cuSOLVER's potrf; A in and L out are NumPy, in A's dtype."""
-    import cupy
-    import cupyx
-
-    try:
-        with cupyx.errstate(linalg="raise"):  # potrf's info != 0 raises instead of NaN
-            L = cupy.linalg.cholesky(cupy.asarray(A))
-    except np.linalg.LinAlgError:
-        return None
-    if not bool(cupy.isfinite(cupy.diagonal(L)).all()):
-        return None
-    return L.get()

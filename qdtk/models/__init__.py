@@ -97,6 +97,22 @@ def attention_mask_for(model, keep):
     return keep.long()
 
 
+# dLLMs with their own code: their logits are masked-token predictions.
+MASKED_LM_CLASSES = {"LLaDAModelLM", "DreamModel"}
+
+
+def model_kind(model) -> str:
+    """'mlm' (masked-LM head or a dLLM), 'causal' or 'encoder' (no head), from the model class."""
+    if isinstance(getattr(model, "kind", None), str):  # qdtk's native forwards say it
+        return model.kind
+    cls = type(model).__name__
+    if cls.endswith("ForMaskedLM") or cls in MASKED_LM_CLASSES:
+        return "mlm"
+    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
+        return "causal"
+    return "encoder"
+
+
 def is_native(model) -> bool:
     from qdtk.models.layers import DenoisingTransformer
 
@@ -326,9 +342,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str = "cpu",
     from qdtk.pack import is_packed
 
     if not gguf and native is None and is_packed(folder):  # run at 2 bits (qdtk.nn)
-        from qdtk.nn.load import load
-
-        return load(folder, device, None if dtype == "float32" else dtype)
+        return load_packed(folder, device, None if dtype == "float32" else dtype)
     if model_code == "native" or (model_code == "auto" and native and not trust_remote_code):
         model = load_native(folder, dtype, device)
         log.info("%s: running qdtk's native %s forward", path, type(model).__name__)
@@ -387,3 +401,37 @@ def _fallback_tokenizer(folder: Path):
     except Exception as e:  # noqa: BLE001 - the caller reports the original failure
         log.debug("%s: fallback tokenizer failed: %s", folder, e)
     return None
+
+
+# ----------------------------------------------------------------------------- packed
+
+
+def model_class(config):
+    """The transformers class that builds the checkpoint's skeleton (the one place that picks
+    it; LLaDA / Dream may route to qdtk's own models here)."""
+    return _auto_class(config, None)
+
+
+def load_packed(path: str | Path, device: str = "cpu", dtype: str | None = None):
+    """The model of a packed folder with every quantized Linear a `BCQLinear`, in eval mode
+    without gradients, on `device`. `dtype` (float32, bfloat16, float16) is that of the tensors
+    kept in full precision; default: as stored."""
+    import transformers
+
+    from qdtk.nn.hf import quantized_modules, register_transformers
+
+    path = Path(path)
+    if native_type(read_config(path)):  # LLaDA, Dream: qdtk's own forward, packed Linears
+        return load_native(path, dtype or "float32", device)
+    if not register_transformers():
+        raise QdtkError("qdtk.load needs transformers >= 4.50 (its quantizer registry)")
+    quantized_modules(path)  # validate everything before building anything
+    config = transformers.AutoConfig.from_pretrained(path)
+    kept = torch_dtype(dtype) if dtype else "auto"
+    try:
+        model = model_class(config).from_pretrained(path, config=config,
+                                                    **{DTYPE_KWARG(): kept})
+    except (OSError, ValueError, KeyError) as e:
+        raise QdtkError(f"{path}: cannot load the packed model: {e}") from None
+    model.eval().requires_grad_(False)
+    return model.to(device)

@@ -1,4 +1,4 @@
-"""Packed inference: `BCQLinear`, `load`, and transformers' quantizer for qdtk-bcq/1 folders.
+"""Packed inference: `BCQLinear` and transformers' quantizer for qdtk-bcq/1 folders.
 
 The torch corner of qdtk: attributes are imported on first use, so that `import qdtk.nn.kernels`
 (Numba only) never imports torch.
@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"BCQLinear": "qdtk.nn.linear", "load": "qdtk.nn.load",
-            "register_transformers": "qdtk.nn.hf"}
+_EXPORTS = {"BCQLinear": "qdtk.nn.linear", "register_transformers": "qdtk.nn.hf"}
 __all__ = list(_EXPORTS)
 
 
