@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 ORDERS_FILE = "orders.json"
 # What the allocation depends on among the quantize options (compensation, refinement and the
 # sweep do not change it).
-ALLOCATION_KEYS = ("bits", "count", "orders", "iters", "tau", "lam", "percdamp", "refit")
+ALLOCATION_KEYS = ("bits", "count", "orders", "iters", "tau", "lam", "percdamp", "refit", "shrink",
+                   "rotate", "rotate_seed")
 SENSITIVITY_WINDOWS = {"n": 8, "L": 128}  # calibration windows of the output-change measure
 
 
@@ -113,6 +114,7 @@ def model_candidates(
     from tqdm.auto import tqdm
 
     from qdtk.quantize import DEFAULTS, _group_solver
+    from qdtk.rotation import layer_rotation, rotate_problem
 
     order_set = abmp.check_orders(options.get("orders", DEFAULTS["orders"]))
     percdamp = float(options.get("percdamp", DEFAULTS["percdamp"]))
@@ -122,10 +124,16 @@ def model_candidates(
     for name in tqdm(names, desc="allocate", unit="layer", disable=not progress):
         W = ckpt.read(name, np.float32)  # [n, m]
         H, _ = stats.hessian(name, dim=W.shape[1])
+        # --rotate: the problem the layer's solve sees (qdtk.quantize.solve_rotated)
+        rot = layer_rotation(*(options.get(k, DEFAULTS[k]) for k in ("rotate", "rotate_seed")),
+                             W.shape[1])
+        W, H = rotate_problem(W, H, rot)
         P = prepare_hessian(H, percdamp, name=name, dtype=np.float32, shrink=shrink)
         E = abmp.group_errors(W, P.H, P.d, order_set, solve)  # [G, C]
         What = abmp.dequantize_orders(W, P.d, np.full(E.shape[0], 2), solve)  # cached if 2 in C
-        weights.append(abmp.sensitivity(name, W, P.H, What, output_change))
+        change = output_change if rot is None else (
+            lambda w, X, rot=rot: output_change(w, rot.apply_t(X)))  # the model's own basis
+        weights.append(abmp.sensitivity(name, W, P.H, What, change))
         cands.append(abmp.LayerCandidates(name, *W.shape, E, order_set))
         solve.clear()
     return cands, weights

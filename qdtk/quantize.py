@@ -55,6 +55,7 @@ from qdtk.hessian import (
     shrunk_form_correction,
 )
 from qdtk.io import clean_stale_temporaries, fingerprint, hash_file, read_json, write_json_atomic
+from qdtk.rotation import check_rotation, layer_rotation, rotate_problem
 from qdtk.solution import (
     FORMAT,
     REPORT,
@@ -388,6 +389,7 @@ DEFAULTS: dict[str, Any] = {
     "budget_scope": "layer", "orders": list(abmp.ORDERS), "iters": 15, "tau": 2.0, "lam": 3.0,
     "percdamp": 0.01, "compensate": True, "feedback": "diagonal", "refit": True,
     "refine": "none", "refine_rounds": None, "backend": "cpu", "shrink": 0.0,
+    "rotate": "none", "rotate_seed": 0,
 }
 FEEDBACK = ("diagonal", "block")
 
@@ -409,6 +411,7 @@ def check_options(options: Mapping[str, Any]) -> None:
     method, bits = _opt(options, "method"), _opt(options, "bits")
     if method not in METHODS:
         raise QdtkError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    check_rotation(_opt(options, "rotate"), _opt(options, "rotate_seed"))
     method_abmp = _opt(options, "abmp") if method == "daq" else "none"
     if method_abmp not in abmp.METHODS:
         raise QdtkError(f"--abmp must be one of {', '.join(abmp.METHODS)}, got {method_abmp!r}")
@@ -538,7 +541,18 @@ def make_solver(options: Mapping[str, Any]) -> LayerSolver:
 
     check_options(options)
     method = _opt(options, "method")
-    return solve_daq if method == "daq" else SOLVERS[method]
+    solver = solve_daq if method == "daq" else SOLVERS[method]
+    return solver if _opt(options, "rotate") == "none" else partial(solve_rotated, solver)
+
+
+def solve_rotated(solver: LayerSolver, W: np.ndarray, H: np.ndarray, options: Mapping[str, Any]
+                  ) -> tuple[QuantizedLayer, dict]:
+    """`solver` on the layer's problem in the rotated basis, W Q against Q^T H Q (--rotate,
+    qdtk.rotation); the layer records Q. Its errors are those of W and H (Q is orthogonal)."""
+    rot = layer_rotation(_opt(options, "rotate"), _opt(options, "rotate_seed"), W.shape[1])
+    layer, rep = solver(*rotate_problem(W, H, rot), options)
+    layer.rotation = rot
+    return layer, {**rep, "rotation": rot.to_dict()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,6 +151,16 @@ class Rotation:
         return cls(m, d["seed"])
 
 
+def check_rotation(kind: str, seed: Any) -> None:
+    """The quantize options --rotate / --rotate-seed, or a one-line QdtkError."""
+    from qdtk.errors import QdtkError
+
+    if kind not in KINDS:
+        raise QdtkError(f"--rotate must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise QdtkError(f"--rotate-seed must be a whole number in 0..2^63-1, got {seed!r}")
+
+
 def layer_rotation(kind: str, seed: int, m: int) -> Rotation | None:
     """The rotation the quantize options --rotate/--rotate-seed give an m-wide layer."""
     return None if kind == "none" else Rotation(m, int(seed))
