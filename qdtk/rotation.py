@@ -18,6 +18,7 @@ fwht_b the unnormalised Walsh-Hadamard transform of each block of b entries of t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -109,6 +110,11 @@ class Rotation:
     def block(self) -> int:
         return block_size(self.m)
 
+    @property
+    def scale(self) -> float:
+        """1 / sqrt(b) as a float64 (NumPy rounds it to float32 for float32 arrays)."""
+        return 1 / math.sqrt(self.block)
+
     @cached_property
     def signs(self) -> np.ndarray:
         return random_signs(self.m, self.seed)  # [m] float32
@@ -118,11 +124,11 @@ class Rotation:
 
     def apply(self, x: Any) -> Any:
         """x Q, x [..., m] (a new array of x's kind; NumPy, CuPy or torch)."""
-        return fwht(x * self._signs_like(x), self.block) * self.block**-0.5
+        return fwht(x * self._signs_like(x), self.block) * self.scale
 
     def apply_t(self, x: Any) -> Any:
         """x Q^T, x [..., m] (a new array of x's kind)."""
-        return fwht(x * self.block**-0.5, self.block) * self._signs_like(x)
+        return fwht(x * self.scale, self.block) * self._signs_like(x)
 
     def _signs_like(self, x: Any) -> Any:
         if isinstance(x, np.ndarray):

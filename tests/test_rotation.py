@@ -102,3 +102,24 @@ def test_from_dict_checks():
                 {"kind": "hadamard", "seed": -1, "block": 512}):
         with pytest.raises(ValueError):
             Rotation.from_dict(bad, 1536)
+
+
+@pytest.mark.parametrize("m", [12, 64, 96])
+def test_unrotation_is_formats_float32_order_bit_for_bit(m):
+    """docs/FORMAT.md 4a: What = s * fwht_b(c * What_r), c = float32(1/sqrt(b)), the passes
+    h = 1, 2, .. in order, in float32; written out entry by entry."""
+    rng = np.random.default_rng(4)
+    Wr = rng.standard_normal((3, m)).astype(np.float32)
+    rot = Rotation(m, 8)
+    b, c = rot.block, np.float32(1 / np.sqrt(rot.block))
+    want = Wr * c
+    for row in want:
+        h = 1
+        while h < b:
+            for t in range(m):
+                if t % (2 * h) < h:
+                    u, v = row[t], row[t + h]
+                    row[t], row[t + h] = u + v, u - v
+            h *= 2
+    want *= random_signs(m, 8)
+    assert rot.apply_t(Wr).tobytes() == want.tobytes()
