@@ -351,7 +351,8 @@ def test_cli(model_and_stats, tmp_path):
         "method": "daq", "bits": 3, "abmp": "none", "rho": 0.05, "count": "real",
         "budget_scope": "layer", "orders": [1, 2, 3], "iters": 3, "tau": 2.0, "lam": 3.0,
         "percdamp": 0.01, "compensate": False, "feedback": "block", "refit": True,
-        "refine": "none", "refine_rounds": None, "shrink": 0.25, "backend": "cpu"}
+        "refine": "none", "refine_rounds": None, "shrink": 0.25, "backend": "cpu",
+        "rotate": "none", "rotate_seed": 0}
     assert f"{report['summary']['bits_per_weight']:.4f} bits/weight" in r.output
     assert report["summary"]["orders_histogram"] == {"3": sum(
         len(r_["orders"]) for r_ in report["layers"].values())}
@@ -361,7 +362,7 @@ def test_cli(model_and_stats, tmp_path):
     for opt in ("--stats", "--out", "--method", "--bits", "--abmp", "--rho", "--count",
                 "--budget-scope", "--orders", "--iters", "--tau", "--lam", "--percdamp",
                 "--no-compensation", "--refine", "--refine-rounds", "--backend", "--device",
-                "--include", "--exclude"):
+                "--include", "--exclude", "--rotate", "--rotate-seed"):
         assert opt in r.output
 
 
