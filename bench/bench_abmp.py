@@ -71,7 +71,8 @@ def bench_model(name: str, work: Path, n: int, L: int, refines: list[str]) -> li
     from qdtk.checkpoint import Checkpoint
     from qdtk.evaluate import output_change_fn
     from qdtk.hessian import prepare_hessian
-    from qdtk.quantize import solve_daq
+    from qdtk.options import QuantizeOptions
+    from qdtk.solvers import solve_daq
     from qdtk.stats import Stats
 
     work.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,8 @@ def bench_model(name: str, work: Path, n: int, L: int, refines: list[str]) -> li
     ckpt = Checkpoint(model)
     names = ckpt.linear_names()
     cands, weights = model_candidates(  # the pre-pass of --budget-scope model, once
-        ckpt, Stats(stats), names, OPTIONS, output_change_fn(model, **SENSITIVITY_WINDOWS)
+        ckpt, Stats(stats), names, QuantizeOptions.of(OPTIONS),
+        output_change_fn(model, **SENSITIVITY_WINDOWS)
     )
     scores = {}
     for name in names:
@@ -95,7 +97,7 @@ def bench_model(name: str, work: Path, n: int, L: int, refines: list[str]) -> li
     ) / sum(a * b for a, b in shapes)
 
     def fixed(orders: dict):
-        return lambda W, H, o: solve_daq(W, H, o, orders=orders[o["name"]])
+        return lambda W, H, o, name, _=None: solve_daq(W, H, o, name, orders[name])
 
     settings = [("uniform 2", None, fixed({c.name: np.full(c.E.shape[0], 2) for c in cands}))]
     for rho in (0.05, 0.25):
@@ -115,7 +117,7 @@ def bench_model(name: str, work: Path, n: int, L: int, refines: list[str]) -> li
     rows = []
     for i, (label, bits, solver) in enumerate(settings):
         for refine in refines:
-            opts = {**OPTIONS, "setting": label, "refine": refine}
+            opts = {**OPTIONS, "refine": refine}  # each setting in its own folder
             label_r = label if refine == "none" else f"{label} +{refine}"
             rows.append(
                 {
@@ -132,7 +134,7 @@ def bench_model(name: str, work: Path, n: int, L: int, refines: list[str]) -> li
         work,
         "gptq",
         solve_gptq,
-        {"method": "gptq", "bits": 2, "percdamp": 0.01, "blocksize": 128},
+        {"method": "gptq", "bits": 2, "percdamp": 0.01},
     )
     rows.append({"model": name, "setting": "GPTQ 2-bit g128", "budget": None, **gptq})
     print(json.dumps(rows[-1]), flush=True)

@@ -25,6 +25,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 # isort: off
@@ -38,6 +39,7 @@ from bench_quality import options_for  # noqa: E402
 from common import best, minilm  # noqa: E402
 
 from qdtk.io import read_json  # noqa: E402
+from qdtk.options import QuantizeOptions  # noqa: E402
 from qdtk.quantize import quantize_model  # noqa: E402
 
 LLADA = {  # weight: (rows, columns, input key); q, k, v and ff_proj, up_proj share an input
@@ -130,7 +132,7 @@ def main() -> None:
         t = time.perf_counter()
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         start = time.perf_counter() - t
-        cluster = {**options[case], "cluster": "ray", "num_cpus": 1}
+        cluster = replace(QuantizeOptions.of(options[case]), cluster="ray", num_cpus=1)
         on_ray = timed(model, stats, out, cluster, args.repeat)
         ray.shutdown()
         report = read_json(out / "report.json")  # of the Ray run

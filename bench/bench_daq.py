@@ -46,7 +46,7 @@ import numba
 import numpy as np
 
 from qdtk.bits import group_slices
-from qdtk.quantize import quantize_layer
+from qdtk.layer import quantize_layer
 
 SHAPES = "384x1536,576x1536,4096x4096,12288x4096,4096x12288"
 

@@ -85,7 +85,8 @@ def run_setting(model: Path, stats: dict[str, Path], work: Path, setting: str, e
                 ) -> dict:
     from qdtk.evaluate import compare_texts, layer_errors, read_text
     from qdtk.pack import pack_checkpoint, unpack_checkpoint
-    from qdtk.quantize import make_solver, quantize_model
+    from qdtk.quantize import quantize_model
+    from qdtk.solvers import make_solver
 
     over = SETTINGS[setting]
     options = quantize_options({**over, **(extra if over["method"] == "daq" else {})})

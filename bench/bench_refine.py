@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, BertModel
 
 from qdtk.bits import bcq_bits, group_slices
 from qdtk.evaluate import proxy_error
-from qdtk.quantize import quantize_layer
+from qdtk.layer import quantize_layer
 from qdtk.refine import refine_layer
 from qdtk.solution import (
     BinaryCodedLayer,
@@ -114,7 +114,7 @@ def cosine(A: np.ndarray, B: np.ndarray) -> float:
 
 
 def daq_layer(W: np.ndarray, H: np.ndarray, order: int = 2) -> BinaryCodedLayer:
-    """SPEC 4 + 5 at uniform order: qdtk.quantize's layer driver (DAQ + GPTQ-style sweep)."""
+    """SPEC 4 + 5 at uniform order: qdtk.layer's driver (DAQ + GPTQ-style sweep)."""
     return quantize_layer(W, H, [order] * len(group_slices(W.shape[1])))[0]
 
 

@@ -127,14 +127,14 @@ def hadamard(m: int, seed: int = 0) -> np.ndarray:
 
 def qdtk_layer(W: np.ndarray, H: np.ndarray, setting: str) -> tuple[np.ndarray, float]:
     """(What [n, m], bits per weight) of one setting; rotated: solved as W Q against Q^T H Q."""
-    from qdtk.quantize import solve_daq
+    from qdtk.solvers import solve_daq
 
     over = dict(SETTINGS[setting])
     rotate = over.pop("rotate", False)
     Q = hadamard(W.shape[1]) if rotate else None
     if rotate:
         W, H = (W @ Q).astype(np.float32), (Q.T @ H @ Q).astype(np.float32)
-    layer, rep = solve_daq(W, H, {**quantize_options(over), "name": setting})
+    layer, rep = solve_daq(W, H, quantize_options(over), setting)
     What = layer.dequantize()
     return (What @ Q.T if rotate else What), rep["bits_per_weight"]
 

@@ -55,8 +55,8 @@ def model_folder(name: str, work: Path) -> Path:
     return folder
 
 
-def quantize_options(overrides: dict) -> dict:
-    """The quantize stage's options: the CLI's defaults overridden by `overrides`."""
+def quantize_options(overrides: dict):
+    """The quantize stage's QuantizeOptions: the CLI's defaults overridden by `overrides`."""
     import click
     from click.testing import CliRunner
 
@@ -68,12 +68,12 @@ def quantize_options(overrides: dict) -> dict:
     @click.command()
     @declared(include=False)
     def probe(**kw):
-        captured.update(quantize_options_from({**kw, **overrides}))
+        captured["options"] = quantize_options_from({**kw, **overrides})
 
     result = CliRunner().invoke(probe, [])
     if result.exit_code:
         raise SystemExit(f"{overrides}: {result.output}")
-    return captured
+    return captured["options"]
 
 
 def calibration_source(spec: str, work: Path) -> str:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import click
+
+if TYPE_CHECKING:
+    from qdtk.options import QuantizeOptions
 
 include_option = click.option(
     "--include",
@@ -58,9 +63,9 @@ cluster_options = _compose([
 
 
 def cluster_options_from(kw: dict) -> dict:
-    """{"cluster", "num_cpus"} for the quantize stage's options when --cluster is given (checked
-    now: its form, that Ray is installed, that its address answers), else {} (consumes their
-    keys from kw)."""
+    """{"cluster", "num_cpus"} of the quantize options when --cluster is given (checked now:
+    its form, that Ray is installed, that its address answers), else {} (consumes their keys
+    from kw)."""
     from qdtk.cluster import check_cluster
 
     cluster, num_cpus = kw.pop("cluster"), kw.pop("num_cpus")
@@ -222,12 +227,13 @@ def quantize_options(include: bool = True):
     return _compose(opts)
 
 
-def quantize_options_from(kw: dict) -> dict:
-    """The quantize stage's options (all fingerprinted) from the parsed `quantize_options`
-    (consumes their keys from kw, include/exclude excepted). Checked: a bad combination is an
-    error here, before any solve."""
+def quantize_options_from(kw: dict, **run: Any) -> QuantizeOptions:
+    """The quantize stage's QuantizeOptions from the parsed `quantize_options` (consumes their
+    keys from kw, include/exclude excepted), with `run` (how it runs: cluster, num_cpus,
+    trust_remote_code, model_code). Checked: a bad combination is an error here, before any
+    solve."""
     from qdtk.daq import resolve_backend
-    from qdtk.quantize import check_options
+    from qdtk.options import QuantizeOptions
 
     method, bits = kw.pop("method"), kw.pop("bits")
     daq = {
@@ -239,7 +245,7 @@ def quantize_options_from(kw: dict) -> dict:
         "shrink": kw.pop("shrink"),
     }
     backend = kw.pop("backend")
-    options = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp")}
+    options: dict[str, Any] = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp")}
     if method == "daq":
         options.update(daq, backend=resolve_backend(backend))
         if daq["abmp"] != "knapsack" and daq["budget_scope"] == "model":
@@ -247,7 +253,4 @@ def quantize_options_from(kw: dict) -> dict:
     knapsack = method == "daq" and daq["abmp"] == "knapsack"
     if bits is None:
         options["bits"] = None if knapsack else 2  # None: the budget of uniform order 2
-    elif bits == int(bits) and not knapsack:
-        options["bits"] = int(bits)
-    check_options(options)
-    return options
+    return QuantizeOptions(**options, **run)

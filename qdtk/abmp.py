@@ -16,7 +16,6 @@ this module never imports torch.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -118,7 +117,7 @@ def group_errors(
 
     H is the layer's prepared (damped) H, d = diag(U); no compensation between groups. W and d
     are passed on in float32, as the layer driver passes them, so that a memoising solver
-    (`DaqGroupSolver`) serves the driver's uncompensated solves from its cache.
+    (`qdtk.group.DaqGroupSolver`) serves the driver's uncompensated solves from its cache.
     """
     G = len(group_slices(W.shape[1]))
     return np.stack([chosen_errors(W, H, d, np.full(G, o), solve) for o in orders], axis=1)
@@ -145,40 +144,6 @@ def dequantize_orders(
     for g, cols in enumerate(group_slices(W.shape[1])):
         What[:, cols] = solve(np.ascontiguousarray(W[:, cols]), int(orders[g]), d[cols])
     return What
-
-
-class DaqGroupSolver:
-    """DAQ (`qdtk.quantize.solve_group`) as a `GroupSolver`, memoised on (W_g, order, d_g).
-
-    `solution(W_g, order, d_g)` returns the cached (signs [K, n, w] bool, a [K, n] float16,
-    b [K, w] float16, Q [n, w] float32), the signature of the layer driver's `sweep` solver, so
-    an uncompensated sweep after `group_errors` solves nothing twice; calling it returns Q, the
-    canonical dequantisation of the stored solution, so the knapsack sees stored errors. Call
-    `clear` after each layer (the cache holds every order of every group).
-    """
-
-    def __init__(self, **options: Any) -> None:
-        self.options = options  # iters, tau, lam, refit, backend of solve_group
-        self._cache: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    def solution(
-        self, W_g: np.ndarray, order: int, d_g: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        from qdtk.quantize import solve_group
-
-        h = hashlib.blake2b(digest_size=16)
-        h.update(np.ascontiguousarray(to_host(W_g)).tobytes())  # device arrays too
-        h.update(np.ascontiguousarray(to_host(d_g)).tobytes())
-        key = (W_g.shape, W_g.dtype.str, d_g.dtype.str, int(order), h.digest())
-        if key not in self._cache:
-            self._cache[key] = solve_group(W_g, int(order), d_g, **self.options)
-        return self._cache[key]
-
-    def __call__(self, W_g: np.ndarray, order: int, d_g: np.ndarray) -> np.ndarray:
-        return self.solution(W_g, order, d_g)[3]
-
-    def clear(self) -> None:
-        self._cache.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +320,16 @@ def budget_bits(bits: float, weights: int) -> int:
     return math.floor(round(bits * weights, 6))
 
 
+def budget_per_weight(bits: float | None, count: str, shapes: Sequence[Sequence[int]]) -> float:
+    """The knapsack budget in bits per weight of layers of these (n, m) shapes: `bits`, or when
+    that is None the cost of uniform order 2 (the published method's budget), as `count`
+    counts."""
+    if bits is not None:
+        return float(bits)
+    cost = sum(int(group_costs(n, m, (2,), count).sum()) for n, m in shapes)
+    return cost / sum(n * m for n, m in shapes)
+
+
 def check_orders(orders: Sequence[int]) -> tuple[int, ...]:
     """The allowed orders, sorted and unique, each 1..4 (`--orders 1,2,3`)."""
     out = tuple(sorted({int(o) for o in orders}))
@@ -493,7 +468,12 @@ def sensitivity(
     predicts a model output change. A layer quantized without any error gets weight 0.
     """
     err = output_error(_host(W, np.float64) - _host(What, np.float64), _host(H, np.float64))
-    change = float(output_change(name, What))
+    return sensitivity_weight(name, err, float(output_change(name, What)))
+
+
+def sensitivity_weight(name: str, err: float, change: float) -> float:
+    """change / err: the measured model output change over the layer's output error err =
+    tr(D H D^T) (`sensitivity`); 0 for a layer quantized without error."""
     if not math.isfinite(change) or change < 0:
         raise QdtkError(f"{name}: the measured output change is {change}, not a finite value >= 0")
     return change / err if err > 0 else 0.0

@@ -18,7 +18,6 @@ handling as DAQ), lazy block updates; no act-order.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -137,10 +136,11 @@ def _report(layer: AffineLayer, W: np.ndarray, H: np.ndarray | None, method: str
 
 
 def solve_rtn(
-    W: np.ndarray, H: np.ndarray | None, options: Mapping[str, Any]
+    W: np.ndarray, H: np.ndarray | None, options: Any, name: str = "layer", orders: None = None
 ) -> tuple[AffineLayer, dict[str, Any]]:
-    """RTN as a pluggable layer solver; H (optional) only for the reported proxy error."""
-    name, bits = str(options.get("name", "layer")), int(options.get("bits", 2))
+    """RTN as a pluggable layer solver (qdtk.solvers; reads options.bits); H (optional) only
+    for the reported proxy error."""
+    bits = int(options.bits)
     _check(W, H, bits, name)
     t0 = time.perf_counter()
     layer = rtn(W, bits)
@@ -148,17 +148,15 @@ def solve_rtn(
 
 
 def solve_gptq(
-    W: np.ndarray, H: np.ndarray, options: Mapping[str, Any]
+    W: np.ndarray, H: np.ndarray, options: Any, name: str = "layer", orders: None = None
 ) -> tuple[AffineLayer, dict[str, Any]]:
-    """GPTQ as a pluggable layer solver (options: bits, percdamp, blocksize, name)."""
-    name, bits = str(options.get("name", "layer")), int(options.get("bits", 2))
+    """GPTQ as a pluggable layer solver (qdtk.solvers; reads options.bits and .percdamp)."""
+    bits = int(options.bits)
     if H is None:
         raise QdtkError(f"{name}: GPTQ needs the statistic H")
     _check(W, H, bits, name)
     t0 = time.perf_counter()
-    layer, info = gptq(
-        W, H, bits, float(options.get("percdamp", 0.01)), int(options.get("blocksize", 128)), name
-    )
+    layer, info = gptq(W, H, bits, float(options.percdamp), name=name)
     return layer, _report(layer, W, H, "gptq", t0, **info)
 
 

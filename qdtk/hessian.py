@@ -30,6 +30,7 @@ from numba import njit, prange
 from scipy.linalg import lapack
 
 from qdtk.errors import QdtkError
+from qdtk.threads import thread_invariant
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class PreparedHessian:
         """[m, m] upper triangular, H^-1 = U^T U (computed on first use)."""
         if self._U is None:
             trtri = lapack.strtri if self.R.dtype == np.float32 else lapack.dtrtri
-            U, info = trtri(self.R, lower=0)
+            with thread_invariant():
+                U, info = trtri(self.R, lower=0)
             if info != 0:
                 raise QdtkError(f"triangular inverse failed (info {info})")
             self._U = U
@@ -84,7 +86,7 @@ def shrunk_form_correction(X_col_sq: np.ndarray, H: np.ndarray, alpha: float,
     """tr(X H X^T) from tr(X H_s X^T) for H_s = (1 - alpha) H + alpha diag(H), exactly:
     tr(X H_s X^T) = (1 - alpha) tr(X H X^T) + alpha sum_j H_jj ||X_j||^2.
     X_col_sq [m] the column sums of squares of X; alpha < 1."""
-    diag_part = float(np.dot(np.diag(H).astype(np.float64), X_col_sq))
+    diag_part = float((np.diag(H).astype(np.float64) * X_col_sq).sum())  # no threaded dot
     return (shrunk_form - alpha * diag_part) / (1 - alpha)
 
 
@@ -120,7 +122,8 @@ def cholesky_lower(A: np.ndarray) -> np.ndarray | None:
     """L lower with L L^T = A for a symmetric C-ordered A, computed in A's memory (A is
     overwritten; L is A's buffer in Fortran order), or None if A is not positive definite."""
     potrf = lapack.spotrf if A.dtype == np.float32 else lapack.dpotrf
-    L, info = potrf(A.T, lower=1, clean=1, overwrite_a=1)  # A.T: A itself, Fortran order
+    with thread_invariant():  # the same factor on any thread count (qdtk.threads)
+        L, info = potrf(A.T, lower=1, clean=1, overwrite_a=1)  # A.T: A itself, Fortran order
     if info != 0 or not np.all(np.isfinite(np.diag(L))):
         return None
     return L

@@ -28,6 +28,7 @@ import numpy as np
 
 from qdtk.errors import QdtkError
 from qdtk.io import fingerprint, read_json, write_json_atomic
+from qdtk.options import QuantizeOptions
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class EvalOptions:
 @dataclass
 class RunOptions:
     capture: Any  # qdtk.capture.CaptureOptions
-    quantize: dict[str, Any]  # the quantize stage's options (fingerprinted)
+    quantize: QuantizeOptions  # the quantize stage's options
     solver: Callable | None = None  # layer solver; None = the one the options name
     sequential: bool = False
     include: Sequence[str] = ()
@@ -190,11 +191,12 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
     )
     from qdtk.checkpoint import Checkpoint
     from qdtk.models import load_model, load_tokenizer
-    from qdtk.quantize import SolutionReport, make_solver
+    from qdtk.quantize import SolutionReport
     from qdtk.solution import read_solution_block, write_solution_block
+    from qdtk.solvers import make_solver
     from qdtk.validate import check_model_finite
 
-    if opts.quantize.get("budget_scope") == "model":
+    if opts.quantize.model_scope:
         raise QdtkError("--sequential solves each block before the next is calibrated, so a "
                         "model-wide budget cannot be planned: use --budget-scope layer")
     solver = opts.solver or make_solver(opts.quantize)
@@ -208,7 +210,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
     calib_fp = fingerprint(model_fp, ident, c.n, c.L, c.mask.as_dict(), c.dtype, c.accumulate)
     selected = set(ckpt.linear_names(opts.include, opts.exclude))
     report = SolutionReport(quant, ckpt, {"path": None, "fingerprint": calib_fp},
-                            {**opts.quantize, "sequential": True})
+                            {**opts.quantize.fingerprinted(), "sequential": True})
     session = BlockSession(
         torch_model, batch.ids, batch.attention, device=c.device, chunk_size=c.chunk_size,
         offload=quant / ".hidden" if c.offload else None, accumulate=c.accumulate,
@@ -241,7 +243,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
                 for s in stats:
                     for w in s.members:
                         W = ckpt.read(w, np.float32)
-                        layer, rep = solver(W, s.H, {**opts.quantize, "name": w})
+                        layer, rep = solver(W, s.H, opts.quantize, w)
                         solutions[w] = layer
                         report.add_layer(w, W.shape, layer, rep, fp)
                         new[w] = layer.dequantize()

@@ -34,9 +34,10 @@ import numpy as np
 from numba import njit, prange
 
 from qdtk.bits import GROUP, group_slices
+from qdtk.forms import damped_quadratic_form
 from qdtk.hessian import prepare_hessian
-from qdtk.quantize import damped_quadratic_form
 from qdtk.solution import BinaryCodedLayer, group_index
+from qdtk.threads import thread_invariant
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def solve_increment(M: np.ndarray, g: np.ndarray, free: np.ndarray) -> np.ndarra
     scale = np.maximum(diag.max(axis=-1, keepdims=True), 1e-300)  # [..., 1]
     ridge = 1e-10 * scale + fixed * scale  # fixed unknowns: a unit diagonal, zero right side
     Mr = M + np.einsum("...i,ij->...ij", ridge, np.eye(M.shape[-1]))
-    delta = np.linalg.solve(Mr, (g * free)[..., None])[..., 0]
+    with thread_invariant():  # getrf's bits depend on the thread count (qdtk.threads)
+        delta = np.linalg.solve(Mr, (g * free)[..., None])[..., 0]
     gain = 2 * np.sum(delta * g, -1) - np.einsum("...i,...ij,...j->...", delta, M, delta)
     bad = ~np.isfinite(gain) | (gain <= 0)
     return np.where(bad[..., None], 0.0, delta)

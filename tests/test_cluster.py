@@ -18,8 +18,9 @@ import qdtk.quantize
 from qdtk.cli.main import cli
 from qdtk.cluster import parse_cluster, task_resources
 from qdtk.errors import QdtkError
-from qdtk.quantize import quantize_model, solve_daq
+from qdtk.quantize import quantize_model
 from qdtk.solution import REPORT
+from qdtk.solvers import solve_daq
 from tests import test_quantize
 from tests.test_quantize import OPTIONS, block_bytes
 
@@ -49,8 +50,7 @@ class Recording:
     die_on: str | None = None
     nan_on: str | None = None
 
-    def __call__(self, W, H, options):
-        name = options["name"]
+    def __call__(self, W, H, options, name="layer", orders=None):
         if name == self.die_on and not (self.folder / "died").exists():
             (self.folder / "died").write_text(str(os.getpid()))
             os._exit(1)
@@ -58,7 +58,7 @@ class Recording:
             W = W.copy()
             W[0, 0] = np.nan
         (self.folder / f"{name}@{os.getpid()}").touch()
-        return solve_daq(W, H, options)
+        return solve_daq(W, H, options, name, orders)
 
     def solved(self) -> list[str]:
         return sorted(p.name.split("@")[0] for p in self.folder.glob("*@*"))
@@ -130,7 +130,7 @@ def test_rerun_after_a_killed_driver_redoes_only_the_unfinished(
     assert len(calls.solved()) == 6
     assert not any(w.startswith("model.layers.0.") for w in calls.solved())
     assert block_bytes(tmp_path / "ray") == block_bytes(tmp_path / "serial")
-    monkeypatch.setattr(qdtk.cluster, "ray_layers", None)  # a finished run needs no cluster
+    monkeypatch.setattr(qdtk.cluster, "ray_tasks", None)  # a finished run needs no cluster
     quantize_model(model, stats, tmp_path / "ray", CLUSTER, calls, progress=False)
     assert len(calls.solved()) == 6
 
@@ -187,7 +187,7 @@ def test_run_passes_the_cluster_to_the_quantize_stage(model_and_stats, monkeypat
     seen = {}
 
     def run(model, calib, out, opts, echo):
-        seen.update(opts.quantize)
+        seen.update(vars(opts.quantize))
         raise QdtkError("stopped here")
 
     monkeypatch.setattr(qdtk.pipeline, "run", run)
@@ -203,5 +203,5 @@ def test_addresses_and_task_resources():
     assert parse_cluster("ray://auto") == "auto"
     with pytest.raises(QdtkError, match="expected ray or ray://"):
         parse_cluster("ray://")
-    assert task_resources({"backend": "cpu"}) == {"num_cpus": 1, "num_gpus": 0}
-    assert task_resources({"backend": "cuda", "num_cpus": 4}) == {"num_cpus": 4, "num_gpus": 1}
+    assert task_resources(gpu=False) == {"num_cpus": 1, "num_gpus": 0}
+    assert task_resources(4, gpu=True) == {"num_cpus": 4, "num_gpus": 1}

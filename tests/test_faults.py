@@ -306,9 +306,9 @@ def test_a_file_vanishing_mid_run_is_named(ref, tmp_path, monkeypatch):
     def solver_that_removes_block_1(options):
         solve = real(options)
 
-        def wrapped(W, H, opts):
+        def wrapped(W, H, opts, *args):
             (stats / "block_0001.safetensors").unlink(missing_ok=True)
-            return solve(W, H, opts)
+            return solve(W, H, opts, *args)
         return wrapped
 
     monkeypatch.setattr(quantize_mod, "make_solver", solver_that_removes_block_1)

@@ -19,8 +19,9 @@ from qdtk.capture import (  # noqa: E402
 from qdtk.checkpoint import Checkpoint  # noqa: E402
 from qdtk.cli.main import cli  # noqa: E402
 from qdtk.mcs import MaskOptions  # noqa: E402
+from qdtk.options import QuantizeOptions  # noqa: E402
 from qdtk.pipeline import EvalOptions, RunOptions, run  # noqa: E402
-from qdtk.quantize import solve_daq  # noqa: E402
+from qdtk.solvers import solve_daq  # noqa: E402
 
 QUANT = {"method": "daq", "bits": 2, "iters": 3, "tau": 2.0, "lam": 3.0, "percdamp": 0.01,
          "compensate": True, "refit": True, "backend": "cpu"}
@@ -29,7 +30,7 @@ QUANT = {"method": "daq", "bits": 2, "iters": 3, "tau": 2.0, "lam": 3.0, "percda
 def _opts(solver=solve_daq, sequential=False, mask=True):
     return RunOptions(
         capture=CaptureOptions(n=4, L=24, chunk_size=2, mask=MaskOptions(mask=mask)),
-        quantize=dict(QUANT), solver=solver, sequential=sequential,
+        quantize=QuantizeOptions(**QUANT), solver=solver, sequential=sequential,
         eval=EvalOptions(n=2, L=16),
     )
 
@@ -75,11 +76,11 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path):
 
     calls = []
 
-    def dying(W, H, options):
+    def dying(W, H, options, name="layer", orders=None):
         if len(calls) == 9:  # die inside the second block
             raise KeyboardInterrupt
-        calls.append(options["name"])
-        return solve_daq(W, H, options)
+        calls.append(name)
+        return solve_daq(W, H, options, name, orders)
 
     broken = tmp_path / "broken"
     with pytest.raises(KeyboardInterrupt):
@@ -99,9 +100,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path):
 def test_sequential_blocks_see_the_quantized_outputs(tiny_llama, tmp_path):
     seen = []
 
-    def recording(W, H, options):
-        seen.append((options["name"], H.copy()))
-        return solve_daq(W, H, options)
+    def recording(W, H, options, name="layer", orders=None):
+        seen.append((name, H.copy()))
+        return solve_daq(W, H, options, name, orders)
 
     one_pass = tmp_path / "one"
     run(tiny_llama, None, one_pass, _opts(mask=False))

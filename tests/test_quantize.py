@@ -8,17 +8,14 @@ from qdtk.bits import bcq_bits, group_slices
 from qdtk.checkpoint import Checkpoint, CheckpointWriter
 from qdtk.cli.main import cli
 from qdtk.errors import QdtkError
+from qdtk.forms import quadratic_form
+from qdtk.group import solve_group
 from qdtk.hessian import prepare_hessian
-from qdtk.quantize import (
-    check_options,
-    quadratic_form,
-    quantize_layer,
-    quantize_model,
-    solve_daq,
-    solve_group,
-    sweep,
-)
+from qdtk.layer import quantize_layer, sweep
+from qdtk.options import QuantizeOptions
+from qdtk.quantize import quantize_model
 from qdtk.solution import REPORT, read_solution_block
+from qdtk.solvers import solve_daq
 from qdtk.stats import InputStat, StatsWriter
 
 
@@ -53,14 +50,14 @@ def test_compensation_lowers_output_error(rng):
 def test_block_feedback_reports_its_free_error_exactly(rng, monkeypatch):
     # with block feedback D = Err U: the sweep's sum ||Err_g||^2 is tr(D H D^T) on the damped H,
     # undamped by the driver; only the energy tr(W H W^T) needs a product with R
-    from qdtk import quantize
+    from qdtk import layer as driver
 
     n, m = 40, 300
     W = rng.standard_normal((n, m)).astype(np.float32)
     H = correlated_H(rng, m)
     H[7, :] = H[:, 7] = 0  # a dead column: its weights count nowhere
     calls = []
-    monkeypatch.setattr(quantize, "quadratic_form",
+    monkeypatch.setattr(driver, "quadratic_form",
                         lambda X, *a: calls.append(1) or quadratic_form(X, *a))
     layer, report = quantize_layer(W, H, [2, 1, 3], feedback="block")
     assert len(calls) == 1
@@ -121,16 +118,16 @@ def test_shrinkage_fits_on_shrunk_H_and_reports_on_H(rng):
     assert quadratic_form(X, P) == pytest.approx(np.einsum("ij,ij->", X @ H, X), rel=1e-9)
     W = rng.standard_normal((n, m)).astype(np.float32)
     W[:, 7] = 0
-    base, rep0 = solve_daq(W, H, {"iters": 3})
+    base, rep0 = solve_daq(W, H, QuantizeOptions(iters=3))
     for refine in ("none", "rows"):
-        layer, rep = solve_daq(W, H, {"iters": 3, "shrink": 0.3, "refine": refine})
+        layer, rep = solve_daq(W, H, QuantizeOptions(iters=3, shrink=0.3, refine=refine))
         assert rep["proxy_error"] == pytest.approx(proxy_error(W, layer.dequantize(), H),
                                                    rel=1e-4)
     assert not np.array_equal(layer.dequantize(), base.dequantize())
     with pytest.raises(QdtkError, match="toward the diagonal"):
-        solve_daq(W, H, {"shrink": 1.0})
+        solve_daq(W, H, QuantizeOptions(shrink=1.0))
     with pytest.raises(QdtkError, match="--shrink"):
-        check_options({"shrink": -0.1})
+        QuantizeOptions.of({"shrink": -0.1})
 
 
 def test_orders_per_group_and_as_a_function(rng):
@@ -148,7 +145,7 @@ def test_orders_per_group_and_as_a_function(rng):
         seen["d"] = P.d
         return np.array([2, 2, 1])
 
-    layer2, _ = solve_daq(W, H, {"iters": 5}, orders=by_salience)
+    layer2, _ = solve_daq(W, H, QuantizeOptions(iters=5), orders=by_salience)
     assert layer2.orders.tolist() == [2, 2, 1] and seen["d"].shape == (m,)
     with pytest.raises(QdtkError, match="blk.x: need 3 group orders"):
         quantize_layer(W, H, [2, 2], name="blk.x")
@@ -252,11 +249,11 @@ def test_stage_writes_solutions_and_report(model_and_stats, tmp_path):
 
 
 def counting(solver, calls, stop_after=None):
-    def solve(W, H, options):
+    def solve(W, H, options, name="layer", orders=None):
         if stop_after is not None and len(calls) == stop_after:
             raise KeyboardInterrupt  # the run is killed here
-        calls.append(options["name"])
-        return solver(W, H, options)
+        calls.append(name)
+        return solver(W, H, options, name, orders)
 
     return solve
 
@@ -385,7 +382,7 @@ def test_report_is_complete_only_when_the_stage_finished(model_and_stats, tmp_pa
 
 
 def parse(args):
-    """The quantize options dict that `qdtk quantize ARGS` would use."""
+    """The QuantizeOptions that `qdtk quantize ARGS` would use."""
     import click
 
     from qdtk.cli.options import quantize_options, quantize_options_from
@@ -404,13 +401,13 @@ def parse(args):
 
 def test_options_map_to_the_solver(model_and_stats, tmp_path):
     from qdtk.baselines import solve_gptq, solve_rtn
-    from qdtk.quantize import make_solver
     from qdtk.solution import AffineLayer, BinaryCodedLayer
+    from qdtk.solvers import make_solver
 
     model, stats = model_and_stats
     for method, solver in (("gptq", solve_gptq), ("rtn", solve_rtn)):
         options = parse(["--method", method])
-        assert options == {"method": method, "bits": 2, "percdamp": 0.01}
+        assert options.fingerprinted() == {"method": method, "bits": 2, "percdamp": 0.01}
         assert make_solver(options) is solver
         quantize_model(model, stats, tmp_path / method, options, make_solver(options),
                        include=["*layers.0.*"], progress=False)
@@ -418,7 +415,7 @@ def test_options_map_to_the_solver(model_and_stats, tmp_path):
         assert all(isinstance(x, AffineLayer) and x.bits == 2 for x in layers.values())
     options = parse(["--abmp", "swap", "--rho", "0.5", "--iters", "2", "--refine", "none",
                      "--backend", "cpu"])
-    assert options["bits"] == 2 and options["budget_scope"] == "layer"  # model: knapsack only
+    assert options.bits == 2 and options.budget_scope == "layer"  # model: knapsack only
     assert make_solver(options) is solve_daq
     report = quantize_model(model, stats, tmp_path / "swap", options, progress=False)
     assert {type(x) for x in read_solution_block(tmp_path / "swap" / "block_0000.safetensors")
@@ -645,7 +642,7 @@ def test_output_change_keeps_a_head_the_model_needs(tiny_llama, monkeypatch):
 
 
 def test_uncompensated_sweep_reuses_the_allocation_solves(rng, monkeypatch):
-    import qdtk.quantize as q
+    import qdtk.group as q
 
     n, m = 16, 300  # 3 groups
     W = rng.standard_normal((n, m)).astype(np.float32)
@@ -658,14 +655,15 @@ def test_uncompensated_sweep_reuses_the_allocation_solves(rng, monkeypatch):
         return real(Wg, order, dg, **kw)
 
     monkeypatch.setattr(q, "solve_group", counting_solve)
-    base = {"iters": 3, "compensate": False, "name": "L"}
-    layer, rep = solve_daq(W, H, {**base, "abmp": "knapsack", "bits": 2.2, "count": "planes"})
+    base = {"iters": 3, "compensate": False}
+    layer, rep = solve_daq(W, H, QuantizeOptions.of(
+        {**base, "abmp": "knapsack", "bits": 2.2, "count": "planes"}), "L")
     assert len(calls) == 3 * 3  # every group at every order, once; the sweep reused them
     assert rep["plane_bits_per_weight"] <= 2.2 and rep["abmp"] == "knapsack"
     # groups solved alone: the predicted error is the stored solution's error (no compensation)
     assert rep["predicted_error"] == pytest.approx(rep["output_error"], rel=0.05)
     calls.clear()
-    solve_daq(W, H, {**base, "abmp": "none"})
+    solve_daq(W, H, QuantizeOptions.of({**base, "abmp": "none"}), "L")
     assert calls == [2, 2, 2]
 
 
@@ -675,7 +673,6 @@ def test_block_feedback_is_the_exact_update_of_the_later_columns(rng):
     complement (W0 - Q0)(H00 - H01 H11^-1 H10)(W0 - Q0)^T. The published diagonal rule does not.
     """
     from qdtk.hessian import prepare_hessian
-    from qdtk.quantize import solve_group, sweep
 
     W = rng.standard_normal((16, 256)).astype(np.float32)
     P = prepare_hessian(correlated_H(rng, 256), dtype=np.float32)
@@ -715,16 +712,14 @@ def test_block_feedback_lowers_the_layer_error(rng):
 
 
 def test_refine_rounds_option(rng):
-    from qdtk.quantize import check_options, refine_mode
-
-    assert refine_mode({"refine": "full"})["rounds"] == 4
-    assert refine_mode({"refine": "full", "refine_rounds": 2})["rounds"] == 2
-    assert refine_mode({"refine": "none", "refine_rounds": 2}) is None
+    assert QuantizeOptions(refine="full").refine_mode()["rounds"] == 4
+    assert QuantizeOptions(refine="full", refine_rounds=2).refine_mode()["rounds"] == 2
+    assert QuantizeOptions(refine="none", refine_rounds=2).refine_mode() is None
     with pytest.raises(QdtkError, match="--refine-rounds"):
-        check_options({"refine": "full", "refine_rounds": 0})
+        QuantizeOptions.of({"refine": "full", "refine_rounds": 0})
     W = rng.standard_normal((16, 256)).astype(np.float32)
     H = correlated_H(rng, 256)
-    errors = [solve_daq(W, H, {"iters": 3, "refine": "full", "refine_rounds": r})[1]
+    errors = [solve_daq(W, H, QuantizeOptions(iters=3, refine="full", refine_rounds=r))[1]
               ["proxy_error"] for r in (1, 3)]
-    none = solve_daq(W, H, {"iters": 3})[1]["proxy_error"]
+    none = solve_daq(W, H, QuantizeOptions(iters=3))[1]["proxy_error"]
     assert errors[1] <= errors[0] * 1.001 and errors[0] < none
