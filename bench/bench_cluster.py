@@ -35,8 +35,8 @@ import numpy as np
 # isort: on
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_quality import options_for  # noqa: E402
-from common import best, minilm  # noqa: E402
+from bench_quality import SETTINGS  # noqa: E402
+from common import best, minilm, quantize_options  # noqa: E402
 
 from qdtk.io import read_json  # noqa: E402
 from qdtk.options import QuantizeOptions  # noqa: E402
@@ -116,13 +116,14 @@ def main() -> None:
         data["minilm"] = data["rtn"] = minilm_stats(args.work)
     if "llada" in cases:
         data["llada"] = llada_block(args.work)
-    options = {"minilm": options_for("qdtk"), "rtn": options_for("rtn"), "llada": LLADA_OPTIONS}
+    options = {"minilm": quantize_options(SETTINGS["qdtk"]),
+               "rtn": quantize_options(SETTINGS["rtn"]), "llada": QuantizeOptions.of(LLADA_OPTIONS)}
     rows = []
     for case in cases:
         model, stats = data[case]
         out = args.work / f"quant-{case}"
         prepass = None
-        if options[case].get("budget_scope") == "model":  # compute OUT/orders.json once
+        if options[case].model_scope:  # compute OUT/orders.json once
             t = time.perf_counter()
             quantize_model(model, stats, out, options[case], progress=False)
             prepass = time.perf_counter() - t
@@ -132,7 +133,7 @@ def main() -> None:
         t = time.perf_counter()
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         start = time.perf_counter() - t
-        cluster = replace(QuantizeOptions.of(options[case]), cluster="ray", num_cpus=1)
+        cluster = replace(options[case], cluster="ray", num_cpus=1)
         on_ray = timed(model, stats, out, cluster, args.repeat)
         ray.shutdown()
         report = read_json(out / "report.json")  # of the Ray run

@@ -51,13 +51,14 @@ def _compose(decorators):
 
 cluster_options = _compose([
     click.option("--cluster", default=None, metavar="ray[://ADDRESS]",
-                 help="Solve the layers as tasks on a Ray cluster (the `ray` extra): 'ray' uses "
+                 help="Solve the layers (and the model-scope pre-pass's per-layer work) as tasks "
+                 "on a Ray cluster (the `ray` extra): 'ray' uses "
                  "RAY_ADDRESS or a cluster running on this node, else starts a local one; "
                  "ray://HOST:PORT names the head node. Run it on a node of the cluster, with the "
                  "model and statistics folders on storage every node reads."),
     click.option("--num-cpus", default=1, show_default=True, type=click.IntRange(1),
-                 help="CPUs each --cluster task reserves, and its threads (the serial run's "
-                 "files bit for bit need its BLAS threads); with --backend cuda each task also "
+                 help="CPUs each --cluster task reserves, and its threads (the files are the "
+                 "serial run's bit for bit at any count); with --backend cuda each task also "
                  "reserves one GPU."),
 ])
 

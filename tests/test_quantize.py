@@ -723,3 +723,24 @@ def test_refine_rounds_option(rng):
               ["proxy_error"] for r in (1, 3)]
     none = solve_daq(W, H, QuantizeOptions(iters=3))[1]["proxy_error"]
     assert errors[1] <= errors[0] * 1.001 and errors[0] < none
+
+
+def test_the_bits_do_not_depend_on_the_blas_thread_count(rng):
+    """qdtk.threads: a 64 x 768 layer (whose Cholesky and refinement solves OpenBLAS splits
+    between 2 threads) gives the same solution and report on 1 and on 2 BLAS threads."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    if max((lib["num_threads"] for lib in threadpool_info()), default=1) < 2:
+        pytest.skip("BLAS runs on one thread here: nothing to compare")
+    W = rng.standard_normal((64, 768)).astype(np.float32)
+    H = correlated_H(rng, 768)
+    options = QuantizeOptions(iters=3, feedback="block", refine="full", shrink=0.25)
+    runs = []
+    for threads in (1, 2):
+        with threadpool_limits(threads, user_api="blas"):
+            layer, rep = solve_daq(W, H, options)
+        runs.append((layer, {k: v for k, v in rep.items() if not k.startswith("seconds")}))
+    (a, rep_a), (b, rep_b) = runs
+    for field in ("orders", "signs", "row_scale", "col_scale"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert rep_a == rep_b
