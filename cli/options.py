@@ -199,6 +199,15 @@ def quantize_options(include: bool = True):
                      "off-diagonal correlations are what fits the calibration text (0.25 "
                      "lowered the error on every held-out text measured; 0: as published). "
                      "Errors are still reported on H."),
+        click.option("--rotate", type=click.Choice(["none", "hadamard"]), default="none",
+                     show_default=True,
+                     help="Rotate each Linear's input dimension before quantizing: hadamard "
+                     "solves W Q against Q^T H Q, Q random signs times a block-diagonal "
+                     "Hadamard matrix (incoherence processing, as in QuIP#); the packed model "
+                     "applies x -> x Q online, unpack writes the weights back in the model's "
+                     "basis. none: as published."),
+        click.option("--rotate-seed", type=click.IntRange(0, 2**63 - 1), default=0,
+                     show_default=True, help="Seed of the rotation's random signs."),
         click.option("--feedback", type=click.Choice(["block", "diagonal"]), default="block",
                      show_default=True,
                      help="How a solved block's error reaches the later columns: block (the "
@@ -246,7 +255,8 @@ def quantize_options_from(kw: dict, **run: Any) -> QuantizeOptions:
         "shrink": kw.pop("shrink"),
     }
     backend = kw.pop("backend")
-    options: dict[str, Any] = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp")}
+    options: dict[str, Any] = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp"),
+                              "rotate": kw.pop("rotate"), "rotate_seed": kw.pop("rotate_seed")}
     if method == "daq":
         options.update(daq, backend=resolve_backend(backend))
         if daq["abmp"] != "knapsack" and daq["budget_scope"] == "model":

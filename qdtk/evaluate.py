@@ -62,7 +62,7 @@ def layer_errors(model_dir: str | Path, quant_dir: str | Path, stats_dir: str | 
         for name, layer in read_solution_block(path, recorded_hash(quant_dir, block)).items():
             W = ckpt.read(name, np.float32)
             H, _ = stats.hessian(name, W.shape[1])
-            errors[name] = proxy_error(W, layer.dequantize(), H)
+            errors[name] = proxy_error(W, layer.weight(), H)
     return errors
 
 

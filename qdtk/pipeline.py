@@ -232,7 +232,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
             fp = fingerprint(fp, report.data["options"], names)
             if report.done(file, names, fp):
                 layers = read_solution_block(quant / file)
-                session.set_weights(b, {w: layers[w].dequantize() for w in names})
+                session.set_weights(b, {w: layers[w].weight() for w in names})
                 session.run_block(b, record=False, advance=True)
                 report.keep(session.block_name(b), file, fp, names)
                 continue
@@ -246,7 +246,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
                         layer, rep = solver(W, s.H, opts.quantize, w)
                         solutions[w] = layer
                         report.add_layer(w, W.shape, layer, rep, fp)
-                        new[w] = layer.dequantize()
+                        new[w] = layer.weight()
                 return new
 
             sequential_block(session, b, sequential_steps(names), solve)
