@@ -67,7 +67,8 @@ def describe(folder: str, include=(), exclude=()) -> dict:
     linears = ckpt.linear_names(include, exclude)
     linear_set = set(linears)
     params = sum(i.numel for i in ckpt.tensors.values())
-    kept_bytes = sum(i.nbytes for n, i in ckpt.tensors.items() if n not in linear_set)
+    replaced = linear_set | ckpt.covered(linear_set)  # fused experts: by their matrices
+    kept_bytes = sum(i.nbytes for n, i in ckpt.tensors.items() if n not in replaced)
     q_bits = 0
     rows = []
     for name in linears:

@@ -1,9 +1,11 @@
 """Mixture-of-experts layers as transformers 5 runs them: each expert's matrices are slices of
 fused 3-D parameters (gate_up_proj [E, 2I, d], down_proj [E, d, I]) applied to the tokens the
-router sends to the expert, while the checkpoint stores them per expert, 2-D, under
-`<experts>.<e>.{gate,up,down}_proj.weight`. qdtk quantizes the checkpoint's tensors, so each
-expert matrix is one layer with its own H: gate and up read the expert's routed tokens x, down
-reads silu(x Wg^T) * (x Wu^T) of those tokens.
+router sends to the expert. Checkpoints store them either per expert, 2-D, under
+`<experts>.<e>.{gate,up,down}_proj.weight` (Qwen3-MoE), or as the fused 3-D tensors themselves,
+`<experts>.gate_up_proj` and `<experts>.down_proj` without a `.weight` suffix (DiffusionGemma).
+Either way each expert matrix is one layer named as the per-expert layout names it (for a fused
+tensor, a view of its rows: qdtk.checkpoint) with its own H: gate and up read the expert's routed
+tokens x, down reads act(x Wg^T) * (x Wu^T) of those tokens.
 
 Found by structure (a module holding 3-D gate_up_proj and down_proj parameters and an act_fn,
 called as experts(hidden [T, d], top_k_index [T, k], top_k_weights [T, k])), not by class, so
@@ -56,6 +58,25 @@ def expert_slot(name: str) -> ExpertSlot | None:
 
 def expert_weight(prefix: str, e: int, proj: str) -> str:
     return f"{prefix}.{e}.{proj}.weight"
+
+
+_FUSED = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<fused>gate_up_proj|down_proj)$")
+
+
+def fused_parts(name: str, shape: tuple[int, ...]) -> list[tuple[str, int, int]] | None:
+    """A fused 3-D expert tensor's 2-D matrices in storage order: (per-expert weight name,
+    first row, rows) of the tensor viewed as [E * rows, cols]; None if `name` is not one.
+    gate_up_proj [E, 2I, d]: expert e's gate_proj is rows 2Ie .. 2Ie+I-1, its up_proj the next
+    I; down_proj [E, d, I]: expert e's down_proj is rows de .. de+d-1."""
+    m = _FUSED.match(name)
+    if m is None or len(shape) != 3 or (m["fused"] == "gate_up_proj" and shape[1] % 2):
+        return None
+    E, R = shape[0], shape[1]
+    if m["fused"] == "down_proj":
+        return [(expert_weight(m["prefix"], e, "down_proj"), e * R, R) for e in range(E)]
+    half = R // 2
+    return [(expert_weight(m["prefix"], e, p), e * R + k * half, half)
+            for e in range(E) for k, p in enumerate(("gate_proj", "up_proj"))]
 
 
 def expert_names(prefix: str, module: Any) -> list[str]:

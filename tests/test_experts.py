@@ -137,3 +137,70 @@ def test_statistics_of_a_dense_model_do_not_fit_an_moe(tiny_moe, tiny_llama, tmp
                        "without these experts"):
         quantize_model(tiny_moe, stats, tmp_path / "q", {"method": "rtn", "bits": 2},
                        progress=False)
+
+
+# ----------------------------------------------------------------------------- fused 3-D tensors
+
+
+def fused_model(folder, rng, E=3, d=40, inter=136):
+    """A torch-free checkpoint with DiffusionGemma's fused experts: gate_up_proj [E, 2I, d],
+    down_proj [E, d, I] (a ragged last 128-group), a router and a dense Linear."""
+    from tests.test_pack import synthetic_model
+
+    synthetic_model(folder, rng, {"model.layers.0.self_attn.q_proj.weight": (d, d)})
+    from qdtk.checkpoint import read_safetensors, write_safetensors
+
+    tensors, meta = read_safetensors(folder / "model.safetensors")
+    p = "model.layers.0.experts"
+    tensors[p + ".gate_up_proj"] = rng.standard_normal((E, 2 * inter, d)).astype(np.float32)
+    tensors[p + ".down_proj"] = rng.standard_normal((E, d, inter)).astype(np.float32)
+    tensors["model.layers.0.router.proj.weight"] = rng.standard_normal((E, d)).astype(np.float32)
+    write_safetensors(folder / "model.safetensors", tensors, meta)
+    return folder
+
+
+def test_a_fused_tensor_reads_as_one_matrix_per_expert(rng, tmp_path):
+    ckpt = Checkpoint(fused_model(tmp_path / "m", rng))
+    p = "model.layers.0.experts"
+    gu, down = ckpt.read(p + ".gate_up_proj"), ckpt.read(p + ".down_proj")
+    names = ckpt.linear_names()
+    assert p + ".gate_up_proj" not in names and p + ".down_proj" not in names
+    assert sorted(n for n in names if ".experts." in n) == sorted(
+        ex.expert_weight(p, e, k) for e in range(3) for k in ex.PROJ)
+    for e in range(3):
+        assert np.array_equal(ckpt.read(ex.expert_weight(p, e, "gate_proj")), gu[e, :136])
+        assert np.array_equal(ckpt.read(ex.expert_weight(p, e, "up_proj")), gu[e, 136:])
+        assert np.array_equal(ckpt.read(ex.expert_weight(p, e, "down_proj")), down[e])
+    assert ckpt.experts() == {"model.layers.0": 3}
+    assert ckpt.routers() == {"model.layers.0.router.proj.weight"}
+    assert ckpt.names() == list(ckpt.tensors)  # the stored tensors only
+    with pytest.raises(QdtkError, match="2 of the 6 expert matrices of the fused tensor"):
+        ckpt.covered([ex.expert_weight(p, 0, "gate_proj"), ex.expert_weight(p, 0, "up_proj")])
+
+
+def test_fused_tensors_round_trip_through_pack_bit_for_bit(rng, tmp_path):
+    from qdtk.pack import pack_checkpoint, read_quantization_config, unpack_checkpoint
+    from tests.test_pack import bits_of, write_quant
+
+    model = fused_model(tmp_path / "m", rng)
+    layers = write_quant(model, tmp_path / "quant", rng)
+    packed = pack_checkpoint(tmp_path / "quant", tmp_path / "packed")
+    p = "model.layers.0.experts"
+    stored = Checkpoint(packed)
+    assert p + ".gate_up_proj" not in stored.names() and p + ".0.up_proj.planes" in stored
+    qc = read_quantization_config(packed)
+    assert qc["fused"][p + ".down_proj"] == {
+        "shape": [3, 40, 136], "dtype": "F32", "modules": [f"{p}.{e}.down_proj" for e in range(3)]}
+    dense = Checkpoint(unpack_checkpoint(packed, tmp_path / "dense", dtype="float32"))
+    assert set(dense.names()) == set(Checkpoint(model).names())
+    gu = dense.read(p + ".gate_up_proj")
+    for e in range(3):
+        What = np.concatenate([layers[ex.expert_weight(p, e, k)].dequantize()
+                               for k in ("gate_proj", "up_proj")])
+        assert np.array_equal(bits_of(gu[e]), bits_of(What))
+        assert np.array_equal(bits_of(dense.read(p + ".down_proj")[e]),
+                              bits_of(layers[ex.expert_weight(p, e, "down_proj")].dequantize()))
+    r = CliRunner().invoke(cli, ["inspect", str(model)])
+    assert r.exit_code == 0, r.output
+    assert ("Mixture of experts: 1 layers of 3 experts; 9 expert matrices among the Linears; "
+            "1 routers kept in full precision") in r.output
