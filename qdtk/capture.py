@@ -42,6 +42,7 @@ from qdtk.experts import expert_names
 from qdtk.mcs import MaskedBatch, MaskOptions, cut_windows, mask_batch, resolve_mask_token_id
 from qdtk.models import (
     load_model,
+    prompt_length,
     load_tokenizer,
     own_code_errors,
     split_model_path,
@@ -801,14 +802,18 @@ def calibration_batch(
     stream = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     if opts.mask.mask is None:  # calibrate like use: masks only for mask predictors
         opts = replace(opts, mask=replace(opts.mask, mask=uses_masks(model)))
+    # block diffusion (DiffusionGemma): a clean prompt, then a canvas noised with uniform
+    # tokens, as its sampler renoises; every other masked model: its mask token
+    prompt = prompt_length(model, opts.L)
+    noise = config.get("text_config", config).get("vocab_size") if prompt is not None else None
     mask_id = None
-    if opts.mask.mask:
+    if opts.mask.mask and noise is None:
         mask_id = resolve_mask_token_id(
             config, getattr(tokenizer, "mask_token_id", None), opts.mask_token_id, str(model_path)
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids, attention = cut_windows(stream, opts.n, opts.L, opts.mask.seed, pad_id)
-    batch = mask_batch(ids, attention, mask_id, opts.mask)
+    batch = mask_batch(ids, attention, mask_id, opts.mask, prompt, noise)
     ident = {
         "calib": {"source": str(calib or "builtin"),
                   "sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
@@ -816,6 +821,9 @@ def calibration_batch(
         "mask_token_id": mask_id,
         "masked": bool(opts.mask.mask),
     }
+    if prompt is not None:
+        ident |= {"prompt_tokens": prompt, "canvas_tokens": opts.L - prompt,
+                  "noise": "uniform" if opts.mask.mask else None}
     return batch, ident
 
 

@@ -204,3 +204,69 @@ def test_fused_tensors_round_trip_through_pack_bit_for_bit(rng, tmp_path):
     assert r.exit_code == 0, r.output
     assert ("Mixture of experts: 1 layers of 3 experts; 9 expert matrices among the Linears; "
             "1 routers kept in full precision") in r.output
+
+
+# ----------------------------------------------------------------------------- DiffusionGemma
+
+
+def _decoder_name(name: str) -> str:
+    """The checkpoint name of an encoder module (its weights are the decoder's)."""
+    return name.replace("model.encoder.language_model.layers", "model.decoder.layers")
+
+
+def test_diffusion_gemma_block_by_block_H_equals_the_full_forward(tiny_diffusion_gemma):
+    """Encoder layer b on the prompt and decoder layer b on the noised canvas (reading the
+    encoder's cache), each with its own sliding or full attention arguments: every dense
+    Linear's H and every expert's routed H equals the one from hooks on one whole forward."""
+    from qdtk.models import forward_inputs, prompt_length
+
+    model = cap.load_model(tiny_diffusion_gemma)
+    stacks = [n for n, _ in cap.find_stacks(model)]
+    assert stacks == ["model.encoder.language_model.layers", "model.decoder.layers"]
+    L = 24
+    assert prompt_length(model, L) == 16  # canvas 8
+    ids = np.random.default_rng(0).integers(5, 100, (5, L))
+    att = np.ones_like(ids, bool)
+    session = _session(model, ids, att, tiny_diffusion_gemma, chunk_size=2)
+    assert session.stack == "model.decoder.layers"
+    got = _capture_all(session)
+
+    sums, handles = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name and "vision" not in name:
+            def hook(m, args, out, key=_decoder_name(name) + ".weight"):
+                X = args[0].reshape(-1, args[0].shape[-1]).double()
+                S, T = sums.get(key, (0, 0))
+                sums[key] = (S + X.T @ X, T + len(X))
+            handles.append(mod.register_forward_hook(hook))
+    ref = {}
+    for name, mod in model.named_modules():
+        if ex.is_fused_experts(mod):  # routed tokens of both the encoder's and decoder's call
+            def ehook(m, args, output, key=_decoder_name(name)):
+                x, index = args[0].double(), args[1]
+                for e in range(m.gate_up_proj.shape[0]):
+                    X = x[(index == e).any(-1)]
+                    gu = m.gate_up_proj[e].double()
+                    g, u = X @ gu[: gu.shape[0] // 2].T, X @ gu[gu.shape[0] // 2:].T
+                    A = torch.nn.functional.gelu(g, approximate="tanh") * u  # gelu_pytorch_tanh
+                    for k, Z in (("gate_proj", X), ("down_proj", A)):
+                        S, T = ref.get(f"{key}.{e}.{k}", (0, 0))
+                        ref[f"{key}.{e}.{k}"] = (S + Z.T @ Z, T + len(Z))
+            handles.append(mod.register_forward_hook(ehook))
+    with torch.inference_mode():
+        model(**forward_inputs(model, torch.as_tensor(ids)))
+    for h in handles:
+        h.remove()
+    dense = {m: s for s in got.values() if ".experts." not in s.key for m in s.members}
+    assert set(dense) == set(sums) and len(sums) == 8 + 7  # the full layer has no v_proj
+    for name, (S, T) in sums.items():
+        assert dense[name].tokens == T == 5 * L  # prompt and canvas tokens
+        assert _rel(dense[name].H.astype(np.float64), (2 / T * S).numpy()) < 1e-6, name
+    experts = {k: s for k, s in got.items() if ".experts." in k}
+    assert set(experts) == set(ref) and len(ref) == 2 * 4 * 2
+    for key, (S, T) in ref.items():
+        assert experts[key].tokens == T and experts[key].fallback is None
+        assert _rel(experts[key].H.astype(np.float64), (2 / T * S).numpy()) < 1e-6, key
+    assert got["model.decoder.layers.0.experts.0.gate_proj"].members == [
+        "model.decoder.layers.0.experts.0.gate_proj.weight",
+        "model.decoder.layers.0.experts.0.up_proj.weight"]
