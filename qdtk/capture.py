@@ -42,9 +42,9 @@ from qdtk.experts import expert_names
 from qdtk.mcs import MaskedBatch, MaskOptions, cut_windows, mask_batch, resolve_mask_token_id
 from qdtk.models import (
     load_model,
-    prompt_length,
     load_tokenizer,
     own_code_errors,
+    prompt_length,
     split_model_path,
 )
 from qdtk.stats import InputStat, StatsWriter, hessian_from_sums

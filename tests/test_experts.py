@@ -234,7 +234,9 @@ def test_diffusion_gemma_block_by_block_H_equals_the_full_forward(tiny_diffusion
     sums, handles = {}, []
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and ".layers." in name and "vision" not in name:
-            def hook(m, args, out, key=_decoder_name(name) + ".weight"):
+            key = _decoder_name(name) + ".weight"
+
+            def hook(m, args, out, key=key):
                 X = args[0].reshape(-1, args[0].shape[-1]).double()
                 S, T = sums.get(key, (0, 0))
                 sums[key] = (S + X.T @ X, T + len(X))
@@ -242,7 +244,9 @@ def test_diffusion_gemma_block_by_block_H_equals_the_full_forward(tiny_diffusion
     ref = {}
     for name, mod in model.named_modules():
         if ex.is_fused_experts(mod):  # routed tokens of both the encoder's and decoder's call
-            def ehook(m, args, output, key=_decoder_name(name)):
+            key = _decoder_name(name)
+
+            def ehook(m, args, output, key=key):
                 x, index = args[0].double(), args[1]
                 for e in range(m.gate_up_proj.shape[0]):
                     X = x[(index == e).any(-1)]
