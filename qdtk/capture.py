@@ -41,6 +41,7 @@ from qdtk.errors import QdtkError
 from qdtk.experts import expert_names
 from qdtk.mcs import MaskedBatch, MaskOptions, cut_windows, mask_batch, resolve_mask_token_id
 from qdtk.models import (
+    flat_config,
     load_model,
     load_tokenizer,
     own_code_errors,
@@ -793,7 +794,7 @@ def calibration_batch(
     """Tokenised, windowed and masked calibration sequences, and what identifies them."""
     from qdtk.calib import calibration_text
 
-    config = model.config.to_dict()
+    config = flat_config(model)
     max_pos = config.get("max_position_embeddings")
     if max_pos and max_pos < opts.L:
         raise QdtkError(f"{model_path}: -L {opts.L} exceeds the model's max_position_embeddings "
@@ -805,7 +806,7 @@ def calibration_batch(
     # block diffusion (DiffusionGemma): a clean prompt, then a canvas noised with uniform
     # tokens, as its sampler renoises; every other masked model: its mask token
     prompt = prompt_length(model, opts.L)
-    noise = config.get("text_config", config).get("vocab_size") if prompt is not None else None
+    noise = config["vocab_size"] if prompt is not None else None
     mask_id = None
     if opts.mask.mask and noise is None:
         mask_id = resolve_mask_token_id(
@@ -868,7 +869,7 @@ def capture(
     )
     try:
         writer.check_space(session.estimate_bytes())
-        hidden = batch.ids.size * model.config.to_dict().get("hidden_size", 0) * \
+        hidden = batch.ids.size * flat_config(model).get("hidden_size", 0) * \
             session.store[0].element_size()
         echo(f"{len(batch.t)} sequences x {opts.L} tokens ({batch.tokens} counted, "
              f"{int(batch.masked.sum())} masked); {len(session)} blocks; estimated H storage "

@@ -274,3 +274,29 @@ def test_diffusion_gemma_block_by_block_H_equals_the_full_forward(tiny_diffusion
     assert got["model.decoder.layers.0.experts.0.gate_proj"].members == [
         "model.decoder.layers.0.experts.0.gate_proj.weight",
         "model.decoder.layers.0.experts.0.up_proj.weight"]
+
+
+def test_run_end_to_end_on_diffusion_gemma_replaces_every_fused_expert(tiny_diffusion_gemma,
+                                                                      tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", str(tiny_diffusion_gemma), "--out", str(out), "-n", "4",
+                                 "-L", "24", "--eval-n", "2", "--eval-length", "16",
+                                 "--iters", "2"])
+    assert r.exit_code == 0, r.output
+    orig, dense = Checkpoint(tiny_diffusion_gemma), Checkpoint(out / "dense")
+    report = json.loads((out / "quant" / "report.json").read_text())
+    assert set(dense.names()) == set(orig.names())
+    assert len(orig.fused) == 2 * 2
+    for fused, parts in orig.fused.items():  # every expert matrix of every fused tensor
+        assert fused not in Checkpoint(out / "packed").names()
+        for name in parts:
+            assert name in report["layers"]
+            assert not np.array_equal(orig.read(name, np.float32), dense.read(name, np.float32))
+    kept = orig.routers() | {n for n in orig.names() if "vision" in n}
+    assert len(kept) == 2 + 16  # routers; the vision tower and its projection
+    for name in kept:
+        assert np.array_equal(orig.read(name, np.float32), dense.read(name, np.float32))
+    stats = json.loads((out / "stats" / "manifest.json").read_text())
+    assert stats["options"]["prompt_tokens"] == 16 and stats["options"]["noise"] == "uniform"
+    ev = json.loads((out / "eval.json").read_text())
+    assert "masked_ce@0.5" in json.dumps(ev)

@@ -113,6 +113,14 @@ def model_kind(model) -> str:
     return "encoder"
 
 
+def flat_config(model) -> dict:
+    """The model's config as a dict, with a multimodal model's text settings (vocab_size,
+    max_position_embeddings, hidden_size: DiffusionGemma's text_config) at the top level."""
+    config = model.config.to_dict()
+    text = config.get("text_config")
+    return {**text, **config} if isinstance(text, dict) else config
+
+
 def canvas_length(model) -> int | None:
     """The canvas of a block-diffusion encoder-decoder, else None. Found by structure: a config
     `canvas_length` and a forward that takes the clean prompt as input_ids and the noised
