@@ -300,3 +300,22 @@ def test_run_end_to_end_on_diffusion_gemma_replaces_every_fused_expert(tiny_diff
     assert stats["options"]["prompt_tokens"] == 16 and stats["options"]["noise"] == "uniform"
     ev = json.loads((out / "eval.json").read_text())
     assert "masked_ce@0.5" in json.dumps(ev)
+
+
+def test_generate_on_diffusion_gemma_runs_its_own_sampler(tiny_diffusion_gemma, tmp_path):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from qdtk.generate import GenerateOptions, generate
+    from qdtk.models import load_tokenizer
+
+    opts = GenerateOptions(gen_length=16, block_length=16, steps=8, seed=3)
+    got = generate(tiny_diffusion_gemma, "masked canvas", opts, progress=False)
+    assert got["sampler"].startswith("DiffusionGemmaForBlockDiffusion.generate")
+    assert len(got["tokens"]) == 16 and got["options"]["mask_token_id"] is None
+    assert generate(tiny_diffusion_gemma, "masked canvas", opts, progress=False)["tokens"] == \
+        got["tokens"]  # seeded
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_diffusion_gemma).eval()
+    ids = load_tokenizer(tiny_diffusion_gemma)("masked canvas")["input_ids"]
+    torch.manual_seed(3)
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=16, max_denoising_steps=4)
+    assert ref.sequences[0, len(ids):len(ids) + 16].tolist() == got["tokens"]

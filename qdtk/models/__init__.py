@@ -470,6 +470,11 @@ def load_packed(path: str | Path, device: str = "cpu", dtype: str | None = None)
         return load_native(path, dtype or "float32", device)
     if not register_transformers():
         raise QdtkError("qdtk.load needs transformers >= 4.50 (its quantizer registry)")
+    from qdtk.pack import read_quantization_config
+
+    if read_quantization_config(path).get("fused"):
+        raise QdtkError(f"{path}: its experts are packed from fused 3-D tensors, which qdtk "
+                        f"cannot run packed yet; `qdtk unpack` it and run the dense folder")
     quantized_modules(path)  # validate everything before building anything
     config = transformers.AutoConfig.from_pretrained(path)
     kept = torch_dtype(dtype) if dtype else "auto"
