@@ -256,7 +256,8 @@ class Recorder:
     tokens routed to it, and the layer's input over all tokens for experts that get too few.
     """
 
-    def __init__(self, blocks, linears, accumulate: str, experts=None):
+    def __init__(self, blocks, linears, accumulate: str, experts=None,
+                 expert_weighting: str = "tokens"):
         """blocks: the block (or blocks sharing its weights) the hooked modules belong to;
         linears and experts: checkpoint name -> module, as a dict or (name, module) pairs (two
         modules sharing one weight, as DiffusionGemma's encoder and decoder, add to one H)."""
@@ -265,6 +266,8 @@ class Recorder:
         self.all_kept = False
         self.sums: dict[str, Any] = {}  # key -> running sum (add_xtx)
         self.rows: dict[str, int] = {}  # key -> tokens summed (an expert: those routed to it)
+        self.mass: dict[str, float] = {}  # key -> sum of the tokens' factors (qdtk.experts)
+        self.expert_weighting = expert_weighting
         self.members: dict[str, list[str]] = {}  # key -> checkpoint weight names
         self.experts = dict(_pairs(experts))  # checkpoint prefix "...experts" -> a fused module
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
@@ -276,9 +279,14 @@ class Recorder:
             self._handles.append(mod.register_forward_hook(self._expert_hook(prefix),
                                                            with_kwargs=True))
 
-    def _add(self, key: str, X) -> None:
+    def _add(self, key: str, X, factor=None) -> None:
+        """Add X [T, m] to key's sum, each token times factor [T] (None: 1)."""
+        if factor is not None:
+            X = X * factor.sqrt().to(X.dtype)[:, None]
         self.sums[key] = add_xtx(self.sums.get(key), X, self.accumulate)
         self.rows[key] = self.rows.get(key, 0) + int(X.shape[0])
+        self.mass[key] = self.mass.get(key, 0.0) + (
+            int(X.shape[0]) if factor is None else float(factor.sum()))
 
     def _tokens(self, name: str, x):
         """x as [T, m] over the counted tokens (padding removed)."""
@@ -305,20 +313,22 @@ class Recorder:
         return hook
 
     def _expert_hook(self, prefix: str):
-        from qdtk.experts import expert_weight, routed
+        from qdtk.experts import expert_weight, routed, token_weights
 
         def hook(module, args, kwargs, output):
             hidden = args[0] if args else kwargs["hidden_states"]
             index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            weights = args[2] if len(args) > 2 else kwargs.get("top_k_weights")
             self._add(prefix, self._tokens(prefix, hidden))  # every token: the fallback's
             keep = None if self.all_kept else self.keep
-            for e, X, A in routed(module, hidden, index, keep):
+            for e, X, A, w in routed(module, hidden, index, keep, weights):
+                factor = token_weights(w, self.expert_weighting)
                 gate, down = f"{prefix}.{e}.gate_proj", f"{prefix}.{e}.down_proj"
                 self.members.setdefault(gate, [expert_weight(prefix, e, p)
                                                for p in ("gate_proj", "up_proj")])
                 self.members.setdefault(down, [expert_weight(prefix, e, "down_proj")])
-                self._add(gate, X)
-                self._add(down, A)
+                self._add(gate, X, factor)
+                self._add(down, A, factor)
 
         return hook
 
@@ -339,7 +349,7 @@ class Recorder:
             downs = [k for k in self.members if k.startswith(prefix + ".")
                      and k.endswith(".down_proj") and self.rows[k] >= MIN_EXPERT_TOKENS]
             pooled = sum(xtx_value(self.sums[k]) for k in downs) if downs else None
-            pooled_rows = sum(self.rows[k] for k in downs)
+            pooled_mass = sum(self.mass[k] for k in downs)
             for e in range(mod.gate_up_proj.shape[0]):
                 gate, down = f"{prefix}.{e}.gate_proj", f"{prefix}.{e}.down_proj"
                 routed_rows = self.rows.get(gate, 0)
@@ -352,7 +362,7 @@ class Recorder:
                     (gate, [expert_weight(prefix, e, p) for p in ("gate_proj", "up_proj")],
                      self._H(prefix)),
                     (down, [expert_weight(prefix, e, "down_proj")],
-                     hessian_from_sums(pooled, pooled_rows)),
+                     hessian_from_sums(pooled, pooled_mass)),
                 ):
                     chosen = [m for m in names if only is None or m in only]
                     if chosen:
@@ -365,7 +375,7 @@ class Recorder:
         return {k for k in self.members for p in self.experts if k.startswith(p + ".")}
 
     def _H(self, key: str) -> np.ndarray:
-        return hessian_from_sums(xtx_value(self.sums[key]), self.rows[key])
+        return hessian_from_sums(xtx_value(self.sums[key]), self.mass[key])
 
     def remove(self) -> None:
         for h in self._handles:
@@ -455,10 +465,17 @@ class BlockSession:
         ckpt_names: Iterable[str] | None = None,
         progress: bool = False,
         source: str | Path = "the model",
+        expert_weighting: str = "tokens",
     ):
         import torch
 
+        from qdtk.experts import EXPERT_WEIGHTINGS
         from qdtk.models import prompt_length
+
+        if expert_weighting not in EXPERT_WEIGHTINGS:
+            raise QdtkError(f"unknown expert weighting {expert_weighting!r} "
+                            f"({', '.join(EXPERT_WEIGHTINGS)})")
+        self.expert_weighting = expert_weighting
 
         if accumulate not in ACCUMULATE:
             raise QdtkError(f"unknown accumulation {accumulate!r} (float64 or float32)")
@@ -626,7 +643,8 @@ class BlockSession:
             if blocks[b] is not own:
                 linears += twin_modules(blocks[b], own, self.linears[b])
                 experts += twin_modules(blocks[b], own, self.experts[b])
-        return Recorder([blocks[b] for blocks in self.parts], linears, self.accumulate, experts)
+        return Recorder([blocks[b] for blocks in self.parts], linears, self.accumulate, experts,
+                        self.expert_weighting)
 
     def _to_device(self, b: int, device: str) -> None:
         for blocks in self.parts:
@@ -786,6 +804,7 @@ class CaptureOptions:
     accumulate: str = "float64"
     trust_remote_code: bool = False
     model_code: str = "auto"
+    expert_weighting: str = "tokens"  # qdtk.experts.EXPERT_WEIGHTINGS
 
 
 def calibration_batch(
@@ -855,7 +874,8 @@ def capture(
     tokenizer = load_tokenizer(model_path, opts.trust_remote_code)
     batch, ident = calibration_batch(model_path, model, tokenizer, calib, opts)
     options = {"n": opts.n, "L": opts.L, **opts.mask.as_dict(), **ident, "dtype": opts.dtype,
-               "accumulate": opts.accumulate, "sequences": int(len(batch.t)),
+               "accumulate": opts.accumulate, "expert_weighting": opts.expert_weighting,
+               "sequences": int(len(batch.t)),
                "tokens": batch.tokens, "masked_tokens": int(batch.masked.sum())}
     writer = StatsWriter(out, str(model_path), model_fp, options)
     if writer.complete:
@@ -865,7 +885,7 @@ def capture(
     session = BlockSession(
         model, batch.ids, batch.attention, device=opts.device, chunk_size=opts.chunk_size,
         offload=offload, accumulate=opts.accumulate, ckpt_names=ckpt_names, progress=progress,
-        source=model_path,
+        source=model_path, expert_weighting=opts.expert_weighting,
     )
     try:
         writer.check_space(session.estimate_bytes())

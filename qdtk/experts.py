@@ -84,9 +84,23 @@ def expert_names(prefix: str, module: Any) -> list[str]:
     return [expert_weight(prefix, e, p) for e in range(module.gate_up_proj.shape[0]) for p in PROJ]
 
 
-def routed(module, hidden, top_k_index, keep=None):
-    """Per expert e that receives tokens: (e, X_e [T_e, d], A_e [T_e, I]), the routed tokens
-    (padding excluded by keep [T] bool) and the down projection's input act(X Wg^T) * X Wu^T."""
+# How each routed token counts in its expert's H (--expert-weighting):
+# "tokens": once; "weight": by its routing weight w; "weight2": by w^2, the weight of its
+# squared error in the MoE output (the expert's output is scaled by w).
+EXPERT_WEIGHTINGS = ("tokens", "weight", "weight2")
+
+
+def token_weights(w, weighting: str):
+    """Per routed token, its factor in H (w [T_e] routing weights; None: every factor 1)."""
+    if weighting not in EXPERT_WEIGHTINGS:
+        raise ValueError(f"unknown expert weighting {weighting!r}")
+    return None if weighting == "tokens" or w is None else (w if weighting == "weight" else w * w)
+
+
+def routed(module, hidden, top_k_index, keep=None, top_k_weights=None):
+    """Per expert e that receives tokens: (e, X_e [T_e, d], A_e [T_e, I], w_e [T_e] or None),
+    the routed tokens (padding excluded by keep [T] bool), the down projection's input
+    act(X Wg^T) * X Wu^T and their routing weights (from top_k_weights [T, k])."""
     import torch
 
     hit = torch.zeros(top_k_index.shape[0], module.gate_up_proj.shape[0] + 1, dtype=torch.bool,
@@ -100,4 +114,6 @@ def routed(module, hidden, top_k_index, keep=None):
             continue
         X = hidden[rows]
         gate, up = torch.nn.functional.linear(X, module.gate_up_proj[e]).chunk(2, dim=-1)
-        yield e, X, module.act_fn(gate) * up
+        w = None if top_k_weights is None else \
+            (top_k_weights[rows] * (top_k_index[rows] == e)).sum(-1).to(torch.float64)
+        yield e, X, module.act_fn(gate) * up, w

@@ -213,6 +213,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
         torch_model, batch.ids, batch.attention, device=c.device, chunk_size=c.chunk_size,
         offload=quant / ".hidden" if c.offload else None, accumulate=c.accumulate,
         ckpt_names=ckpt_names, progress=True, source=model,
+        expert_weighting=c.expert_weighting,
     )
     from tqdm import tqdm
 

@@ -17,10 +17,11 @@ from qdtk.errors import QdtkError  # noqa: E402
 from tests.test_capture import _capture_all, _masked, _rel, _session  # noqa: E402
 
 
-def routed_reference(model, ids, att):
-    """Per expert of every MoE layer, (2/T_e) sum x x^T of its routed tokens and of its down
-    projection's input, from one ordinary forward: the router's choices and the experts' input
-    taken by hooks, the expert MLP written out."""
+def routed_reference(model, ids, att, power=0):
+    """Per expert of every MoE layer, (2 / sum c) sum c x x^T of its routed tokens and of its
+    down projection's input with c = w^power (w: the token's routing weight for the expert),
+    from one ordinary forward: the router's choices and weights and the experts' input taken
+    by hooks, the expert MLP written out."""
     keep = torch.as_tensor(att).reshape(-1)
     out, handles = {}, []
     for name, mod in model.named_modules():
@@ -28,16 +29,17 @@ def routed_reference(model, ids, att):
             continue
 
         def hook(m, args, output, name=name):
-            x, index = args[0][keep].double(), args[1][keep]
+            x, index, weights = args[0][keep].double(), args[1][keep], args[2][keep].double()
             for e in range(m.gate_up_proj.shape[0]):
-                X = x[(index == e).any(-1)]
+                rows = (index == e).any(-1)
+                X, c = x[rows], (weights * (index == e))[rows].sum(-1) ** power  # [T_e]
                 if len(X) == 0:
                     continue
                 gu = m.gate_up_proj[e].double()
                 g, u = X @ gu[: gu.shape[0] // 2].T, X @ gu[gu.shape[0] // 2 :].T
                 A = g / (1 + torch.exp(-g)) * u
-                out[f"{name}.{e}.gate_proj"] = (2 / len(X) * X.T @ X, len(X))
-                out[f"{name}.{e}.down_proj"] = (2 / len(X) * A.T @ A, len(X))
+                out[f"{name}.{e}.gate_proj"] = (2 / c.sum() * (X.T * c) @ X, len(X))
+                out[f"{name}.{e}.down_proj"] = (2 / c.sum() * (A.T * c) @ A, len(X))
 
         handles.append(mod.register_forward_hook(hook))
     with torch.inference_mode():
@@ -62,6 +64,22 @@ def test_each_expert_gets_the_H_of_its_routed_tokens(tiny_moe):
     assert got[e0 + ".gate_proj"].members == [e0 + ".gate_proj.weight", e0 + ".up_proj.weight"]
     routed = sum(s.tokens for k, s in experts.items() if k.endswith("gate_proj")) // 2
     assert routed == 2 * b.tokens  # top 2: every token reaches two experts in each layer
+
+
+@pytest.mark.parametrize(("weighting", "power"), [("weight", 1), ("weight2", 2)])
+def test_routing_weights_weight_each_experts_H(tiny_moe, weighting, power):
+    model = cap.load_model(tiny_moe)
+    b = _masked(S=6, L=16, real=11)
+    got = _capture_all(_session(model, b.ids, b.attention, tiny_moe, chunk_size=4,
+                                expert_weighting=weighting))
+    ref = routed_reference(model, b.ids, b.attention, power)
+    plain = routed_reference(model, b.ids, b.attention)
+    for key, (H, T) in ref.items():
+        assert got[key].tokens == T and got[key].fallback is None
+        assert _rel(got[key].H.astype(np.float64), H.numpy()) < 1e-6
+        assert _rel(H.numpy(), plain[key][0].numpy()) > 1e-3  # the weights do matter
+    with pytest.raises(QdtkError, match="unknown expert weighting"):
+        _session(model, b.ids, b.attention, tiny_moe, expert_weighting="w")
 
 
 def test_an_expert_short_of_tokens_takes_the_stated_fallback(tiny_moe, monkeypatch):
