@@ -135,7 +135,8 @@ def capture_options_from(kw: dict):
         n=kw.pop("n"), L=kw.pop("L"), mask=mask, mask_token_id=kw.pop("mask_token_id"),
         dtype=kw.pop("dtype"), device=kw.pop("device", "cpu"), chunk_size=kw.pop("chunk_size"),
         offload=kw.pop("offload"), accumulate=kw.pop("accumulate"),
-        expert_weighting=kw.pop("expert_weighting"), trust_remote_code=kw.pop("trust_remote_code"), model_code=kw.pop("model_code"),
+        expert_weighting=kw.pop("expert_weighting"),
+        trust_remote_code=kw.pop("trust_remote_code"), model_code=kw.pop("model_code"),
     )
 
 
