@@ -855,6 +855,17 @@ def uses_masks(model) -> bool:
     return model_kind(model) == "mlm"
 
 
+def fallback_summary(stats: list[InputStat], shown: int = 6) -> str:
+    """One line naming the expert inputs that took a fallback H."""
+    from qdtk.experts import MIN_EXPERT_TOKENS
+
+    named = ", ".join(f"{s.key} ({s.tokens} tokens; H from {s.fallback})" for s in stats[:shown])
+    more = f" and {len(stats) - shown} more" if len(stats) > shown else ""
+    return (f"{len(stats)} expert inputs were reached by fewer than {MIN_EXPERT_TOKENS} "
+            f"calibration tokens and take a fallback H (manifest.json records it): "
+            f"{named}{more}; calibrate on more text to give them their own")
+
+
 def capture(
     model_path: str | Path,
     calib: str | Path | None,
@@ -899,11 +910,15 @@ def capture(
         if len(todo) < len(session):
             echo(f"resuming: {len(session) - len(todo)} blocks already captured")
         last = max(todo, default=-1)
+        fallbacks: list[InputStat] = []
         for b in tqdm(range(last + 1), desc="blocks", unit="block", disable=not progress):
             stats = session.run_block(b, record=b in todo, advance=True)
             if b in todo:
                 writer.write_block(b, session.block_name(b), stats)
+                fallbacks += [s for s in stats if s.fallback]
         writer.finish()
+        if fallbacks:
+            echo(fallback_summary(fallbacks))
     finally:
         session.close()
     return out
