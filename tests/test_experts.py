@@ -337,3 +337,32 @@ def test_generate_on_diffusion_gemma_runs_its_own_sampler(tiny_diffusion_gemma, 
     torch.manual_seed(3)
     ref = model.generate(torch.tensor([ids]), max_new_tokens=16, max_denoising_steps=4)
     assert ref.sequences[0, len(ids):len(ids) + 16].tolist() == got["tokens"]
+
+
+def test_an_expert_no_token_reaches_takes_the_fallback_and_is_reported(tiny_moe, tmp_path,
+                                                                       monkeypatch):
+    """One calibration token reaches 2 of the 4 experts of each layer (top 2): the other two
+    have no token at all, take the fallback, and capture says so; quantize then runs."""
+    from qdtk.quantize import quantize_model
+
+    monkeypatch.setattr(ex, "MIN_EXPERT_TOKENS", 1)  # the one token suffices for the others
+    calib = tmp_path / "one.txt"
+    calib.write_text("a")
+    stats = tmp_path / "stats"
+    r = CliRunner().invoke(cli, ["capture", str(tiny_moe), "--calib", str(calib), "-n", "1",
+                                 "-L", "1", "--out", str(stats)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((stats / "manifest.json").read_text())
+    inputs = {i["key"]: i for b in manifest["blocks"] for i in b["inputs"]}
+    for layer in (0, 1):
+        p = f"model.layers.{layer}.mlp.experts"
+        tokens = [inputs[f"{p}.{e}.gate_proj"]["tokens"] for e in range(4)]
+        assert sorted(tokens) == [0, 0, 1, 1]
+        for e in range(4):
+            gate, down = inputs[f"{p}.{e}.gate_proj"], inputs[f"{p}.{e}.down_proj"]
+            assert gate.get("fallback") == ("all tokens" if tokens[e] == 0 else None)
+            assert down.get("fallback") == ("pooled experts" if tokens[e] == 0 else None)
+    assert "8 expert inputs were reached by fewer than 1 calibration tokens" in r.output
+    assert "(0 tokens; H from all tokens)" in r.output
+    quantize_model(tiny_moe, stats, tmp_path / "q", {"method": "rtn", "bits": 2},
+                   progress=False)
