@@ -314,6 +314,10 @@ def test_run_end_to_end_on_diffusion_gemma_replaces_every_fused_expert(tiny_diff
     assert len(kept) == 2 + 16  # routers; the vision tower and its projection
     for name in kept:
         assert np.array_equal(orig.read(name, np.float32), dense.read(name, np.float32))
+    r = CliRunner().invoke(cli, ["inspect", str(out / "packed")])
+    assert r.exit_code == 0, r.output
+    assert ("Mixture of experts: 24 of them are expert matrices, stacked back into 4 fused "
+            "3-D tensors by unpack") in r.output
     stats = json.loads((out / "stats" / "manifest.json").read_text())
     assert stats["options"]["prompt_tokens"] == 16 and stats["options"]["noise"] == "uniform"
     ev = json.loads((out / "eval.json").read_text())
