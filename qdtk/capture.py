@@ -691,19 +691,39 @@ class BlockSession:
             return []
         return rec.statistics(only)
 
+    def weights(self, b: int) -> list[str]:
+        """The checkpoint weight names of block b's Linears and expert matrices."""
+        return [*self.linears[b], *(m for p, mod in self.experts[b].items()
+                                    for m in expert_names(p, mod))]
+
+    def _weight(self, b: int, name: str):
+        """The tensor holding weight `name` of block b: a Linear's weight, or an expert's rows
+        of its fused parameter."""
+        from qdtk.experts import expert_slot
+
+        mod = self.linears[b].get(name)
+        if mod is not None:
+            return mod.weight
+        slot = expert_slot(name)
+        prefix, _, param = slot.param.rpartition(".") if slot else ("", "", "")
+        experts = self.experts[b].get(prefix)
+        if experts is None:
+            raise QdtkError(f"{self.block_name(b)}: no Linear weight named {name!r}")
+        fused = getattr(experts, param)  # [E, rows, cols]
+        return fused.data[slot.expert, slot.rows(fused.shape[1])]
+
     def set_weights(self, b: int, weights: dict[str, np.ndarray]) -> None:
-        """Replace Linear weights of block b (checkpoint name -> [n, m] array)."""
+        """Replace Linear and expert weights of block b (checkpoint name -> [n, m] array); a
+        weight shared by several stacks changes in all."""
         import torch
 
         for name, W in weights.items():
-            mod = self.linears[b].get(name)
-            if mod is None:
-                raise QdtkError(f"{self.block_name(b)}: no Linear weight named {name!r}")
-            if tuple(W.shape) != tuple(mod.weight.shape):
+            target = self._weight(b, name)
+            if tuple(W.shape) != tuple(target.shape):
                 raise QdtkError(f"{name}: new weight has shape {list(W.shape)}, the model's is "
-                                f"{list(mod.weight.shape)}")
+                                f"{list(target.shape)}")
             with torch.no_grad():
-                mod.weight.copy_(torch.as_tensor(np.asarray(W, dtype=np.float32)))
+                target.copy_(torch.as_tensor(np.asarray(W, dtype=np.float32)))
 
     def hidden(self, c: int, part: int = -1):
         """The stored hidden states of chunk c (the inputs of block `position`; of the last

@@ -370,3 +370,31 @@ def test_an_expert_no_token_reaches_takes_the_fallback_and_is_reported(tiny_moe,
     assert "(0 tokens; H from all tokens)" in r.output
     quantize_model(tiny_moe, stats, tmp_path / "q", {"method": "rtn", "bits": 2},
                    progress=False)
+
+
+def test_sequential_order_sets_expert_rows_of_the_shared_fused_parameter(tiny_diffusion_gemma):
+    model = cap.load_model(tiny_diffusion_gemma)
+    ids = np.random.default_rng(0).integers(5, 100, (2, 24))
+    session = _session(model, ids, np.ones_like(ids, bool), tiny_diffusion_gemma)
+    p = "model.decoder.layers.1.experts"
+    assert {ex.expert_weight(p, e, k) for e in range(4) for k in ex.PROJ} <= set(
+        session.weights(1))
+    enc = model.model.encoder.language_model.layers[1].experts
+    before = enc.gate_up_proj.detach().clone()
+    up = np.full((48, 32), 0.5, np.float32)
+    session.set_weights(1, {ex.expert_weight(p, 2, "up_proj"): up})
+    after = enc.gate_up_proj.detach()  # the encoder's: tied to the decoder's
+    assert torch.equal(after[2, 48:], torch.from_numpy(up))
+    assert torch.equal(after[2, :48], before[2, :48]) and torch.equal(after[:2], before[:2])
+    with pytest.raises(QdtkError, match="new weight has shape"):
+        session.set_weights(1, {ex.expert_weight(p, 2, "down_proj"): up})
+
+
+def test_sequential_run_quantizes_every_expert(tiny_moe, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", str(tiny_moe), "--out", str(out), "--sequential",
+                                 "--budget-scope", "layer", "-n", "4", "-L", "24", "--eval-n",
+                                 "2", "--eval-length", "16", "--iters", "2"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "quant" / "report.json").read_text())
+    assert sum(".experts." in n for n in report["layers"]) == 2 * 4 * 3
