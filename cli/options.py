@@ -111,6 +111,11 @@ def capture_options(n: int | None = 128, L: int | None = 2048, device: bool = Tr
                      default="float64", show_default=True,
                      help="Precision of sum x x^T: float64 throughout, or float32 within a batch "
                      "and float64 across batches (about twice as fast)."),
+        click.option("--expert-weighting", type=click.Choice(["tokens", "weight", "weight2"]),
+                     default="tokens", show_default=True,
+                     help="Mixture of experts: how each token routed to an expert counts in the "
+                     "expert's H: once, by its routing weight w, or by w^2 (the weight of its "
+                     "error in the layer's output)."),
         click.option("--trust-remote-code", is_flag=True,
                      help="Allow the model's own code from its folder (LLaDA and Dream run "
                      "without it, on qdtk's native forward)."),
@@ -136,6 +141,7 @@ def capture_options_from(kw: dict):
         n=kw.pop("n"), L=kw.pop("L"), mask=mask, mask_token_id=kw.pop("mask_token_id"),
         dtype=kw.pop("dtype"), device=kw.pop("device", "cpu"), chunk_size=kw.pop("chunk_size"),
         offload=kw.pop("offload"), accumulate=kw.pop("accumulate"),
+        expert_weighting=kw.pop("expert_weighting"),
         trust_remote_code=kw.pop("trust_remote_code"), model_code=kw.pop("model_code"),
     )
 

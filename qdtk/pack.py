@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -426,7 +427,45 @@ def read_quantization_config(folder: str | Path) -> dict:
                 Rotation.from_dict(info["rotation"], info["shape"][1])
             except ValueError as e:
                 raise QdtkError(f"{path}: module {module!r}: {e}") from None
+    for tensor, entry in qc.get("fused", {}).items():
+        if not _fused_entry_ok(entry, modules):
+            raise QdtkError(f"{path}: quantization_config entry for fused tensor {tensor!r} is "
+                            f"invalid")
     return qc
+
+
+# A fused 3-D expert tensor (FORMAT.md section 5) is stored as one module per expert matrix;
+# quantization_config["fused"] names them in storage order, and unpack stacks them back.
+
+
+def fused_record(ckpt: Checkpoint, fused: Iterable[str]) -> dict[str, dict]:
+    """quantization_config["fused"]: per fused tensor its shape, dtype and modules in order."""
+    return {name: {"shape": list(ckpt.info(name).shape), "dtype": ckpt.info(name).dtype,
+                   "modules": [module_name(w) for w in ckpt.fused[name]]}
+            for name in sorted(fused)}
+
+
+def _fused_entry_ok(entry, modules: dict) -> bool:
+    try:
+        E, R, C = (int(s) for s in entry["shape"])
+        parts = [modules[m]["shape"] for m in entry["modules"]]
+        return (entry["dtype"] in DTYPES and min(E, R, C) > 0
+                and all(p[1] == C for p in parts) and sum(p[0] for p in parts) == E * R)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def fused_tensor(entry: dict, dequantized: Callable[[str], np.ndarray], to: np.dtype
+                 ) -> np.ndarray:
+    """A fused tensor rebuilt from its modules' weights: stacked along the rows, reshaped."""
+    E, R, C = entry["shape"]
+    out = np.empty((E * R, C), to)  # [E*R, C]
+    row = 0
+    for module in entry["modules"]:
+        W = dequantized(module)  # [rows, C] float32
+        out[row:row + W.shape[0]] = W.astype(to)
+        row += W.shape[0]
+    return out.reshape(E, R, C)
 
 
 def is_packed(folder: str | Path) -> bool:
@@ -641,6 +680,7 @@ def pack_checkpoint(
     if recorded and recorded != ckpt.fingerprint():
         log.warning("%s: model fingerprint differs from the one %s records", ckpt.folder,
                     quant / REPORT)
+    quantized |= ckpt.covered(quantized)  # fused expert tensors: replaced by their matrices
     copied = sum(ckpt.info(n).nbytes for n in ckpt.names() if n not in quantized)
     check_free_space(out, sum(p.stat().st_size for p in paths) + copied, "pack")  # upper bound
     _start_output(out, ckpt.folder, quant)
@@ -678,6 +718,9 @@ def pack_checkpoint(
     config["quantization_config"] = _quantization_config(
         report, modules, packed_bits, fp, ckpt.nbytes()
     )
+    fused = fused_record(ckpt, set(ckpt.fused) & quantized)
+    if fused:
+        config["quantization_config"]["fused"] = fused
     config["quantization_config"]["sha256"] = writer.hashes
     write_json_atomic(out / "config.json", config)
     log.info("%s: %d modules packed at %.3f bits/weight", out, len(modules),
@@ -713,10 +756,17 @@ def unpack_checkpoint(
     check_free_space(out, dense, "unpack")
     _start_output(out, packed)
 
+    def dequantized(module: str) -> np.ndarray:  # [n, m] float32
+        return read_packed_layer(ckpt, module, modules[module]).to_layer().weight()
+
+    fused = qc.get("fused", {})
+    in_fused = {m for entry in fused.values() for m in entry["modules"]}
     with CheckpointWriter(out, max_shard_bytes, {"format": "pt", "qdtk_fingerprint": fp}) as w:
-        for module, info in tqdm(modules.items(), desc="unpack", unit="layer"):
-            What = read_packed_layer(ckpt, module, info).to_layer().weight()  # [n, m] f32
-            w.add(f"{module}.weight", What.astype(to))
+        for module in tqdm([m for m in modules if m not in in_fused], desc="unpack",
+                           unit="layer"):
+            w.add(f"{module}.weight", dequantized(module).astype(to))
+        for name, entry in fused.items():
+            w.add(name, fused_tensor(entry, dequantized, to))
         for name in ckpt.names():
             if name not in owned:
                 arr = ckpt.read(name)

@@ -215,15 +215,16 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
         torch_model, batch.ids, batch.attention, device=c.device, chunk_size=c.chunk_size,
         offload=quant / ".hidden" if c.offload else None, accumulate=c.accumulate,
         ckpt_names=ckpt_names, progress=True, source=model,
+        expert_weighting=c.expert_weighting,
     )
     from tqdm import tqdm
 
     report.remove_stale({f"block_{b:04d}.safetensors" for b in range(len(session))
-                         if any(w in selected for w in session.linears[b])})
+                         if any(w in selected for w in session.weights(b))})
     fp = calib_fp
     try:
         for b in tqdm(range(len(session)), desc="blocks", unit="block"):
-            names = [w for w in session.linears[b] if w in selected]
+            names = [w for w in session.weights(b) if w in selected]
             if not names:
                 session.run_block(b, record=False, advance=True)
                 continue
