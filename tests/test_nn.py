@@ -173,6 +173,66 @@ def test_packed_model_gives_the_unpacked_models_logits(packed_model, tokens):
             assert rel_err(model(ids).logits, want) < 1e-5
 
 
+# transformers alone on a packed folder, in a fresh process without qdtk imported
+WITHOUT_QDTK = """
+import sys
+folder, trust, hide = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+if hide:  # as if qdtk were not installed
+    class Hide:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "qdtk":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, Hide())
+import torch, transformers
+try:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
+except Exception as e:
+    print("ERROR", type(e).__name__, " ".join(str(e).split()))
+    sys.exit(0)
+assert "qdtk" in sys.modules
+packed = sum(type(m).__name__ == "BCQLinear" for m in model.modules())
+ids = torch.tensor([[5, 17, 42, 9]])
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[4])
+print("LOADED", type(model).__name__, packed)
+"""
+
+
+def from_pretrained_without_qdtk(tmp_path, folder, trust: bool, hide: bool = False):
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    r = subprocess.run([sys.executable, "-c", WITHOUT_QDTK, str(folder), str(int(trust)),
+                        str(int(hide)), str(tmp_path / "logits.pt")],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_transformers_without_qdtk_never_loads_random_linears(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    write_quant(tiny_llama, tmp_path / "quant", np.random.default_rng(1))
+    packed = pack_checkpoint(tmp_path / "quant", tmp_path / "packed", tiny_llama)
+    # untrusted: transformers stops before any weight (an unknown model_type with remote code)
+    out = from_pretrained_without_qdtk(tmp_path, packed, trust=False)
+    assert out.startswith("ERROR ValueError") and "trust_remote_code=True" in out, out
+    # trusted without qdtk installed: the folder's code asks for it
+    out = from_pretrained_without_qdtk(tmp_path, packed, trust=True, hide=True)
+    assert "ImportError" in out.split()[1] and "qdtk" in out, out
+    # trusted with qdtk installed: the folder's code imports it, the Linears come packed
+    out = from_pretrained_without_qdtk(tmp_path, packed, trust=True)
+    assert out.split() == ["LOADED", "LlamaForCausalLM", "14"], out  # 2 blocks of 7 Linears
+    dense = unpack_checkpoint(packed, tmp_path / "dense", dtype="float32")
+    assert not (dense / "qdtk_packed.py").exists()
+    ref = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([[5, 17, 42, 9]])).logits
+    assert rel_err(torch.load(tmp_path / "logits.pt"), want) < 1e-5
+    assert ref.config.model_type == "llama"  # unpack gives the model's own config back
+
+
 Q = "model.layers.0.self_attn.q_proj"
 # unpack's own cases and messages, and one that needs a real model's module names
 BAD = {case: PACK_BAD[case] for case in ("unknown format version", "truncated shard")}
