@@ -114,7 +114,7 @@ def crossover_table(n: int, m: int, tokens, repeat: int, clock) -> None:
     print("|---|---|---|---|")
     for T in tokens:
         x = torch.randn(T, m)
-        t_lut = best(lambda x=x: linear.matmul_lut(mod, x), repeat, True, clock)
+        t_lut = best(lambda x=x: linear.matmul_packed(mod, x), repeat, True, clock)
         t_tile = best(lambda x=x: linear.matmul_tiled(mod, x), repeat, True, clock)
         chosen = "lut" if T <= linear.FEW_TOKENS else "tiles"
         print(f"| {T} | {1e3 * t_lut:.2f} | {1e3 * t_tile:.2f} | {chosen} |")

@@ -55,10 +55,10 @@ def test_dequantized_tiles_are_unpacks_what_bit_for_bit(rng, n, m):
 
 @pytest.mark.parametrize("n,m", SHAPES)
 @pytest.mark.parametrize("T", [1, 3, 17])
-def test_lut_kernel_equals_the_unpacked_matmul(rng, n, m, T):
+def test_packed_kernel_equals_the_unpacked_matmul(rng, n, m, T):
     p, What = packed_layer(rng, n, m)
     x = rng.standard_normal((T, m)).astype(np.float32)
-    y = kernels.matmul_lut(x, *kernel_args(p), plane_layout(p.orders, m))
+    y = kernels.matmul_packed(x, *kernel_args(p), plane_layout(p.orders, m))
     assert y.shape == (T, n) and y.dtype == np.float32
     assert rel_err(y, x @ What.T) < 1e-5
 
@@ -120,7 +120,7 @@ def test_cuda_kernels_match_the_cpu_kernels(rng, n, m):
     x = rng.standard_normal((2, m)).astype(np.float32)
     y = np.zeros((2, n), np.float32)
     kcuda.matmul_packed(x, planes, rs, cs, DL, y, threads=4)  # 4 threads stride over the words
-    assert rel_err(y, kernels.matmul_lut(x, planes, rs, cs, L)) < 1e-5
+    assert rel_err(y, kernels.matmul_packed(x, planes, rs, cs, L)) < 1e-5
 
 
 # ----------------------------------------------------------------------------- loading

@@ -83,7 +83,7 @@ class BCQLinear(nn.Module):
 
 def _matmul_cpu(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
     """[T, n] float32 = x What^T, by token count (FEW_TOKENS)."""
-    return (matmul_lut if x.shape[0] <= FEW_TOKENS else matmul_tiled)(mod, x)
+    return (matmul_packed if x.shape[0] <= FEW_TOKENS else matmul_tiled)(mod, x)
 
 
 def _cpu_arrays(mod: BCQLinear):
@@ -94,9 +94,9 @@ def _cpu_arrays(mod: BCQLinear):
     return planes, row_scale, col_scale
 
 
-def matmul_lut(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
-    """[T, n] float32 on the CPU from the packed bytes (lookup tables)."""
-    out = kernels.matmul_lut(x.numpy(), *_cpu_arrays(mod), mod.layout())
+def matmul_packed(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
+    """[T, n] float32 on the CPU from the packed bytes."""
+    out = kernels.matmul_packed(x.numpy(), *_cpu_arrays(mod), mod.layout())
     return torch.from_numpy(out)
 
 
