@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from qdtk.nn.simd import LANES, signed_axpy, signed_sum
+from qdtk.nn.simd import LANES, scaled_signed_sum, signed_axpy
 
 WORD_BITS = LANES  # a word of signs is one vector of qdtk.nn.simd
 
@@ -92,13 +92,7 @@ def _packed_kernel(xb, planes, row_scale, word, n_words, y):
     for i in prange(planes.shape[0]):
         bits_i = planes[i]
         for t in range(xb.shape[0]):
-            xb_t = xb[t]
-            acc = np.float32(0)
-            for p in range(word.shape[0]):
-                u0 = word[p]
-                acc += _half(row_scale[p, i]) * signed_sum(xb_t, WORD_BITS * u0, bits_i, u0,
-                                                           n_words[p])
-            y[t, i] = acc
+            y[t, i] = scaled_signed_sum(xb[t], bits_i, row_scale, i, word, n_words)
     return y
 
 

@@ -16,14 +16,13 @@ from torch import nn
 from qdtk.nn import kernels
 from qdtk.pack import PackedBCQ, PlaneLayout, bcq_expected, plane_layout
 
-# Up to this many tokens the product reads the packed bytes only (`kernels.matmul_lut`);
+# Up to this many tokens the product reads the packed bytes only (`kernels.matmul_packed`);
 # beyond, tiles of What are dequantised and multiplied with BLAS. Measured as CPU time on one
-# core (the shared machine's wall clock was too noisy), ms, lookup tables / tiles:
-#   4096 x 4096:  T=1 6.0 / 12.8, T=2 12.2 / 13.0, T=4 24.3 / 15.5
-#   4096 x 12288: T=1 21.5 / 39.1, T=2 43.4 / 39.3
-# On 2 shared cores (bench_infer's crossover table, wall clock): T=1 18.8 / 32.8, T=2 32.2 /
-# 17.1. The tables' cost grows with T, the tiles' hardly: they cross at T = 2.
-FEW_TOKENS = 1
+# core of the shared machine (load 11-14: noisy), ms, packed words / tiles:
+#   4096 x 4096:  T=1 2.8 / 12.2, T=2 5.1 / 11.4, T=4 10.4 / 12.6, T=8 20.4 / 15.5
+#   4096 x 12288: T=1 9.7 / 31.4, T=2 16.4 / 36.1, T=4 38.8 / 45.0, T=8 80.1 / 55.5
+# The words' cost grows with T, the tiles' hardly: they cross between T = 4 and 8.
+FEW_TOKENS = 4
 # One float32 tile of What (scratch, reused; the dense weight never exists whole beyond it).
 # Fewer, larger tiles mean fewer hand-overs between Numba's and torch's threads: 4096 x 4096
 # at T = 256 on 2 shared cores, 4 MiB 132 ms, 16 MiB 102 ms (dense 87-96 ms).

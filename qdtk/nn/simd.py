@@ -16,6 +16,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 LANES = 32  # one 32-bit word of signs
+GROUP_WORDS = 4  # words of a plane row of a full 128-column group
 _F32 = ir.FloatType()
 _VEC = ir.VectorType(_F32, LANES)
 _MASK = ir.VectorType(ir.IntType(1), LANES)  # bit e of the word is lane e (little-endian)
@@ -90,5 +91,65 @@ def signed_axpy(typingctx, out, o0, b, b0, a, words, u0, nw):
             signed = builder.select(_signs(builder, wp, q), s, builder.fneg(s))
             builder.store(builder.fadd(builder.load(optr, align=4), signed), optr, align=4)
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _broadcast(builder, value):
+    v = builder.insert_element(ir.Constant(_VEC, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+
+
+@intrinsic
+def scaled_signed_sum(typingctx, src, words, row_scale, i, word, nw):
+    """float32 sum over planes p of a_p * signed_sum(src, 32 word[p], words, word[p], nw[p]),
+    a_p = row_scale[p, i] (float16 bits, uint16 [P, n] C-contiguous): one output row's product.
+    The planes' vectors are scaled lane by lane and summed across lanes once at the end."""
+    sig = types.float32(src, words, row_scale, i, word, nw)
+
+    def codegen(context, builder, signature, args):
+        src_v, words_v, rs_v, i_v, word_v, nw_v = args
+        zero = ir.Constant(_VEC, [0.0] * LANES)
+        sp = _at(context, builder, signature.args[0], src_v, ir.Constant(i_v.type, 0))
+        wp = _at(context, builder, signature.args[1], words_v, ir.Constant(i_v.type, 0))
+        rs = context.make_array(signature.args[2])(context, builder, rs_v)
+        n_cols = cgutils.unpack_tuple(builder, rs.shape, 2)[1]
+        word_a = context.make_array(signature.args[4])(context, builder, word_v)
+        nw_a = context.make_array(signature.args[5])(context, builder, nw_v)
+        planes = cgutils.unpack_tuple(builder, word_a.shape, 1)[0]
+        acc = cgutils.alloca_once_value(builder, zero)
+        parts = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
+
+        def add_word(part, u):
+            v = builder.load(_vector_at(builder, sp, builder.mul(u, ir.Constant(u.type, LANES))),
+                             align=4)
+            signed = builder.select(_signs(builder, wp, u), v, builder.fneg(v))
+            builder.store(builder.fadd(builder.load(part), signed), part)
+
+        one = ir.Constant(i_v.type, 1)
+        with cgutils.for_range(builder, planes) as lp:
+            p = lp.index
+            u0 = builder.load(builder.gep(word_a.data, [p]))
+            count = builder.load(builder.gep(nw_a.data, [p]))
+            for part in parts:
+                builder.store(zero, part)
+            full = builder.icmp_signed("==", count, ir.Constant(count.type, GROUP_WORDS))
+            with builder.if_else(full, likely=True) as (group, narrow):
+                with group:  # every group but the last: straight-line code
+                    for q in range(GROUP_WORDS):
+                        add_word(parts[q % 2], builder.add(u0, ir.Constant(u0.type, q)))
+                with narrow:  # words in pairs, into two sums: two chains of vector adds
+                    with cgutils.for_range(builder, builder.ashr(count, one)) as lq:
+                        u = builder.add(u0, builder.shl(lq.index, one))
+                        add_word(parts[0], u)
+                        add_word(parts[1], builder.add(u, one))
+                    with builder.if_then(builder.trunc(count, ir.IntType(1))):  # odd last word
+                        add_word(parts[0], builder.sub(builder.add(u0, count), one))
+            h = builder.load(builder.gep(rs.data, [builder.add(builder.mul(p, n_cols), i_v)]))
+            a = builder.fpext(builder.bitcast(h, ir.HalfType()), _F32)  # exact
+            both = builder.fadd(builder.load(parts[0]), builder.load(parts[1]))
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(_broadcast(builder, a),
+                                                                        both)), acc)
+        return _total(builder, builder.load(acc))
 
     return sig, codegen
