@@ -63,6 +63,38 @@ def test_packed_kernel_equals_the_unpacked_matmul(rng, n, m, T):
     assert rel_err(y, x @ What.T) < 1e-5
 
 
+@pytest.mark.parametrize("nw", [0, 1, 3, 4, 5])  # empty, odd, full group, beyond
+def test_vector_primitives_equal_their_scalar_definitions(rng, nw):
+    from numba import njit
+
+    from qdtk.nn.simd import scaled_signed_sum, signed_axpy, signed_sum
+
+    @njit
+    def run(src, words, b, a, out, rs, word, n_words):
+        s = signed_sum(src, 32, words, 1, nw)  # offsets: word 1 of words, lane 32 of src
+        signed_axpy(out, 3, b, 32, a, words, 1, nw)
+        return s, scaled_signed_sum(src, words, rs, 1, word, n_words)
+
+    words = rng.integers(0, 2**32, 8, dtype=np.uint64).astype(np.uint32)
+    src, b = rng.standard_normal((2, 32 * 8)).astype(np.float32)
+    a = np.float32(0.37)
+    out = rng.standard_normal(32 * 8).astype(np.float32)
+    rs = rng.standard_normal((3, 2)).astype(np.float16)  # [P, n]: row 1's scales, stride 2
+    word, n_words = np.array([0, 2, 5]), np.array([2, 3, 1])  # planes of 2, 3 and 1 words
+    sign = (np.unpackbits(words.view(np.uint8), bitorder="little") * 2.0 - 1).astype(np.float32)
+    lanes = slice(32, 32 + 32 * nw)
+    want_out = out.copy()
+    for j in range(32 * nw):  # the canonical order: one rounded product, then +-
+        s = np.float32(a * b[32 + j])
+        want_out[3 + j] = np.float32(want_out[3 + j] + (s if sign[32 + j] > 0 else -s))
+    got_sum, got_scaled = run(src, words, b, a, out, rs.view(np.uint16), word, n_words)
+    np.testing.assert_allclose(got_sum, np.dot(sign[lanes], src[lanes]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.view(np.uint32), want_out.view(np.uint32))
+    planes = [slice(32 * u, 32 * (u + k)) for u, k in zip(word, n_words, strict=True)]
+    want = sum(float(rs[p, 1]) * np.dot(sign[c], src[c]) for p, c in enumerate(planes))
+    np.testing.assert_allclose(got_scaled, want, rtol=1e-5, atol=1e-5)
+
+
 def test_half_decoding_is_exact_for_every_float16():
     h = np.arange(2**16, dtype=np.uint16)
     want = h.view(np.float16).astype(np.float32)
@@ -77,7 +109,7 @@ def test_half_decoding_is_exact_for_every_float16():
 
 
 @pytest.mark.parametrize("n,m", SHAPES)
-@pytest.mark.parametrize("T", [1, linear.FEW_TOKENS + 1, 40])  # LUT path, then tiles
+@pytest.mark.parametrize("T", [1, linear.FEW_TOKENS, linear.FEW_TOKENS + 1, 40])  # words, tiles
 @pytest.mark.parametrize("bias", [True, False])
 def test_bcq_linear_is_the_unpacked_linear(rng, monkeypatch, n, m, T, bias):
     monkeypatch.setattr(linear, "TILE_BYTES", 16 * 4 * m)  # tiles of 16 rows: n is ragged
