@@ -112,7 +112,7 @@ def test_half_decoding_is_exact_for_every_float16():
 @pytest.mark.parametrize("T", [1, linear.FEW_TOKENS, linear.FEW_TOKENS + 1, 40])  # words, tiles
 @pytest.mark.parametrize("bias", [True, False])
 def test_bcq_linear_is_the_unpacked_linear(rng, monkeypatch, n, m, T, bias):
-    monkeypatch.setattr(linear, "TILE_BYTES", 16 * 4 * m)  # tiles of 16 rows: n is ragged
+    monkeypatch.setattr(linear, "TILE_ROWS", 16)  # tiles of 16 rows: n is ragged
     p, What = packed_layer(rng, n, m)
     b = torch.randn(n) if bias else None
     mod = BCQLinear.from_packed(p, b)

@@ -9,6 +9,8 @@ GPU) on the tensors' own memory; torch only glues and runs the BLAS product of a
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from torch import nn
@@ -23,10 +25,12 @@ from qdtk.pack import PackedBCQ, PlaneLayout, bcq_expected, plane_layout
 #   4096 x 12288: T=1 9.7 / 31.4, T=2 16.4 / 36.1, T=4 38.8 / 45.0, T=8 80.1 / 55.5
 # The words' cost grows with T, the tiles' hardly: they cross between T = 4 and 8.
 FEW_TOKENS = 4
-# One float32 tile of What (scratch, reused; the dense weight never exists whole beyond it).
-# Fewer, larger tiles mean fewer hand-overs between Numba's and torch's threads: 4096 x 4096
-# at T = 256 on 2 shared cores, 4 MiB 132 ms, 16 MiB 102 ms (dense 87-96 ms).
-TILE_BYTES = 16 << 20
+# Rows per float32 tile of What (the dense weight never exists whole beyond one tile). The
+# tile is BLAS's second operand, and BLAS repacks x for every call: fewer, taller tiles repack
+# it less. 4096 x 12288 at T = 256, one core (CPU ms, dense 190-220): 341 rows 300, 1024 rows
+# 277, 1365 rows 274; with the tile reused instead of allocated per call, 1024 rows 231.
+TILE_ROWS = 1024
+_scratch = threading.local()  # one tile buffer per thread, grown on demand, reused
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint32): torch.uint32,
                  np.dtype(np.float16): torch.float16}
@@ -104,15 +108,24 @@ def matmul_tiled(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
     L = mod.layout()
     planes, row_scale, col_scale = _cpu_arrays(mod)
     n, m = mod.out_features, mod.in_features
-    rows = max(16, min(n, TILE_BYTES // (4 * m)))
+    rows = min(n, TILE_ROWS)
     y = torch.empty(x.shape[0], n)
-    tile = torch.empty(rows, m)  # [rows, m] float32, reused
+    tile = _tile_buffer(rows * m).view(rows, m)  # [rows, m] float32
     for r0 in range(0, n, rows):
         r = min(rows, n - r0)
         kernels.dequantize_rows(planes, row_scale, col_scale, L.start, L.width, L.word, L.col,
                                 r0, tile.numpy()[:r])
         torch.mm(x, tile[:r].t(), out=y[:, r0 : r0 + r])
     return y
+
+
+def _tile_buffer(numel: int) -> torch.Tensor:
+    """This thread's float32 scratch of at least `numel` elements (allocating tens of MiB per
+    call costs page faults every time)."""
+    buf = getattr(_scratch, "cpu", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.cpu = torch.empty(numel)
+    return buf[:numel]
 
 
 def _matmul_cuda(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +150,7 @@ def _matmul_cuda(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
         kcuda.matmul_packed(cuda.as_cuda_array(x), planes, row_scale, col_scale, L,
                             cuda.as_cuda_array(y))
         return y
-    rows = max(16, min(n, 16 * TILE_BYTES // (4 * m)))  # GPU tiles: bigger, for cuBLAS
+    rows = min(n, 16 * TILE_ROWS)  # GPU tiles: bigger, for cuBLAS
     tile = torch.empty(rows, m, device=dev)
     orders = cuda.as_cuda_array(mod.orders)
     for r0 in range(0, n, rows):
