@@ -19,10 +19,9 @@ from qdtk.nn import kernels
 from qdtk.pack import PackedBCQ, PlaneLayout, bcq_expected, plane_layout
 
 # Up to this many tokens the product reads the packed bytes only (`kernels.matmul_packed`);
-# beyond, tiles of What are dequantised and multiplied with BLAS. Measured as CPU time on one
-# core of the shared machine (load 11-14: noisy), ms, packed words / tiles:
-#   4096 x 4096:  T=1 2.8 / 12.2, T=2 5.1 / 11.4, T=4 10.4 / 12.6, T=8 20.4 / 15.5
-#   4096 x 12288: T=1 9.7 / 31.4, T=2 16.4 / 36.1, T=4 38.8 / 45.0, T=8 80.1 / 55.5
+# beyond, tiles of What are dequantised and multiplied with BLAS. bench_infer's crossover
+# table as CPU time on one core of the shared machine (load 11-14), ms, packed words / tiles:
+#   4096 x 4096: T=1 2.1 / 12.1, T=2 5.3 / 14.5, T=4 8.1 / 15.1, T=8 16.8 / 15.7, T=16 31.6 / 17.0
 # The words' cost grows with T, the tiles' hardly: they cross between T = 4 and 8.
 FEW_TOKENS = 4
 # Rows per float32 tile of What (the dense weight never exists whole beyond one tile). The
