@@ -218,7 +218,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,4096x12288", help="n x m layer shapes")
     ap.add_argument("--tokens", default="1,16,256,1024", help="token counts T")
-    ap.add_argument("--crossover", default="1,2,4,8,16,32", help="T for the path table")
+    ap.add_argument("--crossover", default="1,2,4,8,16,32",
+                    help="T for the path table (empty: none)")
     ap.add_argument("--models", default="minilm,smollm,llada-block",
                     help="whole models (minilm, smollm, llada-block; empty: none)")
     ap.add_argument("--model-tokens", type=int, default=128, help="tokens per model forward")
@@ -244,8 +245,9 @@ def main() -> None:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     if shapes:
         layer_table(shapes, [int(t) for t in args.tokens.split(",")], args.repeat, clock)
-        crossover_table(*shapes[0], [int(t) for t in args.crossover.split(",")], args.repeat,
-                        clock)
+        if args.crossover:
+            crossover_table(*shapes[0], [int(t) for t in args.crossover.split(",")],
+                            args.repeat, clock)
     if args.models:
         model_table(args.models.split(","), Path(args.work), args.model_tokens, args.repeat)
 
