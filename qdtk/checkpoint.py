@@ -18,7 +18,7 @@ import logging
 import re
 import shutil
 import struct
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -494,14 +494,16 @@ class CheckpointWriter:
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 
 
-def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy every non-weight file: config, tokenizer, remote code, pooling folders."""
+def copy_aux_files(src: str | Path, dst: str | Path, skip: Collection[str] = ()) -> list[str]:
+    """Copy every non-weight file: config, tokenizer, remote code, pooling folders; not the
+    names in `skip`."""
     src, dst = Path(src), Path(dst)
     with os_faults(dst):
         dst.mkdir(parents=True, exist_ok=True)
     copied = []
     for p in sorted(src.iterdir()):
-        if p.name.startswith(".") or p.name == INDEX_NAME or p.name.endswith(_WEIGHT_SUFFIXES):
+        if p.name.startswith(".") or p.name == INDEX_NAME or p.name.endswith(_WEIGHT_SUFFIXES) \
+                or p.name in skip:
             continue
         if p.is_dir() and dst.resolve().is_relative_to(p.resolve()):
             continue  # the output folder itself (a run folder inside the model's)

@@ -37,7 +37,14 @@ from qdtk.checkpoint import (
     read_header,
 )
 from qdtk.errors import QdtkError
-from qdtk.io import Recorded, fingerprint, read_json, warn_unhashed, write_json_atomic
+from qdtk.io import (
+    Recorded,
+    atomic_path,
+    fingerprint,
+    read_json,
+    warn_unhashed,
+    write_json_atomic,
+)
 from qdtk.rotation import Rotation
 from qdtk.solution import FORMAT as QUANT_FORMAT
 from qdtk.solution import (
@@ -468,6 +475,55 @@ def fused_tensor(entry: dict, dequantized: Callable[[str], np.ndarray], to: np.d
     return out.reshape(E, R, C)
 
 
+# --------------------------------------------------------------------------- the gate
+
+# transformers skips an unknown quant_method with a warning and loads the model with random
+# Linears; an unknown model_type stops it before any weight loads. So a packed config.json names
+# the model_type PACKED_MODEL_TYPE, which only qdtk knows (qdtk.nn.hf registers it), and an
+# auto_map to LOADER_FILE, code that imports qdtk, for transformers' trust_remote_code path.
+# The model's own model_type and auto_map are kept in quantization_config.model_config.
+PACKED_MODEL_TYPE = "qdtk"
+LOADER_FILE = "qdtk_packed.py"
+LOADER_CLASS = "PackedConfig"
+GATED_KEYS = ("model_type", "auto_map")
+LOADER_CODE = f'''"""This folder is a qdtk packed checkpoint ({FORMAT}): its quantized
+Linears are 2-bit sign planes that only qdtk computes with. Install qdtk and `import qdtk`
+before `from_pretrained`, or load it with `qdtk.load(FOLDER)`. transformers runs this file only
+with trust_remote_code=True; it hands the folder to qdtk, which restores the model's config."""
+
+import qdtk.nn.hf
+
+{LOADER_CLASS} = qdtk.nn.hf.packed_config_class()
+'''
+
+
+def gated_config(config: dict) -> dict:
+    """config.json of a packed folder from the model's (quantization_config already in it): the
+    model's own model_type and auto_map move into quantization_config.model_config."""
+    out = dict(config)
+    out["quantization_config"] = {**config["quantization_config"],
+                                  "model_config": {k: config.get(k) for k in GATED_KEYS}}
+    out["model_type"] = PACKED_MODEL_TYPE
+    out["auto_map"] = {"AutoConfig": f"{LOADER_FILE.removesuffix('.py')}.{LOADER_CLASS}"}
+    return out
+
+
+def model_config(config: dict) -> dict:
+    """The model's own config.json from a packed folder's (its model_type and auto_map back;
+    quantization_config kept). Any other config is returned as it is."""
+    qc = config.get("quantization_config")
+    saved = qc.get("model_config") if isinstance(qc, dict) else None
+    if not isinstance(saved, dict):
+        return config
+    out = dict(config)
+    for key in GATED_KEYS:
+        if saved.get(key) is None:
+            out.pop(key, None)
+        else:
+            out[key] = saved[key]
+    return out
+
+
 def is_packed(folder: str | Path) -> bool:
     path = Path(folder) / "config.json"
     if not path.is_file():
@@ -714,6 +770,8 @@ def pack_checkpoint(
     _remove_stale_shards(out)
 
     copy_aux_files(ckpt.folder, out)
+    with atomic_path(out / LOADER_FILE) as tmp:
+        tmp.write_text(LOADER_CODE)
     config = ckpt.config
     config["quantization_config"] = _quantization_config(
         report, modules, packed_bits, fp, ckpt.nbytes()
@@ -722,7 +780,7 @@ def pack_checkpoint(
     if fused:
         config["quantization_config"]["fused"] = fused
     config["quantization_config"]["sha256"] = writer.hashes
-    write_json_atomic(out / "config.json", config)
+    write_json_atomic(out / "config.json", gated_config(config))
     log.info("%s: %d modules packed at %.3f bits/weight", out, len(modules),
              config["quantization_config"]["bits_per_weight"] or 0.0)
     return out
@@ -773,8 +831,8 @@ def unpack_checkpoint(
                 w.add(name, arr.astype(to) if ckpt.info(name).dtype in FLOAT_CODES else arr)
     _remove_stale_shards(out)
 
-    copy_aux_files(packed, out)
-    config = read_json(packed / "config.json")
+    copy_aux_files(packed, out, skip={LOADER_FILE})
+    config = model_config(read_json(packed / "config.json"))
     del config["quantization_config"]
     for key in ("torch_dtype", "dtype"):
         if key in config:

@@ -52,11 +52,13 @@ def split_model_path(path: str | Path) -> tuple[Path, str | None]:
 
 
 def read_config(folder: str | Path) -> dict:
-    """config.json of a checkpoint folder ({} when there is none)."""
+    """config.json of a checkpoint folder ({} when there is none); a packed folder's with the
+    model's own model_type and auto_map (qdtk.pack.model_config)."""
     from qdtk.io import read_json
+    from qdtk.pack import model_config
 
     path = Path(folder) / "config.json"
-    return read_json(path) if path.exists() else {}
+    return model_config(read_json(path)) if path.exists() else {}
 
 
 def native_type(config: dict) -> str | None:

@@ -11,6 +11,7 @@ shapes; transformers then fills the buffers by name from the shards, in their st
 from __future__ import annotations
 
 import logging
+from functools import cache
 from pathlib import Path
 
 from qdtk.errors import QdtkError
@@ -61,10 +62,62 @@ def replace_linears(model, modules: dict[str, tuple]) -> None:
         setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
+@cache
+def packed_config_class():
+    """The config class of model_type "qdtk" (a packed folder's config.json, qdtk.pack's gate):
+    it reads the folder's config as the model's own config class, quantization_config kept, so
+    AutoModel* builds the model's own class and the "qdtk" quantizer fills it. Registered with
+    AutoConfig by `register_transformers`; also what the folder's qdtk_packed.py hands to
+    transformers under trust_remote_code."""
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    from qdtk.checkpoint import Checkpoint
+    from qdtk.pack import PACKED_MODEL_TYPE, model_config, read_quantization_config
+
+    class PackedConfig(PretrainedConfig):
+        model_type = PACKED_MODEL_TYPE
+
+        @classmethod
+        def from_dict(cls, config_dict, **kwargs):
+            folder = Path(str(kwargs.get("name_or_path", "")))
+            if (folder / "config.json").is_file():  # format and shard headers, before
+                read_quantization_config(folder)   # transformers opens a shard (4.x does
+                Checkpoint(folder)                 # before the quantizer runs)
+            own = model_config(config_dict)
+            kind = own.get("model_type")
+            if kind not in CONFIG_MAPPING:
+                raise QdtkError(f"{folder}: transformers has no config class for model_type "
+                                f"{kind!r}; load this packed folder with qdtk.load (LLaDA, "
+                                "Dream: qdtk's native forward)")
+            return CONFIG_MAPPING[kind].from_dict(own, **kwargs)
+
+    return PackedConfig
+
+
+def restore_stored_scales(model, folder: str | Path) -> None:
+    """transformers 4.x casts every floating tensor a quantizer loads to the model's dtype
+    (bfloat16 would round the float16 scales): read those of each BCQLinear again as stored."""
+    import torch
+
+    from qdtk.checkpoint import Checkpoint
+    from qdtk.nn.linear import BCQLinear
+
+    ckpt = None
+    for name, mod in model.named_modules():
+        for field in ("row_scale", "col_scale") if isinstance(mod, BCQLinear) else ():
+            old = getattr(mod, field)
+            if old.dtype != torch.float16:
+                ckpt = ckpt or Checkpoint(folder)
+                new = torch.from_numpy(ckpt.read(f"{name}.{field}").copy()).to(old.device)
+                setattr(mod, field, new)
+
+
 def register_transformers() -> bool:
-    """Register quant_method "qdtk" with transformers (idempotent). False when transformers
-    cannot be imported or has no quantizer registry (older than 4.50)."""
+    """Register quant_method "qdtk" and the packed folders' model_type "qdtk" with transformers
+    (idempotent). False when transformers cannot be imported or has no quantizer registry
+    (older than 4.50)."""
     try:
+        from transformers import AutoConfig
         from transformers.quantizers import HfQuantizer
         from transformers.quantizers.auto import (
             AUTO_QUANTIZER_MAPPING,
@@ -76,6 +129,7 @@ def register_transformers() -> bool:
         return False
     if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
         return True
+    AutoConfig.register(packed_config_class().model_type, packed_config_class())
 
     @register_quantization_config(QUANT_METHOD)
     class QdtkConfig(QuantizationConfigMixin):
@@ -99,6 +153,14 @@ def register_transformers() -> bool:
             if not (folder / "config.json").is_file():
                 raise QdtkError(f"{folder}: a qdtk checkpoint loads from a local folder only")
             replace_linears(model, quantized_modules(folder))
+            self._folder = folder
+
+        def _convert_model_for_quantization(self, model):
+            pass  # transformers 4.x: patches MoE modules for other methods, needs accelerate
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            restore_stored_scales(model, self._folder)
+            return model
 
         def is_serializable(self, safe_serialization=None):
             return True

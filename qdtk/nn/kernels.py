@@ -2,18 +2,20 @@
 
 Scope: arrays in, arrays out, no torch. The arrays are the packed buffers as stored (planes
 uint32, scales float16 viewed as uint16: Numba has no float16 on the CPU) and the plane layout
-of `qdtk.pack.plane_layout`. Two ways to the product:
+of `qdtk.pack.plane_layout`. Two ways to the product, both on the stored layout (a row of
+M.planes holds all planes of that output row, so each row is read once, front to back):
 
 - `dequantize_rows`: a tile of rows of What, evaluated exactly as FORMAT.md prescribes (same
   float32 operations in the same order, so the same bits as `qdtk unpack`); the caller then
   multiplies the tile with BLAS. For many tokens, where the GEMM's flops dominate.
-- `matmul_lut`: reads only the packed bytes. Per token and byte position of a plane row, the
-  256 signed sums of its 8 columns' b_j x_j are tabulated once; each output row then costs one
-  lookup per byte of signs and one multiplication by a per plane (LUT-GEMM). For few tokens,
-  where the weight bytes read dominate.
+- `matmul_packed`: reads only the packed bytes. The column scales are applied to x once per
+  token (`scaled_inputs`, x (.) b laid out like the sign words, 4 bytes per stored bit); each
+  output row then costs, per word of 32 signs, one vector select of +-(x b) and an add, and
+  per plane one multiplication by a. For few tokens, where the weight bytes read dominate.
+  (Lookup tables of partial sums, LUT-GEMM style, measured 3x slower here: a table lookup is a
+  scalar load, while a word of signs is one AVX-512 mask.)
 
-Inner loops index contiguous slices with range variables: Numba then drops its negative-index
-wraparound and LLVM vectorises them (4x on `dequantize_rows`).
+The word-wide steps are `qdtk.nn.simd`'s LLVM vector primitives; Numba's own loops stay scalar.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-WORD_BITS = 32
+from qdtk.nn.simd import LANES, scaled_signed_sum, signed_axpy
+
+WORD_BITS = LANES  # a word of signs is one vector of qdtk.nn.simd
 
 # 2^(max(e, 1) - 25) for the 5-bit exponent e of a float16: its value is
 # (mantissa + 1024 if e else mantissa) * POW2[e] (subnormals included).
@@ -55,96 +59,44 @@ def dequantize_rows(planes, row_scale, col_scale, start, width, word, col, r0, o
         i = r0 + ii
         row = out[ii]
         row[:] = 0
+        bits_i = planes[i]
         for p in range(start.shape[0]):  # group-major: plane k of a group adds after k - 1
             a = _half(row_scale[p, i])
             s0, w, u0, c0 = start[p], width[p], word[p], col[p]
-            seg = row[s0 : s0 + w]
-            b = col_scale[c0 : c0 + w]
-            for q in range((w + WORD_BITS - 1) // WORD_BITS):
-                bits = np.uint32(planes[i, u0 + q])
-                j0 = WORD_BITS * q
-                sq = seg[j0 : j0 + WORD_BITS]  # 32 columns, fewer in a narrow group's last word
-                bq = b[j0 : j0 + WORD_BITS]
-                if sq.shape[0] == WORD_BITS:  # constant trip count: unrolled and vectorised
-                    for e in range(WORD_BITS):
-                        s = a * bq[e]
-                        sq[e] += s if bits & (np.uint32(1) << np.uint32(e)) else -s
-                else:
-                    for e in range(sq.shape[0]):
-                        s = a * bq[e]
-                        sq[e] += s if bits & (np.uint32(1) << np.uint32(e)) else -s
+            full = w // WORD_BITS
+            signed_axpy(row, s0, col_scale, c0, a, bits_i, u0, full)
+            bits = np.uint32(bits_i[u0 + full]) if full * WORD_BITS < w else np.uint32(0)
+            for e in range(w - full * WORD_BITS):  # a narrow last group's last word
+                s = a * col_scale[c0 + full * WORD_BITS + e]
+                row[s0 + full * WORD_BITS + e] += s if bits & (np.uint32(1) << np.uint32(e)) \
+                    else -s
     return out
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def sign_tables(x, col_scale, start, width, word, col, n_bytes):
-    """lut [T, n_bytes, 256]: lut[t, c, pat] = sum_e (+-1 from bit e of pat) b_j x[t, start_p
-    + j], j = 8 (c - 4 word_p) + e < w_p, for byte c of plane p in a row of M.planes (bytes
-    past the group's width add nothing)."""
-    T = x.shape[0]
-    lut = np.empty((T, n_bytes, 256), np.float32)
+@njit(parallel=True, cache=True)
+def scaled_inputs(x, col_scale, start, width, word, col, n_words):
+    """xb [T, 32 U]: xb[t, 32 word_p + j] = x[t, start_p + j] b_p[j] for j < w_p, zero in the
+    rest of plane p's last word (whose sign bits are 0: they add -0)."""
+    xb = np.zeros((x.shape[0], WORD_BITS * n_words), np.float32)
     for p in prange(start.shape[0]):
-        s0, w, c0 = start[p], width[p], col[p]
-        for c in range(-(-w // 8)):
-            byte = 4 * word[p] + c
-            for t in range(T):
-                v = np.zeros(8, np.float32)
-                for e in range(min(8, w - 8 * c)):
-                    v[e] = x[t, s0 + 8 * c + e] * col_scale[c0 + 8 * c + e]
-                tab = lut[t, byte]
-                tab[0] = -v.sum()  # every sign -1
-                for e in range(8):
-                    for pat in range(1 << e, 2 << e):  # patterns whose highest set bit is e
-                        tab[pat] = tab[pat - (1 << e)] + 2 * v[e]
-        for c in range(-(-w // 8), 4 * -(-w // WORD_BITS)):  # padding bytes of the last word
-            lut[:, 4 * word[p] + c, :] = 0
-    return lut
+        s0, w, c0, j0 = start[p], width[p], col[p], WORD_BITS * word[p]
+        for t in range(x.shape[0]):
+            for j in range(w):
+                xb[t, j0 + j] = x[t, s0 + j] * col_scale[c0 + j]
+    return xb
 
 
-# Tables per pass of the lookup kernel (1 KiB per byte of a plane row): they stay in L2 while
-# every row reads them (4096 x 12288 at T = 1, one core: all 3 MiB in one pass 28 ms, passes
-# of 512 KiB 21.5 ms; 128 KiB to 1 MiB within noise).
-LUT_BYTES = 512 << 10
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _lut_kernel(lut, planes8, row_scale, word, passes, y):
-    """y[t, i] = sum_p a_p[i] sum_{c in plane p} lut[t, c, planes8[i, c]], planes taken in
-    passes [passes[k], passes[k + 1]). planes8 [n, 4 U] uint8 (M.planes as little-endian
-    bytes); y [T, n] float32, zeroed here."""
-    n, nb = planes8.shape
-    P = word.shape[0]
-    y[:] = 0
-    for t in range(lut.shape[0]):
-        tabs = lut[t]
-        for k in range(passes.shape[0] - 1):
-            for i in prange(n):
-                bytes_i = planes8[i]
-                acc = np.float32(0)
-                for p in range(passes[k], passes[k + 1]):
-                    c1 = 4 * word[p + 1] if p + 1 < P else nb
-                    s = np.float32(0)
-                    for c in range(4 * word[p], c1):
-                        s += tabs[c, bytes_i[c]]
-                    acc += _half(row_scale[p, i]) * s
-                y[t, i] += acc
+@njit(parallel=True, cache=True)
+def _packed_kernel(xb, planes, row_scale, word, n_words, y):
+    """y[t, i] = sum_p a_p[i] sum_{words u of plane p} sum_e (+-1 by bit e) xb[t, 32 u + e]."""
+    for i in prange(planes.shape[0]):
+        bits_i = planes[i]
+        for t in range(xb.shape[0]):
+            y[t, i] = scaled_signed_sum(xb[t], bits_i, row_scale, i, word, n_words)
     return y
 
 
-def lut_passes(word: np.ndarray, n_bytes: int) -> np.ndarray:
-    """Plane boundaries [passes + 1] of passes whose tables fit LUT_BYTES (one plane at least).
-    word [P] first word of each plane; n_bytes: bytes of a row of M.planes."""
-    first = 4 * np.asarray(word, np.int64)  # [P] first byte of each plane
-    end = np.append(first[1:], n_bytes)  # [P] one past its last byte
-    per_pass = LUT_BYTES // (256 * 4)  # bytes of a plane row whose tables fit
-    bounds = [0]
-    for p in range(1, len(first)):
-        if end[p] - first[bounds[-1]] > per_pass:
-            bounds.append(p)
-    return np.array(bounds + [len(first)], np.int64)
-
-
-def matmul_lut(
+def matmul_packed(
     x: np.ndarray, planes: np.ndarray, row_scale: np.ndarray, col_scale: np.ndarray, layout
 ) -> np.ndarray:
     """y [T, n] = x What^T from the packed bytes, What never formed.
@@ -153,7 +105,6 @@ def matmul_lut(
     col_scale [C] float32; layout: `qdtk.pack.PlaneLayout` of the module's orders.
     """
     L = layout
-    planes8 = planes.astype("<u4", copy=False).view(np.uint8)  # [n, 4 U]
-    lut = sign_tables(x, col_scale, L.start, L.width, L.word, L.col, planes8.shape[1])
+    xb = scaled_inputs(x, col_scale, L.start, L.width, L.word, L.col, L.words)  # [T, 32 U]
     y = np.empty((x.shape[0], planes.shape[0]), np.float32)
-    return _lut_kernel(lut, planes8, row_scale, L.word, lut_passes(L.word, planes8.shape[1]), y)
+    return _packed_kernel(xb, planes, row_scale, L.word, -(-L.width // WORD_BITS), y)

@@ -11,6 +11,8 @@ own memory; torch only glues and runs the BLAS product of a tile.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from torch import nn
@@ -19,18 +21,18 @@ from qdtk.nn import kernels
 from qdtk.pack import PackedBCQ, PlaneLayout, bcq_expected, plane_layout
 from qdtk.rotation import Rotation
 
-# Up to this many tokens the product reads the packed bytes only (`kernels.matmul_lut`);
-# beyond, tiles of What are dequantised and multiplied with BLAS. Measured as CPU time on one
-# core (the shared machine's wall clock was too noisy), ms, lookup tables / tiles:
-#   4096 x 4096:  T=1 6.0 / 12.8, T=2 12.2 / 13.0, T=4 24.3 / 15.5
-#   4096 x 12288: T=1 21.5 / 39.1, T=2 43.4 / 39.3
-# On 2 shared cores (bench_infer's crossover table, wall clock): T=1 18.8 / 32.8, T=2 32.2 /
-# 17.1. The tables' cost grows with T, the tiles' hardly: they cross at T = 2.
-FEW_TOKENS = 1
-# One float32 tile of What (scratch, reused; the dense weight never exists whole beyond it).
-# Fewer, larger tiles mean fewer hand-overs between Numba's and torch's threads: 4096 x 4096
-# at T = 256 on 2 shared cores, 4 MiB 132 ms, 16 MiB 102 ms (dense 87-96 ms).
-TILE_BYTES = 16 << 20
+# Up to this many tokens the product reads the packed bytes only (`kernels.matmul_packed`);
+# beyond, tiles of What are dequantised and multiplied with BLAS. bench_infer's crossover
+# table as CPU time on one core of the shared machine (load 11-14), ms, packed words / tiles:
+#   4096 x 4096: T=1 2.1 / 12.1, T=2 5.3 / 14.5, T=4 8.1 / 15.1, T=8 16.8 / 15.7, T=16 31.6 / 17.0
+# The words' cost grows with T, the tiles' hardly: they cross between T = 4 and 8.
+FEW_TOKENS = 4
+# Rows per float32 tile of What (the dense weight never exists whole beyond one tile). The
+# tile is BLAS's second operand, and BLAS repacks x for every call: fewer, taller tiles repack
+# it less. 4096 x 12288 at T = 256, one core (CPU ms, dense 190-220): 341 rows 300, 1024 rows
+# 277, 1365 rows 274; with the tile reused instead of allocated per call, 1024 rows 231.
+TILE_ROWS = 1024
+_scratch = threading.local()  # one tile buffer per thread, grown on demand, reused
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint32): torch.uint32,
                  np.dtype(np.float16): torch.float16}
@@ -93,7 +95,7 @@ class BCQLinear(nn.Module):
 
 def _matmul_cpu(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
     """[T, n] float32 = x What^T, by token count (FEW_TOKENS)."""
-    return (matmul_lut if x.shape[0] <= FEW_TOKENS else matmul_tiled)(mod, x)
+    return (matmul_packed if x.shape[0] <= FEW_TOKENS else matmul_tiled)(mod, x)
 
 
 def _cpu_arrays(mod: BCQLinear):
@@ -104,9 +106,9 @@ def _cpu_arrays(mod: BCQLinear):
     return planes, row_scale, col_scale
 
 
-def matmul_lut(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
-    """[T, n] float32 on the CPU from the packed bytes (lookup tables)."""
-    out = kernels.matmul_lut(x.numpy(), *_cpu_arrays(mod), mod.layout())
+def matmul_packed(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
+    """[T, n] float32 on the CPU from the packed bytes."""
+    out = kernels.matmul_packed(x.numpy(), *_cpu_arrays(mod), mod.layout())
     return torch.from_numpy(out)
 
 
@@ -115,15 +117,24 @@ def matmul_tiled(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
     L = mod.layout()
     planes, row_scale, col_scale = _cpu_arrays(mod)
     n, m = mod.out_features, mod.in_features
-    rows = max(16, min(n, TILE_BYTES // (4 * m)))
+    rows = min(n, TILE_ROWS)
     y = torch.empty(x.shape[0], n)
-    tile = torch.empty(rows, m)  # [rows, m] float32, reused
+    tile = _tile_buffer(rows * m).view(rows, m)  # [rows, m] float32
     for r0 in range(0, n, rows):
         r = min(rows, n - r0)
         kernels.dequantize_rows(planes, row_scale, col_scale, L.start, L.width, L.word, L.col,
                                 r0, tile.numpy()[:r])
         torch.mm(x, tile[:r].t(), out=y[:, r0 : r0 + r])
     return y
+
+
+def _tile_buffer(numel: int) -> torch.Tensor:
+    """This thread's float32 scratch of at least `numel` elements (allocating tens of MiB per
+    call costs page faults every time)."""
+    buf = getattr(_scratch, "cpu", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.cpu = torch.empty(numel)
+    return buf[:numel]
 
 
 def _matmul_cuda(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +159,7 @@ def _matmul_cuda(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
         kcuda.matmul_packed(cuda.as_cuda_array(x), planes, row_scale, col_scale, L,
                             cuda.as_cuda_array(y))
         return y
-    rows = max(16, min(n, 16 * TILE_BYTES // (4 * m)))  # GPU tiles: bigger, for cuBLAS
+    rows = min(n, 16 * TILE_ROWS)  # GPU tiles: bigger, for cuBLAS
     tile = torch.empty(rows, m, device=dev)
     orders = cuda.as_cuda_array(mod.orders)
     for r0 in range(0, n, rows):
