@@ -5,7 +5,7 @@
     next to its floor, max(bytes read / memory bandwidth, flops / float32 BLAS rate), both rates
     measured here first.
 (b) The two CPU paths of the packed module (sign words against x (.) b; tiles of What
-    then BLAS) at small T: where they cross sets qdtk.nn.linear.FEW_TOKENS.
+    then BLAS) at small T: where they cross sets qdtk.torch.nn.linear.FEW_TOKENS.
 (c) Whole models, each run in a fresh process: load time, one forward of T tokens, resident
     bytes of parameters and buffers, peak process memory (ru_maxrss), file size; packed
     (qdtk.load of a packed folder with random ABMP-like planes: speed and memory do not depend
@@ -69,9 +69,9 @@ def layer_table(shapes, tokens, repeat: int, clock) -> None:
 def layer_rows(rng, n: int, m: int, tokens, repeat: int, bw: float, gemm: float, clock) -> None:
     import torch
 
-    from qdtk.bits import bcq_bits_per_weight
-    from qdtk.nn.linear import FEW_TOKENS, BCQLinear
-    from qdtk.pack import PackedBCQ
+    from qdtk.formats.bits import bcq_bits_per_weight
+    from qdtk.formats.packed import PackedBCQ
+    from qdtk.torch.nn.linear import FEW_TOKENS, BCQLinear
 
     layer = abmp_like_layer(rng, n, m)
     bits = bcq_bits_per_weight(n, m, layer.orders)
@@ -105,8 +105,8 @@ def layer_rows(rng, n: int, m: int, tokens, repeat: int, bw: float, gemm: float,
 def crossover_table(n: int, m: int, tokens, repeat: int, clock) -> None:
     import torch
 
-    from qdtk.nn import linear
-    from qdtk.pack import PackedBCQ
+    from qdtk.formats.packed import PackedBCQ
+    from qdtk.torch.nn import linear
 
     rng = np.random.default_rng(1)
     mod = linear.BCQLinear.from_packed(PackedBCQ.from_layer(abmp_like_layer(rng, n, m)))
@@ -170,7 +170,7 @@ def measure(kind: str, folder: str, T: int, repeat: int) -> dict:
     """Run in a fresh process: load, forward T tokens, memory (printed as JSON)."""
     import torch
 
-    from qdtk.models import _auto_class
+    from qdtk.torch.models import _auto_class
 
     t0 = time.perf_counter()
     if kind == "packed":

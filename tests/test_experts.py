@@ -1,4 +1,4 @@
-"""Mixture-of-experts layers (qdtk/experts.py): every expert matrix is a layer with the H of
+"""Mixture-of-experts layers (qdtk/torch/experts.py): every expert matrix is a layer with the H of
 the tokens routed to it, on a tiny Qwen3-MoE whose experts transformers runs fused."""
 
 import json
@@ -9,11 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 
-import qdtk.experts as ex  # noqa: E402
-from qdtk import capture as cap  # noqa: E402
-from qdtk.checkpoint import Checkpoint  # noqa: E402
+import qdtk.torch.experts as ex  # noqa: E402
 from qdtk.cli.main import cli  # noqa: E402
 from qdtk.errors import QdtkError  # noqa: E402
+from qdtk.formats.checkpoint import Checkpoint  # noqa: E402
+from qdtk.torch import capture as cap  # noqa: E402
 from tests.test_capture import _capture_all, _masked, _rel, _session  # noqa: E402
 
 
@@ -117,7 +117,7 @@ def test_routers_stay_in_full_precision_and_experts_are_layers(tiny_moe):
 
 
 def test_output_change_of_an_expert_slices_the_fused_parameter(tiny_moe):
-    from qdtk.evaluate import output_change_fn
+    from qdtk.torch.evaluate import output_change_fn
 
     name = "model.layers.1.mlp.experts.2.up_proj.weight"
     W = Checkpoint(tiny_moe).read(name, np.float32)
@@ -145,9 +145,9 @@ def test_run_end_to_end_replaces_every_expert(tiny_moe, tmp_path):
 
 
 def test_statistics_of_a_dense_model_do_not_fit_an_moe(tiny_moe, tiny_llama, tmp_path):
-    from qdtk.capture import CaptureOptions, capture
-    from qdtk.mcs import MaskOptions
+    from qdtk.math.mcs import MaskOptions
     from qdtk.quantize import quantize_model
+    from qdtk.torch.capture import CaptureOptions, capture
 
     stats = capture(tiny_llama, None, tmp_path / "stats",
                     CaptureOptions(n=2, L=16, mask=MaskOptions(mask=False)), progress=False)
@@ -166,7 +166,7 @@ def fused_model(folder, rng, E=3, d=40, inter=136):
     from tests.test_pack import synthetic_model
 
     synthetic_model(folder, rng, {"model.layers.0.self_attn.q_proj.weight": (d, d)})
-    from qdtk.checkpoint import read_safetensors, write_safetensors
+    from qdtk.formats.checkpoint import read_safetensors, write_safetensors
 
     tensors, meta = read_safetensors(folder / "model.safetensors")
     p = "model.layers.0.experts"
@@ -197,7 +197,8 @@ def test_a_fused_tensor_reads_as_one_matrix_per_expert(rng, tmp_path):
 
 
 def test_fused_tensors_round_trip_through_pack_bit_for_bit(rng, tmp_path):
-    from qdtk.pack import pack_checkpoint, read_quantization_config, unpack_checkpoint
+    from qdtk.formats.packed import read_quantization_config
+    from qdtk.pack import pack_checkpoint, unpack_checkpoint
     from tests.test_pack import bits_of, write_quant
 
     model = fused_model(tmp_path / "m", rng)
@@ -236,7 +237,7 @@ def test_diffusion_gemma_block_by_block_H_equals_the_full_forward(tiny_diffusion
     """Encoder layer b on the prompt and decoder layer b on the noised canvas (reading the
     encoder's cache), each with its own sliding or full attention arguments: every dense
     Linear's H and every expert's routed H equals the one from hooks on one whole forward."""
-    from qdtk.models import forward_inputs, prompt_length
+    from qdtk.torch.models import forward_inputs, prompt_length
 
     model = cap.load_model(tiny_diffusion_gemma)
     stacks = [n for n, _ in cap.find_stacks(model)]
@@ -327,8 +328,8 @@ def test_run_end_to_end_on_diffusion_gemma_replaces_every_fused_expert(tiny_diff
 def test_generate_on_diffusion_gemma_runs_its_own_sampler(tiny_diffusion_gemma, tmp_path):
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from qdtk.generate import GenerateOptions, generate
-    from qdtk.models import load_tokenizer
+    from qdtk.torch.generate import GenerateOptions, generate
+    from qdtk.torch.models import load_tokenizer
 
     opts = GenerateOptions(gen_length=16, block_length=16, steps=8, seed=3)
     got = generate(tiny_diffusion_gemma, "masked canvas", opts, progress=False)

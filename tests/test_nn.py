@@ -8,14 +8,16 @@ from numba import cuda
 torch = pytest.importorskip("torch")
 
 import qdtk  # noqa: E402
-from qdtk.bits import group_slices  # noqa: E402
-from qdtk.checkpoint import Checkpoint  # noqa: E402
 from qdtk.errors import QdtkError  # noqa: E402
-from qdtk.nn import cuda as kcuda  # noqa: E402
-from qdtk.nn import kernels, linear  # noqa: E402
-from qdtk.nn.linear import BCQLinear  # noqa: E402
-from qdtk.pack import PackedBCQ, pack_checkpoint, plane_layout, unpack_checkpoint  # noqa: E402
-from qdtk.rotation import Rotation  # noqa: E402
+from qdtk.formats.bits import group_slices  # noqa: E402
+from qdtk.formats.checkpoint import Checkpoint  # noqa: E402
+from qdtk.formats.packed import PackedBCQ, plane_layout  # noqa: E402
+from qdtk.math import bcq_matmul as kernels  # noqa: E402
+from qdtk.math import bcq_matmul_cuda as kcuda  # noqa: E402
+from qdtk.math.rotation import Rotation  # noqa: E402
+from qdtk.pack import pack_checkpoint, unpack_checkpoint  # noqa: E402
+from qdtk.torch.nn import linear  # noqa: E402
+from qdtk.torch.nn.linear import BCQLinear  # noqa: E402
 from tests.test_pack import BAD as PACK_BAD  # noqa: E402
 from tests.test_pack import _edit_shard, random_bcq, write_quant  # noqa: E402
 
@@ -68,7 +70,7 @@ def test_packed_kernel_equals_the_unpacked_matmul(rng, n, m, T):
 def test_vector_primitives_equal_their_scalar_definitions(rng, nw):
     from numba import njit
 
-    from qdtk.nn.simd import scaled_signed_sum, signed_axpy, signed_sum
+    from qdtk.math.simd import scaled_signed_sum, signed_axpy, signed_sum
 
     @njit
     def run(src, words, b, a, out, rs, word, n_words):
