@@ -222,6 +222,17 @@ def test_fused_tensors_round_trip_through_pack_bit_for_bit(rng, tmp_path):
     assert r.exit_code == 0, r.output
     assert ("Mixture of experts: 1 layers of 3 experts; 9 expert matrices among the Linears; "
             "1 routers kept in full precision") in r.output
+    from qdtk.bits import bcq_bits, group_widths
+    from qdtk.cli.inspect_cmd import describe
+
+    ckpt = Checkpoint(model)
+    d = describe(str(model))  # the fused tensors count as their matrices, not also as kept
+    linears = ckpt.linear_names()
+    kept = sum(ckpt.info(n).nbytes for n in ckpt.names()
+               if n not in linears and n not in ckpt.fused)
+    q_bits = sum(bcq_bits(*ckpt.info(n).shape, [2] * len(group_widths(ckpt.info(n).shape[1])))
+                 for n in linears)
+    assert d["size_at_2bit_bytes"] == kept + q_bits // 8
 
 
 # ----------------------------------------------------------------------------- DiffusionGemma
@@ -398,3 +409,17 @@ def test_sequential_run_quantizes_every_expert(tiny_moe, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((out / "quant" / "report.json").read_text())
     assert sum(".experts." in n for n in report["layers"]) == 2 * 4 * 3
+
+
+def test_statistics_of_a_dense_model_do_not_fit_fused_experts(tiny_diffusion_gemma, tiny_llama,
+                                                              tmp_path):
+    from qdtk.capture import CaptureOptions, capture
+    from qdtk.mcs import MaskOptions
+    from qdtk.quantize import quantize_model
+
+    stats = capture(tiny_llama, None, tmp_path / "stats",
+                    CaptureOptions(n=2, L=16, mask=MaskOptions(mask=False)), progress=False)
+    with pytest.raises(QdtkError, match="no statistic for .*captured from a model without "
+                       "these experts"):
+        quantize_model(tiny_diffusion_gemma, stats, tmp_path / "q",
+                       {"method": "rtn", "bits": 2}, progress=False)
