@@ -223,6 +223,17 @@ def test_fused_tensors_round_trip_through_pack_bit_for_bit(rng, tmp_path):
     assert r.exit_code == 0, r.output
     assert ("Mixture of experts: 1 layers of 3 experts; 9 expert matrices among the Linears; "
             "1 routers kept in full precision") in r.output
+    from qdtk.bits import bcq_bits, group_widths
+    from qdtk.cli.inspect_cmd import describe
+
+    ckpt = Checkpoint(model)
+    d = describe(str(model))  # the fused tensors count as their matrices, not also as kept
+    linears = ckpt.linear_names()
+    kept = sum(ckpt.info(n).nbytes for n in ckpt.names()
+               if n not in linears and n not in ckpt.fused)
+    q_bits = sum(bcq_bits(*ckpt.info(n).shape, [2] * len(group_widths(ckpt.info(n).shape[1])))
+                 for n in linears)
+    assert d["size_at_2bit_bytes"] == kept + q_bits // 8
 
 
 # ----------------------------------------------------------------------------- DiffusionGemma
@@ -399,3 +410,86 @@ def test_sequential_run_quantizes_every_expert(tiny_moe, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((out / "quant" / "report.json").read_text())
     assert sum(".experts." in n for n in report["layers"]) == 2 * 4 * 3
+
+
+def test_statistics_of_a_dense_model_do_not_fit_fused_experts(tiny_diffusion_gemma, tiny_llama,
+                                                              tmp_path):
+    from qdtk.capture import CaptureOptions, capture
+    from qdtk.mcs import MaskOptions
+    from qdtk.quantize import quantize_model
+
+    stats = capture(tiny_llama, None, tmp_path / "stats",
+                    CaptureOptions(n=2, L=16, mask=MaskOptions(mask=False)), progress=False)
+    with pytest.raises(QdtkError, match="no statistic for .*captured from a model without "
+                       "these experts"):
+        quantize_model(tiny_diffusion_gemma, stats, tmp_path / "q",
+                       {"method": "rtn", "bits": 2}, progress=False)
+
+
+# ----------------------------------------------------------------------------- list-of-experts
+
+
+class _ListMoE(torch.nn.Module):
+    """OLMoE-style remote code: a router and a list of expert MLPs, each called on the tokens
+    routed to it (2-D inputs), no transformers MoE class."""
+
+    def __init__(self, d=16, E=4, k=2):
+        super().__init__()
+        self.k = k
+        self.router = torch.nn.Linear(d, E, bias=False)
+        self.experts = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(d, 24), torch.nn.GELU(), torch.nn.Linear(24, d))
+            for _ in range(E))
+
+    def forward(self, h):
+        x = h.reshape(-1, h.shape[-1])
+        w, idx = self.router(x).softmax(-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, mlp in enumerate(self.experts):
+            rows = (idx == e).any(-1).nonzero()[:, 0]
+            if rows.numel():
+                out[rows] += mlp(x[rows]) * (w * (idx == e))[rows].sum(-1, keepdim=True)
+        return h + out.reshape(h.shape)
+
+
+class _ListMoEModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(100, 16)
+        self.layers = torch.nn.ModuleList(_ListMoE() for _ in range(2))
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+def test_experts_held_as_a_list_of_modules_get_their_routed_tokens():
+    model = _ListMoEModel().eval()
+    ids = np.random.default_rng(0).integers(0, 100, (3, 10))
+    got = _capture_all(cap.BlockSession(model, ids, np.ones_like(ids, bool), chunk_size=2))
+    ref, handles = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".experts." in name:
+            def hook(m, args, out, key=name):
+                X = args[0].double()
+                S, T = ref.get(key, (0, 0))
+                ref[key] = (S + X.T @ X, T + len(X))
+            handles.append(mod.register_forward_hook(hook))
+    with torch.inference_mode():
+        model(torch.as_tensor(ids))
+    for h in handles:
+        h.remove()
+    assert len(ref) == 2 * 4 * 2
+    routed = 0
+    for key, (S, T) in ref.items():
+        assert got[key].tokens == T < 30
+        assert _rel(got[key].H.astype(np.float64), (2 / T * S).numpy()) < 1e-6, key
+        routed += T if key.endswith(".0") else 0
+    assert routed == 2 * 2 * 30  # top 2 of every token, in each of the 2 layers
+    padded = np.ones_like(ids, bool)
+    padded[1, 7:] = False
+    with pytest.raises(QdtkError, match="holds only the tokens routed to it"):
+        _capture_all(cap.BlockSession(model, ids, padded))

@@ -291,12 +291,21 @@ class Recorder:
             int(X.shape[0]) if factor is None else float(factor.sum()))
 
     def _tokens(self, name: str, x):
-        """x as [T, m] over the counted tokens (padding removed)."""
+        """x as [T, m] over the counted tokens (padding removed). A 2-D input of fewer rows
+        than tokens is a subset of them: an expert of a MoE that holds its experts as a list
+        of modules, called on the tokens routed to it (OLMoE-style remote code, Qwen3-MoE on
+        transformers 4); exact without padding, which such an input cannot tell apart."""
         X = x.reshape(-1, x.shape[-1])  # [B*L, m]
-        if X.shape[0] != self.keep.numel():
-            raise QdtkError(f"{name}: input of shape {list(x.shape)} is not [batch, length, "
-                            f"features]; cannot tell padding apart")
-        return X if self.all_kept else X[self.keep]
+        if X.shape[0] == self.keep.numel():
+            return X if self.all_kept else X[self.keep]
+        if x.ndim == 2 and X.shape[0] < self.keep.numel():
+            if not self.all_kept:
+                raise QdtkError(f"{name}: its input holds only the tokens routed to it, among "
+                                f"which padding cannot be told apart; calibrate on windows "
+                                f"without padding (more text, or a smaller -L)")
+            return X
+        raise QdtkError(f"{name}: input of shape {list(x.shape)} is not [batch, length, "
+                        f"features]; cannot tell padding apart")
 
     def _hook(self, name: str):
         key_of = name.removesuffix(".weight")
