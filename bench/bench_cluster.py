@@ -25,6 +25,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 # isort: off
@@ -34,10 +35,11 @@ import numpy as np
 # isort: on
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_quality import options_for  # noqa: E402
-from common import best, minilm  # noqa: E402
+from bench_quality import SETTINGS  # noqa: E402
+from common import best, minilm, quantize_options  # noqa: E402
 
-from qdtk.io import read_json  # noqa: E402
+from qdtk.formats.io import read_json  # noqa: E402
+from qdtk.options import QuantizeOptions  # noqa: E402
 from qdtk.quantize import quantize_model  # noqa: E402
 
 LLADA = {  # weight: (rows, columns, input key); q, k, v and ff_proj, up_proj share an input
@@ -51,7 +53,7 @@ LLADA_OPTIONS = {"method": "daq", "bits": 2, "abmp": "none", "feedback": "block"
 
 
 def minilm_stats(work: Path) -> tuple[Path, Path]:
-    from qdtk.capture import CaptureOptions, capture
+    from qdtk.torch.capture import CaptureOptions, capture
 
     model = minilm()
     stats = capture(model, "builtin", work / "minilm-stats", CaptureOptions(n=64, L=256),
@@ -61,8 +63,8 @@ def minilm_stats(work: Path) -> tuple[Path, Path]:
 
 def llada_block(work: Path, tokens: int = 1024) -> tuple[Path, Path]:
     """One LLaDA-shaped block: W ~ N(0, 0.02^2), H = (2/T) X^T X of T random correlated rows."""
-    from qdtk.checkpoint import Checkpoint, CheckpointWriter
-    from qdtk.stats import InputStat, StatsWriter
+    from qdtk.formats.checkpoint import Checkpoint, CheckpointWriter
+    from qdtk.formats.stats import InputStat, StatsWriter
 
     model, stats = work / "llada-block", work / "llada-stats"
     if (stats / "manifest.json").exists():
@@ -114,13 +116,14 @@ def main() -> None:
         data["minilm"] = data["rtn"] = minilm_stats(args.work)
     if "llada" in cases:
         data["llada"] = llada_block(args.work)
-    options = {"minilm": options_for("qdtk"), "rtn": options_for("rtn"), "llada": LLADA_OPTIONS}
+    options = {"minilm": quantize_options(SETTINGS["qdtk"]),
+               "rtn": quantize_options(SETTINGS["rtn"]), "llada": QuantizeOptions.of(LLADA_OPTIONS)}
     rows = []
     for case in cases:
         model, stats = data[case]
         out = args.work / f"quant-{case}"
         prepass = None
-        if options[case].get("budget_scope") == "model":  # compute OUT/orders.json once
+        if options[case].model_scope:  # compute OUT/orders.json once
             t = time.perf_counter()
             quantize_model(model, stats, out, options[case], progress=False)
             prepass = time.perf_counter() - t
@@ -130,7 +133,7 @@ def main() -> None:
         t = time.perf_counter()
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         start = time.perf_counter() - t
-        cluster = {**options[case], "cluster": "ray", "num_cpus": 1}
+        cluster = replace(options[case], cluster="ray", num_cpus=1)
         on_ray = timed(model, stats, out, cluster, args.repeat)
         ray.shutdown()
         report = read_json(out / "report.json")  # of the Ray run

@@ -42,8 +42,9 @@ import tracemalloc
 
 import numpy as np
 
-from qdtk.pack import pack_layer
-from qdtk.quantize import solve_daq
+from qdtk.formats.packed import pack_layer
+from qdtk.options import QuantizeOptions
+from qdtk.solve.solvers import solve_daq
 
 # name -> ([(role, n, m, input)], blocks in the model)
 BLOCKS = {
@@ -81,10 +82,10 @@ def activations_H(rng: np.random.Generator, m: int, T: int) -> np.ndarray:
     return (2.0 / T) * (X.T.astype(np.float64) @ X)
 
 
-def time_layer(W: np.ndarray, H: np.ndarray, options: dict) -> dict:
+def time_layer(W: np.ndarray, H: np.ndarray, options: dict, name: str = "layer") -> dict:
     tracemalloc.start()
     cpu, wall = time.process_time(), time.perf_counter()
-    layer, rep = solve_daq(W, H, options)
+    layer, rep = solve_daq(W, H, QuantizeOptions.of(options), name)
     t = time.perf_counter()
     pack_layer(layer)
     parts = {"factor": rep["seconds_factor"], "sweep": rep["seconds_sweep"],
@@ -102,8 +103,8 @@ def block_forward_seconds(tokens: int = 1024) -> float:
     """Seconds of one LLaDA-8B-shaped block (qdtk's native forward, float32) on `tokens`."""
     import torch
 
-    from qdtk.models.layers import NativeConfig, rotary_tables
-    from qdtk.models.llada import LLaDABlock
+    from qdtk.torch.models.layers import NativeConfig, rotary_tables
+    from qdtk.torch.models.llada import LLaDABlock
 
     c = NativeConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
                      intermediate_size=12288, eps=1e-5, norm_bias=False, qkv_bias=False,
@@ -128,8 +129,9 @@ def main() -> None:
     ap.add_argument("--forwards", action="store_true")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
+    # compile the kernels outside the timings
     solve_daq(rng.standard_normal((8, 256)).astype(np.float32), np.eye(256),
-              {**BASE, **SETTINGS["full"]})  # compile the kernels outside the timings
+              QuantizeOptions.of({**BASE, **SETTINGS["full"]}))
     rows = []
     for block in args.blocks.split(","):
         linears, count = BLOCKS[block]
@@ -147,7 +149,7 @@ def main() -> None:
                                             args.tokens)
                 W = (np.random.default_rng(n * m).standard_normal((n, m), dtype=np.float32)
                      / np.sqrt(m))
-                r = time_layer(W, Hs[inp], {**BASE, **SETTINGS[setting], "name": role})
+                r = time_layer(W, Hs[inp], {**BASE, **SETTINGS[setting]}, role)
                 per_shape.setdefault((n, m), r)
                 print(f"  {block:6} {setting:9} {role:8} {n}x{m}: wall {r['wall']:.1f} s, "
                       f"cpu {r['cpu']:.1f} s, proxy {r['proxy']:.4f}", flush=True)

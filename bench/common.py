@@ -38,8 +38,8 @@ def model_folder(name: str, work: Path) -> Path:
     folder = work / "smollm-hf"
     if (folder / "config.json").exists():
         return folder
-    from qdtk.checkpoint import CheckpointWriter
-    from qdtk.models import load_model, load_tokenizer
+    from qdtk.formats.checkpoint import CheckpointWriter
+    from qdtk.torch.models import load_model, load_tokenizer
 
     gguf = smollm_gguf()
     model = load_model(gguf)
@@ -55,8 +55,8 @@ def model_folder(name: str, work: Path) -> Path:
     return folder
 
 
-def quantize_options(overrides: dict) -> dict:
-    """The quantize stage's options: the CLI's defaults overridden by `overrides`."""
+def quantize_options(overrides: dict):
+    """The quantize stage's QuantizeOptions: the CLI's defaults overridden by `overrides`."""
     import click
     from click.testing import CliRunner
 
@@ -68,20 +68,20 @@ def quantize_options(overrides: dict) -> dict:
     @click.command()
     @declared(include=False)
     def probe(**kw):
-        captured.update(quantize_options_from({**kw, **overrides}))
+        captured["options"] = quantize_options_from({**kw, **overrides})
 
     result = CliRunner().invoke(probe, [])
     if result.exit_code:
         raise SystemExit(f"{overrides}: {result.output}")
-    return captured
+    return captured["options"]
 
 
 def calibration_source(spec: str, work: Path) -> str:
     """A calibration source for the stages: SRC as given, or for "mix:A,B,..." a file holding
-    the calibration parts of those built-in sources (qdtk.calib.mix_documents)."""
+    the calibration parts of those built-in sources (qdtk.formats.calib.mix_documents)."""
     if not spec.startswith("mix:"):
         return spec
-    from qdtk.calib import SEPARATOR, mix_documents
+    from qdtk.formats.calib import SEPARATOR, mix_documents
 
     path = work / f"calib-{spec[4:].replace(',', '+')}.txt"
     if not path.exists():

@@ -16,9 +16,9 @@ from qdtk.cli.options import exclude_option, include_option
 
 def describe_packed(folder: str) -> dict:
     """A packed checkpoint: per quantized module its orders and bits per weight, and sizes."""
-    from qdtk.bits import affine_bits, bcq_bits
-    from qdtk.checkpoint import Checkpoint
-    from qdtk.pack import PackedAffine, PackedBCQ, read_quantization_config
+    from qdtk.formats.bits import affine_bits, bcq_bits
+    from qdtk.formats.checkpoint import Checkpoint
+    from qdtk.formats.packed import PackedAffine, PackedBCQ, read_quantization_config
 
     qc = read_quantization_config(folder)
     ckpt = Checkpoint(folder)
@@ -55,19 +55,23 @@ def describe_packed(folder: str) -> dict:
         "file_bytes": size,
         "original_bytes": original,
         "compression": original / size if original else None,
+        # MoE: the modules that are expert matrices, and the fused 3-D tensors they rebuild
+        "expert_modules": sum(".experts." in r["name"] for r in rows),
+        "fused": {name: entry["shape"] for name, entry in qc.get("fused", {}).items()},
     }
 
 
 def describe(folder: str, include=(), exclude=()) -> dict:
     """A summary of a checkpoint: tensors, parameters, dtypes, Linears and sizes."""
-    from qdtk.bits import bcq_bits, group_widths
-    from qdtk.checkpoint import Checkpoint
+    from qdtk.formats.bits import bcq_bits, group_widths
+    from qdtk.formats.checkpoint import Checkpoint
 
     ckpt = Checkpoint(folder)
     linears = ckpt.linear_names(include, exclude)
     linear_set = set(linears)
     params = sum(i.numel for i in ckpt.tensors.values())
-    kept_bytes = sum(i.nbytes for n, i in ckpt.tensors.items() if n not in linear_set)
+    replaced = linear_set | ckpt.covered(linear_set)  # fused experts: by their matrices
+    kept_bytes = sum(i.nbytes for n, i in ckpt.tensors.items() if n not in replaced)
     q_bits = 0
     rows = []
     for name in linears:
@@ -100,11 +104,11 @@ def verify_folder(folder: str) -> str:
     the first bad one. Returns what was checked, in words."""
     from pathlib import Path
 
-    from qdtk.checkpoint import Checkpoint
-    from qdtk.pack import is_packed, read_quantization_config, verify_packed
-    from qdtk.solution import REPORT, verify_solutions
-    from qdtk.stats import MANIFEST, Stats
-    from qdtk.validate import check_tensors_finite
+    from qdtk.formats.checkpoint import Checkpoint
+    from qdtk.formats.packed import is_packed, read_quantization_config, verify_packed
+    from qdtk.formats.solution import REPORT, verify_solutions
+    from qdtk.formats.stats import MANIFEST, Stats
+    from qdtk.formats.validate import check_tensors_finite
 
     if is_packed(folder):
         ckpt = Checkpoint(folder)
@@ -131,6 +135,11 @@ def _show_packed(d: dict, as_json: bool) -> None:
     click.echo(f"{d['folder']}: packed checkpoint ({d['format']}, method {d['method']}), "
                f"{d['tensors']} tensors in {len(d['files'])} file(s)")
     click.echo(f"Quantized modules: {len(d['modules'])} ({d['quantized_parameters']:,} weights)")
+    if d["expert_modules"]:
+        fused = f", stacked back into {len(d['fused'])} fused 3-D tensors by unpack" \
+            if d["fused"] else ""
+        click.echo(f"Mixture of experts: {d['expert_modules']} of them are expert matrices"
+                   f"{fused}")
     for r in d["modules"]:
         detail = (" ".join(f"o{o}:{c}" for o, c in r["orders"].items()) if r["kind"] == "bcq"
                   else f"{r['bits']}-bit affine")
@@ -165,7 +174,7 @@ def inspect(model_dir: str, include, exclude, as_json: bool, verify: bool) -> No
     With --verify MODEL_DIR may also be a statistics (capture) or solution (quantize) folder;
     a damaged file is an error naming it (exit code 1).
     """
-    from qdtk.pack import is_packed
+    from qdtk.formats.packed import is_packed
 
     if verify:
         click.echo(f"{model_dir}: verified {verify_folder(model_dir)}")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import click
+
+if TYPE_CHECKING:
+    from qdtk.options import QuantizeOptions
 
 include_option = click.option(
     "--include",
@@ -46,21 +51,22 @@ def _compose(decorators):
 
 cluster_options = _compose([
     click.option("--cluster", default=None, metavar="ray[://ADDRESS]",
-                 help="Solve the layers as tasks on a Ray cluster (the `ray` extra): 'ray' uses "
+                 help="Solve the layers (and the model-scope pre-pass's per-layer work) as tasks "
+                 "on a Ray cluster (the `ray` extra): 'ray' uses "
                  "RAY_ADDRESS or a cluster running on this node, else starts a local one; "
                  "ray://HOST:PORT names the head node. Run it on a node of the cluster, with the "
                  "model and statistics folders on storage every node reads."),
     click.option("--num-cpus", default=1, show_default=True, type=click.IntRange(1),
-                 help="CPUs each --cluster task reserves, and its threads (the serial run's "
-                 "files bit for bit need its BLAS threads); with --backend cuda each task also "
+                 help="CPUs each --cluster task reserves, and its threads (the files are the "
+                 "serial run's bit for bit at any count); with --backend cuda each task also "
                  "reserves one GPU."),
 ])
 
 
 def cluster_options_from(kw: dict) -> dict:
-    """{"cluster", "num_cpus"} for the quantize stage's options when --cluster is given (checked
-    now: its form, that Ray is installed, that its address answers), else {} (consumes their
-    keys from kw)."""
+    """{"cluster", "num_cpus"} of the quantize options when --cluster is given (checked now:
+    its form, that Ray is installed, that its address answers), else {} (consumes their keys
+    from kw)."""
     from qdtk.cluster import check_cluster
 
     cluster, num_cpus = kw.pop("cluster"), kw.pop("num_cpus")
@@ -105,6 +111,11 @@ def capture_options(n: int | None = 128, L: int | None = 2048, device: bool = Tr
                      default="float64", show_default=True,
                      help="Precision of sum x x^T: float64 throughout, or float32 within a batch "
                      "and float64 across batches (about twice as fast)."),
+        click.option("--expert-weighting", type=click.Choice(["tokens", "weight", "weight2"]),
+                     default="tokens", show_default=True,
+                     help="Mixture of experts: how each token routed to an expert counts in the "
+                     "expert's H: once, by its routing weight w, or by w^2 (the weight of its "
+                     "error in the layer's output)."),
         click.option("--trust-remote-code", is_flag=True,
                      help="Allow the model's own code from its folder (LLaDA and Dream run "
                      "without it, on qdtk's native forward)."),
@@ -119,8 +130,8 @@ def capture_options(n: int | None = 128, L: int | None = 2048, device: bool = Tr
 
 def capture_options_from(kw: dict):
     """CaptureOptions from the parsed `capture_options` (consumes their keys from kw)."""
-    from qdtk.capture import CaptureOptions
-    from qdtk.mcs import MaskOptions
+    from qdtk.math.mcs import MaskOptions
+    from qdtk.torch.capture import CaptureOptions
 
     mask = MaskOptions(
         gamma=kw.pop("gamma"), schedule=kw.pop("schedule"), timesteps=kw.pop("timesteps"),
@@ -130,6 +141,7 @@ def capture_options_from(kw: dict):
         n=kw.pop("n"), L=kw.pop("L"), mask=mask, mask_token_id=kw.pop("mask_token_id"),
         dtype=kw.pop("dtype"), device=kw.pop("device", "cpu"), chunk_size=kw.pop("chunk_size"),
         offload=kw.pop("offload"), accumulate=kw.pop("accumulate"),
+        expert_weighting=kw.pop("expert_weighting"),
         trust_remote_code=kw.pop("trust_remote_code"), model_code=kw.pop("model_code"),
     )
 
@@ -231,12 +243,13 @@ def quantize_options(include: bool = True):
     return _compose(opts)
 
 
-def quantize_options_from(kw: dict) -> dict:
-    """The quantize stage's options (all fingerprinted) from the parsed `quantize_options`
-    (consumes their keys from kw, include/exclude excepted). Checked: a bad combination is an
-    error here, before any solve."""
-    from qdtk.daq import resolve_backend
-    from qdtk.quantize import check_options
+def quantize_options_from(kw: dict, **run: Any) -> QuantizeOptions:
+    """The quantize stage's QuantizeOptions from the parsed `quantize_options` (consumes their
+    keys from kw, include/exclude excepted), with `run` (how it runs: cluster, num_cpus,
+    trust_remote_code, model_code). Checked: a bad combination is an error here, before any
+    solve."""
+    from qdtk.math.daq import resolve_backend
+    from qdtk.options import QuantizeOptions
 
     method, bits = kw.pop("method"), kw.pop("bits")
     daq = {
@@ -248,8 +261,8 @@ def quantize_options_from(kw: dict) -> dict:
         "shrink": kw.pop("shrink"),
     }
     backend = kw.pop("backend")
-    options = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp"),
-               "rotate": kw.pop("rotate"), "rotate_seed": kw.pop("rotate_seed")}
+    options: dict[str, Any] = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp"),
+                              "rotate": kw.pop("rotate"), "rotate_seed": kw.pop("rotate_seed")}
     if method == "daq":
         options.update(daq, backend=resolve_backend(backend))
         if daq["abmp"] != "knapsack" and daq["budget_scope"] == "model":
@@ -257,7 +270,4 @@ def quantize_options_from(kw: dict) -> dict:
     knapsack = method == "daq" and daq["abmp"] == "knapsack"
     if bits is None:
         options["bits"] = None if knapsack else 2  # None: the budget of uniform order 2
-    elif bits == int(bits) and not knapsack:
-        options["bits"] = int(bits)
-    check_options(options)
-    return options
+    return QuantizeOptions(**options, **run)

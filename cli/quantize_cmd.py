@@ -61,10 +61,8 @@ def quantize(model_dir, stats_dir, out_dir, include, exclude, trust_remote_code,
     """
     from qdtk.quantize import quantize_model
 
-    options = {**quantize_options_from(kw), **cluster_options_from(kw)}
-    if trust_remote_code:
-        options["trust_remote_code"] = True
-    options["model_code"] = model_code
+    options = quantize_options_from(kw, **cluster_options_from(kw),
+                                    trust_remote_code=trust_remote_code, model_code=model_code)
     report = quantize_model(model_dir, stats_dir, out_dir, options,
                             include=include, exclude=exclude)
     echo_report(report, out_dir)

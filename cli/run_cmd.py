@@ -13,14 +13,15 @@ from qdtk.cli.options import (
     quantize_options_from,
 )
 
-# The built-in demo must finish in minutes on a 2-core machine; a named model gets SPEC 1's N, L.
+# The built-in demo must finish in minutes on a 2-core machine; a named model gets the
+# published N, L (docs/METHOD.md §1).
 BUILTIN_N, BUILTIN_L = 64, 256
 MODEL_N, MODEL_L = 128, 2048
 
 
 def _text_sources(ctx, param, value):
-    from qdtk.calib import check_text_source
     from qdtk.errors import QdtkError
+    from qdtk.formats.calib import check_text_source
 
     try:
         for src in value:
@@ -107,12 +108,12 @@ def run(model, calib, out, sequential, eval_n, eval_length, eval_text, dense_dty
         raise click.UsageError("--cluster solves the layers of the one-pass quantize stage; "
                                "--sequential calibrates each block after the last is solved, "
                                "on this machine")
-    quantize = {**quantize_options_from(kw), **cluster_options_from(kw)}
-    if kw["trust_remote_code"]:  # the model-scope pre-pass runs the model too
-        quantize["trust_remote_code"] = True
-    quantize["model_code"] = kw["model_code"]
+    # the model-scope pre-pass runs the model too, with the capture's model options
+    quantize = quantize_options_from(kw, **cluster_options_from(kw),
+                                     trust_remote_code=kw["trust_remote_code"],
+                                     model_code=kw["model_code"])
     # one device for everything: the model runs where the solver does
-    device = kw["device"] = "cuda" if quantize.get("backend") == "cuda" else "cpu"
+    device = kw["device"] = "cuda" if quantize.backend == "cuda" else "cpu"
     opts = RunOptions(
         capture=capture_options_from(kw),
         quantize=quantize,

@@ -1,33 +1,42 @@
 """Model-scope ABMP: one knapsack budget over all layers, the pre-pass of `qdtk quantize`.
 
-For every selected Linear: its prepared H, the candidate values e_g(o) of each group at each
-allowed order (`abmp.group_errors`, groups solved alone by DAQ) and its sensitivity (model
-output change per unit of layer output error, measured with the layer alone replaced by its
-uniform-order-2 solution from the same cache). One knapsack over all groups, values weighted by
-the sensitivities, gives the orders of every layer (`abmp.allocate_model`). The result is stored
-in OUT/orders.json with a fingerprint of everything it depends on, so a resumed run reuses it.
+For every selected Linear (`layer_candidates`): its prepared H, the candidate values e_g(o) of
+each group at each allowed order (`abmp.group_errors`, groups solved alone by DAQ) and its
+uniform-order-2 solution from the same cache; then its sensitivity (model output change per
+unit of layer output error, measured with the layer alone replaced by that solution). One
+knapsack over all groups, values weighted by the sensitivities, gives the orders of every layer
+(`abmp.allocate_model`). The result is stored in OUT/orders.json with a fingerprint of
+everything it depends on, so a resumed run reuses it. With --cluster the per-layer candidates
+are Ray tasks (`layer_candidates_at`); the model's forwards stay on the driver.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qdtk import abmp
-from qdtk.hessian import prepare_hessian
-from qdtk.io import fingerprint, read_json, write_json_atomic
+from qdtk.cluster import Cluster, task_resources
+from qdtk.formats.checkpoint import Checkpoint
+from qdtk.formats.io import fingerprint, read_json, write_json_atomic
+from qdtk.formats.stats import Stats
+from qdtk.math import abmp
+from qdtk.math.group import DaqGroupSolver
+from qdtk.math.hessian import prepare_hessian
+from qdtk.math.rotation import layer_rotation, rotate_problem
+from qdtk.options import QuantizeOptions
 
 log = logging.getLogger(__name__)
 
 ORDERS_FILE = "orders.json"
 # What the allocation depends on among the quantize options (compensation, refinement and the
 # sweep do not change it).
-ALLOCATION_KEYS = ("bits", "count", "orders", "iters", "tau", "lam", "percdamp", "refit", "shrink",
-                   "rotate", "rotate_seed")
+ALLOCATION_KEYS = ("bits", "count", "orders", "iters", "tau", "lam", "percdamp", "refit",
+                   "shrink", "backend", "rotate", "rotate_seed")
 SENSITIVITY_WINDOWS = {"n": 8, "L": 128}  # calibration windows of the output-change measure
 
 
@@ -35,26 +44,25 @@ def allocate_orders(
     model_dir: str | Path,
     stats_dir: str | Path,
     out_dir: str | Path,
-    options: Mapping[str, Any],
+    options: QuantizeOptions,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     progress: bool = True,
     output_change: Callable[[str, np.ndarray], float] | None = None,
-    stats: Any = None,
+    stats: Stats | None = None,
+    cluster: Cluster | None = None,
 ) -> dict[str, Any]:
     """{"fingerprint", "bits" (the budget), "count", "bits_per_weight" (real, reached),
     "weighted_predicted_error", "layers": {name: {"orders", "predicted_error", "sensitivity"}}},
     read from OUT/orders.json when its fingerprint matches.
 
-    `output_change(name, What)` defaults to `qdtk.evaluate.output_change_fn(model_dir)` (torch),
-    built only when the allocation has to be computed.
+    `output_change(name, What)` defaults to `qdtk.torch.evaluate.output_change_fn(model_dir)`
+    (torch), built only when the allocation has to be computed. `stats`: the caller's open Stats of
+    stats_dir (its files hashed once). With a `cluster` (qdtk.cluster.connected) the per-layer
+    work runs there.
     """
-    from qdtk.checkpoint import Checkpoint
-    from qdtk.quantize import DEFAULTS, knapsack_bits
-    from qdtk.stats import Stats
-
-    opts = {k: options.get(k, DEFAULTS[k]) for k in ALLOCATION_KEYS}
-    # `stats`: the caller's open qdtk.stats.Stats of stats_dir (its files hashed once)
+    opts = {k: getattr(options, k) for k in ALLOCATION_KEYS}
+    opts["orders"] = list(options.orders)
     ckpt, stats = Checkpoint(model_dir), stats if stats is not None else Stats(stats_dir)
     names = ckpt.linear_names(include, exclude)
     fp = fingerprint(ckpt.fingerprint(), stats.fingerprint, opts, names, SENSITIVITY_WINDOWS)
@@ -66,30 +74,20 @@ def allocate_orders(
             log.info("%s: reusing the model-scope allocation", path)
             return old
     if output_change is None:
-        import torch
-
-        from qdtk.evaluate import output_change_fn
-
-        # the sensitivity forwards run where the solver does (a layer set of an 8B model is
-        # hours of forwards on a CPU)
-        gpu = options.get("backend") == "cuda" and torch.cuda.is_available()
-        output_change = output_change_fn(
-            model_dir, **SENSITIVITY_WINDOWS,
-            trust_remote_code=bool(options.get("trust_remote_code", False)),
-            model_code=options.get("model_code", "auto"), device="cuda" if gpu else "cpu")
-    cands, weights = model_candidates(ckpt, stats, names, options, output_change, progress)
-    order_set = cands[0].orders if cands else abmp.ORDERS
-    bits = knapsack_bits(options, [(c.n, c.m) for c in cands])
-    chosen = abmp.allocate_model(cands, bits, opts["count"], weights)
+        output_change = default_output_change(model_dir, options)
+    cands, weights = model_candidates(ckpt, stats, names, options, output_change, progress,
+                                      cluster)
+    bits = options.budget([(c.n, c.m) for c in cands])
+    chosen = abmp.allocate_model(cands, bits, options.count, weights)
     layers = {}
     for cand, o, s in zip(cands, chosen, weights, strict=True):
-        e = cand.E[np.arange(len(o)), np.searchsorted(order_set, o)]  # [G]
+        e = cand.E[np.arange(len(o)), np.searchsorted(cand.orders, o)]  # [G]
         layers[cand.name] = {"orders": o.tolist(), "predicted_error": float(e.sum()),
                              "sensitivity": s}
     result = {
         "fingerprint": fp,
         "bits": bits,
-        "count": opts["count"],
+        "count": options.count,
         "bits_per_weight": abmp.model_bits_per_weight(
             [(c.n, c.m, o) for c, o in zip(cands, chosen, strict=True)]),
         "weighted_predicted_error": float(sum(
@@ -100,40 +98,82 @@ def allocate_orders(
     return result
 
 
-def model_candidates(
-    ckpt: Any,
-    stats: Any,
-    names: Sequence[str],
-    options: Mapping[str, Any],
-    output_change: Callable[[str, np.ndarray], float],
-    progress: bool = False,
-) -> tuple[list[abmp.LayerCandidates], list[float]]:
-    """Knapsack candidates (values e_g(o), DAQ groups solved alone) and sensitivity of every
-    layer `names` of a Checkpoint with its Stats; the solves of one layer are cached and shared
-    by the values and its uniform-order-2 solution (the sensitivity's What)."""
-    from tqdm.auto import tqdm
+def default_output_change(model_dir: str | Path,
+                          options: QuantizeOptions) -> Callable[[str, np.ndarray], float]:
+    """qdtk.torch.evaluate's output-change measure of the model in model_dir (torch, imported here
+    only: the formats and the math run without it). The forwards run where the solver does (a
+    layer set of an 8B model is hours of forwards on a CPU)."""
+    from qdtk.torch.evaluate import output_change_fn
 
-    from qdtk.quantize import DEFAULTS, _group_solver
-    from qdtk.rotation import layer_rotation, rotate_problem
+    return output_change_fn(model_dir, **SENSITIVITY_WINDOWS,
+                            trust_remote_code=options.trust_remote_code,
+                            model_code=options.model_code,
+                            device="cuda" if options.backend == "cuda" else "cpu")
 
-    order_set = abmp.check_orders(options.get("orders", DEFAULTS["orders"]))
-    percdamp = float(options.get("percdamp", DEFAULTS["percdamp"]))
-    shrink = float(options.get("shrink", DEFAULTS["shrink"]))
-    solve = _group_solver(options)
-    cands, weights = [], []
-    for name in tqdm(names, desc="allocate", unit="layer", disable=not progress):
-        W = ckpt.read(name, np.float32)  # [n, m]
-        H, _ = stats.hessian(name, dim=W.shape[1])
-        # --rotate: the problem the layer's solve sees (qdtk.quantize.solve_rotated)
-        rot = layer_rotation(*(options.get(k, DEFAULTS[k]) for k in ("rotate", "rotate_seed")),
-                             W.shape[1])
-        W, H = rotate_problem(W, H, rot)
-        P = prepare_hessian(H, percdamp, name=name, dtype=np.float32, shrink=shrink)
+
+def layer_candidates(
+    W: np.ndarray, H: np.ndarray, name: str, order_set: Sequence[int], percdamp: float,
+    shrink: float, solve: DaqGroupSolver,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(E [G, C], What [n, m], err) of one layer W [n, m] with its statistic H [m, m]: the
+    candidate values e_g(o) (groups solved alone by `solve`), its uniform-order-2 solution What
+    from the same cache, and that solution's output error tr(D H_damped D^T) (the denominator
+    of its sensitivity)."""
+    P = prepare_hessian(H, percdamp, name=name, dtype=np.float32, shrink=shrink)
+    try:
         E = abmp.group_errors(W, P.H, P.d, order_set, solve)  # [G, C]
         What = abmp.dequantize_orders(W, P.d, np.full(E.shape[0], 2), solve)  # cached if 2 in C
-        change = output_change if rot is None else (
-            lambda w, X, rot=rot: output_change(w, rot.apply_t(X)))  # the model's own basis
-        weights.append(abmp.sensitivity(name, W, P.H, What, change))
-        cands.append(abmp.LayerCandidates(name, *W.shape, E, order_set))
+    finally:
         solve.clear()
+    err = abmp.output_error(np.asarray(W, np.float64) - What, np.asarray(P.H, np.float64))
+    return E, What, err
+
+
+def layer_candidates_at(model_dir: str, stats_dir: str, name: str,
+                        options: QuantizeOptions) -> tuple[np.ndarray, np.ndarray, float]:
+    """`layer_candidates` of the Linear `name`, read from the folders: a --cluster task."""
+    return _candidates(Checkpoint(model_dir), Stats(stats_dir), name, options)
+
+
+def _candidates(ckpt: Checkpoint, stats: Stats, name: str,
+                options: QuantizeOptions) -> tuple[np.ndarray, np.ndarray, float]:
+    W = ckpt.read(name, np.float32)  # [n, m]
+    H, _ = stats.hessian(name, dim=W.shape[1])
+    # --rotate: the problem the layer's solve sees (qdtk.solve.solvers.solve_rotated); What goes
+    # back to the model's basis for the sensitivity's forward; err is the same in both (Q
+    # orthogonal)
+    rot = layer_rotation(options.rotate, options.rotate_seed, W.shape[1])
+    E, What, err = layer_candidates(*rotate_problem(W, H, rot), name, options.orders,
+                                    options.percdamp, options.shrink,
+                                    DaqGroupSolver(**options.group_settings()))
+    return E, (What if rot is None else rot.apply_t(What)), err
+
+
+def model_candidates(
+    ckpt: Checkpoint,
+    stats: Stats,
+    names: Sequence[str],
+    options: QuantizeOptions,
+    output_change: Callable[[str, np.ndarray], float],
+    progress: bool = False,
+    cluster: Cluster | None = None,
+) -> tuple[list[abmp.LayerCandidates], list[float]]:
+    """Knapsack candidates (values e_g(o), DAQ groups solved alone) and sensitivity of every
+    layer `names` of a Checkpoint with its Stats. With a `cluster` each layer's candidates are
+    a task there; the forwards of the sensitivities run here, in order,
+    while the tasks run."""
+    from tqdm.auto import tqdm
+
+    if cluster is not None and names:
+        jobs = [(w, (str(ckpt.folder), str(stats.folder), w, options)) for w in names]
+        results = cluster.tasks(layer_candidates_at, jobs, task_resources(
+            options.num_cpus, options.backend == "cuda"))
+    else:
+        results = nullcontext(lambda w: _candidates(ckpt, stats, w, options))
+    cands, weights = [], []
+    with results as candidates:
+        for name in tqdm(names, desc="allocate", unit="layer", disable=not progress):
+            E, What, err = candidates(name)
+            weights.append(abmp.sensitivity_weight(name, err, float(output_change(name, What))))
+            cands.append(abmp.LayerCandidates(name, *What.shape, E, options.orders))
     return cands, weights

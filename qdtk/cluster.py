@@ -1,12 +1,13 @@
-"""`--cluster ray`: the layer solves of `qdtk quantize` as tasks on a Ray cluster.
+"""`--cluster ray`: per-layer work of `qdtk quantize` as tasks on a Ray cluster.
 
-The driver (`qdtk.quantize.quantize_model`) keeps everything that plans or records the result:
-the fingerprints, the resume, the progress bar, report.json and the solution files, which it
-writes in the serial run's order from the same layers. A task solves one Linear exactly as the
-serial run does (`qdtk.quantize.solve_layer`), reading its weight and statistic from the folders
-every node sees, and returns the layer and its report; the files are the serial run's bit for
-bit where each task's BLAS runs on as many threads as the serial run's did (OpenBLAS's results
-depend on its thread count; a task's follow its CPUs: Ray sets OMP_NUM_THREADS).
+The stages hand this module a module-level function and its jobs; it knows nothing of what they
+compute. The layer solves (`qdtk.quantize.solve_layer_at`) and the model-scope pre-pass's
+per-layer candidates (`qdtk.allocate.layer_candidates_at`) run this way: each task reads its
+weight and statistic from the folders every node sees and returns its result, while the driver
+keeps everything that plans or records the result: the fingerprints, the resume, the progress
+bar, report.json and the files, written in the serial run's order from the same values. Those
+are the serial run's bit for bit whatever CPUs a task reserved: the solves' thread-dependent
+LAPACK calls run on one thread everywhere (qdtk.threads).
 
 Faults: a task whose worker dies is run again (Ray's `max_retries`); a task that raises is not,
 and its QdtkError reaches the user as the serial run's would; a killed driver leaves the
@@ -20,8 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 from qdtk.errors import QdtkError
@@ -69,70 +69,91 @@ def check_cluster(spec: str) -> str:
     return spec
 
 
-def task_resources(options: Mapping[str, Any]) -> dict[str, int]:
-    """What each task reserves: options["num_cpus"] CPUs (default 1), and one GPU with the
-    CUDA backend."""
-    return {"num_cpus": int(options.get("num_cpus", 1)),
-            "num_gpus": 1 if options.get("backend") == "cuda" else 0}
+def task_resources(num_cpus: int = 1, gpu: bool = False) -> dict[str, int]:
+    """What each task reserves: `num_cpus` CPUs, and one GPU when the backend is CUDA."""
+    return {"num_cpus": int(num_cpus), "num_gpus": 1 if gpu else 0}
 
 
-def solve_task(model_dir: str, stats_dir: str, solver: Callable, options: Mapping[str, Any],
-               name: str, orders: list[int] | None, threads: int) -> tuple:
-    """One Linear on a Ray worker: the serial run's `solve_layer`, with Numba's threads held to
-    the CPUs the task reserved (Ray sets OMP_NUM_THREADS, which BLAS reads, itself)."""
+def run_task(fn: Callable[..., Any], threads: int, *args: Any) -> Any:
+    """fn(*args) on a Ray worker, with Numba's threads held to the CPUs the task reserved
+    (Ray sets OMP_NUM_THREADS, which BLAS reads, itself; the results do not depend on either
+    count: qdtk.threads)."""
     import numba
 
-    from qdtk.checkpoint import Checkpoint
-    from qdtk.quantize import solve_layer
-    from qdtk.stats import Stats
-
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    return solve_layer(Checkpoint(model_dir), Stats(stats_dir), solver, options, name, orders)
+    return fn(*args)
+
+
+class Cluster:
+    """The Ray cluster that --cluster names, connected on first use: a stage that finds all
+    its work done never starts one. `close` ends a connection made here (which stops a local
+    cluster started here); one the caller made stays."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self._connected_here = False
+
+    def tasks(self, fn: Callable[..., Any], jobs: Sequence[tuple[Hashable, tuple]],
+              resources: Mapping[str, int]) -> contextlib.AbstractContextManager:
+        """`ray_tasks(fn, jobs, resources)` on this cluster."""
+        ray = import_ray()
+        if not ray.is_initialized():
+            address = parse_cluster(check_cluster(self.spec))
+            try:
+                ray.init(address=address, include_dashboard=False)
+            except ConnectionError as e:
+                raise QdtkError(f"--cluster {self.spec}: no Ray cluster there ({e})") from None
+            self._connected_here = True
+        return ray_tasks(fn, jobs, resources)
+
+    def close(self) -> None:
+        if self._connected_here:
+            import_ray().shutdown()
+            self._connected_here = False
 
 
 @contextlib.contextmanager
-def ray_layers(
-    options: Mapping[str, Any],
-    model_dir: str | Path,
-    stats_dir: str | Path,
-    solver: Callable,
-    todo: Sequence[tuple[str, list[int] | None]],
-) -> Iterator[Callable[[str], tuple]]:
-    """Submit one task per (Linear, planned orders) of `todo` to the cluster options["cluster"]
-    names; yield `result(name) -> (shape, layer, report)`, which waits for that Linear's task.
+def connected(spec: str | None) -> Iterator[Cluster | None]:
+    """A Cluster for --cluster SPEC (None without one), closed on exit."""
+    if spec is None:
+        yield None
+        return
+    cluster = Cluster(spec)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
-    Each task reserves `task_resources(options)`. On exit, tasks not yet collected are
-    cancelled and a connection made here is closed (which stops a local cluster started here).
-    """
+
+@contextlib.contextmanager
+def ray_tasks(
+    fn: Callable[..., Any],
+    jobs: Sequence[tuple[Hashable, tuple]],
+    resources: Mapping[str, int],
+) -> Iterator[Callable[[Hashable], Any]]:
+    """Submit one task `fn(*args)` per (key, args) of `jobs`, each reserving `resources`, to
+    the connected cluster (`Cluster.tasks`); yield `result(key)`, which waits for that job's
+    task and gives its value (a task's QdtkError is raised as the serial run's would be). `fn`
+    must be importable by the workers (a module-level function). Tasks not yet collected are
+    cancelled on exit."""
     ray = import_ray()
-    address = parse_cluster(check_cluster(options["cluster"]))
-    connected_here = not ray.is_initialized()
-    if connected_here:
-        try:
-            ray.init(address=address, include_dashboard=False)
-        except ConnectionError as e:
-            raise QdtkError(f"--cluster {options['cluster']}: no Ray cluster there ({e})") from None
-    resources = task_resources(options)
-    task = ray.remote(solve_task).options(**resources, max_retries=RETRIES)
-    refs: dict[str, Any] = {}
+    task = ray.remote(run_task).options(**resources, max_retries=RETRIES)
+    refs: dict[Hashable, Any] = {}
 
-    def result(name: str) -> tuple:
+    def result(key: Hashable) -> Any:
         try:
-            return ray.get(refs.pop(name))
+            return ray.get(refs.pop(key))
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, QdtkError):  # bad input: the serial run's message
                 raise e.cause from None
             raise
 
     try:
-        for w, orders in todo:
-            refs[w] = task.remote(str(model_dir), str(stats_dir), solver, options, w, orders,
-                                  resources["num_cpus"])
-        log.info("%d layer solves submitted to Ray (%s CPUs in the cluster)", len(refs),
-                 ray.cluster_resources().get("CPU", 0))
+        for key, args in jobs:
+            refs[key] = task.remote(fn, resources["num_cpus"], *args)
+        log.info("%d tasks of %s submitted to Ray (%s CPUs in the cluster)", len(refs),
+                 getattr(fn, "__name__", fn), ray.cluster_resources().get("CPU", 0))
         yield result
     finally:
         for ref in refs.values():
             ray.cancel(ref)
-        if connected_here:
-            ray.shutdown()

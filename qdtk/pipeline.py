@@ -8,7 +8,7 @@
     OUT/report  figures and report.md (qdtk.report; skipped without matplotlib)
 
 Every stage resumes on its own (fingerprints), so a killed run picks up where it stopped and a
-finished one is a no-op. The sequential mode (SPEC 1, the published order) replaces capture +
+finished one is a no-op. The sequential mode (METHOD.md §1, the published order) replaces capture +
 quantize by one interleaved pass: block b is calibrated on the outputs of the already quantized
 blocks < b, and inside a block the Linears are quantized step by step with H recaptured after
 each step.
@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from qdtk.errors import QdtkError
-from qdtk.io import fingerprint, read_json, write_json_atomic
+from qdtk.formats.io import fingerprint, read_json, write_json_atomic
+from qdtk.options import QuantizeOptions
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,15 @@ class EvalOptions:
     n: int = 32
     L: int = 128
     seed: int = 0
-    texts: tuple[str, ...] = ()  # sources (qdtk.evaluate.read_text); () = every built-in one
+    texts: tuple[str, ...] = ()  # sources (qdtk.torch.evaluate.read_text); () = every built-in one
     dense_dtype: str = "float32"
     device: str = "cpu"
 
 
 @dataclass
 class RunOptions:
-    capture: Any  # qdtk.capture.CaptureOptions
-    quantize: dict[str, Any]  # the quantize stage's options (fingerprinted)
+    capture: Any  # qdtk.torch.capture.CaptureOptions
+    quantize: QuantizeOptions  # the quantize stage's options
     solver: Callable | None = None  # layer solver; None = the one the options name
     sequential: bool = False
     include: Sequence[str] = ()
@@ -79,10 +80,10 @@ def run(
     echo: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """Run every stage into OUT (resuming finished ones); returns the summary."""
-    from qdtk.capture import capture
-    from qdtk.checkpoint import Checkpoint
+    from qdtk.formats.checkpoint import Checkpoint
     from qdtk.pack import pack_checkpoint, unpack_checkpoint
     from qdtk.quantize import quantize_model
+    from qdtk.torch.capture import capture
 
     model = Path(model) if model is not None else builtin_model()
     out = Path(out)
@@ -135,8 +136,9 @@ def write_run_report(out: Path, echo: Callable[[str], None]) -> None:
 
 def evaluate_once(model: Path, dense: Path, quant: Path, path: Path, e: EvalOptions,
                   capture_opts: Any) -> dict:
-    """qdtk.evaluate.compare_texts, cached in `path` for the same quantized model and options."""
-    from qdtk.evaluate import compare_texts, default_sources, read_text
+    """qdtk.torch.evaluate.compare_texts, cached in `path` for the same quantized model and
+    options."""
+    from qdtk.torch.evaluate import compare_texts, default_sources, read_text
 
     fp = fingerprint(read_json(quant / "report.json").get("summary"), e.__dict__, str(model))
     if path.exists():
@@ -174,27 +176,28 @@ def summarize(ckpt: Any, report: dict, packed: Path, result: dict) -> dict[str, 
 
 
 def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOptions) -> dict:
-    """The published order: capture and quantize interleaved block by block (SPEC 1).
+    """The published order: capture and quantize interleaved block by block (METHOD.md §1).
 
     Block b sees the outputs of blocks < b with their quantized weights; inside the block each
     step (e.g. LLaDA: attn_out, ff_out, q/k/v, ff/up) is solved on H recaptured after the
     previous steps were replaced. Each block's solutions are written as soon as it is done; a
     rerun replays finished blocks from their files (same fingerprint chain) and goes on.
     """
-    from qdtk.capture import (
+    from qdtk.formats.checkpoint import Checkpoint
+    from qdtk.formats.solution import read_solution_block, write_solution_block
+    from qdtk.formats.validate import check_model_finite
+    from qdtk.quantize import SolutionReport
+    from qdtk.solve.solvers import make_solver
+    from qdtk.torch.capture import (
         BlockSession,
         calibration_batch,
         model_fingerprint,
         sequential_block,
         sequential_steps,
     )
-    from qdtk.checkpoint import Checkpoint
-    from qdtk.models import load_model, load_tokenizer
-    from qdtk.quantize import SolutionReport, make_solver
-    from qdtk.solution import read_solution_block, write_solution_block
-    from qdtk.validate import check_model_finite
+    from qdtk.torch.models import load_model, load_tokenizer
 
-    if opts.quantize.get("budget_scope") == "model":
+    if opts.quantize.model_scope:
         raise QdtkError("--sequential solves each block before the next is calibrated, so a "
                         "model-wide budget cannot be planned: use --budget-scope layer")
     solver = opts.solver or make_solver(opts.quantize)
@@ -208,20 +211,21 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
     calib_fp = fingerprint(model_fp, ident, c.n, c.L, c.mask.as_dict(), c.dtype, c.accumulate)
     selected = set(ckpt.linear_names(opts.include, opts.exclude))
     report = SolutionReport(quant, ckpt, {"path": None, "fingerprint": calib_fp},
-                            {**opts.quantize, "sequential": True})
+                            {**opts.quantize.fingerprinted(), "sequential": True})
     session = BlockSession(
         torch_model, batch.ids, batch.attention, device=c.device, chunk_size=c.chunk_size,
         offload=quant / ".hidden" if c.offload else None, accumulate=c.accumulate,
         ckpt_names=ckpt_names, progress=True, source=model,
+        expert_weighting=c.expert_weighting,
     )
     from tqdm import tqdm
 
     report.remove_stale({f"block_{b:04d}.safetensors" for b in range(len(session))
-                         if any(w in selected for w in session.linears[b])})
+                         if any(w in selected for w in session.weights(b))})
     fp = calib_fp
     try:
         for b in tqdm(range(len(session)), desc="blocks", unit="block"):
-            names = [w for w in session.linears[b] if w in selected]
+            names = [w for w in session.weights(b) if w in selected]
             if not names:
                 session.run_block(b, record=False, advance=True)
                 continue
@@ -241,7 +245,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
                 for s in stats:
                     for w in s.members:
                         W = ckpt.read(w, np.float32)
-                        layer, rep = solver(W, s.H, {**opts.quantize, "name": w})
+                        layer, rep = solver(W, s.H, opts.quantize, w)
                         solutions[w] = layer
                         report.add_layer(w, W.shape, layer, rep, fp)
                         new[w] = layer.weight()

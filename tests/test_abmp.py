@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qdtk import abmp
-from qdtk.bits import bcq_bits, group_bits, group_slices
 from qdtk.errors import QdtkError
-from qdtk.hessian import prepare_hessian
+from qdtk.formats.bits import bcq_bits, group_bits, group_slices
+from qdtk.math import abmp
+from qdtk.math.hessian import prepare_hessian
 
 
 def residual_solver(W_g: np.ndarray, order: int, d_g: np.ndarray) -> np.ndarray:
@@ -338,21 +338,22 @@ def test_choose_orders_per_method(rng):
 
 
 def test_daq_group_solver_memoises_and_serves_the_uncompensated_sweep(rng, monkeypatch):
-    quantize = pytest.importorskip("qdtk.quantize")
-    from qdtk.hessian import prepare_hessian as prep32
+    import qdtk.math.group as group
+    from qdtk.math.hessian import prepare_hessian as prep32
+    from qdtk.solve.layer import sweep
 
     n, m = 16, 200
     W, _, X = layer(rng, n, m)
     P = prep32(2 / len(X) * X.T @ X, dtype=np.float32)  # as the layer driver prepares H
     calls = []
-    real = quantize.solve_group
+    real = group.solve_group
 
     def counting(Wg, order, dg, **kw):
         calls.append(order)
         return real(Wg, order, dg, **kw)
 
-    monkeypatch.setattr(quantize, "solve_group", counting)
-    solver = abmp.DaqGroupSolver(iters=3, backend="reference")
+    monkeypatch.setattr(group, "solve_group", counting)
+    solver = group.DaqGroupSolver(iters=3, backend="reference")
     E = abmp.group_errors(W, P.H, P.d, (1, 2), solver)
     assert len(calls) == 4  # 2 groups x 2 orders
     np.testing.assert_array_equal(E, abmp.group_errors(W, P.H, P.d, (1, 2), solver))
@@ -366,7 +367,7 @@ def test_daq_group_solver_memoises_and_serves_the_uncompensated_sweep(rng, monke
     assert E[1, 1] < E[1, 0]
     # the driver's uncompensated sweep at an allocation solves nothing new
     orders = np.array([2, 1])
-    layer_, _ = quantize.sweep(W.copy(), P.R, orders, solver.solution, compensate=False)
+    layer_, _ = sweep(W.copy(), P.R, orders, solver.solution, compensate=False)
     assert len(calls) == 4
     np.testing.assert_array_equal(
         layer_.dequantize(), abmp.dequantize_orders(W, P.d, orders, solver)

@@ -3,7 +3,10 @@
 import numpy as np
 import pytest
 
-from qdtk.baselines import (
+from qdtk.errors import QdtkError
+from qdtk.formats.bits import affine_bits
+from qdtk.formats.solution import AffineLayer, read_solution_block, write_solution_block
+from qdtk.math.baselines import (
     affine_codes,
     affine_dequantize,
     affine_grid,
@@ -12,11 +15,9 @@ from qdtk.baselines import (
     solve_gptq,
     solve_rtn,
 )
-from qdtk.bits import affine_bits
-from qdtk.errors import QdtkError
-from qdtk.evaluate import proxy_error
-from qdtk.hessian import prepare_hessian
-from qdtk.solution import AffineLayer, read_solution_block, write_solution_block
+from qdtk.math.forms import proxy_error
+from qdtk.math.hessian import prepare_hessian
+from qdtk.options import QuantizeOptions
 
 
 def correlated_H(rng, m, T=600, r=None):
@@ -124,7 +125,7 @@ def test_solvers_report_honest_bits_and_proxy_error(rng, tmp_path):
     W = rng.standard_normal((64, 384)).astype(np.float32)
     H = correlated_H(rng, 384)
     for solve in (solve_rtn, solve_gptq):
-        layer, report = solve(W, H, {"bits": 2, "name": "x.weight"})
+        layer, report = solve(W, H, QuantizeOptions(method="rtn", bits=2), "x.weight")
         assert report["bits_per_weight"] == affine_bits(64, 384, 2) / (64 * 384) == 2.25
         assert report["proxy_error"] == pytest.approx(proxy_error(W, layer.dequantize(), H))
         assert report["seconds"] >= 0
@@ -132,17 +133,17 @@ def test_solvers_report_honest_bits_and_proxy_error(rng, tmp_path):
         write_solution_block(tmp_path / "b.safetensors", {"x.weight": layer}, "fp")
         back = read_solution_block(tmp_path / "b.safetensors")["x.weight"]
         np.testing.assert_array_equal(back.dequantize(), layer.dequantize())
-    assert solve_rtn(W, None, {})[1]["proxy_error"] is None
+    assert solve_rtn(W, None, QuantizeOptions(method="rtn"))[1]["proxy_error"] is None
 
 
 def test_bad_input_is_a_clear_error(rng):
     W = rng.standard_normal((4, 64)).astype(np.float32)
     with pytest.raises(QdtkError, match="w.weight: H has shape"):
-        solve_gptq(W, np.eye(32), {"name": "w.weight"})
+        solve_gptq(W, np.eye(32), QuantizeOptions(method="gptq"), "w.weight")
     with pytest.raises(QdtkError, match="needs the statistic H"):
-        solve_gptq(W, None, {})
+        solve_gptq(W, None, QuantizeOptions(method="gptq"))
     with pytest.raises(QdtkError, match="bits must be 1..8"):
-        solve_rtn(W, None, {"bits": 9})
+        solve_rtn(W, None, QuantizeOptions(method="rtn", bits=9))
     W[0, 0] = np.nan
     with pytest.raises(QdtkError, match="finite"):
-        solve_rtn(W, None, {})
+        solve_rtn(W, None, QuantizeOptions(method="rtn"))

@@ -18,10 +18,11 @@ import qdtk.quantize
 from qdtk.cli.main import cli
 from qdtk.cluster import parse_cluster, task_resources
 from qdtk.errors import QdtkError
-from qdtk.quantize import quantize_model, solve_daq
-from qdtk.solution import REPORT
+from qdtk.formats.solution import REPORT
+from qdtk.quantize import quantize_model
+from qdtk.solve.solvers import solve_daq
 from tests import test_quantize
-from tests.test_quantize import OPTIONS, block_bytes
+from tests.test_quantize import OPTIONS, block_bytes, correlated_H, fake_output_change
 
 model_and_stats = test_quantize.model_and_stats  # the stage tests' tiny model (3 blocks, 9 Linears)
 
@@ -49,8 +50,7 @@ class Recording:
     die_on: str | None = None
     nan_on: str | None = None
 
-    def __call__(self, W, H, options):
-        name = options["name"]
+    def __call__(self, W, H, options, name="layer", orders=None):
         if name == self.die_on and not (self.folder / "died").exists():
             (self.folder / "died").write_text(str(os.getpid()))
             os._exit(1)
@@ -58,7 +58,7 @@ class Recording:
             W = W.copy()
             W[0, 0] = np.nan
         (self.folder / f"{name}@{os.getpid()}").touch()
-        return solve_daq(W, H, options)
+        return solve_daq(W, H, options, name, orders)
 
     def solved(self) -> list[str]:
         return sorted(p.name.split("@")[0] for p in self.folder.glob("*@*"))
@@ -93,6 +93,77 @@ def test_cluster_gives_the_serial_files_bit_for_bit(ray_cluster, model_and_stats
     assert report_without_times(tmp_path / "ray") == report_without_times(tmp_path / "serial")
     assert len(calls.solved()) == 9 and os.getpid() not in calls.pids()  # solved by workers
     assert ray_cluster.is_initialized()  # a cluster the caller started stays up
+
+
+def blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    return min((lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"),
+               default=1)
+
+
+@pytest.fixture
+def wide_model(tmp_path):
+    """One block of one 64 x 768 Linear: wide enough that OpenBLAS's LAPACK runs on 2 threads
+    and its bits then differ from 1 thread's (measured: qdtk.threads)."""
+    from qdtk.formats.checkpoint import Checkpoint, CheckpointWriter
+    from qdtk.formats.stats import InputStat, StatsWriter
+
+    rng = np.random.default_rng(3)
+    model, stats = tmp_path / "wide", tmp_path / "wide-stats"
+    with CheckpointWriter(model) as w:
+        w.add("model.layers.0.mlp.down_proj.weight",
+              rng.standard_normal((64, 768)).astype(np.float32))
+    writer = StatsWriter(stats, str(model), Checkpoint(model).fingerprint(), {"test": True})
+    writer.write_block(0, "model.layers.0", [InputStat(
+        "model.layers.0.mlp.down_proj", ["model.layers.0.mlp.down_proj.weight"],
+        correlated_H(rng, 768), 600)])
+    writer.finish()
+    return model, stats
+
+
+def test_tasks_on_one_cpu_give_the_bits_of_a_serial_run_on_two(ray_cluster, wide_model,
+                                                              tmp_path):
+    """The serial run's BLAS uses the machine's threads, a task's the one CPU it reserved
+    (Ray's OMP_NUM_THREADS): the thread-dependent LAPACK calls run on one thread in both."""
+    if blas_threads() < 2:
+        pytest.skip("BLAS runs on one thread here: nothing to compare")
+    model, stats = wide_model
+    options = {**OPTIONS, "iters": 3, "feedback": "block", "refine": "full", "shrink": 0.25}
+    quantize_model(model, stats, tmp_path / "serial", options, progress=False)
+    quantize_model(model, stats, tmp_path / "ray", {**options, "cluster": "ray", "num_cpus": 1},
+                   progress=False)
+    assert block_bytes(tmp_path / "ray") == block_bytes(tmp_path / "serial")
+    assert report_without_times(tmp_path / "ray") == report_without_times(tmp_path / "serial")
+
+
+def test_model_scope_prepass_runs_as_tasks_with_the_serial_result(
+    ray_cluster, model_and_stats, tmp_path, monkeypatch
+):
+    """--cluster: the pre-pass's per-layer candidates are tasks too (the driver computes none
+    itself, only the sensitivities' forwards), and orders.json and the files are the serial
+    run's."""
+    import qdtk.allocate
+    import qdtk.torch.evaluate
+    from qdtk.formats.io import read_json
+
+    model, stats = model_and_stats
+    calls = []
+    monkeypatch.setattr(qdtk.torch.evaluate, "output_change_fn",
+                        fake_output_change(model, {"down_proj": 1e3}, calls))
+    options = {**OPTIONS, "abmp": "knapsack", "bits": None, "budget_scope": "model"}
+    quantize_model(model, stats, tmp_path / "serial", options, progress=False)
+
+    def not_here(*args):
+        raise AssertionError("the driver computed a layer's candidates itself")
+
+    monkeypatch.setattr(qdtk.allocate, "_candidates", not_here)
+    calls.clear()
+    quantize_model(model, stats, tmp_path / "ray", {**options, "cluster": "ray"}, progress=False)
+    assert len(calls) == 1 + 9  # the forwards: built once, one per layer, on the driver
+    assert read_json(tmp_path / "ray" / "orders.json") == \
+        read_json(tmp_path / "serial" / "orders.json")
+    assert block_bytes(tmp_path / "ray") == block_bytes(tmp_path / "serial")
 
 
 def test_killed_worker_is_retried(ray_cluster, model_and_stats, tmp_path):
@@ -130,7 +201,7 @@ def test_rerun_after_a_killed_driver_redoes_only_the_unfinished(
     assert len(calls.solved()) == 6
     assert not any(w.startswith("model.layers.0.") for w in calls.solved())
     assert block_bytes(tmp_path / "ray") == block_bytes(tmp_path / "serial")
-    monkeypatch.setattr(qdtk.cluster, "ray_layers", None)  # a finished run needs no cluster
+    monkeypatch.setattr(qdtk.cluster, "ray_tasks", None)  # a finished run needs no cluster
     quantize_model(model, stats, tmp_path / "ray", CLUSTER, calls, progress=False)
     assert len(calls.solved()) == 6
 
@@ -187,7 +258,7 @@ def test_run_passes_the_cluster_to_the_quantize_stage(model_and_stats, monkeypat
     seen = {}
 
     def run(model, calib, out, opts, echo):
-        seen.update(opts.quantize)
+        seen.update(vars(opts.quantize))
         raise QdtkError("stopped here")
 
     monkeypatch.setattr(qdtk.pipeline, "run", run)
@@ -203,5 +274,5 @@ def test_addresses_and_task_resources():
     assert parse_cluster("ray://auto") == "auto"
     with pytest.raises(QdtkError, match="expected ray or ray://"):
         parse_cluster("ray://")
-    assert task_resources({"backend": "cpu"}) == {"num_cpus": 1, "num_gpus": 0}
-    assert task_resources({"backend": "cuda", "num_cpus": 4}) == {"num_cpus": 4, "num_gpus": 1}
+    assert task_resources(gpu=False) == {"num_cpus": 1, "num_gpus": 0}
+    assert task_resources(4, gpu=True) == {"num_cpus": 4, "num_gpus": 1}

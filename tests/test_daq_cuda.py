@@ -13,13 +13,15 @@ from functools import partial
 import numpy as np
 import pytest
 
-from qdtk import backend, quantize
-from qdtk.bits import group_slices
-from qdtk.daq import cuda as daq_cuda
-from qdtk.daq import reference, solve_block
+from qdtk import backend
+from qdtk.backend import cholesky_lower, cholesky_lower_gpu
 from qdtk.errors import QdtkError
-from qdtk.hessian import cholesky_lower, cholesky_lower_gpu, prepare_hessian
-from qdtk.solution import dequantize_block
+from qdtk.formats.bits import group_slices
+from qdtk.formats.solution import dequantize_block
+from qdtk.math.daq import cuda as daq_cuda
+from qdtk.math.daq import reference, solve_block
+from qdtk.math.hessian import prepare_hessian
+from qdtk.solve import layer as driver
 
 needs_gpu = pytest.mark.skipif(
     not backend.gpu_available(), reason="needs a CUDA GPU (CuPy reports none)"
@@ -68,7 +70,7 @@ def test_default_iterations(rng):
 
 
 def test_dispatch_and_default_launch(rng):
-    """Registered in qdtk.daq; the default launch shape (tiles of 16 rows, 128 threads, 8
+    """Registered in qdtk.math.daq; the default launch shape (tiles of 16 rows, 128 threads, 8
     slices: 1024 simulated threads per finalize, hence the short run)."""
     W, E = block(rng, n=17, w=5)
     want = reference.solve_block(W, 1, E, iters=0)
@@ -123,7 +125,7 @@ try:
 except Exception as e:
     print(e)
     sys.exit(3)
-from qdtk.daq.cuda import ptx
+from qdtk.math.daq.cuda import ptx
 print(json.dumps({k: [".local" in v, ".f64" in v] for k, v in ptx().items()}))
 """
 
@@ -158,17 +160,17 @@ def sign_solver(Wg, order, dg):
 
 def test_device_steps_are_the_driver_sweep(rng):
     """compensated_block + feed_forward (written for NumPy and CuPy) reproduce
-    qdtk.quantize.sweep exactly on NumPy, ragged last group included."""
+    qdtk.solve.layer.sweep exactly on NumPy, ragged last group included."""
     W, H = layer(rng)
     P = prepare_hessian(H, dtype=np.float32)
-    want = quantize.sweep(W.copy(), P.R, np.ones(3, np.int64), sign_solver)[0].dequantize()
+    want = driver.sweep(W.copy(), P.R, np.ones(3, np.int64), sign_solver)[0].dequantize()
     R, d = P.R, P.d.astype(np.float32)
     Y = np.empty_like(W)
     got = np.empty_like(W)
     for cols in group_slices(W.shape[1]):
-        Wg, S, Ugg = quantize.compensated_block(W, R, Y, cols)
+        Wg, S, Ugg = driver.compensated_block(W, R, Y, cols)
         Q = sign_solver(np.ascontiguousarray(Wg), 1, d[cols])[3]
-        quantize.feed_forward(Y, Wg, Q, R, d, S, Ugg, cols)
+        driver.feed_forward(Y, Wg, Q, R, d, S, Ugg, cols)
         got[:, cols] = Q
     np.testing.assert_array_equal(got, want)
 
@@ -201,8 +203,8 @@ def test_gpu_layer_algebra_matches_cpu(rng):
     R32 = R.astype(np.float32)
     cols = slice(128, 256)
     Y = rng.standard_normal(W.shape).astype(np.float32)
-    host = quantize.compensated_block(W, R32, Y, cols)
-    dev = quantize.compensated_block(cupy.asarray(W), cupy.asarray(R32), cupy.asarray(Y), cols)
+    host = driver.compensated_block(W, R32, Y, cols)
+    dev = driver.compensated_block(cupy.asarray(W), cupy.asarray(R32), cupy.asarray(Y), cols)
     for h, g in zip(host, dev, strict=True):
         np.testing.assert_allclose(g.get(), h, rtol=1e-4, atol=1e-4)
 
@@ -225,8 +227,8 @@ def test_layer_driver_on_the_cuda_backend(rng, monkeypatch):
     of what it stores."""
     monkeypatch.setattr(daq_cuda, "solve_block", partial(daq_cuda.solve_block, **SMALL))
     W, H = layer(rng, n=3, m=131)  # a full group and a ragged one
-    got, rep = quantize.quantize_layer(W, H, [2, 1], iters=1, backend="cuda", feedback="block")
-    want, rep0 = quantize.quantize_layer(W, H, [2, 1], iters=1, backend="reference",
+    got, rep = driver.quantize_layer(W, H, [2, 1], iters=1, backend="cuda", feedback="block")
+    want, rep0 = driver.quantize_layer(W, H, [2, 1], iters=1, backend="reference",
                                          feedback="block")
     assert got.signs.shape == want.signs.shape == (2, 3, 131)
     D = W.astype(np.float64) - got.dequantize()
@@ -237,9 +239,9 @@ def test_layer_driver_on_the_cuda_backend(rng, monkeypatch):
 @needs_gpu
 def test_layer_driver_on_a_gpu_matches_cpu(rng):
     W, H = layer(rng, n=256, m=300)
-    got, rep = quantize.quantize_layer(W, H, [2, 3, 1], iters=5, backend="cuda",
+    got, rep = driver.quantize_layer(W, H, [2, 3, 1], iters=5, backend="cuda",
                                        feedback="block")
-    _, rep0 = quantize.quantize_layer(W, H, [2, 3, 1], iters=5, backend="cpu", feedback="block")
+    _, rep0 = driver.quantize_layer(W, H, [2, 3, 1], iters=5, backend="cpu", feedback="block")
     D = W.astype(np.float64) - got.dequantize()
     assert rep.output_error == pytest.approx(np.einsum("ij,ij->", D @ H, D), rel=1e-4)
     assert rep.proxy_error == pytest.approx(rep0.proxy_error, rel=0.02)

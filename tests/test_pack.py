@@ -8,28 +8,31 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from qdtk.bits import affine_bits, bcq_bits, group_slices
-from qdtk.checkpoint import Checkpoint, read_safetensors, write_safetensors
 from qdtk.cli.main import cli
 from qdtk.errors import QdtkError
-from qdtk.io import write_json_atomic
-from qdtk.pack import (
+from qdtk.formats.bits import affine_bits, bcq_bits, group_slices
+from qdtk.formats.checkpoint import Checkpoint, read_safetensors, write_safetensors
+from qdtk.formats.io import write_json_atomic
+from qdtk.formats.packed import (
     FORMAT,
     FORMAT_ROTATED,
     PackedAffine,
     PackedBCQ,
     bcq_matmul,
     pack_bits,
-    pack_checkpoint,
-    parse_size,
     plane_layout,
     read_quantization_config,
     unpack_bits,
-    unpack_checkpoint,
 )
-from qdtk.rotation import Rotation
-from qdtk.solution import FORMAT as QUANT_FORMAT
-from qdtk.solution import AffineLayer, BinaryCodedLayer, dequantize_block, write_solution_block
+from qdtk.formats.solution import FORMAT as QUANT_FORMAT
+from qdtk.formats.solution import (
+    AffineLayer,
+    BinaryCodedLayer,
+    dequantize_block,
+    write_solution_block,
+)
+from qdtk.math.rotation import Rotation
+from qdtk.pack import pack_checkpoint, parse_size, unpack_checkpoint
 
 # ----------------------------------------------------------------------------- helpers
 

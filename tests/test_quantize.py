@@ -4,22 +4,19 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from qdtk.bits import bcq_bits, group_slices
-from qdtk.checkpoint import Checkpoint, CheckpointWriter
 from qdtk.cli.main import cli
 from qdtk.errors import QdtkError
-from qdtk.hessian import prepare_hessian
-from qdtk.quantize import (
-    check_options,
-    quadratic_form,
-    quantize_layer,
-    quantize_model,
-    solve_daq,
-    solve_group,
-    sweep,
-)
-from qdtk.solution import REPORT, read_solution_block
-from qdtk.stats import InputStat, StatsWriter
+from qdtk.formats.bits import bcq_bits, group_slices
+from qdtk.formats.checkpoint import Checkpoint, CheckpointWriter
+from qdtk.formats.solution import REPORT, read_solution_block
+from qdtk.formats.stats import InputStat, StatsWriter
+from qdtk.math.forms import quadratic_form
+from qdtk.math.group import solve_group
+from qdtk.math.hessian import prepare_hessian
+from qdtk.options import QuantizeOptions
+from qdtk.quantize import quantize_model
+from qdtk.solve.layer import quantize_layer, sweep
+from qdtk.solve.solvers import solve_daq
 
 
 def correlated_H(rng, m, tokens=600):
@@ -53,14 +50,14 @@ def test_compensation_lowers_output_error(rng):
 def test_block_feedback_reports_its_free_error_exactly(rng, monkeypatch):
     # with block feedback D = Err U: the sweep's sum ||Err_g||^2 is tr(D H D^T) on the damped H,
     # undamped by the driver; only the energy tr(W H W^T) needs a product with R
-    from qdtk import quantize
+    from qdtk.solve import layer as driver
 
     n, m = 40, 300
     W = rng.standard_normal((n, m)).astype(np.float32)
     H = correlated_H(rng, m)
     H[7, :] = H[:, 7] = 0  # a dead column: its weights count nowhere
     calls = []
-    monkeypatch.setattr(quantize, "quadratic_form",
+    monkeypatch.setattr(driver, "quadratic_form",
                         lambda X, *a: calls.append(1) or quadratic_form(X, *a))
     layer, report = quantize_layer(W, H, [2, 1, 3], feedback="block")
     assert len(calls) == 1
@@ -107,7 +104,7 @@ def test_quadratic_form_uses_the_undamped_H(rng):
 def test_shrinkage_fits_on_shrunk_H_and_reports_on_H(rng):
     """--shrink: the factor is of (1 - a) H + a diag(H) damped; quadratic_form still gives the
     exact form on H; the layer's reported error is tr(D H D^T)/tr(W H W^T) on H itself."""
-    from qdtk.evaluate import proxy_error
+    from qdtk.math.forms import proxy_error
 
     n, m = 12, 260
     H = correlated_H(rng, m).astype(np.float64)
@@ -121,16 +118,16 @@ def test_shrinkage_fits_on_shrunk_H_and_reports_on_H(rng):
     assert quadratic_form(X, P) == pytest.approx(np.einsum("ij,ij->", X @ H, X), rel=1e-9)
     W = rng.standard_normal((n, m)).astype(np.float32)
     W[:, 7] = 0
-    base, rep0 = solve_daq(W, H, {"iters": 3})
+    base, rep0 = solve_daq(W, H, QuantizeOptions(iters=3))
     for refine in ("none", "rows"):
-        layer, rep = solve_daq(W, H, {"iters": 3, "shrink": 0.3, "refine": refine})
+        layer, rep = solve_daq(W, H, QuantizeOptions(iters=3, shrink=0.3, refine=refine))
         assert rep["proxy_error"] == pytest.approx(proxy_error(W, layer.dequantize(), H),
                                                    rel=1e-4)
     assert not np.array_equal(layer.dequantize(), base.dequantize())
     with pytest.raises(QdtkError, match="toward the diagonal"):
-        solve_daq(W, H, {"shrink": 1.0})
+        solve_daq(W, H, QuantizeOptions(shrink=1.0))
     with pytest.raises(QdtkError, match="--shrink"):
-        check_options({"shrink": -0.1})
+        QuantizeOptions.of({"shrink": -0.1})
 
 
 def test_orders_per_group_and_as_a_function(rng):
@@ -148,7 +145,7 @@ def test_orders_per_group_and_as_a_function(rng):
         seen["d"] = P.d
         return np.array([2, 2, 1])
 
-    layer2, _ = solve_daq(W, H, {"iters": 5}, orders=by_salience)
+    layer2, _ = solve_daq(W, H, QuantizeOptions(iters=5), orders=by_salience)
     assert layer2.orders.tolist() == [2, 2, 1] and seen["d"].shape == (m,)
     with pytest.raises(QdtkError, match="blk.x: need 3 group orders"):
         quantize_layer(W, H, [2, 2], name="blk.x")
@@ -252,11 +249,11 @@ def test_stage_writes_solutions_and_report(model_and_stats, tmp_path):
 
 
 def counting(solver, calls, stop_after=None):
-    def solve(W, H, options):
+    def solve(W, H, options, name="layer", orders=None):
         if stop_after is not None and len(calls) == stop_after:
             raise KeyboardInterrupt  # the run is killed here
-        calls.append(options["name"])
-        return solver(W, H, options)
+        calls.append(name)
+        return solver(W, H, options, name, orders)
 
     return solve
 
@@ -368,7 +365,7 @@ def test_cli(model_and_stats, tmp_path):
 
 def test_report_is_complete_only_when_the_stage_finished(model_and_stats, tmp_path):
     """pack refuses a solution folder whose quantize run was killed part way."""
-    from qdtk.io import read_json, write_json_atomic
+    from qdtk.formats.io import read_json, write_json_atomic
     from qdtk.pack import pack_checkpoint
 
     model, stats = model_and_stats
@@ -386,7 +383,7 @@ def test_report_is_complete_only_when_the_stage_finished(model_and_stats, tmp_pa
 
 
 def parse(args):
-    """The quantize options dict that `qdtk quantize ARGS` would use."""
+    """The QuantizeOptions that `qdtk quantize ARGS` would use."""
     import click
 
     from qdtk.cli.options import quantize_options, quantize_options_from
@@ -404,15 +401,14 @@ def parse(args):
 
 
 def test_options_map_to_the_solver(model_and_stats, tmp_path):
-    from qdtk.baselines import solve_gptq, solve_rtn
-    from qdtk.quantize import make_solver
-    from qdtk.solution import AffineLayer, BinaryCodedLayer
+    from qdtk.formats.solution import AffineLayer, BinaryCodedLayer
+    from qdtk.math.baselines import solve_gptq, solve_rtn
+    from qdtk.solve.solvers import make_solver
 
     model, stats = model_and_stats
     for method, solver in (("gptq", solve_gptq), ("rtn", solve_rtn)):
         options = parse(["--method", method])
-        assert options == {"method": method, "bits": 2, "percdamp": 0.01, "rotate": "none",
-                           "rotate_seed": 0}
+        assert options.fingerprinted() == {"method": method, "bits": 2, "percdamp": 0.01}
         assert make_solver(options) is solver
         quantize_model(model, stats, tmp_path / method, options, make_solver(options),
                        include=["*layers.0.*"], progress=False)
@@ -420,7 +416,7 @@ def test_options_map_to_the_solver(model_and_stats, tmp_path):
         assert all(isinstance(x, AffineLayer) and x.bits == 2 for x in layers.values())
     options = parse(["--abmp", "swap", "--rho", "0.5", "--iters", "2", "--refine", "none",
                      "--backend", "cpu"])
-    assert options["bits"] == 2 and options["budget_scope"] == "layer"  # model: knapsack only
+    assert options.bits == 2 and options.budget_scope == "layer"  # model: knapsack only
     assert make_solver(options) is solve_daq
     report = quantize_model(model, stats, tmp_path / "swap", options, progress=False)
     assert {type(x) for x in read_solution_block(tmp_path / "swap" / "block_0000.safetensors")
@@ -495,12 +491,12 @@ def fake_output_change(model, scales, calls):
 
 def test_model_scope_respects_the_budget_and_resumes_without_the_prepass(
         model_and_stats, tmp_path, monkeypatch):
-    import qdtk.evaluate
-    from qdtk.io import read_json
+    import qdtk.torch.evaluate
+    from qdtk.formats.io import read_json
 
     model, stats = model_and_stats
     calls = []
-    monkeypatch.setattr(qdtk.evaluate, "output_change_fn",
+    monkeypatch.setattr(qdtk.torch.evaluate, "output_change_fn",
                         fake_output_change(model, {"down_proj": 1e3}, calls))
     options = {**OPTIONS, "abmp": "knapsack", "bits": None, "budget_scope": "model"}
     out = tmp_path / "q"
@@ -545,13 +541,14 @@ def test_rotate_solves_the_rotated_problem_everywhere(model_and_stats, tmp_path,
     """--rotate hadamard: the pre-pass and the solves see W Q and Q^T H Q, the sensitivity
     forwards What in the model's basis, the errors are those of What Q^T on H, and the packed
     and unpacked folders carry it."""
-    import qdtk.evaluate
-    from qdtk.evaluate import proxy_error
-    from qdtk.io import read_json
-    from qdtk.pack import pack_checkpoint, read_quantization_config, unpack_checkpoint
-    from qdtk.quantize import make_solver
-    from qdtk.rotation import Rotation
-    from qdtk.stats import Stats
+    import qdtk.torch.evaluate
+    from qdtk.formats.io import read_json
+    from qdtk.formats.packed import read_quantization_config
+    from qdtk.formats.stats import Stats
+    from qdtk.math.forms import proxy_error
+    from qdtk.math.rotation import Rotation
+    from qdtk.pack import pack_checkpoint, unpack_checkpoint
+    from qdtk.solve.solvers import make_solver
 
     model, stats = model_and_stats
     ckpt, st = Checkpoint(model), Stats(stats)
@@ -564,12 +561,13 @@ def test_rotate_solves_the_rotated_problem_everywhere(model_and_stats, tmp_path,
             return float(np.sum((W - What) ** 2))
         return output_change
 
-    monkeypatch.setattr(qdtk.evaluate, "output_change_fn", build)
+    monkeypatch.setattr(qdtk.torch.evaluate, "output_change_fn", build)
     options = {**OPTIONS, "abmp": "knapsack", "bits": None, "budget_scope": "model",
                "shrink": 0.25, "refine": "rows", "feedback": "block"}
     plain = quantize_model(model, stats, tmp_path / "plain", options, progress=False)
     rotated = {**options, "rotate": "hadamard", "rotate_seed": 3}
-    report = quantize_model(model, stats, tmp_path / "q", rotated, make_solver(rotated),
+    report = quantize_model(model, stats, tmp_path / "q", rotated,
+                            make_solver(QuantizeOptions.of(rotated)),
                             progress=False)
     assert len(seen) == 3 * BLOCKS and max(seen.values()) < 0.9
     alloc = read_json(tmp_path / "q" / "orders.json")
@@ -597,9 +595,9 @@ def test_rotate_solves_the_rotated_problem_everywhere(model_and_stats, tmp_path,
     for name, layer in layers.items():
         assert dense.read(name).tobytes() == layer.weight().tobytes()
     with pytest.raises(QdtkError, match=r"--rotate-seed must be a whole number"):
-        check_options({**rotated, "rotate_seed": -1})
+        QuantizeOptions.of({**rotated, "rotate_seed": -1})
     with pytest.raises(QdtkError, match=r"--rotate must be one of none, hadamard, got 'givens'"):
-        check_options({**rotated, "rotate": "givens"})
+        QuantizeOptions.of({**rotated, "rotate": "givens"})
 
 
 def test_refine_lowers_the_proxy_error(model_and_stats, tmp_path):
@@ -616,7 +614,7 @@ def test_refine_lowers_the_proxy_error(model_and_stats, tmp_path):
 
 
 def test_output_change_of_a_real_model(tiny_bert):
-    from qdtk.evaluate import output_change_fn
+    from qdtk.torch.evaluate import output_change_fn
 
     name = "bert.encoder.layer.1.intermediate.dense.weight"
     W = Checkpoint(tiny_bert).read(name, np.float32)
@@ -633,9 +631,9 @@ def test_output_change_replays_the_blocks_before_the_weight(which, request, monk
     and gives the change that a whole forward of the modified model gives."""
     import torch
 
-    import qdtk.evaluate as ev
-    from qdtk.calib import calibration_text
-    from qdtk.capture import find_blocks
+    import qdtk.torch.evaluate as ev
+    from qdtk.formats.calib import calibration_text
+    from qdtk.torch.capture import find_blocks
 
     path = request.getfixturevalue(f"tiny_{which}")
     loaded = []
@@ -670,7 +668,7 @@ def test_output_change_replays_the_blocks_before_the_weight(which, request, monk
 
 
 def test_output_change_needs_no_head(tiny_llama, monkeypatch):
-    import qdtk.evaluate as ev
+    import qdtk.torch.evaluate as ev
 
     loaded = []
     real_load = ev.load_for_eval
@@ -690,7 +688,7 @@ def test_output_change_needs_no_head(tiny_llama, monkeypatch):
 
 
 def test_output_change_keeps_a_head_the_model_needs(tiny_llama, monkeypatch):
-    import qdtk.evaluate as ev
+    import qdtk.torch.evaluate as ev
 
     name = "model.layers.0.mlp.down_proj.weight"
     W = Checkpoint(tiny_llama).read(name, np.float32)
@@ -708,7 +706,7 @@ def test_output_change_keeps_a_head_the_model_needs(tiny_llama, monkeypatch):
 
 
 def test_uncompensated_sweep_reuses_the_allocation_solves(rng, monkeypatch):
-    import qdtk.quantize as q
+    import qdtk.math.group as q
 
     n, m = 16, 300  # 3 groups
     W = rng.standard_normal((n, m)).astype(np.float32)
@@ -721,14 +719,15 @@ def test_uncompensated_sweep_reuses_the_allocation_solves(rng, monkeypatch):
         return real(Wg, order, dg, **kw)
 
     monkeypatch.setattr(q, "solve_group", counting_solve)
-    base = {"iters": 3, "compensate": False, "name": "L"}
-    layer, rep = solve_daq(W, H, {**base, "abmp": "knapsack", "bits": 2.2, "count": "planes"})
+    base = {"iters": 3, "compensate": False}
+    layer, rep = solve_daq(W, H, QuantizeOptions.of(
+        {**base, "abmp": "knapsack", "bits": 2.2, "count": "planes"}), "L")
     assert len(calls) == 3 * 3  # every group at every order, once; the sweep reused them
     assert rep["plane_bits_per_weight"] <= 2.2 and rep["abmp"] == "knapsack"
     # groups solved alone: the predicted error is the stored solution's error (no compensation)
     assert rep["predicted_error"] == pytest.approx(rep["output_error"], rel=0.05)
     calls.clear()
-    solve_daq(W, H, {**base, "abmp": "none"})
+    solve_daq(W, H, QuantizeOptions.of({**base, "abmp": "none"}), "L")
     assert calls == [2, 2, 2]
 
 
@@ -737,8 +736,7 @@ def test_block_feedback_is_the_exact_update_of_the_later_columns(rng):
     the least error any later columns can give for the first group's error: the Schur
     complement (W0 - Q0)(H00 - H01 H11^-1 H10)(W0 - Q0)^T. The published diagonal rule does not.
     """
-    from qdtk.hessian import prepare_hessian
-    from qdtk.quantize import solve_group, sweep
+    from qdtk.math.hessian import prepare_hessian
 
     W = rng.standard_normal((16, 256)).astype(np.float32)
     P = prepare_hessian(correlated_H(rng, 256), dtype=np.float32)
@@ -778,16 +776,35 @@ def test_block_feedback_lowers_the_layer_error(rng):
 
 
 def test_refine_rounds_option(rng):
-    from qdtk.quantize import check_options, refine_mode
-
-    assert refine_mode({"refine": "full"})["rounds"] == 4
-    assert refine_mode({"refine": "full", "refine_rounds": 2})["rounds"] == 2
-    assert refine_mode({"refine": "none", "refine_rounds": 2}) is None
+    assert QuantizeOptions(refine="full").refine_mode()["rounds"] == 4
+    assert QuantizeOptions(refine="full", refine_rounds=2).refine_mode()["rounds"] == 2
+    assert QuantizeOptions(refine="none", refine_rounds=2).refine_mode() is None
     with pytest.raises(QdtkError, match="--refine-rounds"):
-        check_options({"refine": "full", "refine_rounds": 0})
+        QuantizeOptions.of({"refine": "full", "refine_rounds": 0})
     W = rng.standard_normal((16, 256)).astype(np.float32)
     H = correlated_H(rng, 256)
-    errors = [solve_daq(W, H, {"iters": 3, "refine": "full", "refine_rounds": r})[1]
+    errors = [solve_daq(W, H, QuantizeOptions(iters=3, refine="full", refine_rounds=r))[1]
               ["proxy_error"] for r in (1, 3)]
-    none = solve_daq(W, H, {"iters": 3})[1]["proxy_error"]
+    none = solve_daq(W, H, QuantizeOptions(iters=3))[1]["proxy_error"]
     assert errors[1] <= errors[0] * 1.001 and errors[0] < none
+
+
+def test_the_bits_do_not_depend_on_the_blas_thread_count(rng):
+    """qdtk.threads: a 64 x 768 layer (whose Cholesky and refinement solves OpenBLAS splits
+    between 2 threads) gives the same solution and report on 1 and on 2 BLAS threads."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    if max((lib["num_threads"] for lib in threadpool_info()), default=1) < 2:
+        pytest.skip("BLAS runs on one thread here: nothing to compare")
+    W = rng.standard_normal((64, 768)).astype(np.float32)
+    H = correlated_H(rng, 768)
+    options = QuantizeOptions(iters=3, feedback="block", refine="full", shrink=0.25)
+    runs = []
+    for threads in (1, 2):
+        with threadpool_limits(threads, user_api="blas"):
+            layer, rep = solve_daq(W, H, options)
+        runs.append((layer, {k: v for k, v in rep.items() if not k.startswith("seconds")}))
+    (a, rep_a), (b, rep_b) = runs
+    for field in ("orders", "signs", "row_scale", "col_scale"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert rep_a == rep_b
