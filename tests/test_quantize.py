@@ -348,8 +348,7 @@ def test_cli(model_and_stats, tmp_path):
         "method": "daq", "bits": 3, "abmp": "none", "rho": 0.05, "count": "real",
         "budget_scope": "layer", "orders": [1, 2, 3], "iters": 3, "tau": 2.0, "lam": 3.0,
         "percdamp": 0.01, "compensate": False, "feedback": "block", "refit": True,
-        "refine": "none", "refine_rounds": None, "shrink": 0.25, "backend": "cpu",
-        "rotate": "none", "rotate_seed": 0}
+        "refine": "none", "refine_rounds": None, "shrink": 0.25, "backend": "cpu"}
     assert f"{report['summary']['bits_per_weight']:.4f} bits/weight" in r.output
     assert report["summary"]["orders_histogram"] == {"3": sum(
         len(r_["orders"]) for r_ in report["layers"].values())}
