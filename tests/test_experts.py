@@ -223,8 +223,8 @@ def test_fused_tensors_round_trip_through_pack_bit_for_bit(rng, tmp_path):
     assert r.exit_code == 0, r.output
     assert ("Mixture of experts: 1 layers of 3 experts; 9 expert matrices among the Linears; "
             "1 routers kept in full precision") in r.output
-    from qdtk.bits import bcq_bits, group_widths
     from qdtk.cli.inspect_cmd import describe
+    from qdtk.formats.bits import bcq_bits, group_widths
 
     ckpt = Checkpoint(model)
     d = describe(str(model))  # the fused tensors count as their matrices, not also as kept
@@ -414,9 +414,9 @@ def test_sequential_run_quantizes_every_expert(tiny_moe, tmp_path):
 
 def test_statistics_of_a_dense_model_do_not_fit_fused_experts(tiny_diffusion_gemma, tiny_llama,
                                                               tmp_path):
-    from qdtk.capture import CaptureOptions, capture
-    from qdtk.mcs import MaskOptions
+    from qdtk.math.mcs import MaskOptions
     from qdtk.quantize import quantize_model
+    from qdtk.torch.capture import CaptureOptions, capture
 
     stats = capture(tiny_llama, None, tmp_path / "stats",
                     CaptureOptions(n=2, L=16, mask=MaskOptions(mask=False)), progress=False)
