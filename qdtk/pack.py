@@ -33,7 +33,7 @@ from qdtk.formats.io import (
 from qdtk.formats.packed import (
     DEFAULT_SHARD_BYTES,
     FORMAT,
-    FORMAT_ROTATED,
+    FORMAT_2,
     LOADER_CODE,
     LOADER_FILE,
     OUT_DTYPES,
@@ -159,16 +159,16 @@ def _check_blocks(quant: Path, report: dict, ckpt: Checkpoint) -> tuple[list[Pat
 
 
 def _quantization_config(
-    report: dict, modules: dict[str, dict], packed: dict[str, int], fp: str, model_bytes: int
+    report: dict, modules: dict[str, dict], packed: dict[str, int], fp: str, model_bytes: int,
+    version: str,
 ) -> dict:
-    rotated = any("rotation" in info for info in modules.values())
     weights = sum(info["shape"][0] * info["shape"][1] for info in modules.values())
     kinds = sorted({info["kind"] for info in modules.values()})
     options = report.get("options")
     method = options.get("method") if isinstance(options, dict) else None
     return {
         "quant_method": QUANT_METHOD,
-        "format": FORMAT_ROTATED if rotated else FORMAT,
+        "format": version,
         "method": method if isinstance(method, str) else "+".join(kinds),
         "group_size": GROUP,
         "word_bits": WORD_BITS,
@@ -215,8 +215,9 @@ def pack_checkpoint(
     modules: dict[str, dict] = {}
     packed_bits: dict[str, int] = {}
     rotated = (report.get("options") or {}).get("rotate", "none") != "none"
-    meta = {"format": "pt", "qdtk_format": FORMAT_ROTATED if rotated else FORMAT,
-            "qdtk_fingerprint": fp}
+    fused = fused_record(ckpt, set(ckpt.fused) & quantized)
+    version = FORMAT_2 if rotated or fused else FORMAT  # FORMAT.md section 6
+    meta = {"format": "pt", "qdtk_format": version, "qdtk_fingerprint": fp}
     with CheckpointWriter(out, max_shard_bytes, meta) as writer:
         for path in tqdm(paths, desc="pack", unit="block"):
             for weight, layer in read_solution_block(path).items():
@@ -245,9 +246,8 @@ def pack_checkpoint(
         tmp.write_text(LOADER_CODE)
     config = ckpt.config
     config["quantization_config"] = _quantization_config(
-        report, modules, packed_bits, fp, ckpt.nbytes()
+        report, modules, packed_bits, fp, ckpt.nbytes(), version
     )
-    fused = fused_record(ckpt, set(ckpt.fused) & quantized)
     if fused:
         config["quantization_config"]["fused"] = fused
     config["quantization_config"]["sha256"] = writer.hashes

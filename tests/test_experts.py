@@ -210,6 +210,7 @@ def test_fused_tensors_round_trip_through_pack_bit_for_bit(rng, tmp_path):
     qc = read_quantization_config(packed)
     assert qc["fused"][p + ".down_proj"] == {
         "shape": [3, 40, 136], "dtype": "F32", "modules": [f"{p}.{e}.down_proj" for e in range(3)]}
+    assert qc["format"] == "qdtk-bcq/2"  # a /1 reader would miss the fused tensors
     dense = Checkpoint(unpack_checkpoint(packed, tmp_path / "dense", dtype="float32"))
     assert set(dense.names()) == set(Checkpoint(model).names())
     gu = dense.read(p + ".gate_up_proj")
@@ -219,12 +220,17 @@ def test_fused_tensors_round_trip_through_pack_bit_for_bit(rng, tmp_path):
         assert np.array_equal(bits_of(gu[e]), bits_of(What))
         assert np.array_equal(bits_of(dense.read(p + ".down_proj")[e]),
                               bits_of(layers[ex.expert_weight(p, e, "down_proj")].dequantize()))
+    from tests.test_pack import _edit_config
+
+    _edit_config(packed, lambda qc: qc.update(format="qdtk-bcq/1"))
+    with pytest.raises(QdtkError, match="fused expert tensors, which qdtk-bcq/1 cannot record"):
+        read_quantization_config(packed)
     r = CliRunner().invoke(cli, ["inspect", str(model)])
     assert r.exit_code == 0, r.output
     assert ("Mixture of experts: 1 layers of 3 experts; 9 expert matrices among the Linears; "
             "1 routers kept in full precision") in r.output
-    from qdtk.bits import bcq_bits, group_widths
     from qdtk.cli.inspect_cmd import describe
+    from qdtk.formats.bits import bcq_bits, group_widths
 
     ckpt = Checkpoint(model)
     d = describe(str(model))  # the fused tensors count as their matrices, not also as kept
@@ -414,9 +420,9 @@ def test_sequential_run_quantizes_every_expert(tiny_moe, tmp_path):
 
 def test_statistics_of_a_dense_model_do_not_fit_fused_experts(tiny_diffusion_gemma, tiny_llama,
                                                               tmp_path):
-    from qdtk.capture import CaptureOptions, capture
-    from qdtk.mcs import MaskOptions
+    from qdtk.math.mcs import MaskOptions
     from qdtk.quantize import quantize_model
+    from qdtk.torch.capture import CaptureOptions, capture
 
     stats = capture(tiny_llama, None, tmp_path / "stats",
                     CaptureOptions(n=2, L=16, mask=MaskOptions(mask=False)), progress=False)

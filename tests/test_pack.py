@@ -15,7 +15,7 @@ from qdtk.formats.checkpoint import Checkpoint, read_safetensors, write_safetens
 from qdtk.formats.io import write_json_atomic
 from qdtk.formats.packed import (
     FORMAT,
-    FORMAT_ROTATED,
+    FORMAT_2,
     PackedAffine,
     PackedBCQ,
     bcq_matmul,
@@ -234,7 +234,7 @@ def test_unpacked_model_gives_the_logits_of_what(request, rng, tmp_path, fixture
                              max_shard_bytes=40_000)
     assert (packed / "model.safetensors.index.json").exists()  # sharded
     qc = read_quantization_config(packed)
-    assert qc["format"] == (FORMAT_ROTATED if rotate else FORMAT)
+    assert qc["format"] == (FORMAT_2 if rotate else FORMAT)
     assert all(("rotation" in info) == rotate for info in qc["modules"].values())
     out = unpack_checkpoint(packed, tmp_path / "dense", dtype="float32")
 
@@ -358,7 +358,7 @@ BAD = {
         r"config\.json: module 'model\.layers\.0\.q' is rotated, which qdtk-bcq/1 cannot",
     ),
     "bad rotation": (
-        lambda f: _edit_config(f, lambda qc: (qc.update(format=FORMAT_ROTATED), qc["modules"][
+        lambda f: _edit_config(f, lambda qc: (qc.update(format=FORMAT_2), qc["modules"][
             "model.layers.0.q"].update(rotation={"kind": "hadamard", "seed": 0, "block": 64}))),
         r"config\.json: module 'model\.layers\.0\.q': invalid rotation .* block 8\)",
     ),

@@ -46,10 +46,11 @@ from qdtk.math.rotation import Rotation
 log = logging.getLogger(__name__)
 
 FORMAT = "qdtk-bcq/1"
-# /1 plus rotated modules (x -> x Q before the product): a /1 reader must refuse those, so a
-# checkpoint with any rotated module says /2, one without stays /1.
-FORMAT_ROTATED = "qdtk-bcq/2"
-FORMATS = (FORMAT, FORMAT_ROTATED)
+# /1 plus rotated modules (x -> x Q before the product) and fused expert tensors (rebuilt from
+# their modules): a /1 reader would compute wrong weights or miss tensors, so a checkpoint with
+# either says /2, one with neither stays /1.
+FORMAT_2 = "qdtk-bcq/2"
+FORMATS = (FORMAT, FORMAT_2)
 QUANT_METHOD = "qdtk"
 WORD = np.uint32  # the word of the packed format
 WORD_BITS = 32
@@ -412,13 +413,16 @@ def read_quantization_config(folder: str | Path) -> dict:
         if not ok:
             raise QdtkError(f"{path}: quantization_config entry for module {module!r} is invalid")
         if "rotation" in info:
-            if qc["format"] != FORMAT_ROTATED:
+            if qc["format"] != FORMAT_2:
                 raise QdtkError(f"{path}: module {module!r} is rotated, which {qc['format']} "
                                 f"cannot record (a damaged or hand-edited config?)")
             try:
                 Rotation.from_dict(info["rotation"], info["shape"][1])
             except ValueError as e:
                 raise QdtkError(f"{path}: module {module!r}: {e}") from None
+    if qc.get("fused") and qc["format"] != FORMAT_2:
+        raise QdtkError(f"{path}: fused expert tensors, which {qc['format']} cannot record (a "
+                        f"damaged or hand-edited config?)")
     for tensor, entry in qc.get("fused", {}).items():
         if not _fused_entry_ok(entry, modules):
             raise QdtkError(f"{path}: quantization_config entry for fused tensor {tensor!r} is "
