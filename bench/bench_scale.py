@@ -21,7 +21,7 @@ seconds, and the peak NumPy memory (tracemalloc). Wall seconds are noisy on a sh
 CPU seconds less so.
 
     .venv/bin/python bench/bench_scale.py [--blocks llada,dream] [--settings published,full]
-        [--all-layers] [--forwards]
+        [--all-layers] [--forwards] [--roles ff_out]
 
 By default only the first Linear of each distinct shape is timed and the block is projected
 from them (each shape's layers cost alike); --all-layers times every one. --forwards also
@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--all-layers", action="store_true",
                     help="time every Linear (default: the first of each distinct shape)")
     ap.add_argument("--forwards", action="store_true")
+    ap.add_argument("--roles", default="",
+                    help="time only these Linears (e.g. ff_out); no block totals then")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     # compile the kernels outside the timings
@@ -140,6 +142,8 @@ def main() -> None:
         else:  # the first Linear of each distinct shape
             chosen = list({(n, m): (role, n, m, inp) for role, n, m, inp in reversed(linears)}
                           .values())[::-1]
+        if args.roles:
+            chosen = [c for c in chosen if c[0] in args.roles.split(",")]
         Hs = {}
         for setting in args.settings.split(","):
             per_shape: dict[tuple, dict] = {}
@@ -152,7 +156,10 @@ def main() -> None:
                 r = time_layer(W, Hs[inp], {**BASE, **SETTINGS[setting]}, role)
                 per_shape.setdefault((n, m), r)
                 print(f"  {block:6} {setting:9} {role:8} {n}x{m}: wall {r['wall']:.1f} s, "
-                      f"cpu {r['cpu']:.1f} s, proxy {r['proxy']:.4f}", flush=True)
+                      f"cpu {r['cpu']:.1f} s, refine {r['refine']:.1f} s, proxy "
+                      f"{r['proxy']:.5f}, peak {r['peak'] / 2**20:,.0f} MiB", flush=True)
+            if args.roles:
+                continue
             # the block: every Linear costs as the measured one of its shape
             total = {k: sum(per_shape[(n, m)][k] for _, n, m, _ in linears)
                      for k in (*PARTS, "wall", "cpu")}
