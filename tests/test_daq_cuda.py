@@ -159,7 +159,7 @@ def sign_solver(Wg, order, dg):
 
 def test_device_steps_are_the_driver_sweep(rng):
     """compensated_block + feed_forward (written for NumPy and CuPy) reproduce
-    qdtk.quantize.sweep exactly on NumPy, ragged last group included."""
+    qdtk.layer.sweep exactly on NumPy, ragged last group included."""
     W, H = layer(rng)
     P = prepare_hessian(H, dtype=np.float32)
     want = driver.sweep(W.copy(), P.R, np.ones(3, np.int64), sign_solver)[0].dequantize()

@@ -19,7 +19,7 @@ byte (bit k = plane k is +1), held in a register inside the kernels. All state (
 a, b) stays on the device between launches.
 
 The layer helpers at the bottom (R from H through cuSOLVER, the compensation steps of
-qdtk.quantize.sweep for NumPy and CuPy arrays) use CuPy on a real GPU; `qdtk.backend` decides.
+qdtk.layer.sweep for NumPy and CuPy arrays) use CuPy on a real GPU; `qdtk.backend` decides.
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ def solve_blocks(
 
 # ---- The layer driver's algebra on the GPU (SPEC 2, 5): CuPy, i.e. cuSOLVER and cuBLAS. ----
 #
-# qdtk.quantize.sweep compensates left-looking through R (H = R R^T, U = R^-1, never formed):
+# qdtk.layer.sweep compensates left-looking through R (H = R R^T, U = R^-1, never formed):
 # per group g, U_gg = R_gg^-1, S = Y_<g R_<g,g, the compensated block Wg + S U_gg, and after
 # the solve Y_g = (Err_g - S) U_gg. Those two steps (quantize.compensated_block and
 # quantize.feed_forward) take NumPy and CuPy arrays alike (cuBLAS GEMMs and a cuBLAS trsm on a
