@@ -23,8 +23,8 @@ llama-cpp-python source distribution, which vendors llama.cpp:
 
 and is found through --llama-quantize, $LLAMA_QUANTIZE or PATH; without it the llama.cpp rows
 are skipped with a message. Settings (qdtk ones are `qdtk quantize` options on one layer,
---budget-scope layer; "rotated" ones add a random Hadamard rotation of the input dimension,
-measured here only, which the packed format does not store):
+--budget-scope layer; "rotated" ones add `--rotate hadamard`, the random Hadamard rotation of
+the input dimension):
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ SETTINGS = {
                   "feedback": "diagonal", "shrink": 0.0},
     "no-compensation": {**QDTK, "refine": "none", "no_compensation": True, "shrink": 0.0},
     "percdamp-0.1": {**QDTK, "percdamp": 0.1, "shrink": 0.0},
-    "rotated-shrink-0": {**QDTK, "shrink": 0.0, "rotate": True},
-    "rotated": {**QDTK, "rotate": True},
+    "rotated-shrink-0": {**QDTK, "shrink": 0.0, "rotate": "hadamard"},
+    "rotated": {**QDTK, "rotate": "hadamard"},
+    "rotated-refine-none": {**QDTK, "refine": "none", "rotate": "hadamard"},
 }
 __doc__ += "".join(f"    {k:<21} {v}\n" for k, v in SETTINGS.items())
 DEFAULT_SETTINGS = "iq2_xs,iq2_xxs,qdtk,shrink-0,refine-none,published,no-compensation,rotated"
@@ -114,29 +115,13 @@ def llamacpp_layers(exe: Path, imatrix: Path, qtype: str, work: Path, layers: li
     return result
 
 
-def hadamard(m: int, seed: int = 0) -> np.ndarray:
-    """[m, m] orthogonal: random signs times a block-diagonal normalised Sylvester Hadamard
-    matrix (blocks of the largest power of two dividing m), as QuIP#'s incoherence step."""
-    b = m & -m  # largest power of two dividing m
-    Hb = np.ones((1, 1))
-    while Hb.shape[0] < b:
-        Hb = np.block([[Hb, Hb], [Hb, -Hb]])
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], m)
-    return signs[:, None] * np.kron(np.eye(m // b), Hb / np.sqrt(b))
-
-
 def qdtk_layer(W: np.ndarray, H: np.ndarray, setting: str) -> tuple[np.ndarray, float]:
-    """(What [n, m], bits per weight) of one setting; rotated: solved as W Q against Q^T H Q."""
-    from qdtk.solvers import solve_daq
+    """(What [n, m] in the model's basis, bits per weight) of one setting."""
+    from qdtk.solvers import make_solver
 
-    over = dict(SETTINGS[setting])
-    rotate = over.pop("rotate", False)
-    Q = hadamard(W.shape[1]) if rotate else None
-    if rotate:
-        W, H = (W @ Q).astype(np.float32), (Q.T @ H @ Q).astype(np.float32)
-    layer, rep = solve_daq(W, H, quantize_options(over), setting)
-    What = layer.dequantize()
-    return (What @ Q.T if rotate else What), rep["bits_per_weight"]
+    options = quantize_options(SETTINGS[setting])
+    layer, rep = make_solver(options)(W, H, options, name=setting)
+    return layer.weight(), rep["bits_per_weight"]
 
 
 def capture_stats(model: Path, work: Path, calib: str, n: int, L: int) -> dict[str, Path]:

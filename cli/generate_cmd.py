@@ -1,4 +1,5 @@
-"""`qdtk generate`: sample a completion from a masked diffusion model (LLaDA, Dream)."""
+"""`qdtk generate`: sample a completion from a masked diffusion model (LLaDA, Dream,
+DiffusionGemma)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,11 @@ def generate(model, prompt, prompt_file, chat, gen_length, block_length, steps, 
              seed, mask_token_id, dtype, device, trust_remote_code, model_code, as_json) -> None:
     """Generate text from MODEL (a LLaDA or Dream checkpoint folder, original or unpacked) by
     masked diffusion: the answer starts as --gen-length mask tokens; block by block, each step
-    writes the model's most confident predictions for the still-masked positions."""
+    writes the model's most confident predictions for the still-masked positions.
+
+    A block-diffusion model (DiffusionGemma, original or unpacked) samples with its own
+    generation code instead: canvases of its canvas length, --steps spread over them, --seed
+    seeding its noise; --block-length, --temperature and --mask-token-id do not apply."""
     from pathlib import Path
 
     from qdtk.errors import QdtkError

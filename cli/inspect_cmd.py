@@ -55,6 +55,9 @@ def describe_packed(folder: str) -> dict:
         "file_bytes": size,
         "original_bytes": original,
         "compression": original / size if original else None,
+        # MoE: the modules that are expert matrices, and the fused 3-D tensors they rebuild
+        "expert_modules": sum(".experts." in r["name"] for r in rows),
+        "fused": {name: entry["shape"] for name, entry in qc.get("fused", {}).items()},
     }
 
 
@@ -67,7 +70,8 @@ def describe(folder: str, include=(), exclude=()) -> dict:
     linears = ckpt.linear_names(include, exclude)
     linear_set = set(linears)
     params = sum(i.numel for i in ckpt.tensors.values())
-    kept_bytes = sum(i.nbytes for n, i in ckpt.tensors.items() if n not in linear_set)
+    replaced = linear_set | ckpt.covered(linear_set)  # fused experts: by their matrices
+    kept_bytes = sum(i.nbytes for n, i in ckpt.tensors.items() if n not in replaced)
     q_bits = 0
     rows = []
     for name in linears:
@@ -131,6 +135,11 @@ def _show_packed(d: dict, as_json: bool) -> None:
     click.echo(f"{d['folder']}: packed checkpoint ({d['format']}, method {d['method']}), "
                f"{d['tensors']} tensors in {len(d['files'])} file(s)")
     click.echo(f"Quantized modules: {len(d['modules'])} ({d['quantized_parameters']:,} weights)")
+    if d["expert_modules"]:
+        fused = f", stacked back into {len(d['fused'])} fused 3-D tensors by unpack" \
+            if d["fused"] else ""
+        click.echo(f"Mixture of experts: {d['expert_modules']} of them are expert matrices"
+                   f"{fused}")
     for r in d["modules"]:
         detail = (" ".join(f"o{o}:{c}" for o, c in r["orders"].items()) if r["kind"] == "bcq"
                   else f"{r['bits']}-bit affine")

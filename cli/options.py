@@ -111,6 +111,11 @@ def capture_options(n: int | None = 128, L: int | None = 2048, device: bool = Tr
                      default="float64", show_default=True,
                      help="Precision of sum x x^T: float64 throughout, or float32 within a batch "
                      "and float64 across batches (about twice as fast)."),
+        click.option("--expert-weighting", type=click.Choice(["tokens", "weight", "weight2"]),
+                     default="tokens", show_default=True,
+                     help="Mixture of experts: how each token routed to an expert counts in the "
+                     "expert's H: once, by its routing weight w, or by w^2 (the weight of its "
+                     "error in the layer's output)."),
         click.option("--trust-remote-code", is_flag=True,
                      help="Allow the model's own code from its folder (LLaDA and Dream run "
                      "without it, on qdtk's native forward)."),
@@ -136,6 +141,7 @@ def capture_options_from(kw: dict):
         n=kw.pop("n"), L=kw.pop("L"), mask=mask, mask_token_id=kw.pop("mask_token_id"),
         dtype=kw.pop("dtype"), device=kw.pop("device", "cpu"), chunk_size=kw.pop("chunk_size"),
         offload=kw.pop("offload"), accumulate=kw.pop("accumulate"),
+        expert_weighting=kw.pop("expert_weighting"),
         trust_remote_code=kw.pop("trust_remote_code"), model_code=kw.pop("model_code"),
     )
 
@@ -199,6 +205,15 @@ def quantize_options(include: bool = True):
                      "off-diagonal correlations are what fits the calibration text (0.25 "
                      "lowered the error on every held-out text measured; 0: as published). "
                      "Errors are still reported on H."),
+        click.option("--rotate", type=click.Choice(["none", "hadamard"]), default="none",
+                     show_default=True,
+                     help="Rotate each Linear's input dimension before quantizing: hadamard "
+                     "solves W Q against Q^T H Q, Q random signs times a block-diagonal "
+                     "Hadamard matrix (incoherence processing, as in QuIP#); the packed model "
+                     "applies x -> x Q online, unpack writes the weights back in the model's "
+                     "basis. none: as published."),
+        click.option("--rotate-seed", type=click.IntRange(0, 2**63 - 1), default=0,
+                     show_default=True, help="Seed of the rotation's random signs."),
         click.option("--feedback", type=click.Choice(["block", "diagonal"]), default="block",
                      show_default=True,
                      help="How a solved block's error reaches the later columns: block (the "
@@ -246,7 +261,8 @@ def quantize_options_from(kw: dict, **run: Any) -> QuantizeOptions:
         "shrink": kw.pop("shrink"),
     }
     backend = kw.pop("backend")
-    options: dict[str, Any] = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp")}
+    options: dict[str, Any] = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp"),
+                              "rotate": kw.pop("rotate"), "rotate_seed": kw.pop("rotate_seed")}
     if method == "daq":
         options.update(daq, backend=resolve_backend(backend))
         if daq["abmp"] != "knapsack" and daq["budget_scope"] == "model":

@@ -27,6 +27,7 @@ from qdtk.group import DaqGroupSolver
 from qdtk.hessian import prepare_hessian
 from qdtk.io import fingerprint, read_json, write_json_atomic
 from qdtk.options import QuantizeOptions
+from qdtk.rotation import layer_rotation, rotate_problem
 from qdtk.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ ORDERS_FILE = "orders.json"
 # What the allocation depends on among the quantize options (compensation, refinement and the
 # sweep do not change it).
 ALLOCATION_KEYS = ("bits", "count", "orders", "iters", "tau", "lam", "percdamp", "refit",
-                   "shrink", "backend")
+                   "shrink", "backend", "rotate", "rotate_seed")
 SENSITIVITY_WINDOWS = {"n": 8, "L": 128}  # calibration windows of the output-change measure
 
 
@@ -140,8 +141,13 @@ def _candidates(ckpt: Checkpoint, stats: Stats, name: str,
                 options: QuantizeOptions) -> tuple[np.ndarray, np.ndarray, float]:
     W = ckpt.read(name, np.float32)  # [n, m]
     H, _ = stats.hessian(name, dim=W.shape[1])
-    return layer_candidates(W, H, name, options.orders, options.percdamp, options.shrink,
-                            DaqGroupSolver(**options.group_settings()))
+    # --rotate: the problem the layer's solve sees (qdtk.solvers.solve_rotated); What goes back
+    # to the model's basis for the sensitivity's forward, err is the same in both (Q orthogonal)
+    rot = layer_rotation(options.rotate, options.rotate_seed, W.shape[1])
+    E, What, err = layer_candidates(*rotate_problem(W, H, rot), name, options.orders,
+                                    options.percdamp, options.shrink,
+                                    DaqGroupSolver(**options.group_settings()))
+    return E, (What if rot is None else rot.apply_t(What)), err
 
 
 def model_candidates(

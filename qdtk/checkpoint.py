@@ -26,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from qdtk.errors import QdtkError, os_fault
+from qdtk.experts import fused_parts
 from qdtk.io import (
     Recorded,
     atomic_path,
@@ -66,6 +67,8 @@ FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64"})
 _IN_BLOCK = re.compile(r"\.\d+\.")
 _NOT_LINEAR = re.compile(r"(norm|ln_|layernorm|embed|wte|wpe)", re.IGNORECASE)
 _EXPERT = re.compile(r"^(?P<parent>.+)\.experts\.(?P<e>\d+)\.")
+# Vision towers of multimodal models stay in full precision by default (--include selects them).
+_VISION = re.compile(r"(^|\.)(vision_tower|vision_model|visual|embed_vision)\.")
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,25 @@ def _match(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+def fused_views(info: TensorInfo) -> list[TensorInfo]:
+    """The per-expert 2-D matrices of a fused 3-D expert tensor (qdtk.experts.fused_parts) as
+    views of its bytes: each is whole consecutive rows, so one contiguous byte range. [] if
+    `info` is no fused expert tensor."""
+    parts = fused_parts(info.name, info.shape) or []
+    cols, item = (info.shape[2], DTYPES[info.dtype].itemsize) if parts else (0, 0)
+    return [TensorInfo(name, info.dtype, (rows, cols), info.file,
+                       info.begin + row * cols * item, info.begin + (row + rows) * cols * item)
+            for name, row, rows in parts]
+
+
 class Checkpoint:
-    """A read-only view of a checkpoint folder: headers parsed eagerly, data mapped lazily."""
+    """A read-only view of a checkpoint folder: headers parsed eagerly, data mapped lazily.
+
+    A fused 3-D expert tensor (`....experts.gate_up_proj` [E, 2I, d], `....experts.down_proj`
+    [E, d, I]) is also readable per expert matrix, under the per-expert names
+    `....experts.<e>.{gate,up,down}_proj.weight` (`fused`, `info`, `read`; `names` lists only the
+    stored tensors), so that every stage treats each expert matrix as a Linear weight.
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -166,6 +186,13 @@ class Checkpoint:
                 self.tensors[name] = info
         self._check_index()
         self._maps: dict[Path, np.memmap] = {}
+        self.views: dict[str, TensorInfo] = {}  # per-expert name -> view of a fused tensor
+        self.fused: dict[str, list[str]] = {}  # fused tensor -> its per-expert names, in order
+        for info in list(self.tensors.values()):
+            views = fused_views(info)
+            if views:
+                self.fused[info.name] = [v.name for v in views]
+                self.views.update((v.name, v) for v in views if v.name not in self.tensors)
 
     def _shard_files(self) -> list[Path]:
         index = self.folder / INDEX_NAME
@@ -210,16 +237,30 @@ class Checkpoint:
         return read_json(path)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.tensors
+        return name in self.tensors or name in self.views
 
     def names(self) -> list[str]:
         return list(self.tensors)
 
     def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise QdtkError(f"{self.folder}: no tensor named {name!r}") from None
+        info = self.tensors.get(name) or self.views.get(name)
+        if info is None:
+            raise QdtkError(f"{self.folder}: no tensor named {name!r}")
+        return info
+
+    def covered(self, names: Iterable[str]) -> set[str]:
+        """The fused expert tensors all of whose matrices are among `names` (they are replaced
+        by those matrices); a fused tensor only partly among them is an error."""
+        names = set(names)
+        out = set()
+        for fused, parts in self.fused.items():
+            hit = [p for p in parts if p in names]
+            if hit and len(hit) < len(parts):
+                raise QdtkError(f"{self.folder}: {len(hit)} of the {len(parts)} expert matrices "
+                                f"of the fused tensor {fused!r} are selected; select all or none")
+            if hit:
+                out.add(fused)
+        return out
 
     def read(self, name: str, dtype: np.dtype | type | None = None) -> np.ndarray:
         """One tensor as a NumPy array (a read-only memory map unless `dtype` converts it)."""
@@ -236,48 +277,56 @@ class Checkpoint:
     ) -> list[str]:
         """The Linear weights to quantize.
 
-        Default: 2-D `*.weight` tensors inside numbered blocks, minus norms and embeddings.
-        `include` patterns replace that default selection; `exclude` patterns remove from it.
-        A tensor named by an include pattern that is not 2-D is an error.
+        Default: 2-D `*.weight` tensors inside numbered blocks, minus norms, embeddings,
+        routers and vision towers; a fused 3-D expert tensor counts as its expert matrices (in
+        its place). `include` patterns replace that default selection; `exclude` patterns remove
+        from it. A tensor named by an include pattern that is not 2-D is an error.
         """
         include, exclude = list(include), list(exclude)
+        candidates = [v for n in self.tensors for v in self.fused.get(n, [n])]
         if include:
-            chosen = [n for n in self.tensors if any(_match(n, p) for p in include)]
+            chosen = [n for n in candidates if any(_match(n, p) for p in include)]
             for n in chosen:
-                if len(self.tensors[n].shape) != 2:
+                info = self.info(n)
+                if len(info.shape) != 2:
                     raise QdtkError(
-                        f"{self.tensors[n].file}: tensor {n!r} has shape "
-                        f"{list(self.tensors[n].shape)}; only 2-D Linear weights can be quantized"
+                        f"{info.file}: tensor {n!r} has shape {list(info.shape)}; only 2-D "
+                        f"Linear weights can be quantized"
                     )
         else:
             routers = self.routers()
             chosen = [
                 n
-                for n, info in self.tensors.items()
-                if len(info.shape) == 2
+                for n in candidates
+                if len(self.info(n).shape) == 2
                 and n.endswith(".weight")
                 and _IN_BLOCK.search(n)
                 and not _NOT_LINEAR.search(n)
+                and not _VISION.search(n)
                 and n not in routers
             ]
         return [n for n in chosen if not any(_match(n, p) for p in exclude)]
 
     def experts(self) -> dict[str, int]:
-        """MoE layers stored per expert: parent module ("....mlp") -> number of experts."""
+        """MoE layers, stored per expert or fused: parent module ("....mlp", or the block for
+        DiffusionGemma's "....layers.0.experts") -> number of experts."""
         found: dict[str, set[int]] = {}
-        for n in self.tensors:
+        for n in [*self.tensors, *self.views]:
             m = _EXPERT.match(n)
             if m:
                 found.setdefault(m["parent"], set()).add(int(m["e"]))
         return {p: len(es) for p, es in found.items()}
 
     def routers(self) -> set[str]:
-        """The routers of the MoE layers: a 2-D weight right under an experts' parent with one
-        row per expert (they stay in full precision unless --include names them)."""
+        """The routers of the MoE layers: a 2-D weight with one row per expert, right under an
+        experts' parent or in a `router` module under it (they stay in full precision unless
+        --include names them)."""
         experts = self.experts()
         out = set()
         for n, info in self.tensors.items():
             parent, _, leaf = n.removesuffix(".weight").rpartition(".")
+            if parent.endswith(".router"):  # DiffusionGemma: ....layers.0.router.proj
+                parent, leaf = parent.removesuffix(".router"), "router"
             if (len(info.shape) == 2 and n.endswith(".weight") and parent in experts
                     and info.shape[0] == experts[parent] and leaf != "experts"):
                 out.add(n)

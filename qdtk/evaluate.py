@@ -62,7 +62,7 @@ def layer_errors(model_dir: str | Path, quant_dir: str | Path, stats_dir: str | 
         for name, layer in read_solution_block(path, recorded_hash(quant_dir, block)).items():
             W = ckpt.read(name, np.float32)
             H, _ = stats.hessian(name, W.shape[1])
-            errors[name] = proxy_error(W, layer.dequantize(), H)
+            errors[name] = proxy_error(W, layer.weight(), H)
     return errors
 
 
@@ -167,16 +167,17 @@ def load_for_eval(path: str | Path, dtype: str = "float32", device: str = "cpu",
 
     model = models.load_model(path, dtype, device, trust_remote_code, model_code)
     return LoadedModel(model, load_tokenizer(path, trust_remote_code), models.model_kind(model),
-                       model.config.to_dict(), str(path))
+                       models.flat_config(model), str(path))
 
 
 def _forward(model, ids, hidden: bool, source: str = "the model"):
     """(logits or None, final hidden states) of one batch. The windows have no padding, so no
-    attention mask is passed: each model then uses its own full (or causal) attention."""
-    from qdtk.models import own_code_errors
+    attention mask is passed: each model then uses its own full (or causal) attention. A
+    block-diffusion model reads the window's start as its prompt; both cover the canvas only."""
+    from qdtk.models import forward_inputs, own_code_errors
 
     with own_code_errors(model, source):
-        out = model(input_ids=ids, output_hidden_states=hidden)
+        out = model(**forward_inputs(model, ids), output_hidden_states=hidden)
     logits = getattr(out, "logits", None)
     states = out.hidden_states[-1] if getattr(out, "hidden_states", None) is not None else None
     if states is None:
@@ -185,19 +186,23 @@ def _forward(model, ids, hidden: bool, source: str = "the model"):
 
 
 def model_outputs(lm: LoadedModel, windows: Windows, masks: dict[float, np.ndarray],
-                  mask_id: int | None, batch: int = 8, device: str = "cpu") -> dict[str, Any]:
+                  mask_id: int | np.ndarray | None, batch: int = 8, device: str = "cpu"
+                  ) -> dict[str, Any]:
     """Everything the comparison needs from one model, as NumPy arrays.
 
     hidden [N, L, d] and embedding [N, d] (mean over the attention mask) on the plain windows;
     per mask ratio the masked tokens' negative log-likelihoods (mlm); per token next-token NLLs
-    (causal).
+    (causal). mask_id may be an [N, L] array of noise tokens (block diffusion: a masked canvas
+    token is a uniformly drawn one; the outputs then cover the canvas only).
     """
     import torch
     import torch.nn.functional as F
 
-    from qdtk.models import logits_shift
+    from qdtk.models import logits_shift, prompt_length
 
     ids_all = torch.from_numpy(windows.ids)
+    fill_all = torch.as_tensor(mask_id) if isinstance(mask_id, np.ndarray) else None
+    start = prompt_length(lm.model, ids_all.shape[1]) or 0  # first position the outputs cover
     shifted = logits_shift(lm.model) == 1
     hidden, nll_causal = [], []
     nll_masked: dict[float, list] = {r: [] for r in masks}
@@ -212,11 +217,13 @@ def model_outputs(lm: LoadedModel, windows: Windows, masks: dict[float, np.ndarr
                 nll_causal.append(nll.cpu().numpy())
             for r, mask in masks.items():
                 m = torch.from_numpy(mask[s : s + batch]).to(device)
-                logits, _ = _forward(lm.model, ids.masked_fill(m, mask_id), hidden=False,
-                                     source=lm.source)
+                noised = ids.masked_fill(m, mask_id) if fill_all is None else \
+                    torch.where(m, fill_all[s : s + batch].to(device), ids)
+                logits, _ = _forward(lm.model, noised, hidden=False, source=lm.source)
                 if shifted:  # as Dream's own sampler does: token i from the logits at i - 1
                     logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-                nll = F.cross_entropy(logits[m].float(), ids[m], reduction="none")
+                m, target = m[:, start:], ids[:, start:]
+                nll = F.cross_entropy(logits[m].float(), target[m], reduction="none")
                 nll_masked[r].append(nll.cpu().numpy())
     H = np.concatenate(hidden)  # [N, L, d]
     out: dict[str, Any] = {"hidden": H, "embedding": mean_pool(H, np.ones(H.shape[:2]))}
@@ -283,6 +290,7 @@ def compare_texts(model_a: str | Path, model_b: str | Path, texts: dict[str, str
     if not texts:
         raise QdtkError("nothing to evaluate on: no text source")
     from qdtk.mcs import resolve_mask_token_id
+    from qdtk.models import prompt_length
 
     outputs: list[dict[str, Any]] = []
     kinds: list[str] = []
@@ -297,13 +305,18 @@ def compare_texts(model_a: str | Path, model_b: str | Path, texts: dict[str, str
             if longest is not None and longest < L:
                 raise QdtkError(f"{path}: windows of {L} tokens exceed the model's {longest}")
             mask_id = None
-            if lm.kind == "mlm":
+            prompt = prompt_length(lm.model, L)  # block diffusion: the canvas is noised
+            if lm.kind == "mlm" and prompt is None:
                 mask_id = resolve_mask_token_id(
                     lm.config, getattr(tokenizer, "mask_token_id", None), where=str(path))
             for label, text in texts.items():
                 windows = token_windows(text, tokenizer, lm.config["vocab_size"], n, L)
-                masks = {r: mask_positions(windows.special, r, seed) for r in MASK_RATIOS}
-                shared[label] = {"windows": windows, "mask_id": mask_id,
+                kept = windows.special.copy()
+                kept[:, :prompt or 0] = True  # never masked: the prompt
+                masks = {r: mask_positions(kept, r, seed) for r in MASK_RATIOS}
+                fill = mask_id if prompt is None else np.random.default_rng([seed, L]).integers(
+                    0, lm.config["vocab_size"], windows.ids.shape)
+                shared[label] = {"windows": windows, "mask_id": fill,
                                  "masks": masks if lm.kind == "mlm" else {}}
         elif lm.kind != kinds[0]:
             raise QdtkError(f"{path}: a {lm.kind} model, but {model_a} is a {kinds[0]} model")
@@ -343,7 +356,7 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
     windows = token_windows(calibration_text(None) if text is None else text, lm.tokenizer,
                             lm.config["vocab_size"], n, L)
     ids = torch.from_numpy(windows.ids).to(device)
-    params = dict(lm.model.named_parameters())
+    params = dict(lm.model.named_parameters(remove_duplicate=False))  # tied: under every name
 
     head = lm.model.get_output_embeddings() if skip_head else None
     skipped = [head] if isinstance(head, torch.nn.Linear) else []
@@ -399,8 +412,9 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
         slot = expert_slot(name)
         target = name if slot is None or name in params else slot.param
         # checkpoint names may lack or carry the model's prefix ("bert.", "model.")
-        hits = [(k, p) for k, p in params.items()
-                if k == target or k.endswith("." + target) or target.endswith("." + k)]
+        hits = [(k, p) for k, p in params.items() if k == target] or [
+            (k, p) for k, p in params.items()
+            if k.endswith("." + target) or target.endswith("." + k)]
         if len(hits) != 1:
             raise QdtkError(f"{path}: {len(hits)} model parameters match the weight {name!r}")
         key, p = hits[0]

@@ -1,9 +1,11 @@
 """Mixture-of-experts layers as transformers 5 runs them: each expert's matrices are slices of
 fused 3-D parameters (gate_up_proj [E, 2I, d], down_proj [E, d, I]) applied to the tokens the
-router sends to the expert, while the checkpoint stores them per expert, 2-D, under
-`<experts>.<e>.{gate,up,down}_proj.weight`. qdtk quantizes the checkpoint's tensors, so each
-expert matrix is one layer with its own H: gate and up read the expert's routed tokens x, down
-reads silu(x Wg^T) * (x Wu^T) of those tokens.
+router sends to the expert. Checkpoints store them either per expert, 2-D, under
+`<experts>.<e>.{gate,up,down}_proj.weight` (Qwen3-MoE), or as the fused 3-D tensors themselves,
+`<experts>.gate_up_proj` and `<experts>.down_proj` without a `.weight` suffix (DiffusionGemma).
+Either way each expert matrix is one layer named as the per-expert layout names it (for a fused
+tensor, a view of its rows: qdtk.checkpoint) with its own H: gate and up read the expert's routed
+tokens x, down reads act(x Wg^T) * (x Wu^T) of those tokens.
 
 Found by structure (a module holding 3-D gate_up_proj and down_proj parameters and an act_fn,
 called as experts(hidden [T, d], top_k_index [T, k], top_k_weights [T, k])), not by class, so
@@ -58,14 +60,47 @@ def expert_weight(prefix: str, e: int, proj: str) -> str:
     return f"{prefix}.{e}.{proj}.weight"
 
 
+_FUSED = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<fused>gate_up_proj|down_proj)$")
+
+
+def fused_parts(name: str, shape: tuple[int, ...]) -> list[tuple[str, int, int]] | None:
+    """A fused 3-D expert tensor's 2-D matrices in storage order: (per-expert weight name,
+    first row, rows) of the tensor viewed as [E * rows, cols]; None if `name` is not one.
+    gate_up_proj [E, 2I, d]: expert e's gate_proj is rows 2Ie .. 2Ie+I-1, its up_proj the next
+    I; down_proj [E, d, I]: expert e's down_proj is rows de .. de+d-1."""
+    m = _FUSED.match(name)
+    if m is None or len(shape) != 3 or (m["fused"] == "gate_up_proj" and shape[1] % 2):
+        return None
+    E, R = shape[0], shape[1]
+    if m["fused"] == "down_proj":
+        return [(expert_weight(m["prefix"], e, "down_proj"), e * R, R) for e in range(E)]
+    half = R // 2
+    return [(expert_weight(m["prefix"], e, p), e * R + k * half, half)
+            for e in range(E) for k, p in enumerate(("gate_proj", "up_proj"))]
+
+
 def expert_names(prefix: str, module: Any) -> list[str]:
     """The checkpoint weights of every expert of a fused module under `prefix`."""
     return [expert_weight(prefix, e, p) for e in range(module.gate_up_proj.shape[0]) for p in PROJ]
 
 
-def routed(module, hidden, top_k_index, keep=None):
-    """Per expert e that receives tokens: (e, X_e [T_e, d], A_e [T_e, I]), the routed tokens
-    (padding excluded by keep [T] bool) and the down projection's input act(X Wg^T) * X Wu^T."""
+# How each routed token counts in its expert's H (--expert-weighting):
+# "tokens": once; "weight": by its routing weight w; "weight2": by w^2, the weight of its
+# squared error in the MoE output (the expert's output is scaled by w).
+EXPERT_WEIGHTINGS = ("tokens", "weight", "weight2")
+
+
+def token_weights(w, weighting: str):
+    """Per routed token, its factor in H (w [T_e] routing weights; None: every factor 1)."""
+    if weighting not in EXPERT_WEIGHTINGS:
+        raise ValueError(f"unknown expert weighting {weighting!r}")
+    return None if weighting == "tokens" or w is None else (w if weighting == "weight" else w * w)
+
+
+def routed(module, hidden, top_k_index, keep=None, top_k_weights=None):
+    """Per expert e that receives tokens: (e, X_e [T_e, d], A_e [T_e, I], w_e [T_e] or None),
+    the routed tokens (padding excluded by keep [T] bool), the down projection's input
+    act(X Wg^T) * X Wu^T and their routing weights (from top_k_weights [T, k])."""
     import torch
 
     hit = torch.zeros(top_k_index.shape[0], module.gate_up_proj.shape[0] + 1, dtype=torch.bool,
@@ -79,4 +114,6 @@ def routed(module, hidden, top_k_index, keep=None):
             continue
         X = hidden[rows]
         gate, up = torch.nn.functional.linear(X, module.gate_up_proj[e]).chunk(2, dim=-1)
-        yield e, X, module.act_fn(gate) * up
+        w = None if top_k_weights is None else \
+            (top_k_weights[rows] * (top_k_index[rows] == e)).sum(-1).to(torch.float64)
+        yield e, X, module.act_fn(gate) * up, w

@@ -1,5 +1,9 @@
 """`qdtk generate`: masked-diffusion sampling (LLaDA's sampler, low-confidence remasking).
 
+A block-diffusion model (DiffusionGemma) samples with its own generation code instead
+(transformers' DiffusionGemmaGenerationMixin: canvases of its canvas length, uniform-noise
+renoising, an entropy bound), seeded by --seed, with --steps spread over its canvases.
+
 The answer starts as gen_length mask tokens after the prompt, cut into blocks of block_length
 that are filled left to right, each in steps/blocks steps. At every step the whole sequence is
 run; every masked position of the current block gets a candidate token (the argmax, or a
@@ -125,16 +129,25 @@ def generate(model_path, prompt: str, opts: GenerateOptions, *, chat: bool = Fal
     import torch
 
     from qdtk.mcs import resolve_mask_token_id
-    from qdtk.models import load_model, load_tokenizer, logits_shift, model_kind, own_code_errors
+    from qdtk.models import (
+        canvas_length,
+        flat_config,
+        load_model,
+        load_tokenizer,
+        logits_shift,
+        model_kind,
+        own_code_errors,
+    )
 
     model = load_model(model_path, dtype, device, trust_remote_code, model_code)
     if model_kind(model) != "mlm":
         raise QdtkError(f"{model_path}: a {model_kind(model)} model; `qdtk generate` samples "
-                        f"masked diffusion models (LLaDA, Dream)")
+                        f"masked diffusion models (LLaDA, Dream, DiffusionGemma)")
     tokenizer = load_tokenizer(model_path, trust_remote_code)
-    config = model.config.to_dict()
-    mask_id = resolve_mask_token_id(config, getattr(tokenizer, "mask_token_id", None),
-                                    mask_token_id, str(model_path))
+    config = flat_config(model)
+    canvas = canvas_length(model)
+    mask_id = None if canvas else resolve_mask_token_id(
+        config, getattr(tokenizer, "mask_token_id", None), mask_token_id, str(model_path))
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise QdtkError(f"{model_path}: the tokenizer has no chat template; drop --chat")
@@ -153,8 +166,17 @@ def generate(model_path, prompt: str, opts: GenerateOptions, *, chat: bool = Fal
             return model(input_ids=x).logits
 
     t = time.perf_counter()
-    out = diffuse(logits_fn, torch.tensor([ids], device=device), mask_id, opts,
-                  shift=logits_shift(model), progress=progress)
+    prompt_ids = torch.tensor([ids], device=device)
+    if canvas:  # block diffusion: the model's own sampler (entropy-bound, its temperatures)
+        steps = max(1, opts.steps * canvas // opts.gen_length)  # denoising steps per canvas
+        torch.manual_seed(opts.seed)
+        with torch.inference_mode(), own_code_errors(model, model_path):
+            out = model.generate(input_ids=prompt_ids, max_new_tokens=opts.gen_length,
+                                 max_denoising_steps=steps, return_dict_in_generate=False)
+        out = getattr(out, "sequences", out)[:, : len(ids) + opts.gen_length]
+    else:
+        out = diffuse(logits_fn, prompt_ids, mask_id, opts, shift=logits_shift(model),
+                      progress=progress)
     seconds = time.perf_counter() - t
     tokens = out[0, len(ids):].tolist()
     eos = {i for i in (tokenizer.eos_token_id, config.get("eos_token_id")) if isinstance(i, int)}
@@ -163,4 +185,6 @@ def generate(model_path, prompt: str, opts: GenerateOptions, *, chat: bool = Fal
         "chat": chat, "prompt_tokens": len(ids), "tokens": tokens,
         "completion": completion_text(tokenizer, tokens, eos),
         "options": {**opts.__dict__, "mask_token_id": mask_id}, "seconds": seconds,
+        "sampler": f"{type(model).__name__}.generate (canvas {canvas})" if canvas else
+        "qdtk (low-confidence remasking)",
     }

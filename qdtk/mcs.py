@@ -109,9 +109,16 @@ def mask_probability(t: np.ndarray | float, schedule: str = "linear") -> np.ndar
 
 
 def mask_batch(
-    ids: np.ndarray, attention: np.ndarray, mask_id: int | None, opts: MaskOptions
+    ids: np.ndarray, attention: np.ndarray, mask_id: int | None, opts: MaskOptions,
+    prompt: int | None = None, noise_vocab: int | None = None,
 ) -> MaskedBatch:
-    """Apply MCS to N windows: S = N * per_sequence masked sequences (SPEC 1)."""
+    """Apply MCS to N windows: S = N * per_sequence masked sequences (SPEC 1).
+
+    Block diffusion (DiffusionGemma): `prompt` tokens of each window are the clean prompt
+    (the visible prefix instead of gamma's), only the canvas after them is masked; with
+    `noise_vocab` a masked token becomes a uniformly drawn token id below it (such models are
+    trained and sampled with uniform noise and have no mask token) instead of `mask_id`.
+    """
     N, L = ids.shape
     S = N * opts.per_sequence
     window = np.arange(S) % N
@@ -127,9 +134,11 @@ def mask_batch(
         n_real = int(att_S[j].sum())
         u = rng.random(L)  # [L]
         draw = u < mask_probability(t[j], opts.schedule)
-        draw[: int(np.floor(opts.gamma * n_real))] = False  # the visible prefix
-        masked[j] = draw & att_S[j]
-    if opts.mask:
+        draw[: int(np.floor(opts.gamma * n_real)) if prompt is None else prompt] = False
+        masked[j] = draw & att_S[j]  # the visible prefix stays
+        if noise_vocab is not None:
+            ids_S[j, masked[j]] = rng.integers(0, noise_vocab, int(masked[j].sum()))
+    if opts.mask and noise_vocab is None:
         if mask_id is None:
             raise QdtkError("masked calibration needs a mask token id")
         ids_S[masked] = mask_id

@@ -24,6 +24,7 @@ from qdtk.abmp import METHODS as ABMP_METHODS
 from qdtk.daq import BACKENDS
 from qdtk.errors import QdtkError
 from qdtk.refine import MODES
+from qdtk.rotation import check_rotation
 
 METHODS = ("daq", "gptq", "rtn")
 SCOPES = ("layer", "model")
@@ -34,6 +35,8 @@ MODEL_CODES = ("auto", "native", "remote")
 RUN_ONLY = ("trust_remote_code", "model_code", "cluster", "num_cpus")
 # What the affine baselines' result depends on (the DAQ fields do not reach them).
 BASELINE_FIELDS = ("method", "bits", "percdamp")
+# --rotate applies to every method; fingerprinted only when it rotates.
+ROTATION_FIELDS = ("rotate", "rotate_seed")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class QuantizeOptions:
     refine_rounds: int | None = None  # None: the mode's own
     backend: str = "cpu"  # qdtk.daq.BACKENDS
     shrink: float = 0.0  # H shrunk toward its diagonal by this much for the fit
+    rotate: str = "none"  # none, or hadamard: solved as W Q against Q^T H Q (qdtk.rotation)
+    rotate_seed: int = 0  # the seed of Q's random signs
     trust_remote_code: bool = False
     model_code: str = "auto"
     cluster: str | None = None  # ray or ray://ADDRESS (qdtk.cluster)
@@ -98,9 +103,12 @@ class QuantizeOptions:
     def fingerprinted(self) -> dict[str, Any]:
         """{field: value} of everything the solutions depend on (JSON-ready)."""
         values = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
+        rotation = {} if self.rotate == "none" else {k: values[k] for k in ROTATION_FIELDS}
+        for k in ROTATION_FIELDS:  # unrotated runs keep the fingerprints they had before
+            del values[k]
         if self.method != "daq":
-            return {k: values[k] for k in BASELINE_FIELDS}
-        return {**values, "orders": list(self.orders)}
+            return {**{k: values[k] for k in BASELINE_FIELDS}, **rotation}
+        return {**values, "orders": list(self.orders), **rotation}
 
     def refine_mode(self) -> dict | None:
         """qdtk.refine.refine_layer's keyword arguments for `refine` (None: no refinement),
@@ -161,6 +169,7 @@ def _normalised(o: QuantizeOptions) -> dict[str, Any]:
 def _check(o: QuantizeOptions) -> None:
     """Reject inconsistent options before any solve, with a message naming the option."""
     _choice("method", o.method, METHODS)
+    check_rotation(o.rotate, o.rotate_seed)
     _choice("model_code", o.model_code, MODEL_CODES)
     if o.num_cpus < 1:
         raise QdtkError(f"--num-cpus must be at least 1, got {o.num_cpus}")

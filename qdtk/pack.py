@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from qdtk.checkpoint import (
 )
 from qdtk.errors import QdtkError
 from qdtk.io import Recorded, fingerprint, read_json, warn_unhashed, write_json_atomic
+from qdtk.rotation import Rotation
 from qdtk.solution import FORMAT as QUANT_FORMAT
 from qdtk.solution import (
     REPORT,
@@ -52,6 +54,10 @@ from qdtk.validate import check_free_space
 log = logging.getLogger(__name__)
 
 FORMAT = "qdtk-bcq/1"
+# /1 plus rotated modules (x -> x Q before the product): a /1 reader must refuse those, so a
+# checkpoint with any rotated module says /2, one without stays /1.
+FORMAT_ROTATED = "qdtk-bcq/2"
+FORMATS = (FORMAT, FORMAT_ROTATED)
 QUANT_METHOD = "qdtk"
 WORD = np.uint32  # the word of the packed format
 WORD_BITS = 32
@@ -187,6 +193,7 @@ class PackedBCQ:
     planes: np.ndarray  # [n, sum_g o_g ceil(w_g/32)] uint32
     row_scale: np.ndarray  # [sum_g o_g, n] float16
     col_scale: np.ndarray  # [sum_g o_g w_g] float16
+    rotation: Rotation | None = None  # Q when the planes code W Q
 
     kind = "bcq"
     FIELDS = ("orders", "planes", "row_scale", "col_scale")
@@ -204,7 +211,8 @@ class PackedBCQ:
         col_scale = np.concatenate(
             [layer.col_scale[k, s : s + w] for k, s, w in zip(L.k, L.start, L.width, strict=True)]
         ).astype(np.float16)
-        return cls((n, m), layer.orders.astype(np.uint8), planes, row_scale, col_scale)
+        return cls((n, m), layer.orders.astype(np.uint8), planes, row_scale, col_scale,
+                   layer.rotation)
 
     def to_layer(self) -> BinaryCodedLayer:
         n, m = self.shape
@@ -220,7 +228,8 @@ class PackedBCQ:
             signs[k, :, s : s + w] = bits.view(bool)
             row_scale[k, L.group[p]] = self.row_scale[p]
             col_scale[k, s : s + w] = self.col_scale[L.col[p] : L.col[p] + w]
-        return BinaryCodedLayer(self.orders.astype(np.int64), signs, row_scale, col_scale)
+        return BinaryCodedLayer(self.orders.astype(np.int64), signs, row_scale, col_scale,
+                                self.rotation)
 
     def expected(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         return bcq_expected(self.shape, self.orders)
@@ -254,6 +263,7 @@ class PackedAffine:
     codes: np.ndarray  # [n, ceil(m*bits/32)] uint32
     scale: np.ndarray  # [n, G] float16
     zero: np.ndarray  # [n, G] float16
+    rotation: Rotation | None = None  # Q when the codes code W Q
 
     kind = "affine"
     FIELDS = ("codes", "scale", "zero")
@@ -262,11 +272,11 @@ class PackedAffine:
     def from_layer(cls, layer: AffineLayer) -> PackedAffine:
         codes = pack_bits(layer.codes, layer.bits)
         return cls(layer.shape, layer.bits, codes, layer.scale.astype(np.float16),
-                   layer.zero.astype(np.float16))
+                   layer.zero.astype(np.float16), layer.rotation)
 
     def to_layer(self) -> AffineLayer:
         codes = unpack_bits(self.codes, self.bits, self.shape[1])
-        return AffineLayer(codes, self.scale, self.zero, self.bits)
+        return AffineLayer(codes, self.scale, self.zero, self.bits, self.rotation)
 
     def expected(self) -> dict[str, tuple]:
         return affine_expected(self.shape, self.bits)
@@ -385,10 +395,10 @@ def read_quantization_config(folder: str | Path) -> dict:
     qc = read_json(path).get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise QdtkError(f"{path}: no qdtk quantization_config; not a packed checkpoint")
-    if qc.get("format") != FORMAT:
+    if qc.get("format") not in FORMATS:
         raise QdtkError(
             f"{path}: quantization_config format {qc.get('format')!r} is not supported "
-            f"(this qdtk reads {FORMAT!r})"
+            f"(this qdtk reads {' and '.join(map(repr, FORMATS))})"
         )
     if qc.get("group_size") != GROUP or qc.get("word_bits") != WORD_BITS:
         raise QdtkError(
@@ -409,7 +419,53 @@ def read_quantization_config(folder: str | Path) -> dict:
         )
         if not ok:
             raise QdtkError(f"{path}: quantization_config entry for module {module!r} is invalid")
+        if "rotation" in info:
+            if qc["format"] != FORMAT_ROTATED:
+                raise QdtkError(f"{path}: module {module!r} is rotated, which {qc['format']} "
+                                f"cannot record (a damaged or hand-edited config?)")
+            try:
+                Rotation.from_dict(info["rotation"], info["shape"][1])
+            except ValueError as e:
+                raise QdtkError(f"{path}: module {module!r}: {e}") from None
+    for tensor, entry in qc.get("fused", {}).items():
+        if not _fused_entry_ok(entry, modules):
+            raise QdtkError(f"{path}: quantization_config entry for fused tensor {tensor!r} is "
+                            f"invalid")
     return qc
+
+
+# A fused 3-D expert tensor (FORMAT.md section 5) is stored as one module per expert matrix;
+# quantization_config["fused"] names them in storage order, and unpack stacks them back.
+
+
+def fused_record(ckpt: Checkpoint, fused: Iterable[str]) -> dict[str, dict]:
+    """quantization_config["fused"]: per fused tensor its shape, dtype and modules in order."""
+    return {name: {"shape": list(ckpt.info(name).shape), "dtype": ckpt.info(name).dtype,
+                   "modules": [module_name(w) for w in ckpt.fused[name]]}
+            for name in sorted(fused)}
+
+
+def _fused_entry_ok(entry, modules: dict) -> bool:
+    try:
+        E, R, C = (int(s) for s in entry["shape"])
+        parts = [modules[m]["shape"] for m in entry["modules"]]
+        return (entry["dtype"] in DTYPES and min(E, R, C) > 0
+                and all(p[1] == C for p in parts) and sum(p[0] for p in parts) == E * R)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def fused_tensor(entry: dict, dequantized: Callable[[str], np.ndarray], to: np.dtype
+                 ) -> np.ndarray:
+    """A fused tensor rebuilt from its modules' weights: stacked along the rows, reshaped."""
+    E, R, C = entry["shape"]
+    out = np.empty((E * R, C), to)  # [E*R, C]
+    row = 0
+    for module in entry["modules"]:
+        W = dequantized(module)  # [rows, C] float32
+        out[row:row + W.shape[0]] = W.astype(to)
+        row += W.shape[0]
+    return out.reshape(E, R, C)
 
 
 def is_packed(folder: str | Path) -> bool:
@@ -451,9 +507,10 @@ def read_packed_layer(ckpt: Checkpoint, module: str, info: dict) -> PackedLayer:
     for field, (dtype, fshape) in expected.items():
         _check_tensor(ckpt, f"{module}.{field}", dtype, fshape, module)
     t = {f: np.array(ckpt.read(f"{module}.{f}")) for f in expected}
+    rot = Rotation.from_dict(info["rotation"], shape[1]) if "rotation" in info else None
     if info["kind"] == "affine":
-        return PackedAffine(shape, int(info["bits"]), t["codes"], t["scale"], t["zero"])
-    return PackedBCQ(shape, t["orders"], t["planes"], t["row_scale"], t["col_scale"])
+        return PackedAffine(shape, int(info["bits"]), t["codes"], t["scale"], t["zero"], rot)
+    return PackedBCQ(shape, t["orders"], t["planes"], t["row_scale"], t["col_scale"], rot)
 
 
 def verify_packed(folder: str | Path, qc: dict, ckpt: Checkpoint) -> set[str]:
@@ -577,13 +634,14 @@ def _check_blocks(quant: Path, report: dict, ckpt: Checkpoint) -> tuple[list[Pat
 def _quantization_config(
     report: dict, modules: dict[str, dict], packed: dict[str, int], fp: str, model_bytes: int
 ) -> dict:
+    rotated = any("rotation" in info for info in modules.values())
     weights = sum(info["shape"][0] * info["shape"][1] for info in modules.values())
     kinds = sorted({info["kind"] for info in modules.values()})
     options = report.get("options")
     method = options.get("method") if isinstance(options, dict) else None
     return {
         "quant_method": QUANT_METHOD,
-        "format": FORMAT,
+        "format": FORMAT_ROTATED if rotated else FORMAT,
         "method": method if isinstance(method, str) else "+".join(kinds),
         "group_size": GROUP,
         "word_bits": WORD_BITS,
@@ -622,13 +680,16 @@ def pack_checkpoint(
     if recorded and recorded != ckpt.fingerprint():
         log.warning("%s: model fingerprint differs from the one %s records", ckpt.folder,
                     quant / REPORT)
+    quantized |= ckpt.covered(quantized)  # fused expert tensors: replaced by their matrices
     copied = sum(ckpt.info(n).nbytes for n in ckpt.names() if n not in quantized)
     check_free_space(out, sum(p.stat().st_size for p in paths) + copied, "pack")  # upper bound
     _start_output(out, ckpt.folder, quant)
 
     modules: dict[str, dict] = {}
     packed_bits: dict[str, int] = {}
-    meta = {"format": "pt", "qdtk_format": FORMAT, "qdtk_fingerprint": fp}
+    rotated = (report.get("options") or {}).get("rotate", "none") != "none"
+    meta = {"format": "pt", "qdtk_format": FORMAT_ROTATED if rotated else FORMAT,
+            "qdtk_fingerprint": fp}
     with CheckpointWriter(out, max_shard_bytes, meta) as writer:
         for path in tqdm(paths, desc="pack", unit="block"):
             for weight, layer in read_solution_block(path).items():
@@ -644,6 +705,8 @@ def pack_checkpoint(
                     modules[module]["orders"] = sorted({int(o) for o in p.orders})
                 else:
                     modules[module]["bits"] = p.bits
+                if p.rotation is not None:
+                    modules[module]["rotation"] = p.rotation.to_dict()
                 packed_bits[module] = p.storage_bits()
         for name in ckpt.names():
             if name not in quantized:
@@ -655,6 +718,9 @@ def pack_checkpoint(
     config["quantization_config"] = _quantization_config(
         report, modules, packed_bits, fp, ckpt.nbytes()
     )
+    fused = fused_record(ckpt, set(ckpt.fused) & quantized)
+    if fused:
+        config["quantization_config"]["fused"] = fused
     config["quantization_config"]["sha256"] = writer.hashes
     write_json_atomic(out / "config.json", config)
     log.info("%s: %d modules packed at %.3f bits/weight", out, len(modules),
@@ -690,10 +756,17 @@ def unpack_checkpoint(
     check_free_space(out, dense, "unpack")
     _start_output(out, packed)
 
+    def dequantized(module: str) -> np.ndarray:  # [n, m] float32
+        return read_packed_layer(ckpt, module, modules[module]).to_layer().weight()
+
+    fused = qc.get("fused", {})
+    in_fused = {m for entry in fused.values() for m in entry["modules"]}
     with CheckpointWriter(out, max_shard_bytes, {"format": "pt", "qdtk_fingerprint": fp}) as w:
-        for module, info in tqdm(modules.items(), desc="unpack", unit="layer"):
-            What = read_packed_layer(ckpt, module, info).to_layer().dequantize()  # [n, m] f32
-            w.add(f"{module}.weight", What.astype(to))
+        for module in tqdm([m for m in modules if m not in in_fused], desc="unpack",
+                           unit="layer"):
+            w.add(f"{module}.weight", dequantized(module).astype(to))
+        for name, entry in fused.items():
+            w.add(name, fused_tensor(entry, dequantized, to))
         for name in ckpt.names():
             if name not in owned:
                 arr = ckpt.read(name)

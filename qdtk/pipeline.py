@@ -215,15 +215,16 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
         torch_model, batch.ids, batch.attention, device=c.device, chunk_size=c.chunk_size,
         offload=quant / ".hidden" if c.offload else None, accumulate=c.accumulate,
         ckpt_names=ckpt_names, progress=True, source=model,
+        expert_weighting=c.expert_weighting,
     )
     from tqdm import tqdm
 
     report.remove_stale({f"block_{b:04d}.safetensors" for b in range(len(session))
-                         if any(w in selected for w in session.linears[b])})
+                         if any(w in selected for w in session.weights(b))})
     fp = calib_fp
     try:
         for b in tqdm(range(len(session)), desc="blocks", unit="block"):
-            names = [w for w in session.linears[b] if w in selected]
+            names = [w for w in session.weights(b) if w in selected]
             if not names:
                 session.run_block(b, record=False, advance=True)
                 continue
@@ -232,7 +233,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
             fp = fingerprint(fp, report.data["options"], names)
             if report.done(file, names, fp):
                 layers = read_solution_block(quant / file)
-                session.set_weights(b, {w: layers[w].dequantize() for w in names})
+                session.set_weights(b, {w: layers[w].weight() for w in names})
                 session.run_block(b, record=False, advance=True)
                 report.keep(session.block_name(b), file, fp, names)
                 continue
@@ -246,7 +247,7 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
                         layer, rep = solver(W, s.H, opts.quantize, w)
                         solutions[w] = layer
                         report.add_layer(w, W.shape, layer, rep, fp)
-                        new[w] = layer.dequantize()
+                        new[w] = layer.weight()
                 return new
 
             sequential_block(session, b, sequential_steps(names), solve)

@@ -26,7 +26,11 @@ Format "qdtk-quant/1", a folder:
         affine:        w.codes uint8 [n, m]; w.scale, w.zero float16 [n, G]
         header metadata: {"format": "qdtk-quant/1", "fingerprint": str,
                           "layers": JSON {w: {"kind": "bcq" | "affine", "shape": [n, m],
-                                              "bits": int (affine only)}}}
+                                              "bits": int (affine only),
+                                              "rotation": {"kind": "hadamard", "seed",
+                                                           "block"} (rotated only)}}}
+A rotated layer (`qdtk quantize --rotate hadamard`, qdtk.rotation) codes W Q, not W: its planes
+or codes dequantize to What in the rotated basis, and `weight()` gives What Q^T.
 Planes beyond a group's order are padding here; the deployable packed format (pack.py) drops it.
 A block's "sha256" is that of its file's bytes, computed while writing; readers check it (a report
 without them, from an older qdtk, is read with one warning).
@@ -46,6 +50,7 @@ from qdtk.bits import GROUP, affine_bits, bcq_bits, group_slices
 from qdtk.checkpoint import read_header, read_safetensors, write_safetensors
 from qdtk.errors import QdtkError
 from qdtk.io import Recorded, read_json, warn_unhashed
+from qdtk.rotation import Rotation
 
 FORMAT = "qdtk-quant/1"
 REPORT = "report.json"
@@ -88,12 +93,28 @@ def _dequantize_block(signs, a, b, What):
     return What
 
 
+class _InputBasis:
+    """What a layer's code means in the model's own input basis (both kinds of layer)."""
+
+    rotation: Rotation | None
+
+    def dequantize(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def weight(self) -> np.ndarray:
+        """[n, m] float32 What for the model's inputs: `dequantize()` Q^T when the layer codes
+        W Q (rotated), else `dequantize()` itself."""
+        What = self.dequantize()
+        return What if self.rotation is None else self.rotation.apply_t(What)
+
+
 @dataclass
-class BinaryCodedLayer:
+class BinaryCodedLayer(_InputBasis):
     orders: np.ndarray  # [G] int, planes per group
     signs: np.ndarray  # [Kmax, n, m] bool, True = +1; False where k >= o_g
     row_scale: np.ndarray  # [Kmax, G, n] float16
     col_scale: np.ndarray  # [Kmax, m] float16
+    rotation: Rotation | None = None  # Q when the planes code W Q (qdtk.rotation)
 
     kind = "bcq"
 
@@ -161,11 +182,12 @@ class BinaryCodedLayer:
 
 
 @dataclass
-class AffineLayer:
+class AffineLayer(_InputBasis):
     codes: np.ndarray  # [n, m] uint8 in 0 .. 2^bits - 1
     scale: np.ndarray  # [n, G] float16
     zero: np.ndarray  # [n, G] float16
     bits: int
+    rotation: Rotation | None = None  # Q when the codes code W Q (qdtk.rotation)
 
     kind = "affine"
 
@@ -216,6 +238,8 @@ def write_solution_block(
         meta[name] = {"kind": layer.kind, "shape": list(layer.shape)}
         if isinstance(layer, AffineLayer):
             meta[name]["bits"] = layer.bits
+        if layer.rotation is not None:
+            meta[name]["rotation"] = layer.rotation.to_dict()
     return write_safetensors(
         path, tensors, {"format": FORMAT, "fingerprint": fingerprint, "layers": json.dumps(meta)}
     )
@@ -260,7 +284,9 @@ def read_solution_block(
                 )
             else:
                 raise QdtkError(f"unknown layer kind {info['kind']!r}")
-        except QdtkError as e:
+            if "rotation" in info:
+                out[name].rotation = Rotation.from_dict(info["rotation"], out[name].shape[1])
+        except (QdtkError, ValueError) as e:
             raise QdtkError(f"{path}: {e}") from None
     return out
 

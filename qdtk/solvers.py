@@ -10,6 +10,7 @@ is where options become the explicit arguments of the layer driver and of ABMP.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from qdtk.group import DaqGroupSolver
 from qdtk.hessian import PreparedHessian
 from qdtk.layer import Orders, quantize_layer
 from qdtk.options import QuantizeOptions
+from qdtk.rotation import layer_rotation, rotate_problem
 from qdtk.solution import BinaryCodedLayer, QuantizedLayer
 
 LayerSolver = Callable[..., tuple[QuantizedLayer, dict]]
@@ -72,5 +74,18 @@ def solve_daq(
 
 
 def make_solver(options: QuantizeOptions) -> LayerSolver:
-    """The layer solver that `options` name (method daq, gptq or rtn)."""
-    return solve_daq if options.method == "daq" else SOLVERS[options.method]
+    """The layer solver that `options` name (method daq, gptq or rtn), rotated under --rotate."""
+    solver = solve_daq if options.method == "daq" else SOLVERS[options.method]
+    return solver if options.rotate == "none" else partial(solve_rotated, solver)
+
+
+def solve_rotated(
+    solver: LayerSolver, W: np.ndarray, H: np.ndarray, options: QuantizeOptions,
+    name: str = "layer", orders: Orders | None = None,
+) -> tuple[QuantizedLayer, dict]:
+    """`solver` on the layer's problem in the rotated basis, W Q against Q^T H Q (--rotate,
+    qdtk.rotation); the layer records Q. Its errors are those of W and H (Q is orthogonal)."""
+    rot = layer_rotation(options.rotate, options.rotate_seed, W.shape[1])
+    layer, rep = solver(*rotate_problem(W, H, rot), options, name=name, orders=orders)
+    layer.rotation = rot
+    return layer, {**rep, "rotation": rot.to_dict()}

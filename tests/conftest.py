@@ -117,3 +117,40 @@ def tiny_moe(tmp_path_factory):
     Qwen3MoeForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
     save_char_tokenizer(path)
     return path
+
+
+def diffusion_gemma_config(canvas_length: int = 8, **text_overrides):
+    """A tiny DiffusionGemma config: 2 layers alternating sliding (window 8) and full attention,
+    4 experts (top 2) stored fused, a 1-layer vision tower, canvas 8, char-tokenizer vocab
+    (text_overrides change the text config)."""
+    from transformers import DiffusionGemmaConfig
+
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=48,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                global_head_dim=16, num_global_key_value_heads=1, num_experts=4,
+                top_k_experts=2, max_position_embeddings=64, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"]) | text_overrides
+    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                  patch_size=4, position_embedding_size=16)
+    return DiffusionGemmaConfig(text_config=text, vision_config=vision,
+                                canvas_length=canvas_length,
+                                boi_token_id=120, eoi_token_id=121, image_token_id=122)
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion_gemma(tmp_path_factory):
+    """A tiny random DiffusionGemmaForBlockDiffusion on disk (encoder and decoder share their
+    weights; the checkpoint names the decoder's), with a character-level tokenizer."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
+        pytest.skip("this transformers has no DiffusionGemma")
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.DiffusionGemmaForBlockDiffusion(diffusion_gemma_config()).eval()
+    path = tmp_path_factory.mktemp("tiny_diffusion_gemma")
+    model.save_pretrained(path, safe_serialization=True)
+    save_char_tokenizer(path)
+    return path

@@ -17,10 +17,11 @@ from qdtk.errors import QdtkError  # noqa: E402
 from tests.test_capture import _capture_all, _masked, _rel, _session  # noqa: E402
 
 
-def routed_reference(model, ids, att):
-    """Per expert of every MoE layer, (2/T_e) sum x x^T of its routed tokens and of its down
-    projection's input, from one ordinary forward: the router's choices and the experts' input
-    taken by hooks, the expert MLP written out."""
+def routed_reference(model, ids, att, power=0):
+    """Per expert of every MoE layer, (2 / sum c) sum c x x^T of its routed tokens and of its
+    down projection's input with c = w^power (w: the token's routing weight for the expert),
+    from one ordinary forward: the router's choices and weights and the experts' input taken
+    by hooks, the expert MLP written out."""
     keep = torch.as_tensor(att).reshape(-1)
     out, handles = {}, []
     for name, mod in model.named_modules():
@@ -28,16 +29,17 @@ def routed_reference(model, ids, att):
             continue
 
         def hook(m, args, output, name=name):
-            x, index = args[0][keep].double(), args[1][keep]
+            x, index, weights = args[0][keep].double(), args[1][keep], args[2][keep].double()
             for e in range(m.gate_up_proj.shape[0]):
-                X = x[(index == e).any(-1)]
+                rows = (index == e).any(-1)
+                X, c = x[rows], (weights * (index == e))[rows].sum(-1) ** power  # [T_e]
                 if len(X) == 0:
                     continue
                 gu = m.gate_up_proj[e].double()
                 g, u = X @ gu[: gu.shape[0] // 2].T, X @ gu[gu.shape[0] // 2 :].T
                 A = g / (1 + torch.exp(-g)) * u
-                out[f"{name}.{e}.gate_proj"] = (2 / len(X) * X.T @ X, len(X))
-                out[f"{name}.{e}.down_proj"] = (2 / len(X) * A.T @ A, len(X))
+                out[f"{name}.{e}.gate_proj"] = (2 / c.sum() * (X.T * c) @ X, len(X))
+                out[f"{name}.{e}.down_proj"] = (2 / c.sum() * (A.T * c) @ A, len(X))
 
         handles.append(mod.register_forward_hook(hook))
     with torch.inference_mode():
@@ -62,6 +64,22 @@ def test_each_expert_gets_the_H_of_its_routed_tokens(tiny_moe):
     assert got[e0 + ".gate_proj"].members == [e0 + ".gate_proj.weight", e0 + ".up_proj.weight"]
     routed = sum(s.tokens for k, s in experts.items() if k.endswith("gate_proj")) // 2
     assert routed == 2 * b.tokens  # top 2: every token reaches two experts in each layer
+
+
+@pytest.mark.parametrize(("weighting", "power"), [("weight", 1), ("weight2", 2)])
+def test_routing_weights_weight_each_experts_H(tiny_moe, weighting, power):
+    model = cap.load_model(tiny_moe)
+    b = _masked(S=6, L=16, real=11)
+    got = _capture_all(_session(model, b.ids, b.attention, tiny_moe, chunk_size=4,
+                                expert_weighting=weighting))
+    ref = routed_reference(model, b.ids, b.attention, power)
+    plain = routed_reference(model, b.ids, b.attention)
+    for key, (H, T) in ref.items():
+        assert got[key].tokens == T and got[key].fallback is None
+        assert _rel(got[key].H.astype(np.float64), H.numpy()) < 1e-6
+        assert _rel(H.numpy(), plain[key][0].numpy()) > 1e-3  # the weights do matter
+    with pytest.raises(QdtkError, match="unknown expert weighting"):
+        _session(model, b.ids, b.attention, tiny_moe, expert_weighting="w")
 
 
 def test_an_expert_short_of_tokens_takes_the_stated_fallback(tiny_moe, monkeypatch):
@@ -137,3 +155,246 @@ def test_statistics_of_a_dense_model_do_not_fit_an_moe(tiny_moe, tiny_llama, tmp
                        "without these experts"):
         quantize_model(tiny_moe, stats, tmp_path / "q", {"method": "rtn", "bits": 2},
                        progress=False)
+
+
+# ----------------------------------------------------------------------------- fused 3-D tensors
+
+
+def fused_model(folder, rng, E=3, d=40, inter=136):
+    """A torch-free checkpoint with DiffusionGemma's fused experts: gate_up_proj [E, 2I, d],
+    down_proj [E, d, I] (a ragged last 128-group), a router and a dense Linear."""
+    from tests.test_pack import synthetic_model
+
+    synthetic_model(folder, rng, {"model.layers.0.self_attn.q_proj.weight": (d, d)})
+    from qdtk.checkpoint import read_safetensors, write_safetensors
+
+    tensors, meta = read_safetensors(folder / "model.safetensors")
+    p = "model.layers.0.experts"
+    tensors[p + ".gate_up_proj"] = rng.standard_normal((E, 2 * inter, d)).astype(np.float32)
+    tensors[p + ".down_proj"] = rng.standard_normal((E, d, inter)).astype(np.float32)
+    tensors["model.layers.0.router.proj.weight"] = rng.standard_normal((E, d)).astype(np.float32)
+    write_safetensors(folder / "model.safetensors", tensors, meta)
+    return folder
+
+
+def test_a_fused_tensor_reads_as_one_matrix_per_expert(rng, tmp_path):
+    ckpt = Checkpoint(fused_model(tmp_path / "m", rng))
+    p = "model.layers.0.experts"
+    gu, down = ckpt.read(p + ".gate_up_proj"), ckpt.read(p + ".down_proj")
+    names = ckpt.linear_names()
+    assert p + ".gate_up_proj" not in names and p + ".down_proj" not in names
+    assert sorted(n for n in names if ".experts." in n) == sorted(
+        ex.expert_weight(p, e, k) for e in range(3) for k in ex.PROJ)
+    for e in range(3):
+        assert np.array_equal(ckpt.read(ex.expert_weight(p, e, "gate_proj")), gu[e, :136])
+        assert np.array_equal(ckpt.read(ex.expert_weight(p, e, "up_proj")), gu[e, 136:])
+        assert np.array_equal(ckpt.read(ex.expert_weight(p, e, "down_proj")), down[e])
+    assert ckpt.experts() == {"model.layers.0": 3}
+    assert ckpt.routers() == {"model.layers.0.router.proj.weight"}
+    assert ckpt.names() == list(ckpt.tensors)  # the stored tensors only
+    with pytest.raises(QdtkError, match="2 of the 6 expert matrices of the fused tensor"):
+        ckpt.covered([ex.expert_weight(p, 0, "gate_proj"), ex.expert_weight(p, 0, "up_proj")])
+
+
+def test_fused_tensors_round_trip_through_pack_bit_for_bit(rng, tmp_path):
+    from qdtk.pack import pack_checkpoint, read_quantization_config, unpack_checkpoint
+    from tests.test_pack import bits_of, write_quant
+
+    model = fused_model(tmp_path / "m", rng)
+    layers = write_quant(model, tmp_path / "quant", rng)
+    packed = pack_checkpoint(tmp_path / "quant", tmp_path / "packed")
+    p = "model.layers.0.experts"
+    stored = Checkpoint(packed)
+    assert p + ".gate_up_proj" not in stored.names() and p + ".0.up_proj.planes" in stored
+    qc = read_quantization_config(packed)
+    assert qc["fused"][p + ".down_proj"] == {
+        "shape": [3, 40, 136], "dtype": "F32", "modules": [f"{p}.{e}.down_proj" for e in range(3)]}
+    dense = Checkpoint(unpack_checkpoint(packed, tmp_path / "dense", dtype="float32"))
+    assert set(dense.names()) == set(Checkpoint(model).names())
+    gu = dense.read(p + ".gate_up_proj")
+    for e in range(3):
+        What = np.concatenate([layers[ex.expert_weight(p, e, k)].dequantize()
+                               for k in ("gate_proj", "up_proj")])
+        assert np.array_equal(bits_of(gu[e]), bits_of(What))
+        assert np.array_equal(bits_of(dense.read(p + ".down_proj")[e]),
+                              bits_of(layers[ex.expert_weight(p, e, "down_proj")].dequantize()))
+    r = CliRunner().invoke(cli, ["inspect", str(model)])
+    assert r.exit_code == 0, r.output
+    assert ("Mixture of experts: 1 layers of 3 experts; 9 expert matrices among the Linears; "
+            "1 routers kept in full precision") in r.output
+
+
+# ----------------------------------------------------------------------------- DiffusionGemma
+
+
+def _decoder_name(name: str) -> str:
+    """The checkpoint name of an encoder module (its weights are the decoder's)."""
+    return name.replace("model.encoder.language_model.layers", "model.decoder.layers")
+
+
+def test_diffusion_gemma_block_by_block_H_equals_the_full_forward(tiny_diffusion_gemma):
+    """Encoder layer b on the prompt and decoder layer b on the noised canvas (reading the
+    encoder's cache), each with its own sliding or full attention arguments: every dense
+    Linear's H and every expert's routed H equals the one from hooks on one whole forward."""
+    from qdtk.models import forward_inputs, prompt_length
+
+    model = cap.load_model(tiny_diffusion_gemma)
+    stacks = [n for n, _ in cap.find_stacks(model)]
+    assert stacks == ["model.encoder.language_model.layers", "model.decoder.layers"]
+    L = 24
+    assert prompt_length(model, L) == 16  # canvas 8
+    ids = np.random.default_rng(0).integers(5, 100, (5, L))
+    att = np.ones_like(ids, bool)
+    session = _session(model, ids, att, tiny_diffusion_gemma, chunk_size=2)
+    assert session.stack == "model.decoder.layers"
+    got = _capture_all(session)
+
+    sums, handles = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name and "vision" not in name:
+            key = _decoder_name(name) + ".weight"
+
+            def hook(m, args, out, key=key):
+                X = args[0].reshape(-1, args[0].shape[-1]).double()
+                S, T = sums.get(key, (0, 0))
+                sums[key] = (S + X.T @ X, T + len(X))
+            handles.append(mod.register_forward_hook(hook))
+    ref = {}
+    for name, mod in model.named_modules():
+        if ex.is_fused_experts(mod):  # routed tokens of both the encoder's and decoder's call
+            key = _decoder_name(name)
+
+            def ehook(m, args, output, key=key):
+                x, index = args[0].double(), args[1]
+                for e in range(m.gate_up_proj.shape[0]):
+                    X = x[(index == e).any(-1)]
+                    gu = m.gate_up_proj[e].double()
+                    g, u = X @ gu[: gu.shape[0] // 2].T, X @ gu[gu.shape[0] // 2:].T
+                    A = torch.nn.functional.gelu(g, approximate="tanh") * u  # gelu_pytorch_tanh
+                    for k, Z in (("gate_proj", X), ("down_proj", A)):
+                        S, T = ref.get(f"{key}.{e}.{k}", (0, 0))
+                        ref[f"{key}.{e}.{k}"] = (S + Z.T @ Z, T + len(Z))
+            handles.append(mod.register_forward_hook(ehook))
+    with torch.inference_mode():
+        model(**forward_inputs(model, torch.as_tensor(ids)))
+    for h in handles:
+        h.remove()
+    dense = {m: s for s in got.values() if ".experts." not in s.key for m in s.members}
+    assert set(dense) == set(sums) and len(sums) == 8 + 7  # the full layer has no v_proj
+    for name, (S, T) in sums.items():
+        assert dense[name].tokens == T == 5 * L  # prompt and canvas tokens
+        assert _rel(dense[name].H.astype(np.float64), (2 / T * S).numpy()) < 1e-6, name
+    experts = {k: s for k, s in got.items() if ".experts." in k}
+    assert set(experts) == set(ref) and len(ref) == 2 * 4 * 2
+    for key, (S, T) in ref.items():
+        assert experts[key].tokens == T and experts[key].fallback is None
+        assert _rel(experts[key].H.astype(np.float64), (2 / T * S).numpy()) < 1e-6, key
+    assert got["model.decoder.layers.0.experts.0.gate_proj"].members == [
+        "model.decoder.layers.0.experts.0.gate_proj.weight",
+        "model.decoder.layers.0.experts.0.up_proj.weight"]
+
+
+def test_run_end_to_end_on_diffusion_gemma_replaces_every_fused_expert(tiny_diffusion_gemma,
+                                                                      tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", str(tiny_diffusion_gemma), "--out", str(out), "-n", "4",
+                                 "-L", "24", "--eval-n", "2", "--eval-length", "16",
+                                 "--iters", "2"])
+    assert r.exit_code == 0, r.output
+    orig, dense = Checkpoint(tiny_diffusion_gemma), Checkpoint(out / "dense")
+    report = json.loads((out / "quant" / "report.json").read_text())
+    assert set(dense.names()) == set(orig.names())
+    assert len(orig.fused) == 2 * 2
+    for fused, parts in orig.fused.items():  # every expert matrix of every fused tensor
+        assert fused not in Checkpoint(out / "packed").names()
+        for name in parts:
+            assert name in report["layers"]
+            assert not np.array_equal(orig.read(name, np.float32), dense.read(name, np.float32))
+    kept = orig.routers() | {n for n in orig.names() if "vision" in n}
+    assert len(kept) == 2 + 16  # routers; the vision tower and its projection
+    for name in kept:
+        assert np.array_equal(orig.read(name, np.float32), dense.read(name, np.float32))
+    r = CliRunner().invoke(cli, ["inspect", str(out / "packed")])
+    assert r.exit_code == 0, r.output
+    assert ("Mixture of experts: 24 of them are expert matrices, stacked back into 4 fused "
+            "3-D tensors by unpack") in r.output
+    stats = json.loads((out / "stats" / "manifest.json").read_text())
+    assert stats["options"]["prompt_tokens"] == 16 and stats["options"]["noise"] == "uniform"
+    ev = json.loads((out / "eval.json").read_text())
+    assert "masked_ce@0.5" in json.dumps(ev)
+
+
+def test_generate_on_diffusion_gemma_runs_its_own_sampler(tiny_diffusion_gemma, tmp_path):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from qdtk.generate import GenerateOptions, generate
+    from qdtk.models import load_tokenizer
+
+    opts = GenerateOptions(gen_length=16, block_length=16, steps=8, seed=3)
+    got = generate(tiny_diffusion_gemma, "masked canvas", opts, progress=False)
+    assert got["sampler"].startswith("DiffusionGemmaForBlockDiffusion.generate")
+    assert len(got["tokens"]) == 16 and got["options"]["mask_token_id"] is None
+    assert generate(tiny_diffusion_gemma, "masked canvas", opts, progress=False)["tokens"] == \
+        got["tokens"]  # seeded
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_diffusion_gemma).eval()
+    ids = load_tokenizer(tiny_diffusion_gemma)("masked canvas")["input_ids"]
+    torch.manual_seed(3)
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=16, max_denoising_steps=4)
+    assert ref.sequences[0, len(ids):len(ids) + 16].tolist() == got["tokens"]
+
+
+def test_an_expert_no_token_reaches_takes_the_fallback_and_is_reported(tiny_moe, tmp_path,
+                                                                       monkeypatch):
+    """One calibration token reaches 2 of the 4 experts of each layer (top 2): the other two
+    have no token at all, take the fallback, and capture says so; quantize then runs."""
+    from qdtk.quantize import quantize_model
+
+    monkeypatch.setattr(ex, "MIN_EXPERT_TOKENS", 1)  # the one token suffices for the others
+    calib = tmp_path / "one.txt"
+    calib.write_text("a")
+    stats = tmp_path / "stats"
+    r = CliRunner().invoke(cli, ["capture", str(tiny_moe), "--calib", str(calib), "-n", "1",
+                                 "-L", "1", "--out", str(stats)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((stats / "manifest.json").read_text())
+    inputs = {i["key"]: i for b in manifest["blocks"] for i in b["inputs"]}
+    for layer in (0, 1):
+        p = f"model.layers.{layer}.mlp.experts"
+        tokens = [inputs[f"{p}.{e}.gate_proj"]["tokens"] for e in range(4)]
+        assert sorted(tokens) == [0, 0, 1, 1]
+        for e in range(4):
+            gate, down = inputs[f"{p}.{e}.gate_proj"], inputs[f"{p}.{e}.down_proj"]
+            assert gate.get("fallback") == ("all tokens" if tokens[e] == 0 else None)
+            assert down.get("fallback") == ("pooled experts" if tokens[e] == 0 else None)
+    assert "8 expert inputs were reached by fewer than 1 calibration tokens" in r.output
+    assert "(0 tokens; H from all tokens)" in r.output
+    quantize_model(tiny_moe, stats, tmp_path / "q", {"method": "rtn", "bits": 2},
+                   progress=False)
+
+
+def test_sequential_order_sets_expert_rows_of_the_shared_fused_parameter(tiny_diffusion_gemma):
+    model = cap.load_model(tiny_diffusion_gemma)
+    ids = np.random.default_rng(0).integers(5, 100, (2, 24))
+    session = _session(model, ids, np.ones_like(ids, bool), tiny_diffusion_gemma)
+    p = "model.decoder.layers.1.experts"
+    assert {ex.expert_weight(p, e, k) for e in range(4) for k in ex.PROJ} <= set(
+        session.weights(1))
+    enc = model.model.encoder.language_model.layers[1].experts
+    before = enc.gate_up_proj.detach().clone()
+    up = np.full((48, 32), 0.5, np.float32)
+    session.set_weights(1, {ex.expert_weight(p, 2, "up_proj"): up})
+    after = enc.gate_up_proj.detach()  # the encoder's: tied to the decoder's
+    assert torch.equal(after[2, 48:], torch.from_numpy(up))
+    assert torch.equal(after[2, :48], before[2, :48]) and torch.equal(after[:2], before[:2])
+    with pytest.raises(QdtkError, match="new weight has shape"):
+        session.set_weights(1, {ex.expert_weight(p, 2, "down_proj"): up})
+
+
+def test_sequential_run_quantizes_every_expert(tiny_moe, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", str(tiny_moe), "--out", str(out), "--sequential",
+                                 "--budget-scope", "layer", "-n", "4", "-L", "24", "--eval-n",
+                                 "2", "--eval-length", "16", "--iters", "2"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "quant" / "report.json").read_text())
+    assert sum(".experts." in n for n in report["layers"]) == 2 * 4 * 3

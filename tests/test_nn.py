@@ -15,6 +15,7 @@ from qdtk.nn import cuda as kcuda  # noqa: E402
 from qdtk.nn import kernels, linear  # noqa: E402
 from qdtk.nn.linear import BCQLinear  # noqa: E402
 from qdtk.pack import PackedBCQ, pack_checkpoint, plane_layout, unpack_checkpoint  # noqa: E402
+from qdtk.rotation import Rotation  # noqa: E402
 from tests.test_pack import BAD as PACK_BAD  # noqa: E402
 from tests.test_pack import _edit_shard, random_bcq, write_quant  # noqa: E402
 
@@ -95,6 +96,19 @@ def test_bcq_linear_is_the_unpacked_linear(rng, monkeypatch, n, m, T, bias):
     torch.testing.assert_close(yb.float(), refb.bfloat16().float(), rtol=2**-7, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,m", [(37, 300), (20, 512)])  # blocks of 4 and 512
+@pytest.mark.parametrize("T", [1, 40])
+def test_rotated_bcq_linear_is_the_unpacked_linear(rng, n, m, T):
+    p, What = packed_layer(rng, n, m)
+    p.rotation = Rotation(m, 5)
+    mod = BCQLinear.from_packed(p, torch.randn(n))
+    x = torch.randn(2, T, m)
+    W = torch.from_numpy(What @ p.rotation.matrix().T.astype(np.float32))  # What Q^T
+    ref = torch.nn.functional.linear(x, W, mod.bias)
+    assert rel_err(mod(x), ref) < 1e-5
+    assert list(mod.state_dict()) == ["bias", "orders", "planes", "row_scale", "col_scale"]
+
+
 def test_bcq_linear_buffers_are_the_packed_arrays(rng):
     p, _ = packed_layer(rng, 37, 300)
     sd = BCQLinear.from_packed(p).state_dict()
@@ -126,18 +140,20 @@ def test_cuda_kernels_match_the_cpu_kernels(rng, n, m):
 # ----------------------------------------------------------------------------- loading
 
 
-@pytest.fixture(params=["tiny_llama", "tiny_bert"])
+@pytest.fixture(params=["tiny_llama", "tiny_bert", "tiny_llama-rotated"])
 def packed_model(request, tmp_path_factory):
     """(packed folder, unpacked float32 folder, AutoModel class) of a tiny model whose every
-    block Linear is quantized with mixed orders; the packed folder is sharded."""
+    block Linear is quantized with mixed orders (rotated: each with an input rotation); the
+    packed folder is sharded."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    model_dir = request.getfixturevalue(request.param)
+    fixture, _, rotated = request.param.partition("-")
+    model_dir = request.getfixturevalue(fixture)
     tmp = tmp_path_factory.mktemp(request.param + "_packed")
-    write_quant(model_dir, tmp / "quant", np.random.default_rng(1))
+    write_quant(model_dir, tmp / "quant", np.random.default_rng(1), rotate=bool(rotated))
     packed = pack_checkpoint(tmp / "quant", tmp / "packed", model_dir, max_shard_bytes=40_000)
     dense = unpack_checkpoint(packed, tmp / "dense", dtype="float32")
-    auto = AutoModelForCausalLM if request.param == "tiny_llama" else AutoModelForMaskedLM
+    auto = AutoModelForCausalLM if fixture == "tiny_llama" else AutoModelForMaskedLM
     return packed, dense, auto
 
 
@@ -159,6 +175,8 @@ def test_load_keeps_the_files_tensors_bit_for_bit(packed_model):
     assert sum(storages.values()) <= 1.02 * ckpt.nbytes()
     qc = model.config.quantization_config
     assert sum(isinstance(m, BCQLinear) for m in model.modules()) == len(qc.modules)
+    rotated = {m.rotation for m in model.modules() if isinstance(m, BCQLinear)} - {None}
+    assert len(rotated) == (len(qc.modules) if qc.format == "qdtk-bcq/2" else 0)
 
 
 @pytest.mark.parametrize("tokens", [(2, 24), (1, 3)])  # tiled GEMM, then lookup tables

@@ -15,17 +15,23 @@ OTHER = {"method": "gptq", "bits": 2.3, "abmp": "swap", "rho": 0.1, "count": "pl
          "budget_scope": "model", "orders": (1, 2), "iters": 3, "tau": 1.5, "lam": 2.0,
          "percdamp": 0.05, "compensate": False, "feedback": "block", "refit": False,
          "refine": "rows", "refine_rounds": 2, "backend": "reference", "shrink": 0.25,
+         "rotate": "hadamard", "rotate_seed": 5,
          "trust_remote_code": True, "model_code": "native", "cluster": "ray", "num_cpus": 4}
 
 
 def test_every_field_that_changes_the_result_is_fingerprinted_and_no_other():
     assert set(OTHER) == {f.name for f in fields(QuantizeOptions)}
+    rotated = replace(BASE, rotate="hadamard")  # the seed matters where there is a rotation
     for name, value in OTHER.items():
         integer_bits = {"bits": 2} if name in ("abmp", "method") else {}
-        changed = replace(BASE, **{name: value, **integer_bits})
-        same = changed.fingerprinted() == BASE.fingerprinted()
+        base = rotated if name == "rotate_seed" else BASE
+        changed = replace(base, **{name: value, **integer_bits})
+        same = changed.fingerprinted() == base.fingerprinted()
         assert same == (name in RUN_ONLY), name
-    assert set(ALLOCATION_KEYS) <= set(BASE.fingerprinted())
+    assert set(ALLOCATION_KEYS) <= set(rotated.fingerprinted())
+    # without a rotation its fields are left out: fingerprints of earlier runs stay valid
+    assert replace(BASE, rotate_seed=5).fingerprinted() == BASE.fingerprinted()
+    assert "rotate" not in BASE.fingerprinted()
 
 
 def test_equal_meanings_fingerprint_alike():

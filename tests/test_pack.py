@@ -15,6 +15,7 @@ from qdtk.errors import QdtkError
 from qdtk.io import write_json_atomic
 from qdtk.pack import (
     FORMAT,
+    FORMAT_ROTATED,
     PackedAffine,
     PackedBCQ,
     bcq_matmul,
@@ -26,6 +27,7 @@ from qdtk.pack import (
     unpack_bits,
     unpack_checkpoint,
 )
+from qdtk.rotation import Rotation
 from qdtk.solution import FORMAT as QUANT_FORMAT
 from qdtk.solution import AffineLayer, BinaryCodedLayer, dequantize_block, write_solution_block
 
@@ -54,11 +56,12 @@ def random_affine(rng, n, m, bits) -> AffineLayer:
     return AffineLayer(codes, scale, zero, bits)
 
 
-def write_quant(model_dir, quant_dir, rng, orders=None, affine=()) -> dict:
+def write_quant(model_dir, quant_dir, rng, orders=None, affine=(), rotate=False) -> dict:
     """A QUANT folder (format qdtk-quant/1) with random solutions for the model's Linears.
 
     `orders(name, G)` gives each layer's orders (default: a mix of 1..4); names matching a
-    pattern in `affine` get 3-bit affine solutions. One solution file per transformer block.
+    pattern in `affine` get 3-bit affine solutions; `rotate`: every layer rotated (a seed of
+    its own). One solution file per transformer block.
     """
     ckpt = Checkpoint(model_dir)
     quant_dir = Path(quant_dir)
@@ -72,6 +75,8 @@ def write_quant(model_dir, quant_dir, rng, orders=None, affine=()) -> dict:
         else:
             o = orders(name, G) if orders else rng.integers(1, 5, G)
             layer = random_bcq(rng, n, m, o)
+        if rotate:
+            layer.rotation = Rotation(m, len(blocks.get(b, {})) + 7 * b)
         blocks.setdefault(b, {})[name] = layer
     report_blocks, layers = [], {}
     for b, block in sorted(blocks.items()):
@@ -83,7 +88,8 @@ def write_quant(model_dir, quant_dir, rng, orders=None, affine=()) -> dict:
     write_json_atomic(quant_dir / "report.json", {
         "format": QUANT_FORMAT,
         "model": {"path": str(model_dir), "fingerprint": ckpt.fingerprint()},
-        "stats": None, "options": {}, "blocks": report_blocks,
+        "stats": None, "options": {"rotate": "hadamard"} if rotate else {},
+        "blocks": report_blocks,
         "layers": {k: {"bits_per_weight": v.storage_bits() / np.prod(v.shape)}
                    for k, v in layers.items()},
         "summary": {},
@@ -211,17 +217,22 @@ def test_packed_size_matches_the_bit_formula(rng, tmp_path):
     assert (out / "tokenizer.json").exists()
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bert"])
-def test_unpacked_model_gives_the_logits_of_what(request, rng, tmp_path, fixture):
+@pytest.mark.parametrize("fixture,rotate", [("tiny_llama", False), ("tiny_bert", False),
+                                            ("tiny_llama", True)])
+def test_unpacked_model_gives_the_logits_of_what(request, rng, tmp_path, fixture, rotate):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     model_dir = request.getfixturevalue(fixture)
     auto = AutoModelForCausalLM if fixture == "tiny_llama" else AutoModelForMaskedLM
-    layers = write_quant(model_dir, tmp_path / "quant", rng)
+    layers = write_quant(model_dir, tmp_path / "quant", rng, affine=[r"\.0\.mlp\.up"],
+                         rotate=rotate)
     packed = pack_checkpoint(tmp_path / "quant", tmp_path / "packed", model_dir,
                              max_shard_bytes=40_000)
     assert (packed / "model.safetensors.index.json").exists()  # sharded
+    qc = read_quantization_config(packed)
+    assert qc["format"] == (FORMAT_ROTATED if rotate else FORMAT)
+    assert all(("rotation" in info) == rotate for info in qc["modules"].values())
     out = unpack_checkpoint(packed, tmp_path / "dense", dtype="float32")
 
     # every original tensor, and nothing more: bert's tied decoder is not stored, llama's head is
@@ -231,8 +242,11 @@ def test_unpacked_model_gives_the_logits_of_what(request, rng, tmp_path, fixture
     assert (head in Checkpoint(packed).names()) == (head in orig)
     dense = Checkpoint(out)
     assert set(dense.names()) == orig
-    for name, layer in layers.items():
-        assert np.array_equal(bits_of(dense.read(name)), bits_of(layer.dequantize()))
+    for name, layer in layers.items():  # What Q^T where rotated: the model's own basis
+        assert np.array_equal(bits_of(dense.read(name)), bits_of(layer.weight()))
+        if rotate:
+            Q = layer.rotation.matrix()
+            np.testing.assert_allclose(layer.weight(), layer.dequantize() @ Q.T, atol=1e-6)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
 
     ids = torch.tensor(rng.integers(5, 100, (2, 12)))
@@ -240,7 +254,7 @@ def test_unpacked_model_gives_the_logits_of_what(request, rng, tmp_path, fixture
     with torch.no_grad():
         sd = ref.state_dict()
         for name, layer in layers.items():
-            sd[name].copy_(torch.from_numpy(layer.dequantize()))
+            sd[name].copy_(torch.from_numpy(layer.weight()))
         got = auto.from_pretrained(out, dtype=torch.float32).eval()
         torch.testing.assert_close(got(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
 
@@ -334,6 +348,16 @@ BAD = {
         lambda f: (f / "model.safetensors").write_bytes(
             (f / "model.safetensors").read_bytes()[:-100]),
         r"model\.safetensors: data shorter than the header says \(tensor '.*'",
+    ),
+    "rotation in a /1 checkpoint": (
+        lambda f: _edit_config(f, lambda qc: qc["modules"]["model.layers.0.q"].update(
+            rotation={"kind": "hadamard", "seed": 0, "block": 8})),
+        r"config\.json: module 'model\.layers\.0\.q' is rotated, which qdtk-bcq/1 cannot",
+    ),
+    "bad rotation": (
+        lambda f: _edit_config(f, lambda qc: (qc.update(format=FORMAT_ROTATED), qc["modules"][
+            "model.layers.0.q"].update(rotation={"kind": "hadamard", "seed": 0, "block": 64}))),
+        r"config\.json: module 'model\.layers\.0\.q': invalid rotation .* block 8\)",
     ),
     "bad orders": (
         lambda f: _edit_shard(f, lambda t: t["model.layers.0.q.orders"].__setitem__(0, 9)),

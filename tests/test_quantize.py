@@ -536,6 +536,68 @@ def test_model_scope_respects_the_budget_and_resumes_without_the_prepass(
     assert report2["summary"]["bits_per_weight"] == report["summary"]["bits_per_weight"]
 
 
+def test_rotate_solves_the_rotated_problem_everywhere(model_and_stats, tmp_path, monkeypatch):
+    """--rotate hadamard: the pre-pass and the solves see W Q and Q^T H Q, the sensitivity
+    forwards What in the model's basis, the errors are those of What Q^T on H, and the packed
+    and unpacked folders carry it."""
+    import qdtk.evaluate
+    from qdtk.evaluate import proxy_error
+    from qdtk.io import read_json
+    from qdtk.pack import pack_checkpoint, read_quantization_config, unpack_checkpoint
+    from qdtk.rotation import Rotation
+    from qdtk.solvers import make_solver
+    from qdtk.stats import Stats
+
+    model, stats = model_and_stats
+    ckpt, st = Checkpoint(model), Stats(stats)
+    seen = {}
+
+    def build(path, **kw):
+        def output_change(name, What):  # relative error: ~1.4 were What in the rotated basis
+            W = ckpt.read(name, np.float64)
+            seen[name] = np.linalg.norm(W - What) / np.linalg.norm(W)
+            return float(np.sum((W - What) ** 2))
+        return output_change
+
+    monkeypatch.setattr(qdtk.evaluate, "output_change_fn", build)
+    options = {**OPTIONS, "abmp": "knapsack", "bits": None, "budget_scope": "model",
+               "shrink": 0.25, "refine": "rows", "feedback": "block"}
+    plain = quantize_model(model, stats, tmp_path / "plain", options, progress=False)
+    rotated = {**options, "rotate": "hadamard", "rotate_seed": 3}
+    report = quantize_model(model, stats, tmp_path / "q", rotated,
+                            make_solver(QuantizeOptions.of(rotated)),
+                            progress=False)
+    assert len(seen) == 3 * BLOCKS and max(seen.values()) < 0.9
+    alloc = read_json(tmp_path / "q" / "orders.json")
+    assert alloc["fingerprint"] != read_json(tmp_path / "plain" / "orders.json")["fingerprint"]
+    layers = {}
+    for entry in report["blocks"]:
+        layers.update(read_solution_block(tmp_path / "q" / entry["file"]))
+    errs = {}
+    for name, layer in layers.items():
+        W, r = ckpt.read(name, np.float32), report["layers"][name]
+        assert layer.rotation == Rotation(W.shape[1], 3) and r["rotation"]["seed"] == 3
+        assert r["orders"] == alloc["layers"][name]["orders"] == layer.orders.tolist()
+        H, _ = st.hessian(name, W.shape[1])
+        assert proxy_error(W, layer.weight(), H) == pytest.approx(r["proxy_error"], rel=1e-3)
+        errs[name] = r["proxy_error"]
+    # correlated random H, Gaussian W: rotation changes the error, it does not break it
+    assert 0.5 < np.median(list(errs.values())) / np.median(
+        [r["proxy_error"] for r in plain["layers"].values()]) < 1.5
+    packed = pack_checkpoint(tmp_path / "q", tmp_path / "packed", model)
+    qc = read_quantization_config(packed)
+    assert qc["format"] == "qdtk-bcq/2"
+    assert {m: i["rotation"]["seed"] for m, i in qc["modules"].items()} == {
+        w.removesuffix(".weight"): 3 for w in layers}
+    dense = Checkpoint(unpack_checkpoint(packed, tmp_path / "dense", dtype="float32"))
+    for name, layer in layers.items():
+        assert dense.read(name).tobytes() == layer.weight().tobytes()
+    with pytest.raises(QdtkError, match=r"--rotate-seed must be a whole number"):
+        QuantizeOptions.of({**rotated, "rotate_seed": -1})
+    with pytest.raises(QdtkError, match=r"--rotate must be one of none, hadamard, got 'givens'"):
+        QuantizeOptions.of({**rotated, "rotate": "givens"})
+
+
 def test_refine_lowers_the_proxy_error(model_and_stats, tmp_path):
     model, stats = model_and_stats
     base = quantize_model(model, stats, tmp_path / "none", {**OPTIONS, "refine": "none"},

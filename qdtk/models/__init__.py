@@ -106,11 +106,56 @@ def model_kind(model) -> str:
     if isinstance(getattr(model, "kind", None), str):  # qdtk's native forwards say it
         return model.kind
     cls = type(model).__name__
-    if cls.endswith("ForMaskedLM") or cls in MASKED_LM_CLASSES:
+    if cls.endswith("ForMaskedLM") or cls in MASKED_LM_CLASSES or canvas_length(model):
         return "mlm"
     if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
         return "causal"
     return "encoder"
+
+
+def flat_config(model) -> dict:
+    """The model's config as a dict, with a multimodal model's text settings (vocab_size,
+    max_position_embeddings, hidden_size: DiffusionGemma's text_config) at the top level."""
+    config = model.config.to_dict()
+    text = config.get("text_config")
+    return {**text, **config} if isinstance(text, dict) else config
+
+
+def canvas_length(model) -> int | None:
+    """The canvas of a block-diffusion encoder-decoder, else None. Found by structure: a config
+    `canvas_length` and a forward that takes the clean prompt as input_ids and the noised
+    canvas as decoder_input_ids (DiffusionGemma; the decoder reads the encoder's cache)."""
+    import inspect
+
+    C = getattr(getattr(model, "config", None), "canvas_length", None)
+    try:
+        takes = "decoder_input_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return int(C) if isinstance(C, int) and C > 0 and takes else None
+
+
+def prompt_length(model, L: int) -> int | None:
+    """Tokens of an L-token window that a block-diffusion model reads as its clean prompt (the
+    rest, min(canvas, L / 2) tokens, is its canvas); None for every other model."""
+    C = canvas_length(model)
+    return None if C is None else L - min(C, L // 2)
+
+
+def forward_inputs(model, ids, keep=None) -> dict:
+    """The forward's keyword arguments for windows ids [B, L] (keep [B, L] bool: real tokens;
+    None: no padding): input_ids and attention_mask, or for a block-diffusion model the prompt
+    as input_ids and the canvas as decoder_input_ids (the decoder's mask covers both)."""
+    import torch
+
+    P = prompt_length(model, ids.shape[1])
+    att = None if keep is None else attention_mask_for(model, keep)
+    if P is None:
+        return {"input_ids": ids, "attention_mask": att}
+    out = {"input_ids": ids[:, :P], "decoder_input_ids": ids[:, P:]}
+    if att is not None:
+        out |= {"attention_mask": att[:, :P], "decoder_attention_mask": att.to(torch.bool)}
+    return out
 
 
 def is_native(model) -> bool:
@@ -425,6 +470,11 @@ def load_packed(path: str | Path, device: str = "cpu", dtype: str | None = None)
         return load_native(path, dtype or "float32", device)
     if not register_transformers():
         raise QdtkError("qdtk.load needs transformers >= 4.50 (its quantizer registry)")
+    from qdtk.pack import read_quantization_config
+
+    if read_quantization_config(path).get("fused"):
+        raise QdtkError(f"{path}: its experts are packed from fused 3-D tensors, which qdtk "
+                        f"cannot run packed yet; `qdtk unpack` it and run the dense folder")
     quantized_modules(path)  # validate everything before building anything
     config = transformers.AutoConfig.from_pretrained(path)
     kept = torch_dtype(dtype) if dtype else "auto"

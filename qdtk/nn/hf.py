@@ -21,8 +21,8 @@ QUANT_METHOD = "qdtk"
 
 
 def quantized_modules(folder: str | Path) -> dict[str, tuple]:
-    """{module: (shape, orders)} of a packed folder, every tensor validated against FORMAT.md
-    (the same checks and messages as `qdtk unpack`)."""
+    """{module: (shape, orders, rotation)} of a packed folder, every tensor validated against
+    FORMAT.md (the same checks and messages as `qdtk unpack`)."""
     from qdtk.checkpoint import Checkpoint
     from qdtk.pack import read_packed_layer, read_quantization_config
 
@@ -34,7 +34,7 @@ def quantized_modules(folder: str | Path) -> dict[str, tuple]:
             raise QdtkError(f"{folder}: module {module!r} is {info['kind']!r}-coded; packed "
                             "inference supports 'bcq' modules (run `qdtk unpack` for others)")
         layer = read_packed_layer(ckpt, module, info)
-        found[module] = (layer.shape, layer.orders)
+        found[module] = (layer.shape, layer.orders, layer.rotation)
     return found
 
 
@@ -45,7 +45,7 @@ def replace_linears(model, modules: dict[str, tuple]) -> None:
 
     from qdtk.nn.linear import BCQLinear
 
-    for name, ((n, m), orders) in modules.items():
+    for name, ((n, m), orders, rotation) in modules.items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -57,7 +57,7 @@ def replace_linears(model, modules: dict[str, tuple]) -> None:
         parent, _, attr = name.rpartition(".")
         bias = old.bias is not None
         new = BCQLinear(m, n, orders, bias, dtype=old.bias.dtype if bias else old.weight.dtype,
-                        device=old.weight.device)
+                        device=old.weight.device, rotation=rotation)
         setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 

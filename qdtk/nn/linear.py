@@ -3,8 +3,10 @@
 Its buffers are the file's tensors of module M, with the same names and dtypes (`orders`
 uint8, `planes` uint32, `row_scale` and `col_scale` float16), so `state_dict()` gives back the
 file's bytes and transformers loads a packed checkpoint into it by name; `bias` is the
-original Linear's. The arithmetic is qdtk's (qdtk.nn.kernels on the CPU, qdtk.nn.cuda on a
-GPU) on the tensors' own memory; torch only glues and runs the BLAS product of a tile.
+original Linear's. A rotated module (docs/FORMAT.md, qdtk.rotation) first rotates its input,
+x -> x Q (the fast Walsh-Hadamard transform; Q comes from the config, it is not a buffer).
+The arithmetic is qdtk's (qdtk.nn.kernels on the CPU, qdtk.nn.cuda on a GPU) on the tensors'
+own memory; torch only glues and runs the BLAS product of a tile.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from qdtk.nn import kernels
 from qdtk.pack import PackedBCQ, PlaneLayout, bcq_expected, plane_layout
+from qdtk.rotation import Rotation
 
 # Up to this many tokens the product reads the packed bytes only (`kernels.matmul_lut`);
 # beyond, tiles of What are dequantised and multiplied with BLAS. Measured as CPU time on one
@@ -37,9 +40,11 @@ class BCQLinear(nn.Module):
     """y = x What^T + bias with What kept as sign planes and float16 scales."""
 
     def __init__(self, in_features: int, out_features: int, orders, bias: bool = True,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None,
+                 rotation: Rotation | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.rotation = rotation  # Q: the planes code W Q, so inputs go in as x Q
         orders = np.asarray(orders, np.uint8)
         for name, (dt, shape) in bcq_expected((out_features, in_features), orders).items():
             self.register_buffer(name, torch.empty(shape, dtype=_TORCH_DTYPES[dt], device=device))
@@ -53,7 +58,8 @@ class BCQLinear(nn.Module):
         """The module of a packed layer; its buffers share the arrays' memory (no copy)."""
         n, m = packed.shape
         mod = cls(m, n, packed.orders, bias is not None, device="meta",
-                  dtype=bias.dtype if bias is not None else torch.float32)
+                  dtype=bias.dtype if bias is not None else torch.float32,
+                  rotation=packed.rotation)
         for name in PackedBCQ.FIELDS:
             setattr(mod, name, torch.from_numpy(np.ascontiguousarray(getattr(packed, name))))
         if bias is not None:
@@ -62,7 +68,8 @@ class BCQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"planes={self.row_scale.shape[0]}, bias={self.bias is not None}")
+                f"planes={self.row_scale.shape[0]}, bias={self.bias is not None}"
+                + (f", rotation={self.rotation.kind}" if self.rotation else ""))
 
     def layout(self) -> PlaneLayout:
         """Where each plane lives, from `orders` (recomputed when a load replaces it)."""
@@ -75,6 +82,9 @@ class BCQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # [T, m]
+        if self.rotation is not None:  # x Q: Numba on the CPU, torch's own ops on a GPU
+            x2 = (self.rotation.apply(x2) if x2.is_cuda
+                  else torch.from_numpy(self.rotation.apply(x2.numpy())))
         y = _matmul_cuda(self, x2) if x2.is_cuda else _matmul_cpu(self, x2)  # [T, n] float32
         if self.bias is not None:
             y += self.bias
