@@ -39,6 +39,7 @@ import qdtk  # noqa: F401  (first: it sets OpenBLAS's thread policy before NumPy
 import argparse
 import time
 import tracemalloc
+import zlib
 
 import numpy as np
 
@@ -149,7 +150,7 @@ def main() -> None:
             per_shape: dict[tuple, dict] = {}
             for role, n, m, inp in chosen:
                 if inp not in Hs:
-                    Hs[inp] = activations_H(np.random.default_rng(hash(inp) % 2**32), m,
+                    Hs[inp] = activations_H(np.random.default_rng(zlib.crc32(inp.encode())), m,
                                             args.tokens)
                 W = (np.random.default_rng(n * m).standard_normal((n, m), dtype=np.float32)
                      / np.sqrt(m))
