@@ -3,9 +3,10 @@
 PY := .venv/bin/python
 STAMP := .venv/.qdtk-installed
 COMPAT := .venv-tf4/.qdtk-installed
-# What must also pass on transformers 4.x: the native dLLMs, generation, capture and run on them.
+# What must also pass on transformers 4.x: the native dLLMs, generation, capture and run on them,
+# and packed folders (from_pretrained through the quantizer, and its gate without qdtk).
 COMPAT_TESTS := tests/test_models.py tests/test_generate.py tests/test_capture.py \
-	tests/test_pipeline.py
+	tests/test_pipeline.py tests/test_nn.py
 
 .PHONY: run test lint bench setup
 

@@ -17,7 +17,7 @@ layer alone is replaced by its uncompensated uniform-order-2 DAQ solution, per u
 layer's output error. swap at rho 0.05 moves nothing on layers with fewer than 20 groups (all
 of MiniLM's and SmolLM2's), so it equals uniform there; rho 0.25 is shown as well. Every DAQ
 setting runs with each --refine mode (refit on the full H after the
-sweep, qdtk.refine). Timings and thread counts on a shared machine are not the point here.
+sweep, qdtk.math.refine). Timings and thread counts on a shared machine are not the point here.
 """
 
 from __future__ import annotations
@@ -31,21 +31,21 @@ from pathlib import Path
 
 import numpy as np
 
-from qdtk import abmp
+from qdtk.math import abmp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import model_folder  # noqa: E402  (bench/common.py)
 
-from qdtk.bits import bcq_bits
+from qdtk.formats.bits import bcq_bits
 
 DAQ = {"iters": 15, "tau": 2.0, "lam": 3.0, "refit": True, "backend": "cpu"}
 OPTIONS = {"method": "daq", "percdamp": 0.01, "compensate": True, **DAQ}
 
 
 def run_setting(model: Path, stats: Path, work: Path, tag: str, solver, options: dict) -> dict:
-    from qdtk.evaluate import compare
     from qdtk.pack import pack_checkpoint, unpack_checkpoint
     from qdtk.quantize import quantize_model
+    from qdtk.torch.evaluate import compare
 
     q, p, u = work / f"q-{tag}", work / f"p-{tag}", work / f"u-{tag}"
     t0 = time.perf_counter()
@@ -66,14 +66,14 @@ def run_setting(model: Path, stats: Path, work: Path, tag: str, solver, options:
 
 def bench_model(name: str, work: Path, n: int, L: int, refines: list[str]) -> list[dict]:
     from qdtk.allocate import SENSITIVITY_WINDOWS, model_candidates
-    from qdtk.baselines import solve_gptq
-    from qdtk.capture import CaptureOptions, capture
-    from qdtk.checkpoint import Checkpoint
-    from qdtk.evaluate import output_change_fn
-    from qdtk.hessian import prepare_hessian
+    from qdtk.formats.checkpoint import Checkpoint
+    from qdtk.formats.stats import Stats
+    from qdtk.math.baselines import solve_gptq
+    from qdtk.math.hessian import prepare_hessian
     from qdtk.options import QuantizeOptions
-    from qdtk.solvers import solve_daq
-    from qdtk.stats import Stats
+    from qdtk.solve.solvers import solve_daq
+    from qdtk.torch.capture import CaptureOptions, capture
+    from qdtk.torch.evaluate import output_change_fn
 
     work.mkdir(parents=True, exist_ok=True)
     model = model_folder(name, work)

@@ -5,7 +5,7 @@
 Rows (tokens per second over the same masked sequences and batches):
   forward      the base model's ordinary forward (embedding + block stack), no hooks
   blockwise    qdtk's block-by-block run without hooks (the capture machinery alone)
-  capture f64  block by block with hooks, sum x x^T in float64 (SPEC 1, the default)
+  capture f64  block by block with hooks, sum x x^T in float64 (METHOD.md §1, the default)
   capture f32  the same with float32 sums within a batch, float64 across batches
 The H arithmetic (T m^2 per input, m up to the FFN width) is a fixed cost on top of the forward
 (T m n per Linear); the "H flops / fwd flops" column says how large it must be. Timings on a
@@ -34,9 +34,9 @@ MINILM, SMOLLM = minilm(), smollm_gguf()
 
 
 def _batch(path, N, L):
-    from qdtk.calib import calibration_text
-    from qdtk.capture import load_tokenizer
-    from qdtk.mcs import MaskOptions, cut_windows, mask_batch
+    from qdtk.formats.calib import calibration_text
+    from qdtk.math.mcs import MaskOptions, cut_windows, mask_batch
+    from qdtk.torch.capture import load_tokenizer
 
     tok = load_tokenizer(path)
     stream = np.asarray(tok(calibration_text(None), add_special_tokens=False)["input_ids"])
@@ -59,8 +59,8 @@ def _flops(session) -> tuple[float, float]:
 def throughput(path, N, L, chunk, repeat=2) -> list[dict]:
     import torch
 
-    from qdtk.capture import BlockSession
-    from qdtk.models import load_model
+    from qdtk.torch.capture import BlockSession
+    from qdtk.torch.models import load_model
 
     model = load_model(path)
     b = _batch(path, N, L)
@@ -99,8 +99,8 @@ def _peak_child(path: str, N: int, L: int, chunk: int, offload: bool) -> None:
     import gc
     import tempfile
 
-    from qdtk.capture import BlockSession
-    from qdtk.models import load_model
+    from qdtk.torch.capture import BlockSession
+    from qdtk.torch.models import load_model
 
     model = load_model(path)
     b = _batch(path, N, L)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_quality import SETTINGS  # noqa: E402
 from common import best, minilm, quantize_options  # noqa: E402
 
-from qdtk.io import read_json  # noqa: E402
+from qdtk.formats.io import read_json  # noqa: E402
 from qdtk.options import QuantizeOptions  # noqa: E402
 from qdtk.quantize import quantize_model  # noqa: E402
 
@@ -53,7 +53,7 @@ LLADA_OPTIONS = {"method": "daq", "bits": 2, "abmp": "none", "feedback": "block"
 
 
 def minilm_stats(work: Path) -> tuple[Path, Path]:
-    from qdtk.capture import CaptureOptions, capture
+    from qdtk.torch.capture import CaptureOptions, capture
 
     model = minilm()
     stats = capture(model, "builtin", work / "minilm-stats", CaptureOptions(n=64, L=256),
@@ -63,8 +63,8 @@ def minilm_stats(work: Path) -> tuple[Path, Path]:
 
 def llada_block(work: Path, tokens: int = 1024) -> tuple[Path, Path]:
     """One LLaDA-shaped block: W ~ N(0, 0.02^2), H = (2/T) X^T X of T random correlated rows."""
-    from qdtk.checkpoint import Checkpoint, CheckpointWriter
-    from qdtk.stats import InputStat, StatsWriter
+    from qdtk.formats.checkpoint import Checkpoint, CheckpointWriter
+    from qdtk.formats.stats import InputStat, StatsWriter
 
     model, stats = work / "llada-block", work / "llada-stats"
     if (stats / "manifest.json").exists():

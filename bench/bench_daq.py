@@ -45,8 +45,8 @@ import tracemalloc
 import numba
 import numpy as np
 
-from qdtk.bits import group_slices
-from qdtk.layer import quantize_layer
+from qdtk.formats.bits import group_slices
+from qdtk.solve.layer import quantize_layer
 
 SHAPES = "384x1536,576x1536,4096x4096,12288x4096,4096x12288"
 

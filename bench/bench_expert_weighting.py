@@ -68,9 +68,9 @@ def held_out_inputs(model, tokenizer, L: int, n: int):
     held-out source (full-precision model)."""
     import torch
 
-    from qdtk.evaluate import default_sources, read_text, token_windows
-    from qdtk.experts import is_fused_experts
-    from qdtk.models import flat_config, forward_inputs
+    from qdtk.torch.evaluate import default_sources, read_text, token_windows
+    from qdtk.torch.experts import is_fused_experts
+    from qdtk.torch.models import flat_config, forward_inputs
 
     got: dict = {}
     handles = [mod.register_forward_hook(
@@ -90,7 +90,7 @@ def moe_error(model, name: str, inputs, weights: dict[str, np.ndarray]) -> float
     """The relative output error of experts module `name` with its matrices replaced."""
     import torch
 
-    from qdtk.experts import expert_weight
+    from qdtk.formats.experts import expert_weight
 
     mod = model.get_submodule(name)
     old = mod.gate_up_proj.data.clone(), mod.down_proj.data.clone()
@@ -122,12 +122,12 @@ def main() -> None:
 
     import torch
 
-    from qdtk.capture import CaptureOptions, capture
-    from qdtk.checkpoint import Checkpoint
-    from qdtk.mcs import MaskOptions
-    from qdtk.models import load_model, load_tokenizer
+    from qdtk.formats.checkpoint import Checkpoint
+    from qdtk.formats.stats import Stats
+    from qdtk.math.mcs import MaskOptions
     from qdtk.quantize import make_solver
-    from qdtk.stats import Stats
+    from qdtk.torch.capture import CaptureOptions, capture
+    from qdtk.torch.models import load_model, load_tokenizer
 
     torch.set_num_threads(a.threads)
     logging.disable(logging.WARNING)

@@ -1,7 +1,7 @@
 """DAQ on GPU vs CPU: whole layers through the layer driver, on the CPU bench's shapes, against
 their floors.
 
-For each layer shape n x m (uniform order K, T rounds, block feedback) qdtk.layer's
+For each layer shape n x m (uniform order K, T rounds, block feedback) qdtk.solve.layer's
 `quantize_layer` runs with --backend cuda (H factored by cuSOLVER, W, R and the sweep on the
 GPU: CuPy GEMMs, Numba CUDA DAQ kernels) and with --backend cpu. Printed per shape:
 
@@ -29,11 +29,11 @@ import time
 import numpy as np
 
 from qdtk import backend
-from qdtk.bits import group_slices
-from qdtk.daq import cuda as daq_cuda
-from qdtk.daq import error_weights
-from qdtk.hessian import prepare_hessian
-from qdtk.layer import quantize_layer
+from qdtk.formats.bits import group_slices
+from qdtk.math.daq import cuda as daq_cuda
+from qdtk.math.daq import error_weights
+from qdtk.math.hessian import prepare_hessian
+from qdtk.solve.layer import quantize_layer
 
 SHAPES = [(4096, 4096), (4096, 12288), (12288, 4096)]
 H100 = {"bw": 3.35e12, "fp32": 67e12}  # SXM datasheet: HBM3 bytes/s, fp32 flop/s
@@ -133,7 +133,7 @@ def random_layer(n: int, m: int, xp=np) -> tuple:
 
 
 def run_layer(n: int, m: int, K: int, T: int, device: str) -> dict[str, float]:
-    """Seconds per phase of qdtk.layer.quantize_layer (block feedback, qdtk's default) on
+    """Seconds per phase of qdtk.solve.layer.quantize_layer (block feedback, qdtk's default) on
     `device` ("cuda": R, W and the sweep on the GPU; "cpu": LAPACK, OpenBLAS and Numba), after
     a small warm-up layer that compiles the kernels."""
     W, H = random_layer(n, m)

@@ -4,8 +4,8 @@
     5% at 3, the rest 2) for T tokens: time of the packed module and of the dense matmuls, each
     next to its floor, max(bytes read / memory bandwidth, flops / float32 BLAS rate), both rates
     measured here first.
-(b) The two CPU paths of the packed module (lookup tables on the packed bytes; tiles of What
-    then BLAS) at small T: where they cross sets qdtk.nn.linear.FEW_TOKENS.
+(b) The two CPU paths of the packed module (sign words against x (.) b; tiles of What
+    then BLAS) at small T: where they cross sets qdtk.torch.nn.linear.FEW_TOKENS.
 (c) Whole models, each run in a fresh process: load time, one forward of T tokens, resident
     bytes of parameters and buffers, peak process memory (ru_maxrss), file size; packed
     (qdtk.load of a packed folder with random ABMP-like planes: speed and memory do not depend
@@ -69,9 +69,9 @@ def layer_table(shapes, tokens, repeat: int, clock) -> None:
 def layer_rows(rng, n: int, m: int, tokens, repeat: int, bw: float, gemm: float, clock) -> None:
     import torch
 
-    from qdtk.bits import bcq_bits_per_weight
-    from qdtk.nn.linear import FEW_TOKENS, BCQLinear
-    from qdtk.pack import PackedBCQ
+    from qdtk.formats.bits import bcq_bits_per_weight
+    from qdtk.formats.packed import PackedBCQ
+    from qdtk.torch.nn.linear import FEW_TOKENS, BCQLinear
 
     layer = abmp_like_layer(rng, n, m)
     bits = bcq_bits_per_weight(n, m, layer.orders)
@@ -96,7 +96,7 @@ def layer_rows(rng, n: int, m: int, tokens, repeat: int, bw: float, gemm: float,
         floor = {"packed": max((packed_bytes + io) / bw, flop),
                  "fp32": max((4 * n * m + io) / bw, flop),
                  "bf16": max((2 * n * m + io / 2) / bw, flop)}
-        path = "lut" if T <= FEW_TOKENS else "tiles"
+        path = "words" if T <= FEW_TOKENS else "tiles"
         print(f"| {n} x {m} | {bits:.3f} | {T} ({path}) "
               + " ".join(f"| {1e3 * t[k]:.2f} | {1e3 * floor[k]:.2f}" for k in t)
               + f" | {t['packed'] / t['fp32']:.2f} | {err:.1e} |")
@@ -105,19 +105,19 @@ def layer_rows(rng, n: int, m: int, tokens, repeat: int, bw: float, gemm: float,
 def crossover_table(n: int, m: int, tokens, repeat: int, clock) -> None:
     import torch
 
-    from qdtk.nn import linear
-    from qdtk.pack import PackedBCQ
+    from qdtk.formats.packed import PackedBCQ
+    from qdtk.torch.nn import linear
 
     rng = np.random.default_rng(1)
     mod = linear.BCQLinear.from_packed(PackedBCQ.from_layer(abmp_like_layer(rng, n, m)))
-    print(f"\n| layer {n} x {m}: T | lookup tables ms | tiles + BLAS ms | chosen |")
+    print(f"\n| layer {n} x {m}: T | packed words ms | tiles + BLAS ms | chosen |")
     print("|---|---|---|---|")
     for T in tokens:
         x = torch.randn(T, m)
-        t_lut = best(lambda x=x: linear.matmul_lut(mod, x), repeat, True, clock)
+        t_words = best(lambda x=x: linear.matmul_packed(mod, x), repeat, True, clock)
         t_tile = best(lambda x=x: linear.matmul_tiled(mod, x), repeat, True, clock)
-        chosen = "lut" if T <= linear.FEW_TOKENS else "tiles"
-        print(f"| {T} | {1e3 * t_lut:.2f} | {1e3 * t_tile:.2f} | {chosen} |")
+        chosen = "words" if T <= linear.FEW_TOKENS else "tiles"
+        print(f"| {T} | {1e3 * t_words:.2f} | {1e3 * t_tile:.2f} | {chosen} |")
 
 
 # ----------------------------------------------------------------------------- whole models
@@ -170,7 +170,7 @@ def measure(kind: str, folder: str, T: int, repeat: int) -> dict:
     """Run in a fresh process: load, forward T tokens, memory (printed as JSON)."""
     import torch
 
-    from qdtk.models import _auto_class
+    from qdtk.torch.models import _auto_class
 
     t0 = time.perf_counter()
     if kind == "packed":
@@ -218,7 +218,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="4096x4096,4096x12288", help="n x m layer shapes")
     ap.add_argument("--tokens", default="1,16,256,1024", help="token counts T")
-    ap.add_argument("--crossover", default="1,2,4,8,16,32", help="T for the path table")
+    ap.add_argument("--crossover", default="1,2,4,8,16,32",
+                    help="T for the path table (empty: none)")
     ap.add_argument("--models", default="minilm,smollm,llada-block",
                     help="whole models (minilm, smollm, llada-block; empty: none)")
     ap.add_argument("--model-tokens", type=int, default=128, help="tokens per model forward")
@@ -244,8 +245,9 @@ def main() -> None:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     if shapes:
         layer_table(shapes, [int(t) for t in args.tokens.split(",")], args.repeat, clock)
-        crossover_table(*shapes[0], [int(t) for t in args.crossover.split(",")], args.repeat,
-                        clock)
+        if args.crossover:
+            crossover_table(*shapes[0], [int(t) for t in args.crossover.split(",")],
+                            args.repeat, clock)
     if args.models:
         model_table(args.models.split(","), Path(args.work), args.model_tokens, args.repeat)
 

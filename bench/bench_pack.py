@@ -24,9 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import best  # noqa: E402
 
-from qdtk.bits import bcq_bits_per_weight, group_slices
-from qdtk.pack import PackedBCQ, bcq_matmul
-from qdtk.solution import BinaryCodedLayer
+from qdtk.formats.bits import bcq_bits_per_weight, group_slices
+from qdtk.formats.packed import PackedBCQ, bcq_matmul
+from qdtk.formats.solution import BinaryCodedLayer
 
 
 def abmp_like_layer(rng: np.random.Generator, n: int, m: int) -> BinaryCodedLayer:

@@ -6,7 +6,7 @@ every built-in held-out text.
 
 Per model: H is captured once on the calibration text (--calib, default the built-in mix; MCS
 masking for MiniLM, which has a [MASK] token; plain for the causal SmolLM2, which has none),
-and once on the held-out part of every built-in source (qdtk.calib: pydoc, docstrings,
+and once on the held-out part of every built-in source (qdtk.formats.calib: pydoc, docstrings,
 manpages; plain, and masked for pydoc) to measure every layer's relative output error
 tr(D H D^T)/tr(W H W^T) on held-out inputs. Each setting is quantized from the same statistics,
 packed, unpacked and compared with the original on every held-out text: the mean-pooled
@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import calibration_source, model_folder, quantize_options  # noqa: E402
 
-from qdtk.calib import EVAL_SOURCES, PREFIX  # noqa: E402
+from qdtk.formats.calib import EVAL_SOURCES, PREFIX  # noqa: E402
 
 SETTINGS = {
     "published": {"method": "daq", "abmp": "swap", "rho": 0.05, "refine": "none",
@@ -53,7 +53,7 @@ SETTINGS = {
 
 
 def heldout_source(work: Path, source: str) -> Path:
-    from qdtk.calib import builtin_text
+    from qdtk.formats.calib import builtin_text
 
     path = work / f"heldout-{source}.txt"
     if not path.exists():
@@ -65,8 +65,8 @@ def capture_all(model: Path, work: Path, calib: str, n: int, L: int, masked: boo
                 ) -> dict[str, Path]:
     """Statistics: calibration (masked when the model can), held-out plain per source and
     held-out masked (pydoc)."""
-    from qdtk.capture import CaptureOptions, capture
-    from qdtk.mcs import MaskOptions
+    from qdtk.math.mcs import MaskOptions
+    from qdtk.torch.capture import CaptureOptions, capture
 
     calib = calibration_source(calib, work)
     runs = {"calib": (calib, masked)}
@@ -83,10 +83,10 @@ def capture_all(model: Path, work: Path, calib: str, n: int, L: int, masked: boo
 
 def run_setting(model: Path, stats: dict[str, Path], work: Path, setting: str, extra: dict
                 ) -> dict:
-    from qdtk.evaluate import compare_texts, layer_errors, read_text
     from qdtk.pack import pack_checkpoint, unpack_checkpoint
     from qdtk.quantize import quantize_model
-    from qdtk.solvers import make_solver
+    from qdtk.solve.solvers import make_solver
+    from qdtk.torch.evaluate import compare_texts, layer_errors, read_text
 
     over = SETTINGS[setting]
     options = quantize_options({**over, **(extra if over["method"] == "daq" else {})})

@@ -1,9 +1,9 @@
 """How much does refining DAQ's solution on the full H buy? MiniLM, uniform order 2, one pass.
 
 Captures H = 2/T X^T X per Linear input of all-MiniLM-L6-v2 with forward hooks on calibration
-windows from the first half of the stdlib's pydoc text (unmasked, and masked as SPEC 1 MCS),
-solves every Linear of the 6 blocks with DAQ + the GPTQ-style sweep (SPEC 4, 5), then applies
-the variants of qdtk.refine. Reports per variant: the median proxy error tr(DHD^T)/tr(WHW^T)
+windows from the first half of the stdlib's pydoc text (unmasked, and masked as METHOD.md §1 MCS),
+solves every Linear of the 6 blocks with DAQ + the GPTQ-style sweep (METHOD.md §3, §4), then applies
+the variants of qdtk.math.refine. Reports per variant: the median proxy error tr(DHD^T)/tr(WHW^T)
 over layers on the calibration H and on held-out H (unmasked and masked), the held-out cosine
 of mean-pooled final hidden states against the original model, real bits/weight, time.
 
@@ -24,15 +24,15 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, BertModel
 
-from qdtk.bits import bcq_bits, group_slices
-from qdtk.evaluate import proxy_error
-from qdtk.layer import quantize_layer
-from qdtk.refine import refine_layer
-from qdtk.solution import (
+from qdtk.formats.bits import bcq_bits, group_slices
+from qdtk.formats.solution import (
     BinaryCodedLayer,
     read_solution_block,
     write_solution_block,
 )
+from qdtk.math.forms import proxy_error
+from qdtk.math.refine import refine_layer
+from qdtk.solve.layer import quantize_layer
 
 L = 128  # tokens per window
 
@@ -59,7 +59,7 @@ def windows(ids: np.ndarray, count: int, tok) -> np.ndarray:
 
 
 def mcs_mask(X: np.ndarray, mask_id: int, gamma: float = 0.25, seed: int = 0) -> np.ndarray:
-    """SPEC 1: window i masked with t_i = (i+1)/N after a visible prefix of gamma*L tokens."""
+    """METHOD.md §1: window i masked with t_i = (i+1)/N after a visible prefix of gamma*L tokens."""
     X = X.copy()
     N, Lx = X.shape
     for i in range(N):
@@ -114,7 +114,7 @@ def cosine(A: np.ndarray, B: np.ndarray) -> float:
 
 
 def daq_layer(W: np.ndarray, H: np.ndarray, order: int = 2) -> BinaryCodedLayer:
-    """SPEC 4 + 5 at uniform order: qdtk.layer's driver (DAQ + GPTQ-style sweep)."""
+    """METHOD.md §3 + §4 at uniform order: qdtk.solve.layer's driver (DAQ + GPTQ-style sweep)."""
     return quantize_layer(W, H, [order] * len(group_slices(W.shape[1])))[0]
 
 

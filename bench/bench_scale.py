@@ -43,9 +43,9 @@ import zlib
 
 import numpy as np
 
+from qdtk.formats.packed import pack_layer
 from qdtk.options import QuantizeOptions
-from qdtk.pack import pack_layer
-from qdtk.solvers import solve_daq
+from qdtk.solve.solvers import solve_daq
 
 # name -> ([(role, n, m, input)], blocks in the model)
 BLOCKS = {
@@ -104,8 +104,8 @@ def block_forward_seconds(tokens: int = 1024) -> float:
     """Seconds of one LLaDA-8B-shaped block (qdtk's native forward, float32) on `tokens`."""
     import torch
 
-    from qdtk.models.layers import NativeConfig, rotary_tables
-    from qdtk.models.llada import LLaDABlock
+    from qdtk.torch.models.layers import NativeConfig, rotary_tables
+    from qdtk.torch.models.llada import LLaDABlock
 
     c = NativeConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
                      intermediate_size=12288, eps=1e-5, norm_bias=False, qkv_bias=False,

@@ -13,7 +13,7 @@ requantizes the packaged Q4_1 GGUF (--allow-requantize): its input is the same d
 that qdtk quantizes; its result is read back and dequantized with the gguf package.
 
 Each method's error per layer is tr(D H D^T) / tr(W H W^T), D = W - What, on H from the
-calibration text and from the held-out part of every built-in source (qdtk.calib); the table
+calibration text and from the held-out part of every built-in source (qdtk.formats.calib); the table
 is the median over the layers. llama.cpp's quantizer (llama-quantize) builds from the
 llama-cpp-python source distribution, which vendors llama.cpp:
 
@@ -117,7 +117,7 @@ def llamacpp_layers(exe: Path, imatrix: Path, qtype: str, work: Path, layers: li
 
 def qdtk_layer(W: np.ndarray, H: np.ndarray, setting: str) -> tuple[np.ndarray, float]:
     """(What [n, m] in the model's basis, bits per weight) of one setting."""
-    from qdtk.solvers import make_solver
+    from qdtk.solve.solvers import make_solver
 
     options = quantize_options(SETTINGS[setting])
     layer, rep = make_solver(options)(W, H, options, name=setting)
@@ -126,9 +126,9 @@ def qdtk_layer(W: np.ndarray, H: np.ndarray, setting: str) -> tuple[np.ndarray, 
 
 def capture_stats(model: Path, work: Path, calib: str, n: int, L: int) -> dict[str, Path]:
     """Plain statistics on the calibration text and on each built-in held-out text."""
-    from qdtk.calib import EVAL_SOURCES, builtin_text
-    from qdtk.capture import CaptureOptions, capture
-    from qdtk.mcs import MaskOptions
+    from qdtk.formats.calib import EVAL_SOURCES, builtin_text
+    from qdtk.math.mcs import MaskOptions
+    from qdtk.torch.capture import CaptureOptions, capture
 
     sources: dict[str, str | None] = {"calib": calibration_source(calib, work)}
     for s in EVAL_SOURCES:
@@ -152,9 +152,9 @@ def main() -> None:
     ap.add_argument("--settings", default=DEFAULT_SETTINGS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from qdtk.checkpoint import Checkpoint
-    from qdtk.evaluate import proxy_error
-    from qdtk.stats import Stats
+    from qdtk.formats.checkpoint import Checkpoint
+    from qdtk.formats.stats import Stats
+    from qdtk.math.forms import proxy_error
 
     calib_tag = "" if args.calib == "builtin" else args.calib.replace("/", "_") + "-"
     work = args.work / f"{calib_tag}n{args.n}-L{args.L}"

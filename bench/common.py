@@ -38,8 +38,8 @@ def model_folder(name: str, work: Path) -> Path:
     folder = work / "smollm-hf"
     if (folder / "config.json").exists():
         return folder
-    from qdtk.checkpoint import CheckpointWriter
-    from qdtk.models import load_model, load_tokenizer
+    from qdtk.formats.checkpoint import CheckpointWriter
+    from qdtk.torch.models import load_model, load_tokenizer
 
     gguf = smollm_gguf()
     model = load_model(gguf)
@@ -78,10 +78,10 @@ def quantize_options(overrides: dict):
 
 def calibration_source(spec: str, work: Path) -> str:
     """A calibration source for the stages: SRC as given, or for "mix:A,B,..." a file holding
-    the calibration parts of those built-in sources (qdtk.calib.mix_documents)."""
+    the calibration parts of those built-in sources (qdtk.formats.calib.mix_documents)."""
     if not spec.startswith("mix:"):
         return spec
-    from qdtk.calib import SEPARATOR, mix_documents
+    from qdtk.formats.calib import SEPARATOR, mix_documents
 
     path = work / f"calib-{spec[4:].replace(',', '+')}.txt"
     if not path.exists():

@@ -22,7 +22,7 @@ def capture(model, calib, out, **kw) -> None:
     MODEL is a checkpoint folder (or a .gguf file). The model runs block by block: only one
     block is on the device at a time. Writes one statistics file per block into OUT.
     """
-    from qdtk.capture import capture as run_capture
+    from qdtk.torch.capture import capture as run_capture
 
     opts = capture_options_from(kw)
     run_capture(model, calib, out, opts, echo=lambda s: click.echo(s, err=True))

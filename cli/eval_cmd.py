@@ -66,7 +66,7 @@ def eval_(model_a, model_b, text_srcs, n, L, seed, device, dtype, batch, trust_r
     LMs), and for every model the cosine similarity of the final hidden states and of the
     mean-pooled sentence embeddings (the metric of encoders without a head).
     """
-    from qdtk.evaluate import compare_texts, default_sources, read_text
+    from qdtk.torch.evaluate import compare_texts, default_sources, read_text
 
     texts = {src: read_text(src) for src in text_srcs or default_sources()}
     result = compare_texts(model_a, model_b, texts, n=n, L=L, seed=seed, device=device,

@@ -53,8 +53,8 @@ def generate(model, prompt, prompt_file, chat, gen_length, block_length, steps, 
     from pathlib import Path
 
     from qdtk.errors import QdtkError
-    from qdtk.generate import GenerateOptions
-    from qdtk.generate import generate as run_generate
+    from qdtk.torch.generate import GenerateOptions
+    from qdtk.torch.generate import generate as run_generate
 
     if (prompt is None) == (prompt_file is None):
         raise QdtkError("give exactly one of --prompt TEXT and --prompt-file FILE")

@@ -16,9 +16,9 @@ from qdtk.cli.options import exclude_option, include_option
 
 def describe_packed(folder: str) -> dict:
     """A packed checkpoint: per quantized module its orders and bits per weight, and sizes."""
-    from qdtk.bits import affine_bits, bcq_bits
-    from qdtk.checkpoint import Checkpoint
-    from qdtk.pack import PackedAffine, PackedBCQ, read_quantization_config
+    from qdtk.formats.bits import affine_bits, bcq_bits
+    from qdtk.formats.checkpoint import Checkpoint
+    from qdtk.formats.packed import PackedAffine, PackedBCQ, read_quantization_config
 
     qc = read_quantization_config(folder)
     ckpt = Checkpoint(folder)
@@ -63,8 +63,8 @@ def describe_packed(folder: str) -> dict:
 
 def describe(folder: str, include=(), exclude=()) -> dict:
     """A summary of a checkpoint: tensors, parameters, dtypes, Linears and sizes."""
-    from qdtk.bits import bcq_bits, group_widths
-    from qdtk.checkpoint import Checkpoint
+    from qdtk.formats.bits import bcq_bits, group_widths
+    from qdtk.formats.checkpoint import Checkpoint
 
     ckpt = Checkpoint(folder)
     linears = ckpt.linear_names(include, exclude)
@@ -104,11 +104,11 @@ def verify_folder(folder: str) -> str:
     the first bad one. Returns what was checked, in words."""
     from pathlib import Path
 
-    from qdtk.checkpoint import Checkpoint
-    from qdtk.pack import is_packed, read_quantization_config, verify_packed
-    from qdtk.solution import REPORT, verify_solutions
-    from qdtk.stats import MANIFEST, Stats
-    from qdtk.validate import check_tensors_finite
+    from qdtk.formats.checkpoint import Checkpoint
+    from qdtk.formats.packed import is_packed, read_quantization_config, verify_packed
+    from qdtk.formats.solution import REPORT, verify_solutions
+    from qdtk.formats.stats import MANIFEST, Stats
+    from qdtk.formats.validate import check_tensors_finite
 
     if is_packed(folder):
         ckpt = Checkpoint(folder)
@@ -174,7 +174,7 @@ def inspect(model_dir: str, include, exclude, as_json: bool, verify: bool) -> No
     With --verify MODEL_DIR may also be a statistics (capture) or solution (quantize) folder;
     a damaged file is an error naming it (exit code 1).
     """
-    from qdtk.pack import is_packed
+    from qdtk.formats.packed import is_packed
 
     if verify:
         click.echo(f"{model_dir}: verified {verify_folder(model_dir)}")

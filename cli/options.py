@@ -130,8 +130,8 @@ def capture_options(n: int | None = 128, L: int | None = 2048, device: bool = Tr
 
 def capture_options_from(kw: dict):
     """CaptureOptions from the parsed `capture_options` (consumes their keys from kw)."""
-    from qdtk.capture import CaptureOptions
-    from qdtk.mcs import MaskOptions
+    from qdtk.math.mcs import MaskOptions
+    from qdtk.torch.capture import CaptureOptions
 
     mask = MaskOptions(
         gamma=kw.pop("gamma"), schedule=kw.pop("schedule"), timesteps=kw.pop("timesteps"),
@@ -248,7 +248,7 @@ def quantize_options_from(kw: dict, **run: Any) -> QuantizeOptions:
     keys from kw, include/exclude excepted), with `run` (how it runs: cluster, num_cpus,
     trust_remote_code, model_code). Checked: a bad combination is an error here, before any
     solve."""
-    from qdtk.daq import resolve_backend
+    from qdtk.math.daq import resolve_backend
     from qdtk.options import QuantizeOptions
 
     method, bits = kw.pop("method"), kw.pop("bits")

@@ -26,7 +26,8 @@ def pack(quant_dir: str, model_dir: str | None, out_dir: str, max_shard_size: st
     Sign planes go to disk as bits, scales as float16, every other tensor is copied as it is,
     and config.json gets a quantization_config. A finished pack with the same inputs is a no-op.
     """
-    from qdtk.pack import pack_checkpoint, parse_size, read_quantization_config
+    from qdtk.formats.packed import read_quantization_config
+    from qdtk.pack import pack_checkpoint, parse_size
 
     out = pack_checkpoint(quant_dir, out_dir, model_dir, parse_size(max_shard_size))
     qc = read_quantization_config(out)

@@ -13,14 +13,15 @@ from qdtk.cli.options import (
     quantize_options_from,
 )
 
-# The built-in demo must finish in minutes on a 2-core machine; a named model gets SPEC 1's N, L.
+# The built-in demo must finish in minutes on a 2-core machine; a named model gets the
+# published N, L (docs/METHOD.md §1).
 BUILTIN_N, BUILTIN_L = 64, 256
 MODEL_N, MODEL_L = 128, 2048
 
 
 def _text_sources(ctx, param, value):
-    from qdtk.calib import check_text_source
     from qdtk.errors import QdtkError
+    from qdtk.formats.calib import check_text_source
 
     try:
         for src in value:

@@ -13,7 +13,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from qdtk.errors import QdtkError  # noqa: E402
-from qdtk.nn.registry import register_when_imported  # noqa: E402
+from qdtk.torch.nn.registry import register_when_imported  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["QdtkError", "__version__", "load"]
@@ -25,7 +25,7 @@ register_when_imported()
 
 def __getattr__(name: str):
     if name == "load":  # torch and transformers load on first use only
-        from qdtk.models import load_packed
+        from qdtk.torch.models import load_packed
 
         return load_packed
     raise AttributeError(f"module 'qdtk' has no attribute {name!r}")

@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from qdtk import abmp
-from qdtk.checkpoint import Checkpoint
 from qdtk.cluster import Cluster, task_resources
-from qdtk.group import DaqGroupSolver
-from qdtk.hessian import prepare_hessian
-from qdtk.io import fingerprint, read_json, write_json_atomic
+from qdtk.formats.checkpoint import Checkpoint
+from qdtk.formats.io import fingerprint, read_json, write_json_atomic
+from qdtk.formats.stats import Stats
+from qdtk.math import abmp
+from qdtk.math.group import DaqGroupSolver
+from qdtk.math.hessian import prepare_hessian
+from qdtk.math.rotation import layer_rotation, rotate_problem
 from qdtk.options import QuantizeOptions
-from qdtk.rotation import layer_rotation, rotate_problem
-from qdtk.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def allocate_orders(
     "weighted_predicted_error", "layers": {name: {"orders", "predicted_error", "sensitivity"}}},
     read from OUT/orders.json when its fingerprint matches.
 
-    `output_change(name, What)` defaults to `qdtk.evaluate.output_change_fn(model_dir)` (torch),
-    built only when the allocation has to be computed. `stats`: the caller's open Stats of
+    `output_change(name, What)` defaults to `qdtk.torch.evaluate.output_change_fn(model_dir)`
+    (torch), built only when the allocation has to be computed. `stats`: the caller's open Stats of
     stats_dir (its files hashed once). With a `cluster` (qdtk.cluster.connected) the per-layer
     work runs there.
     """
@@ -100,17 +100,15 @@ def allocate_orders(
 
 def default_output_change(model_dir: str | Path,
                           options: QuantizeOptions) -> Callable[[str, np.ndarray], float]:
-    """qdtk.evaluate's output-change measure of the model in model_dir (torch, imported here
+    """qdtk.torch.evaluate's output-change measure of the model in model_dir (torch, imported here
     only: the formats and the math run without it). The forwards run where the solver does (a
     layer set of an 8B model is hours of forwards on a CPU)."""
-    import torch
+    from qdtk.torch.evaluate import output_change_fn
 
-    from qdtk.evaluate import output_change_fn
-
-    gpu = options.backend == "cuda" and torch.cuda.is_available()
     return output_change_fn(model_dir, **SENSITIVITY_WINDOWS,
                             trust_remote_code=options.trust_remote_code,
-                            model_code=options.model_code, device="cuda" if gpu else "cpu")
+                            model_code=options.model_code,
+                            device="cuda" if options.backend == "cuda" else "cpu")
 
 
 def layer_candidates(
@@ -141,8 +139,9 @@ def _candidates(ckpt: Checkpoint, stats: Stats, name: str,
                 options: QuantizeOptions) -> tuple[np.ndarray, np.ndarray, float]:
     W = ckpt.read(name, np.float32)  # [n, m]
     H, _ = stats.hessian(name, dim=W.shape[1])
-    # --rotate: the problem the layer's solve sees (qdtk.solvers.solve_rotated); What goes back
-    # to the model's basis for the sensitivity's forward, err is the same in both (Q orthogonal)
+    # --rotate: the problem the layer's solve sees (qdtk.solve.solvers.solve_rotated); What goes
+    # back to the model's basis for the sensitivity's forward; err is the same in both (Q
+    # orthogonal)
     rot = layer_rotation(options.rotate, options.rotate_seed, W.shape[1])
     E, What, err = layer_candidates(*rotate_problem(W, H, rot), name, options.orders,
                                     options.percdamp, options.shrink,

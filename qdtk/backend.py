@@ -1,7 +1,7 @@
 """The one place that decides where the math runs: `--device auto|cpu|cuda`.
 
 A `Backend` carries the array module (`xp`: numpy or cupy), the name of the DAQ kernel set
-("cpu": Numba on the host, "cuda": Numba CUDA kernels; the `backend=` of qdtk.daq.solve_block),
+("cpu": Numba on the host, "cuda": Numba CUDA kernels; the `backend=` of qdtk.math.daq.solve_block),
 the factorisation of H (`cholesky`, for hessian.prepare_hessian) and the host/device transfers,
 so the rest of qdtk never branches on the device.
 
@@ -19,8 +19,10 @@ from functools import lru_cache
 from types import ModuleType
 
 import numpy as np
+from scipy.linalg import lapack
 
 from qdtk.errors import QdtkError
+from qdtk.threads import thread_invariant
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,35 @@ def _cupy() -> ModuleType:
     return cupy
 
 
+def cholesky_lower(A: np.ndarray) -> np.ndarray | None:
+    """L lower with L L^T = A for a symmetric C-ordered A, computed in A's memory (A is
+    overwritten; L is A's buffer in Fortran order), or None if A is not positive definite."""
+    potrf = lapack.spotrf if A.dtype == np.float32 else lapack.dpotrf
+    with thread_invariant():  # the same factor on any thread count (qdtk.threads)
+        L, info = potrf(A.T, lower=1, clean=1, overwrite_a=1)  # A.T: A itself, Fortran order
+    if info != 0 or not np.all(np.isfinite(np.diag(L))):
+        return None
+    return L
+
+
+
+def cholesky_lower_gpu(A: np.ndarray) -> np.ndarray | None:
+    """cholesky_lower on the GPU: L lower with L L^T = A, or None (not positive definite),
+    through cuSOLVER's potrf; A in and L out are NumPy, in A's dtype. prepare_hessian's
+    `cholesky` hook on a CUDA backend (the damping policy and reversals stay here)."""
+    import cupy
+    import cupyx
+
+    try:
+        with cupyx.errstate(linalg="raise"):  # potrf's info != 0 raises instead of NaN
+            L = cupy.linalg.cholesky(cupy.asarray(A))
+    except np.linalg.LinAlgError:
+        return None
+    if not bool(cupy.isfinite(cupy.diagonal(L)).all()):
+        return None
+    return L.get()
+
+
 @dataclass(frozen=True)
 class Backend:
     """Where arrays live and which kernels run on them."""
@@ -109,8 +140,6 @@ class Backend:
     def cholesky(self):
         """A -> L lower with L L^T = A, or None: the `cholesky` of hessian.prepare_hessian.
         cuSOLVER on a GPU, LAPACK otherwise; both take and return NumPy arrays."""
-        from qdtk.hessian import cholesky_lower, cholesky_lower_gpu
-
         return cholesky_lower_gpu if self.on_gpu else cholesky_lower
 
     def to_device(self, x, dtype=None):

@@ -19,12 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from qdtk.abmp import COUNTS, ORDERS, budget_per_weight, check_orders
-from qdtk.abmp import METHODS as ABMP_METHODS
-from qdtk.daq import BACKENDS
 from qdtk.errors import QdtkError
-from qdtk.refine import MODES
-from qdtk.rotation import check_rotation
+from qdtk.math.abmp import COUNTS, ORDERS, budget_per_weight, check_orders
+from qdtk.math.abmp import METHODS as ABMP_METHODS
+from qdtk.math.daq import BACKENDS
+from qdtk.math.refine import MODES
+from qdtk.math.rotation import check_rotation
 
 METHODS = ("daq", "gptq", "rtn")
 SCOPES = ("layer", "model")
@@ -59,11 +59,11 @@ class QuantizeOptions:
     compensate: bool = True  # GPTQ-style error feedback between groups
     feedback: str = "diagonal"  # diagonal (published) or block (exact)
     refit: bool = True  # DAQ's closed-form scale refit
-    refine: str = "none"  # qdtk.refine.MODES
+    refine: str = "none"  # qdtk.math.refine.MODES
     refine_rounds: int | None = None  # None: the mode's own
-    backend: str = "cpu"  # qdtk.daq.BACKENDS
+    backend: str = "cpu"  # qdtk.math.daq.BACKENDS
     shrink: float = 0.0  # H shrunk toward its diagonal by this much for the fit
-    rotate: str = "none"  # none, or hadamard: solved as W Q against Q^T H Q (qdtk.rotation)
+    rotate: str = "none"  # none, or hadamard: solved as W Q against Q^T H Q (qdtk.math.rotation)
     rotate_seed: int = 0  # the seed of Q's random signs
     trust_remote_code: bool = False
     model_code: str = "auto"
@@ -111,7 +111,7 @@ class QuantizeOptions:
         return {**values, "orders": list(self.orders), **rotation}
 
     def refine_mode(self) -> dict | None:
-        """qdtk.refine.refine_layer's keyword arguments for `refine` (None: no refinement),
+        """qdtk.math.refine.refine_layer's keyword arguments for `refine` (None: no refinement),
         with `refine_rounds` replacing the mode's own number of rounds."""
         mode = MODES[self.refine]
         if mode is None or self.refine_rounds is None:
@@ -119,7 +119,7 @@ class QuantizeOptions:
         return {**mode, "rounds": self.refine_rounds}
 
     def group_settings(self) -> dict[str, Any]:
-        """The settings of qdtk.group.solve_group (and DaqGroupSolver)."""
+        """The settings of qdtk.math.group.solve_group (and DaqGroupSolver)."""
         return dict(iters=self.iters, tau=self.tau, lam=self.lam, refit=self.refit,
                     backend=self.backend)
 

@@ -8,7 +8,7 @@
     OUT/report  figures and report.md (qdtk.report; skipped without matplotlib)
 
 Every stage resumes on its own (fingerprints), so a killed run picks up where it stopped and a
-finished one is a no-op. The sequential mode (SPEC 1, the published order) replaces capture +
+finished one is a no-op. The sequential mode (METHOD.md §1, the published order) replaces capture +
 quantize by one interleaved pass: block b is calibrated on the outputs of the already quantized
 blocks < b, and inside a block the Linears are quantized step by step with H recaptured after
 each step.
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from qdtk.errors import QdtkError
-from qdtk.io import fingerprint, read_json, write_json_atomic
+from qdtk.formats.io import fingerprint, read_json, write_json_atomic
 from qdtk.options import QuantizeOptions
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,14 @@ class EvalOptions:
     n: int = 32
     L: int = 128
     seed: int = 0
-    texts: tuple[str, ...] = ()  # sources (qdtk.evaluate.read_text); () = every built-in one
+    texts: tuple[str, ...] = ()  # sources (qdtk.torch.evaluate.read_text); () = every built-in one
     dense_dtype: str = "float32"
     device: str = "cpu"
 
 
 @dataclass
 class RunOptions:
-    capture: Any  # qdtk.capture.CaptureOptions
+    capture: Any  # qdtk.torch.capture.CaptureOptions
     quantize: QuantizeOptions  # the quantize stage's options
     solver: Callable | None = None  # layer solver; None = the one the options name
     sequential: bool = False
@@ -80,10 +80,10 @@ def run(
     echo: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """Run every stage into OUT (resuming finished ones); returns the summary."""
-    from qdtk.capture import capture
-    from qdtk.checkpoint import Checkpoint
+    from qdtk.formats.checkpoint import Checkpoint
     from qdtk.pack import pack_checkpoint, unpack_checkpoint
     from qdtk.quantize import quantize_model
+    from qdtk.torch.capture import capture
 
     model = Path(model) if model is not None else builtin_model()
     out = Path(out)
@@ -136,8 +136,9 @@ def write_run_report(out: Path, echo: Callable[[str], None]) -> None:
 
 def evaluate_once(model: Path, dense: Path, quant: Path, path: Path, e: EvalOptions,
                   capture_opts: Any) -> dict:
-    """qdtk.evaluate.compare_texts, cached in `path` for the same quantized model and options."""
-    from qdtk.evaluate import compare_texts, default_sources, read_text
+    """qdtk.torch.evaluate.compare_texts, cached in `path` for the same quantized model and
+    options."""
+    from qdtk.torch.evaluate import compare_texts, default_sources, read_text
 
     fp = fingerprint(read_json(quant / "report.json").get("summary"), e.__dict__, str(model))
     if path.exists():
@@ -175,26 +176,26 @@ def summarize(ckpt: Any, report: dict, packed: Path, result: dict) -> dict[str, 
 
 
 def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOptions) -> dict:
-    """The published order: capture and quantize interleaved block by block (SPEC 1).
+    """The published order: capture and quantize interleaved block by block (METHOD.md §1).
 
     Block b sees the outputs of blocks < b with their quantized weights; inside the block each
     step (e.g. LLaDA: attn_out, ff_out, q/k/v, ff/up) is solved on H recaptured after the
     previous steps were replaced. Each block's solutions are written as soon as it is done; a
     rerun replays finished blocks from their files (same fingerprint chain) and goes on.
     """
-    from qdtk.capture import (
+    from qdtk.formats.checkpoint import Checkpoint
+    from qdtk.formats.solution import read_solution_block, write_solution_block
+    from qdtk.formats.validate import check_model_finite
+    from qdtk.quantize import SolutionReport
+    from qdtk.solve.solvers import make_solver
+    from qdtk.torch.capture import (
         BlockSession,
         calibration_batch,
         model_fingerprint,
         sequential_block,
         sequential_steps,
     )
-    from qdtk.checkpoint import Checkpoint
-    from qdtk.models import load_model, load_tokenizer
-    from qdtk.quantize import SolutionReport
-    from qdtk.solution import read_solution_block, write_solution_block
-    from qdtk.solvers import make_solver
-    from qdtk.validate import check_model_finite
+    from qdtk.torch.models import load_model, load_tokenizer
 
     if opts.quantize.model_scope:
         raise QdtkError("--sequential solves each block before the next is calibrated, so a "

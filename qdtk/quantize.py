@@ -1,8 +1,8 @@
 """The `qdtk quantize` stage: every selected Linear of a model solved with its statistic.
 
 For every statistics block, its selected Linears are solved by a pluggable layer solver
-(qdtk.solvers: `solver(W, H, options, name, orders) -> (QuantizedLayer, report dict)`; DAQ, or
-RTN and GPTQ from qdtk.baselines) and written as one solution file; a rerun skips blocks whose
+(qdtk.solve.solvers: `solver(W, H, options, name, orders) -> (QuantizedLayer, report dict)`; DAQ, or
+RTN and GPTQ from qdtk.math.baselines) and written as one solution file; a rerun skips blocks whose
 file carries the same fingerprint (model, statistics block, options, layer names). The options
 are one QuantizeOptions (qdtk.options), checked when it is built; its `fingerprinted()` fields
 name everything that changes the result. With budget scope "model" the group orders of all
@@ -22,24 +22,30 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from qdtk import abmp
 from qdtk.allocate import allocate_orders
-from qdtk.bits import group_slices
-from qdtk.checkpoint import FLOAT_CODES, Checkpoint
 from qdtk.cluster import Cluster, connected, task_resources
 from qdtk.errors import QdtkError
-from qdtk.io import clean_stale_temporaries, fingerprint, hash_file, read_json, write_json_atomic
-from qdtk.options import QuantizeOptions
-from qdtk.solution import (
+from qdtk.formats.bits import group_slices
+from qdtk.formats.checkpoint import FLOAT_CODES, Checkpoint
+from qdtk.formats.io import (
+    clean_stale_temporaries,
+    fingerprint,
+    hash_file,
+    read_json,
+    write_json_atomic,
+)
+from qdtk.formats.solution import (
     FORMAT,
     REPORT,
     QuantizedLayer,
     solution_fingerprint,
     write_solution_block,
 )
-from qdtk.solvers import LayerSolver, make_solver
-from qdtk.stats import Stats
-from qdtk.validate import check_free_space, check_tensors_finite
+from qdtk.formats.stats import Stats
+from qdtk.formats.validate import check_free_space, check_tensors_finite
+from qdtk.math import abmp
+from qdtk.options import QuantizeOptions
+from qdtk.solve.solvers import LayerSolver, make_solver
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import numpy as np
 
 from qdtk.allocate import ORDERS_FILE
 from qdtk.errors import QdtkError
-from qdtk.io import read_json, write_bytes_atomic
-from qdtk.solution import REPORT
+from qdtk.formats.io import read_json, write_bytes_atomic
+from qdtk.formats.solution import REPORT
 
 REPORT_MD = "report.md"
 SUMMARY = "summary.json"

@@ -12,7 +12,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from qdtk.checkpoint import write_safetensors
+from qdtk.formats.checkpoint import write_safetensors
 
 LLADA_CODE = {"AutoConfig": "configuration_llada.LLaDAConfig",
               "AutoModel": "modeling_llada.LLaDAModelLM",

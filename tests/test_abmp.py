@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qdtk import abmp
-from qdtk.bits import bcq_bits, group_bits, group_slices
 from qdtk.errors import QdtkError
-from qdtk.hessian import prepare_hessian
+from qdtk.formats.bits import bcq_bits, group_bits, group_slices
+from qdtk.math import abmp
+from qdtk.math.hessian import prepare_hessian
 
 
 def residual_solver(W_g: np.ndarray, order: int, d_g: np.ndarray) -> np.ndarray:
@@ -338,9 +338,9 @@ def test_choose_orders_per_method(rng):
 
 
 def test_daq_group_solver_memoises_and_serves_the_uncompensated_sweep(rng, monkeypatch):
-    import qdtk.group as group
-    from qdtk.hessian import prepare_hessian as prep32
-    from qdtk.layer import sweep
+    import qdtk.math.group as group
+    from qdtk.math.hessian import prepare_hessian as prep32
+    from qdtk.solve.layer import sweep
 
     n, m = 16, 200
     W, _, X = layer(rng, n, m)

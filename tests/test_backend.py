@@ -20,7 +20,7 @@ def fresh_status():
 
 def test_cpu_and_auto_here():
     """No GPU on this machine (and the simulator is on): auto is the CPU."""
-    from qdtk.hessian import cholesky_lower
+    from qdtk.backend import cholesky_lower
 
     assert backend.get_backend("cpu") is backend.CPU
     b = backend.get_backend("auto")
@@ -62,7 +62,7 @@ def test_driver_errors_are_survived(monkeypatch, fresh_status):
 def test_auto_picks_a_reported_gpu(monkeypatch):
     pytest.importorskip("cupy")
     monkeypatch.setattr(backend, "gpu_status", lambda: (True, "Test GPU"))
-    from qdtk.hessian import cholesky_lower_gpu
+    from qdtk.backend import cholesky_lower_gpu
 
     for device in ("auto", "cuda"):
         b = backend.get_backend(device)

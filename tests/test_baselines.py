@@ -3,7 +3,10 @@
 import numpy as np
 import pytest
 
-from qdtk.baselines import (
+from qdtk.errors import QdtkError
+from qdtk.formats.bits import affine_bits
+from qdtk.formats.solution import AffineLayer, read_solution_block, write_solution_block
+from qdtk.math.baselines import (
     affine_codes,
     affine_dequantize,
     affine_grid,
@@ -12,12 +15,9 @@ from qdtk.baselines import (
     solve_gptq,
     solve_rtn,
 )
-from qdtk.bits import affine_bits
-from qdtk.errors import QdtkError
-from qdtk.evaluate import proxy_error
-from qdtk.hessian import prepare_hessian
+from qdtk.math.forms import proxy_error
+from qdtk.math.hessian import prepare_hessian
 from qdtk.options import QuantizeOptions
-from qdtk.solution import AffineLayer, read_solution_block, write_solution_block
 
 
 def correlated_H(rng, m, T=600, r=None):

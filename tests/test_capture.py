@@ -1,4 +1,5 @@
-"""MCS capture (qdtk/capture.py, `qdtk capture`) on tiny models saved as real checkpoint folders."""
+"""MCS capture (qdtk/torch/capture.py, `qdtk capture`) on tiny models saved as real checkpoint
+folders."""
 
 import importlib.util
 import subprocess
@@ -12,10 +13,10 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from qdtk import capture as cap  # noqa: E402
-from qdtk.checkpoint import Checkpoint, write_safetensors  # noqa: E402
-from qdtk.mcs import MaskOptions, cut_windows, mask_batch  # noqa: E402
-from qdtk.stats import Stats, StatsWriter  # noqa: E402
+from qdtk.formats.checkpoint import Checkpoint, write_safetensors  # noqa: E402
+from qdtk.formats.stats import Stats, StatsWriter  # noqa: E402
+from qdtk.math.mcs import MaskOptions, cut_windows, mask_batch  # noqa: E402
+from qdtk.torch import capture as cap  # noqa: E402
 
 TEXT = (
     "Masked diffusion language models denoise text in which a fraction of the tokens has been "
@@ -348,7 +349,7 @@ def test_cli_capture(bert_dir, llama_dir, tmp_path):
     res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "s")])
     assert res.exit_code == 0 and "already complete" in res.output
 
-    # a causal LM without a mask token, asked for masks: the SPEC 1 error, unless --no-mask or
+    # a causal LM without a mask token, asked for masks: the METHOD.md §1 error, unless --no-mask or
     # an id is given (by default a causal LM is calibrated on plain text, as it is used)
     args = ["capture", str(llama_dir), "--calib", str(calib), "-n", "2", "-L", "8"]
     res = CliRunner().invoke(cli, [*args, "--mask", "--out", str(tmp_path / "l")])

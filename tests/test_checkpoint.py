@@ -7,7 +7,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from qdtk.checkpoint import (
+from qdtk.errors import QdtkError
+from qdtk.formats.checkpoint import (
     INDEX_NAME,
     Checkpoint,
     CheckpointWriter,
@@ -15,8 +16,7 @@ from qdtk.checkpoint import (
     read_header,
     write_safetensors,
 )
-from qdtk.errors import QdtkError
-from qdtk.io import atomic_path
+from qdtk.formats.io import atomic_path
 
 
 def _tensors(rng):

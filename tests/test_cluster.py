@@ -18,9 +18,9 @@ import qdtk.quantize
 from qdtk.cli.main import cli
 from qdtk.cluster import parse_cluster, task_resources
 from qdtk.errors import QdtkError
+from qdtk.formats.solution import REPORT
 from qdtk.quantize import quantize_model
-from qdtk.solution import REPORT
-from qdtk.solvers import solve_daq
+from qdtk.solve.solvers import solve_daq
 from tests import test_quantize
 from tests.test_quantize import OPTIONS, block_bytes, correlated_H, fake_output_change
 
@@ -106,8 +106,8 @@ def blas_threads() -> int:
 def wide_model(tmp_path):
     """One block of one 64 x 768 Linear: wide enough that OpenBLAS's LAPACK runs on 2 threads
     and its bits then differ from 1 thread's (measured: qdtk.threads)."""
-    from qdtk.checkpoint import Checkpoint, CheckpointWriter
-    from qdtk.stats import InputStat, StatsWriter
+    from qdtk.formats.checkpoint import Checkpoint, CheckpointWriter
+    from qdtk.formats.stats import InputStat, StatsWriter
 
     rng = np.random.default_rng(3)
     model, stats = tmp_path / "wide", tmp_path / "wide-stats"
@@ -144,12 +144,12 @@ def test_model_scope_prepass_runs_as_tasks_with_the_serial_result(
     itself, only the sensitivities' forwards), and orders.json and the files are the serial
     run's."""
     import qdtk.allocate
-    import qdtk.evaluate
-    from qdtk.io import read_json
+    import qdtk.torch.evaluate
+    from qdtk.formats.io import read_json
 
     model, stats = model_and_stats
     calls = []
-    monkeypatch.setattr(qdtk.evaluate, "output_change_fn",
+    monkeypatch.setattr(qdtk.torch.evaluate, "output_change_fn",
                         fake_output_change(model, {"down_proj": 1e3}, calls))
     options = {**OPTIONS, "abmp": "knapsack", "bits": None, "budget_scope": "model"}
     quantize_model(model, stats, tmp_path / "serial", options, progress=False)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from qdtk.daq import cpu, error_weights, reference, resolve_backend, solve_block
 from qdtk.errors import QdtkError
+from qdtk.math.daq import cpu, error_weights, reference, resolve_backend, solve_block
 
 
 def rel(x, y):

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from qdtk import backend
-from qdtk import layer as driver
-from qdtk.bits import group_slices
-from qdtk.daq import cuda as daq_cuda
-from qdtk.daq import reference, solve_block
+from qdtk.backend import cholesky_lower, cholesky_lower_gpu
 from qdtk.errors import QdtkError
-from qdtk.hessian import cholesky_lower, cholesky_lower_gpu, prepare_hessian
-from qdtk.solution import dequantize_block
+from qdtk.formats.bits import group_slices
+from qdtk.formats.solution import dequantize_block
+from qdtk.math.daq import cuda as daq_cuda
+from qdtk.math.daq import reference, solve_block
+from qdtk.math.hessian import prepare_hessian
+from qdtk.solve import layer as driver
 
 needs_gpu = pytest.mark.skipif(
     not backend.gpu_available(), reason="needs a CUDA GPU (CuPy reports none)"
@@ -69,7 +70,7 @@ def test_default_iterations(rng):
 
 
 def test_dispatch_and_default_launch(rng):
-    """Registered in qdtk.daq; the default launch shape (tiles of 16 rows, 128 threads, 8
+    """Registered in qdtk.math.daq; the default launch shape (tiles of 16 rows, 128 threads, 8
     slices: 1024 simulated threads per finalize, hence the short run)."""
     W, E = block(rng, n=17, w=5)
     want = reference.solve_block(W, 1, E, iters=0)
@@ -124,7 +125,7 @@ try:
 except Exception as e:
     print(e)
     sys.exit(3)
-from qdtk.daq.cuda import ptx
+from qdtk.math.daq.cuda import ptx
 print(json.dumps({k: [".local" in v, ".f64" in v] for k, v in ptx().items()}))
 """
 
@@ -159,7 +160,7 @@ def sign_solver(Wg, order, dg):
 
 def test_device_steps_are_the_driver_sweep(rng):
     """compensated_block + feed_forward (written for NumPy and CuPy) reproduce
-    qdtk.layer.sweep exactly on NumPy, ragged last group included."""
+    qdtk.solve.layer.sweep exactly on NumPy, ragged last group included."""
     W, H = layer(rng)
     P = prepare_hessian(H, dtype=np.float32)
     want = driver.sweep(W.copy(), P.R, np.ones(3, np.int64), sign_solver)[0].dequantize()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qdtk.errors import QdtkError
-from qdtk.evaluate import (
+from qdtk.torch.evaluate import (
     compare,
     compare_texts,
     default_sources,
@@ -41,7 +41,7 @@ def perturbed(src, dst, name_part, scale=0.05):
     """A copy of checkpoint src with noise added to every weight whose name contains name_part."""
     import shutil
 
-    from qdtk.checkpoint import read_safetensors, write_safetensors
+    from qdtk.formats.checkpoint import read_safetensors, write_safetensors
 
     shutil.copytree(src, dst)
     tensors, meta = read_safetensors(dst / "model.safetensors")
@@ -133,10 +133,10 @@ def test_compare_rejects_bad_inputs(tiny_bert, tiny_llama, tmp_path):
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_layer_errors_of_a_quantized_model(tmp_path, rng, method):
     """The baselines run as a `quantize` stage; layer_errors reads the stored solutions back."""
-    from qdtk.baselines import SOLVERS, rtn
-    from qdtk.checkpoint import write_safetensors
+    from qdtk.formats.checkpoint import write_safetensors
+    from qdtk.formats.stats import InputStat, StatsWriter
+    from qdtk.math.baselines import SOLVERS, rtn
     from qdtk.quantize import quantize_model
-    from qdtk.stats import InputStat, StatsWriter
 
     model = tmp_path / "model"
     model.mkdir()

@@ -1,4 +1,4 @@
-"""Mixture-of-experts layers (qdtk/experts.py): every expert matrix is a layer with the H of
+"""Mixture-of-experts layers (qdtk/torch/experts.py): every expert matrix is a layer with the H of
 the tokens routed to it, on a tiny Qwen3-MoE whose experts transformers runs fused."""
 
 import json
@@ -9,11 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 
-import qdtk.experts as ex  # noqa: E402
-from qdtk import capture as cap  # noqa: E402
-from qdtk.checkpoint import Checkpoint  # noqa: E402
+import qdtk.torch.experts as ex  # noqa: E402
 from qdtk.cli.main import cli  # noqa: E402
 from qdtk.errors import QdtkError  # noqa: E402
+from qdtk.formats.checkpoint import Checkpoint  # noqa: E402
+from qdtk.torch import capture as cap  # noqa: E402
 from tests.test_capture import _capture_all, _masked, _rel, _session  # noqa: E402
 
 
@@ -117,7 +117,7 @@ def test_routers_stay_in_full_precision_and_experts_are_layers(tiny_moe):
 
 
 def test_output_change_of_an_expert_slices_the_fused_parameter(tiny_moe):
-    from qdtk.evaluate import output_change_fn
+    from qdtk.torch.evaluate import output_change_fn
 
     name = "model.layers.1.mlp.experts.2.up_proj.weight"
     W = Checkpoint(tiny_moe).read(name, np.float32)
@@ -145,9 +145,9 @@ def test_run_end_to_end_replaces_every_expert(tiny_moe, tmp_path):
 
 
 def test_statistics_of_a_dense_model_do_not_fit_an_moe(tiny_moe, tiny_llama, tmp_path):
-    from qdtk.capture import CaptureOptions, capture
-    from qdtk.mcs import MaskOptions
+    from qdtk.math.mcs import MaskOptions
     from qdtk.quantize import quantize_model
+    from qdtk.torch.capture import CaptureOptions, capture
 
     stats = capture(tiny_llama, None, tmp_path / "stats",
                     CaptureOptions(n=2, L=16, mask=MaskOptions(mask=False)), progress=False)
@@ -166,7 +166,7 @@ def fused_model(folder, rng, E=3, d=40, inter=136):
     from tests.test_pack import synthetic_model
 
     synthetic_model(folder, rng, {"model.layers.0.self_attn.q_proj.weight": (d, d)})
-    from qdtk.checkpoint import read_safetensors, write_safetensors
+    from qdtk.formats.checkpoint import read_safetensors, write_safetensors
 
     tensors, meta = read_safetensors(folder / "model.safetensors")
     p = "model.layers.0.experts"
@@ -197,7 +197,8 @@ def test_a_fused_tensor_reads_as_one_matrix_per_expert(rng, tmp_path):
 
 
 def test_fused_tensors_round_trip_through_pack_bit_for_bit(rng, tmp_path):
-    from qdtk.pack import pack_checkpoint, read_quantization_config, unpack_checkpoint
+    from qdtk.formats.packed import read_quantization_config
+    from qdtk.pack import pack_checkpoint, unpack_checkpoint
     from tests.test_pack import bits_of, write_quant
 
     model = fused_model(tmp_path / "m", rng)
@@ -209,6 +210,7 @@ def test_fused_tensors_round_trip_through_pack_bit_for_bit(rng, tmp_path):
     qc = read_quantization_config(packed)
     assert qc["fused"][p + ".down_proj"] == {
         "shape": [3, 40, 136], "dtype": "F32", "modules": [f"{p}.{e}.down_proj" for e in range(3)]}
+    assert qc["format"] == "qdtk-bcq/2"  # a /1 reader would miss the fused tensors
     dense = Checkpoint(unpack_checkpoint(packed, tmp_path / "dense", dtype="float32"))
     assert set(dense.names()) == set(Checkpoint(model).names())
     gu = dense.read(p + ".gate_up_proj")
@@ -218,10 +220,26 @@ def test_fused_tensors_round_trip_through_pack_bit_for_bit(rng, tmp_path):
         assert np.array_equal(bits_of(gu[e]), bits_of(What))
         assert np.array_equal(bits_of(dense.read(p + ".down_proj")[e]),
                               bits_of(layers[ex.expert_weight(p, e, "down_proj")].dequantize()))
+    from tests.test_pack import _edit_config
+
+    _edit_config(packed, lambda qc: qc.update(format="qdtk-bcq/1"))
+    with pytest.raises(QdtkError, match="fused expert tensors, which qdtk-bcq/1 cannot record"):
+        read_quantization_config(packed)
     r = CliRunner().invoke(cli, ["inspect", str(model)])
     assert r.exit_code == 0, r.output
     assert ("Mixture of experts: 1 layers of 3 experts; 9 expert matrices among the Linears; "
             "1 routers kept in full precision") in r.output
+    from qdtk.cli.inspect_cmd import describe
+    from qdtk.formats.bits import bcq_bits, group_widths
+
+    ckpt = Checkpoint(model)
+    d = describe(str(model))  # the fused tensors count as their matrices, not also as kept
+    linears = ckpt.linear_names()
+    kept = sum(ckpt.info(n).nbytes for n in ckpt.names()
+               if n not in linears and n not in ckpt.fused)
+    q_bits = sum(bcq_bits(*ckpt.info(n).shape, [2] * len(group_widths(ckpt.info(n).shape[1])))
+                 for n in linears)
+    assert d["size_at_2bit_bytes"] == kept + q_bits // 8
 
 
 # ----------------------------------------------------------------------------- DiffusionGemma
@@ -236,7 +254,7 @@ def test_diffusion_gemma_block_by_block_H_equals_the_full_forward(tiny_diffusion
     """Encoder layer b on the prompt and decoder layer b on the noised canvas (reading the
     encoder's cache), each with its own sliding or full attention arguments: every dense
     Linear's H and every expert's routed H equals the one from hooks on one whole forward."""
-    from qdtk.models import forward_inputs, prompt_length
+    from qdtk.torch.models import forward_inputs, prompt_length
 
     model = cap.load_model(tiny_diffusion_gemma)
     stacks = [n for n, _ in cap.find_stacks(model)]
@@ -327,8 +345,8 @@ def test_run_end_to_end_on_diffusion_gemma_replaces_every_fused_expert(tiny_diff
 def test_generate_on_diffusion_gemma_runs_its_own_sampler(tiny_diffusion_gemma, tmp_path):
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from qdtk.generate import GenerateOptions, generate
-    from qdtk.models import load_tokenizer
+    from qdtk.torch.generate import GenerateOptions, generate
+    from qdtk.torch.models import load_tokenizer
 
     opts = GenerateOptions(gen_length=16, block_length=16, steps=8, seed=3)
     got = generate(tiny_diffusion_gemma, "masked canvas", opts, progress=False)
@@ -398,3 +416,86 @@ def test_sequential_run_quantizes_every_expert(tiny_moe, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((out / "quant" / "report.json").read_text())
     assert sum(".experts." in n for n in report["layers"]) == 2 * 4 * 3
+
+
+def test_statistics_of_a_dense_model_do_not_fit_fused_experts(tiny_diffusion_gemma, tiny_llama,
+                                                              tmp_path):
+    from qdtk.math.mcs import MaskOptions
+    from qdtk.quantize import quantize_model
+    from qdtk.torch.capture import CaptureOptions, capture
+
+    stats = capture(tiny_llama, None, tmp_path / "stats",
+                    CaptureOptions(n=2, L=16, mask=MaskOptions(mask=False)), progress=False)
+    with pytest.raises(QdtkError, match="no statistic for .*captured from a model without "
+                       "these experts"):
+        quantize_model(tiny_diffusion_gemma, stats, tmp_path / "q",
+                       {"method": "rtn", "bits": 2}, progress=False)
+
+
+# ----------------------------------------------------------------------------- list-of-experts
+
+
+class _ListMoE(torch.nn.Module):
+    """OLMoE-style remote code: a router and a list of expert MLPs, each called on the tokens
+    routed to it (2-D inputs), no transformers MoE class."""
+
+    def __init__(self, d=16, E=4, k=2):
+        super().__init__()
+        self.k = k
+        self.router = torch.nn.Linear(d, E, bias=False)
+        self.experts = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(d, 24), torch.nn.GELU(), torch.nn.Linear(24, d))
+            for _ in range(E))
+
+    def forward(self, h):
+        x = h.reshape(-1, h.shape[-1])
+        w, idx = self.router(x).softmax(-1).topk(self.k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, mlp in enumerate(self.experts):
+            rows = (idx == e).any(-1).nonzero()[:, 0]
+            if rows.numel():
+                out[rows] += mlp(x[rows]) * (w * (idx == e))[rows].sum(-1, keepdim=True)
+        return h + out.reshape(h.shape)
+
+
+class _ListMoEModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(100, 16)
+        self.layers = torch.nn.ModuleList(_ListMoE() for _ in range(2))
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+def test_experts_held_as_a_list_of_modules_get_their_routed_tokens():
+    model = _ListMoEModel().eval()
+    ids = np.random.default_rng(0).integers(0, 100, (3, 10))
+    got = _capture_all(cap.BlockSession(model, ids, np.ones_like(ids, bool), chunk_size=2))
+    ref, handles = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".experts." in name:
+            def hook(m, args, out, key=name):
+                X = args[0].double()
+                S, T = ref.get(key, (0, 0))
+                ref[key] = (S + X.T @ X, T + len(X))
+            handles.append(mod.register_forward_hook(hook))
+    with torch.inference_mode():
+        model(torch.as_tensor(ids))
+    for h in handles:
+        h.remove()
+    assert len(ref) == 2 * 4 * 2
+    routed = 0
+    for key, (S, T) in ref.items():
+        assert got[key].tokens == T < 30
+        assert _rel(got[key].H.astype(np.float64), (2 / T * S).numpy()) < 1e-6, key
+        routed += T if key.endswith(".0") else 0
+    assert routed == 2 * 2 * 30  # top 2 of every token, in each of the 2 layers
+    padded = np.ones_like(ids, bool)
+    padded[1, 7:] = False
+    with pytest.raises(QdtkError, match="holds only the tokens routed to it"):
+        _capture_all(cap.BlockSession(model, ids, padded))

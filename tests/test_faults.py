@@ -22,10 +22,10 @@ from click.testing import CliRunner
 
 pytest.importorskip("torch")
 
-import qdtk.checkpoint as checkpoint_mod  # noqa: E402
-from qdtk.checkpoint import Checkpoint, read_header, read_safetensors, write_safetensors  # noqa: E402
+import qdtk.formats.checkpoint as checkpoint_mod  # noqa: E402
 from qdtk.cli.main import cli  # noqa: E402
-from qdtk.io import hash_file, write_json_atomic  # noqa: E402
+from qdtk.formats.checkpoint import Checkpoint, read_header, read_safetensors, write_safetensors  # noqa: E402
+from qdtk.formats.io import hash_file, write_json_atomic  # noqa: E402
 
 STATS = ["-n", "4", "-L", "24"]
 QUANT = ["--abmp", "none", "--bits", "2", "--budget-scope", "layer", "--iters", "2",
@@ -99,7 +99,7 @@ def assert_nothing_partial(folder: Path) -> None:
 # ----------------------------------------------------------------------------- kill -9
 
 def write_opener(nth: int, fault, at_open: bool = False):
-    """An `open` for qdtk.checkpoint under which the nth file it writes calls `fault()`: at
+    """An `open` for qdtk.formats.checkpoint under which the nth file it writes calls `fault()`: at
     its opening, or (as a full disk or a kill does) at its second write, its header written."""
     import builtins
 
@@ -148,9 +148,9 @@ if mode == "rename":  # killed just before the nth rename of a finished temporar
         return real_replace(src, dst, *a, **k)
     os.replace = replace
 else:  # "write": killed inside the nth safetensors file, its header written, its data not
-    import qdtk.checkpoint
+    import qdtk.formats.checkpoint
     from tests.test_faults import write_opener
-    qdtk.checkpoint.open = write_opener(n, kill)
+    qdtk.formats.checkpoint.open = write_opener(n, kill)
 from qdtk.cli.main import cli
 cli(sys.argv[3:], prog_name="qdtk")
 '''
@@ -323,7 +323,7 @@ def test_a_file_vanishing_mid_run_is_named(ref, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("stage", ["capture", "quantize", "pack", "unpack"])
 def test_too_little_free_space_is_found_before_writing(ref, tmp_path, monkeypatch, stage):
-    import qdtk.validate as validate_mod
+    import qdtk.formats.validate as validate_mod
 
     monkeypatch.setattr(validate_mod.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(2**30, 2**30 - 1000, 1000))
@@ -572,8 +572,8 @@ def test_files_from_before_content_hashes_are_read_with_one_warning(ref, tmp_pat
     out = tmp_path / "q"
     output = qdtk("quantize", ref["model"], "--stats", stats, "--out", out, *QUANT)
     warnings = [x for x in output.splitlines() if "records no content hashes" in x]
-    assert warnings == [f"WARNING qdtk.io: {stats}: manifest.json records no content hashes "
-                        "(written by an older qdtk); its files are read without an integrity "
-                        "check"]
+    assert warnings == [f"WARNING qdtk.formats.io: {stats}: manifest.json records no content "
+                        "hashes (written by an older qdtk); its files are read without an "
+                        "integrity check"]
     assert files(out)["block_0001.safetensors"] == files(ref["quant"])["block_0001.safetensors"]
 

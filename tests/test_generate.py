@@ -1,4 +1,5 @@
-"""`qdtk generate` (qdtk/generate.py): LLaDA's schedule, low-confidence remasking, Dream's shift,
+"""`qdtk generate` (qdtk/torch/generate.py): LLaDA's schedule, low-confidence remasking, Dream's
+shift,
 on models whose logits are built to prefer known tokens, and end to end on tiny checkpoints."""
 
 import json
@@ -10,7 +11,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from qdtk.cli.main import cli  # noqa: E402
 from qdtk.errors import QdtkError  # noqa: E402
-from qdtk.generate import GenerateOptions, diffuse, transfer_counts  # noqa: E402
+from qdtk.torch.generate import GenerateOptions, diffuse, transfer_counts  # noqa: E402
 
 MASK, V = 9, 64
 
@@ -86,7 +87,7 @@ def test_dream_shift_reads_position_i_from_the_logits_at_i_minus_1():
 
 
 def test_temperature_zero_is_deterministic_and_sampling_is_seeded(tiny_llada):
-    from qdtk.models import load_model
+    from qdtk.torch.models import load_model
 
     model = load_model(tiny_llada)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qdtk.errors import QdtkError
-from qdtk.hessian import (
+from qdtk.math.hessian import (
     all_finite,
     cholesky_lower,
     prepare_hessian,

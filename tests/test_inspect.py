@@ -4,8 +4,8 @@ import json
 
 from click.testing import CliRunner
 
-from qdtk.checkpoint import Checkpoint
 from qdtk.cli.main import cli
+from qdtk.formats.checkpoint import Checkpoint
 from qdtk.pack import pack_checkpoint
 from tests.test_pack import synthetic_model, write_quant
 
@@ -61,7 +61,7 @@ def test_inspect_packed_checkpoint(rng, tmp_path):
 
 
 def test_inspect_packed_names_a_missing_tensor(rng, tmp_path):
-    from qdtk.checkpoint import read_safetensors, write_safetensors
+    from qdtk.formats.checkpoint import read_safetensors, write_safetensors
 
     model = synthetic_model(tmp_path / "model", rng, SHAPES)
     write_quant(model, tmp_path / "quant", rng)

@@ -108,3 +108,44 @@ def test_the_cycle_finder_sees_every_import(tmp_path):
     known = {"qdtk.pkg", "qdtk.pkg.mod", "qdtk.pkg.sibling", "qdtk.pkg.other"}
     assert imported("qdtk.pkg.mod", path, known) == {"qdtk.pkg", "qdtk.pkg.sibling",
                                                      "qdtk.pkg.other"}
+
+
+# The layers, bottom up: each module imports only from its own layer and the ones below.
+LAYERS = [
+    ("base", ("qdtk.errors", "qdtk.backend", "qdtk.threads")),
+    ("formats and math", ("qdtk.formats", "qdtk.math")),
+    ("layer driver", ("qdtk.solve", "qdtk.options")),
+    ("torch corner", ("qdtk.torch",)),
+    ("stages", ("qdtk.quantize", "qdtk.allocate", "qdtk.cluster", "qdtk.pack", "qdtk.pipeline",
+                "qdtk.report")),
+    ("CLI and package", ("qdtk.cli", "qdtk")),
+]
+
+
+def layer_of(module: str) -> int:
+    """The layer of the longest prefix naming `module` (the package qdtk itself only exactly)."""
+    hits = [(len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes
+            if module == p or (p != "qdtk" and module.startswith(p + "."))]
+    assert hits, f"{module} is in no layer: add it to LAYERS"
+    return max(hits)[1]
+
+
+def test_the_arrows_go_down():
+    graph = import_graph()
+    up = sorted(f"{m} ({LAYERS[layer_of(m)][0]}) imports {d} ({LAYERS[layer_of(d)][0]})"
+                for m, deps in graph.items() for d in deps
+                if layer_of(d) > layer_of(m) and not (m == "qdtk.cli.main" and d == "qdtk"))
+    assert up == []
+
+
+def test_torch_lives_in_its_corner():
+    """Only qdtk.torch's modules import torch or transformers (functions included)."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            if any(n.split(".")[0] in ("torch", "transformers") for n in names):
+                found.append(name)
+    assert found and all(n.startswith("qdtk.torch") for n in found), sorted(set(found))

@@ -1,11 +1,13 @@
-"""MCS masking (qdtk/mcs.py) and calibration sources (qdtk/calib.py): pure NumPy, no torch."""
+"""MCS masking (qdtk/math/mcs.py) and calibration sources (qdtk/formats/calib.py): pure NumPy, no
+torch."""
 
 import json
 
 import numpy as np
 import pytest
 
-from qdtk.calib import (
+from qdtk.errors import QdtkError
+from qdtk.formats.calib import (
     SOURCES,
     builtin_documents,
     builtin_text,
@@ -15,8 +17,7 @@ from qdtk.calib import (
     mix_documents,
     troff_to_text,
 )
-from qdtk.errors import QdtkError
-from qdtk.mcs import (
+from qdtk.math.mcs import (
     MaskOptions,
     choose_windows,
     cut_windows,

@@ -1,4 +1,4 @@
-"""qdtk's native LLaDA and Dream (qdtk/models/): published checkpoints load without their own
+"""qdtk's native LLaDA and Dream (qdtk/torch/models/): published checkpoints load without their own
 code, every tensor under its own name, and the forward is the published math, checked against
 a second formulation written out here on the state dict."""
 
@@ -12,10 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 
-from qdtk.checkpoint import Checkpoint  # noqa: E402
 from qdtk.cli.main import cli  # noqa: E402
 from qdtk.errors import QdtkError  # noqa: E402
-from qdtk.models import load_model, logits_shift  # noqa: E402
+from qdtk.formats.checkpoint import Checkpoint  # noqa: E402
+from qdtk.torch.models import load_model, logits_shift  # noqa: E402
 from tests.dllm import write_dllm  # noqa: E402
 
 ARCHS = ["llada", "dream"]
@@ -153,9 +153,9 @@ def test_native_forward_is_the_published_math(tmp_path, arch, tie):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_trusted_code_that_fails_falls_back_to_native_and_says_so(tmp_path, arch, caplog):
     folder = _folder(tmp_path, arch, code="raises")
-    with caplog.at_level(logging.WARNING, logger="qdtk.models"):
+    with caplog.at_level(logging.WARNING, logger="qdtk.torch.models"):
         model = load_model(folder, trust_remote_code=True)
-    assert type(model).__module__ == f"qdtk.models.{arch}"
+    assert type(model).__module__ == f"qdtk.torch.models.{arch}"
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert str(folder) in warning and "RuntimeError" in warning and "native" in warning
     with pytest.raises(QdtkError) as e:
@@ -187,7 +187,7 @@ def test_cli_names_the_failing_code_in_one_line(tmp_path):
 
 
 def test_eval_reads_dreams_masked_tokens_from_the_shifted_logits(tiny_dream):
-    from qdtk.evaluate import Windows, load_for_eval, model_outputs
+    from qdtk.torch.evaluate import Windows, load_for_eval, model_outputs
 
     lm = load_for_eval(tiny_dream)
     ids = np.random.default_rng(3).integers(0, 290, size=(2, 10))
@@ -207,7 +207,7 @@ def test_eval_reads_dreams_masked_tokens_from_the_shifted_logits(tiny_dream):
 
 
 def test_attention_mask_in_the_form_each_model_takes():
-    from qdtk.models import attention_mask_for
+    from qdtk.torch.models import attention_mask_for
 
     class DreamModel(torch.nn.Module):  # the name of Dream's own class
         def __init__(self):

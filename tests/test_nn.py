@@ -8,14 +8,16 @@ from numba import cuda
 torch = pytest.importorskip("torch")
 
 import qdtk  # noqa: E402
-from qdtk.bits import group_slices  # noqa: E402
-from qdtk.checkpoint import Checkpoint  # noqa: E402
 from qdtk.errors import QdtkError  # noqa: E402
-from qdtk.nn import cuda as kcuda  # noqa: E402
-from qdtk.nn import kernels, linear  # noqa: E402
-from qdtk.nn.linear import BCQLinear  # noqa: E402
-from qdtk.pack import PackedBCQ, pack_checkpoint, plane_layout, unpack_checkpoint  # noqa: E402
-from qdtk.rotation import Rotation  # noqa: E402
+from qdtk.formats.bits import group_slices  # noqa: E402
+from qdtk.formats.checkpoint import Checkpoint  # noqa: E402
+from qdtk.formats.packed import PackedBCQ, plane_layout  # noqa: E402
+from qdtk.math import bcq_matmul as kernels  # noqa: E402
+from qdtk.math import bcq_matmul_cuda as kcuda  # noqa: E402
+from qdtk.math.rotation import Rotation  # noqa: E402
+from qdtk.pack import pack_checkpoint, unpack_checkpoint  # noqa: E402
+from qdtk.torch.nn import linear  # noqa: E402
+from qdtk.torch.nn.linear import BCQLinear  # noqa: E402
 from tests.test_pack import BAD as PACK_BAD  # noqa: E402
 from tests.test_pack import _edit_shard, random_bcq, write_quant  # noqa: E402
 
@@ -56,12 +58,44 @@ def test_dequantized_tiles_are_unpacks_what_bit_for_bit(rng, n, m):
 
 @pytest.mark.parametrize("n,m", SHAPES)
 @pytest.mark.parametrize("T", [1, 3, 17])
-def test_lut_kernel_equals_the_unpacked_matmul(rng, n, m, T):
+def test_packed_kernel_equals_the_unpacked_matmul(rng, n, m, T):
     p, What = packed_layer(rng, n, m)
     x = rng.standard_normal((T, m)).astype(np.float32)
-    y = kernels.matmul_lut(x, *kernel_args(p), plane_layout(p.orders, m))
+    y = kernels.matmul_packed(x, *kernel_args(p), plane_layout(p.orders, m))
     assert y.shape == (T, n) and y.dtype == np.float32
     assert rel_err(y, x @ What.T) < 1e-5
+
+
+@pytest.mark.parametrize("nw", [0, 1, 3, 4, 5])  # empty, odd, full group, beyond
+def test_vector_primitives_equal_their_scalar_definitions(rng, nw):
+    from numba import njit
+
+    from qdtk.math.simd import scaled_signed_sum, signed_axpy, signed_sum
+
+    @njit
+    def run(src, words, b, a, out, rs, word, n_words):
+        s = signed_sum(src, 32, words, 1, nw)  # offsets: word 1 of words, lane 32 of src
+        signed_axpy(out, 3, b, 32, a, words, 1, nw)
+        return s, scaled_signed_sum(src, words, rs, 1, word, n_words)
+
+    words = rng.integers(0, 2**32, 8, dtype=np.uint64).astype(np.uint32)
+    src, b = rng.standard_normal((2, 32 * 8)).astype(np.float32)
+    a = np.float32(0.37)
+    out = rng.standard_normal(32 * 8).astype(np.float32)
+    rs = rng.standard_normal((3, 2)).astype(np.float16)  # [P, n]: row 1's scales, stride 2
+    word, n_words = np.array([0, 2, 5]), np.array([2, 3, 1])  # planes of 2, 3 and 1 words
+    sign = (np.unpackbits(words.view(np.uint8), bitorder="little") * 2.0 - 1).astype(np.float32)
+    lanes = slice(32, 32 + 32 * nw)
+    want_out = out.copy()
+    for j in range(32 * nw):  # the canonical order: one rounded product, then +-
+        s = np.float32(a * b[32 + j])
+        want_out[3 + j] = np.float32(want_out[3 + j] + (s if sign[32 + j] > 0 else -s))
+    got_sum, got_scaled = run(src, words, b, a, out, rs.view(np.uint16), word, n_words)
+    np.testing.assert_allclose(got_sum, np.dot(sign[lanes], src[lanes]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.view(np.uint32), want_out.view(np.uint32))
+    planes = [slice(32 * u, 32 * (u + k)) for u, k in zip(word, n_words, strict=True)]
+    want = sum(float(rs[p, 1]) * np.dot(sign[c], src[c]) for p, c in enumerate(planes))
+    np.testing.assert_allclose(got_scaled, want, rtol=1e-5, atol=1e-5)
 
 
 def test_half_decoding_is_exact_for_every_float16():
@@ -78,10 +112,10 @@ def test_half_decoding_is_exact_for_every_float16():
 
 
 @pytest.mark.parametrize("n,m", SHAPES)
-@pytest.mark.parametrize("T", [1, linear.FEW_TOKENS + 1, 40])  # LUT path, then tiles
+@pytest.mark.parametrize("T", [1, linear.FEW_TOKENS, linear.FEW_TOKENS + 1, 40])  # words, tiles
 @pytest.mark.parametrize("bias", [True, False])
 def test_bcq_linear_is_the_unpacked_linear(rng, monkeypatch, n, m, T, bias):
-    monkeypatch.setattr(linear, "TILE_BYTES", 16 * 4 * m)  # tiles of 16 rows: n is ragged
+    monkeypatch.setattr(linear, "TILE_ROWS", 16)  # tiles of 16 rows: n is ragged
     p, What = packed_layer(rng, n, m)
     b = torch.randn(n) if bias else None
     mod = BCQLinear.from_packed(p, b)
@@ -134,7 +168,7 @@ def test_cuda_kernels_match_the_cpu_kernels(rng, n, m):
     x = rng.standard_normal((2, m)).astype(np.float32)
     y = np.zeros((2, n), np.float32)
     kcuda.matmul_packed(x, planes, rs, cs, DL, y, threads=4)  # 4 threads stride over the words
-    assert rel_err(y, kernels.matmul_lut(x, planes, rs, cs, L)) < 1e-5
+    assert rel_err(y, kernels.matmul_packed(x, planes, rs, cs, L)) < 1e-5
 
 
 # ----------------------------------------------------------------------------- loading
@@ -189,6 +223,66 @@ def test_packed_model_gives_the_unpacked_models_logits(packed_model, tokens):
         for model in (qdtk.load(packed), auto.from_pretrained(packed)):
             assert isinstance(model, type(ref))
             assert rel_err(model(ids).logits, want) < 1e-5
+
+
+# transformers alone on a packed folder, in a fresh process without qdtk imported
+WITHOUT_QDTK = """
+import sys
+folder, trust, hide = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+if hide:  # as if qdtk were not installed
+    class Hide:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "qdtk":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, Hide())
+import torch, transformers
+try:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
+except Exception as e:
+    print("ERROR", type(e).__name__, " ".join(str(e).split()))
+    sys.exit(0)
+assert "qdtk" in sys.modules
+packed = sum(type(m).__name__ == "BCQLinear" for m in model.modules())
+ids = torch.tensor([[5, 17, 42, 9]])
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[4])
+print("LOADED", type(model).__name__, packed)
+"""
+
+
+def from_pretrained_without_qdtk(tmp_path, folder, trust: bool, hide: bool = False):
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    r = subprocess.run([sys.executable, "-c", WITHOUT_QDTK, str(folder), str(int(trust)),
+                        str(int(hide)), str(tmp_path / "logits.pt")],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_transformers_without_qdtk_never_loads_random_linears(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    write_quant(tiny_llama, tmp_path / "quant", np.random.default_rng(1))
+    packed = pack_checkpoint(tmp_path / "quant", tmp_path / "packed", tiny_llama)
+    # untrusted: transformers stops before any weight (an unknown model_type with remote code)
+    out = from_pretrained_without_qdtk(tmp_path, packed, trust=False)
+    assert out.startswith("ERROR ValueError") and "trust_remote_code=True" in out, out
+    # trusted without qdtk installed: the folder's code asks for it
+    out = from_pretrained_without_qdtk(tmp_path, packed, trust=True, hide=True)
+    assert "ImportError" in out.split()[1] and "qdtk" in out, out
+    # trusted with qdtk installed: the folder's code imports it, the Linears come packed
+    out = from_pretrained_without_qdtk(tmp_path, packed, trust=True)
+    assert out.split() == ["LOADED", "LlamaForCausalLM", "14"], out  # 2 blocks of 7 Linears
+    dense = unpack_checkpoint(packed, tmp_path / "dense", dtype="float32")
+    assert not (dense / "qdtk_packed.py").exists()
+    ref = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([[5, 17, 42, 9]])).logits
+    assert rel_err(torch.load(tmp_path / "logits.pt"), want) < 1e-5
+    assert ref.config.model_type == "llama"  # unpack gives the model's own config back
 
 
 Q = "model.layers.0.self_attn.q_proj"

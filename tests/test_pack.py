@@ -8,28 +8,31 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from qdtk.bits import affine_bits, bcq_bits, group_slices
-from qdtk.checkpoint import Checkpoint, read_safetensors, write_safetensors
 from qdtk.cli.main import cli
 from qdtk.errors import QdtkError
-from qdtk.io import write_json_atomic
-from qdtk.pack import (
+from qdtk.formats.bits import affine_bits, bcq_bits, group_slices
+from qdtk.formats.checkpoint import Checkpoint, read_safetensors, write_safetensors
+from qdtk.formats.io import write_json_atomic
+from qdtk.formats.packed import (
     FORMAT,
-    FORMAT_ROTATED,
+    FORMAT_2,
     PackedAffine,
     PackedBCQ,
     bcq_matmul,
     pack_bits,
-    pack_checkpoint,
-    parse_size,
     plane_layout,
     read_quantization_config,
     unpack_bits,
-    unpack_checkpoint,
 )
-from qdtk.rotation import Rotation
-from qdtk.solution import FORMAT as QUANT_FORMAT
-from qdtk.solution import AffineLayer, BinaryCodedLayer, dequantize_block, write_solution_block
+from qdtk.formats.solution import FORMAT as QUANT_FORMAT
+from qdtk.formats.solution import (
+    AffineLayer,
+    BinaryCodedLayer,
+    dequantize_block,
+    write_solution_block,
+)
+from qdtk.math.rotation import Rotation
+from qdtk.pack import pack_checkpoint, parse_size, unpack_checkpoint
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -231,7 +234,7 @@ def test_unpacked_model_gives_the_logits_of_what(request, rng, tmp_path, fixture
                              max_shard_bytes=40_000)
     assert (packed / "model.safetensors.index.json").exists()  # sharded
     qc = read_quantization_config(packed)
-    assert qc["format"] == (FORMAT_ROTATED if rotate else FORMAT)
+    assert qc["format"] == (FORMAT_2 if rotate else FORMAT)
     assert all(("rotation" in info) == rotate for info in qc["modules"].values())
     out = unpack_checkpoint(packed, tmp_path / "dense", dtype="float32")
 
@@ -355,7 +358,7 @@ BAD = {
         r"config\.json: module 'model\.layers\.0\.q' is rotated, which qdtk-bcq/1 cannot",
     ),
     "bad rotation": (
-        lambda f: _edit_config(f, lambda qc: (qc.update(format=FORMAT_ROTATED), qc["modules"][
+        lambda f: _edit_config(f, lambda qc: (qc.update(format=FORMAT_2), qc["modules"][
             "model.layers.0.q"].update(rotation={"kind": "hadamard", "seed": 0, "block": 64}))),
         r"config\.json: module 'model\.layers\.0\.q': invalid rotation .* block 8\)",
     ),

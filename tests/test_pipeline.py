@@ -8,7 +8,13 @@ from click.testing import CliRunner
 
 pytest.importorskip("torch")
 
-from qdtk.capture import (  # noqa: E402
+from qdtk.cli.main import cli  # noqa: E402
+from qdtk.formats.checkpoint import Checkpoint  # noqa: E402
+from qdtk.math.mcs import MaskOptions  # noqa: E402
+from qdtk.options import QuantizeOptions  # noqa: E402
+from qdtk.pipeline import EvalOptions, RunOptions, run  # noqa: E402
+from qdtk.solve.solvers import solve_daq  # noqa: E402
+from qdtk.torch.capture import (  # noqa: E402
     BlockSession,
     CaptureOptions,
     calibration_batch,
@@ -16,12 +22,6 @@ from qdtk.capture import (  # noqa: E402
     load_tokenizer,
     model_fingerprint,
 )
-from qdtk.checkpoint import Checkpoint  # noqa: E402
-from qdtk.cli.main import cli  # noqa: E402
-from qdtk.mcs import MaskOptions  # noqa: E402
-from qdtk.options import QuantizeOptions  # noqa: E402
-from qdtk.pipeline import EvalOptions, RunOptions, run  # noqa: E402
-from qdtk.solvers import solve_daq  # noqa: E402
 
 QUANT = {"method": "daq", "bits": 2, "iters": 3, "tau": 2.0, "lam": 3.0, "percdamp": 0.01,
          "compensate": True, "refit": True, "backend": "cpu"}
@@ -125,7 +125,7 @@ def test_sequential_blocks_see_the_quantized_outputs(tiny_llama, tmp_path):
     np.testing.assert_allclose(H_seq, H_quantized_inputs, rtol=1e-5, atol=1e-6)
 
     # ... and not what the full-precision model gives (the one-pass statistic)
-    from qdtk.stats import Stats
+    from qdtk.formats.stats import Stats
 
     H_fp, _ = Stats(one_pass / "stats").hessian("model.layers.1.self_attn.q_proj.weight")
     assert np.abs(H_seq - H_fp).max() > 1e-3 * np.abs(H_fp).max()
@@ -162,11 +162,11 @@ def test_run_end_to_end_on_published_dllm_checkpoints(arch, request, tmp_path):
         config["mask_token_id"]
     assert set(Checkpoint(out / "dense").names()) == set(Checkpoint(folder).names())
     dense = load_model(out / "dense")  # the unpacked model runs natively too
-    assert type(dense).__module__ == f"qdtk.models.{arch}"
+    assert type(dense).__module__ == f"qdtk.torch.models.{arch}"
     # the packed folder runs at 2 bits: packed Linears, the unpacked model's logits and tokens
     import torch
 
-    from qdtk.nn import BCQLinear
+    from qdtk.torch.nn import BCQLinear
 
     packed = load_model(out / "packed")
     assert sum(isinstance(m, BCQLinear) for m in packed.modules()) == 14
@@ -180,7 +180,7 @@ def test_run_end_to_end_on_published_dllm_checkpoints(arch, request, tmp_path):
         CliRunner().invoke(cli, [gen[0], str(out / d), *gen[1:]]).output
         for d in ("packed", "dense"))]
     assert tokens[0] == tokens[1]
-    from qdtk.evaluate import compare
+    from qdtk.torch.evaluate import compare
 
     on = {d: compare(folder, out / d, n=2, L=16)["metrics"] for d in ("packed", "dense")}
     for key, m in on["dense"].items():

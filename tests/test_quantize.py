@@ -4,19 +4,19 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from qdtk.bits import bcq_bits, group_slices
-from qdtk.checkpoint import Checkpoint, CheckpointWriter
 from qdtk.cli.main import cli
 from qdtk.errors import QdtkError
-from qdtk.forms import quadratic_form
-from qdtk.group import solve_group
-from qdtk.hessian import prepare_hessian
-from qdtk.layer import quantize_layer, sweep
+from qdtk.formats.bits import bcq_bits, group_slices
+from qdtk.formats.checkpoint import Checkpoint, CheckpointWriter
+from qdtk.formats.solution import REPORT, read_solution_block
+from qdtk.formats.stats import InputStat, StatsWriter
+from qdtk.math.forms import quadratic_form
+from qdtk.math.group import solve_group
+from qdtk.math.hessian import prepare_hessian
 from qdtk.options import QuantizeOptions
 from qdtk.quantize import quantize_model
-from qdtk.solution import REPORT, read_solution_block
-from qdtk.solvers import solve_daq
-from qdtk.stats import InputStat, StatsWriter
+from qdtk.solve.layer import quantize_layer, sweep
+from qdtk.solve.solvers import solve_daq
 
 
 def correlated_H(rng, m, tokens=600):
@@ -50,7 +50,7 @@ def test_compensation_lowers_output_error(rng):
 def test_block_feedback_reports_its_free_error_exactly(rng, monkeypatch):
     # with block feedback D = Err U: the sweep's sum ||Err_g||^2 is tr(D H D^T) on the damped H,
     # undamped by the driver; only the energy tr(W H W^T) needs a product with R
-    from qdtk import layer as driver
+    from qdtk.solve import layer as driver
 
     n, m = 40, 300
     W = rng.standard_normal((n, m)).astype(np.float32)
@@ -104,7 +104,7 @@ def test_quadratic_form_uses_the_undamped_H(rng):
 def test_shrinkage_fits_on_shrunk_H_and_reports_on_H(rng):
     """--shrink: the factor is of (1 - a) H + a diag(H) damped; quadratic_form still gives the
     exact form on H; the layer's reported error is tr(D H D^T)/tr(W H W^T) on H itself."""
-    from qdtk.evaluate import proxy_error
+    from qdtk.math.forms import proxy_error
 
     n, m = 12, 260
     H = correlated_H(rng, m).astype(np.float64)
@@ -364,7 +364,7 @@ def test_cli(model_and_stats, tmp_path):
 
 def test_report_is_complete_only_when_the_stage_finished(model_and_stats, tmp_path):
     """pack refuses a solution folder whose quantize run was killed part way."""
-    from qdtk.io import read_json, write_json_atomic
+    from qdtk.formats.io import read_json, write_json_atomic
     from qdtk.pack import pack_checkpoint
 
     model, stats = model_and_stats
@@ -400,9 +400,9 @@ def parse(args):
 
 
 def test_options_map_to_the_solver(model_and_stats, tmp_path):
-    from qdtk.baselines import solve_gptq, solve_rtn
-    from qdtk.solution import AffineLayer, BinaryCodedLayer
-    from qdtk.solvers import make_solver
+    from qdtk.formats.solution import AffineLayer, BinaryCodedLayer
+    from qdtk.math.baselines import solve_gptq, solve_rtn
+    from qdtk.solve.solvers import make_solver
 
     model, stats = model_and_stats
     for method, solver in (("gptq", solve_gptq), ("rtn", solve_rtn)):
@@ -490,12 +490,12 @@ def fake_output_change(model, scales, calls):
 
 def test_model_scope_respects_the_budget_and_resumes_without_the_prepass(
         model_and_stats, tmp_path, monkeypatch):
-    import qdtk.evaluate
-    from qdtk.io import read_json
+    import qdtk.torch.evaluate
+    from qdtk.formats.io import read_json
 
     model, stats = model_and_stats
     calls = []
-    monkeypatch.setattr(qdtk.evaluate, "output_change_fn",
+    monkeypatch.setattr(qdtk.torch.evaluate, "output_change_fn",
                         fake_output_change(model, {"down_proj": 1e3}, calls))
     options = {**OPTIONS, "abmp": "knapsack", "bits": None, "budget_scope": "model"}
     out = tmp_path / "q"
@@ -540,13 +540,14 @@ def test_rotate_solves_the_rotated_problem_everywhere(model_and_stats, tmp_path,
     """--rotate hadamard: the pre-pass and the solves see W Q and Q^T H Q, the sensitivity
     forwards What in the model's basis, the errors are those of What Q^T on H, and the packed
     and unpacked folders carry it."""
-    import qdtk.evaluate
-    from qdtk.evaluate import proxy_error
-    from qdtk.io import read_json
-    from qdtk.pack import pack_checkpoint, read_quantization_config, unpack_checkpoint
-    from qdtk.rotation import Rotation
-    from qdtk.solvers import make_solver
-    from qdtk.stats import Stats
+    import qdtk.torch.evaluate
+    from qdtk.formats.io import read_json
+    from qdtk.formats.packed import read_quantization_config
+    from qdtk.formats.stats import Stats
+    from qdtk.math.forms import proxy_error
+    from qdtk.math.rotation import Rotation
+    from qdtk.pack import pack_checkpoint, unpack_checkpoint
+    from qdtk.solve.solvers import make_solver
 
     model, stats = model_and_stats
     ckpt, st = Checkpoint(model), Stats(stats)
@@ -559,7 +560,7 @@ def test_rotate_solves_the_rotated_problem_everywhere(model_and_stats, tmp_path,
             return float(np.sum((W - What) ** 2))
         return output_change
 
-    monkeypatch.setattr(qdtk.evaluate, "output_change_fn", build)
+    monkeypatch.setattr(qdtk.torch.evaluate, "output_change_fn", build)
     options = {**OPTIONS, "abmp": "knapsack", "bits": None, "budget_scope": "model",
                "shrink": 0.25, "refine": "rows", "feedback": "block"}
     plain = quantize_model(model, stats, tmp_path / "plain", options, progress=False)
@@ -612,7 +613,7 @@ def test_refine_lowers_the_proxy_error(model_and_stats, tmp_path):
 
 
 def test_output_change_of_a_real_model(tiny_bert):
-    from qdtk.evaluate import output_change_fn
+    from qdtk.torch.evaluate import output_change_fn
 
     name = "bert.encoder.layer.1.intermediate.dense.weight"
     W = Checkpoint(tiny_bert).read(name, np.float32)
@@ -629,9 +630,9 @@ def test_output_change_replays_the_blocks_before_the_weight(which, request, monk
     and gives the change that a whole forward of the modified model gives."""
     import torch
 
-    import qdtk.evaluate as ev
-    from qdtk.calib import calibration_text
-    from qdtk.capture import find_blocks
+    import qdtk.torch.evaluate as ev
+    from qdtk.formats.calib import calibration_text
+    from qdtk.torch.capture import find_blocks
 
     path = request.getfixturevalue(f"tiny_{which}")
     loaded = []
@@ -666,7 +667,7 @@ def test_output_change_replays_the_blocks_before_the_weight(which, request, monk
 
 
 def test_output_change_needs_no_head(tiny_llama, monkeypatch):
-    import qdtk.evaluate as ev
+    import qdtk.torch.evaluate as ev
 
     loaded = []
     real_load = ev.load_for_eval
@@ -686,7 +687,7 @@ def test_output_change_needs_no_head(tiny_llama, monkeypatch):
 
 
 def test_output_change_keeps_a_head_the_model_needs(tiny_llama, monkeypatch):
-    import qdtk.evaluate as ev
+    import qdtk.torch.evaluate as ev
 
     name = "model.layers.0.mlp.down_proj.weight"
     W = Checkpoint(tiny_llama).read(name, np.float32)
@@ -704,7 +705,7 @@ def test_output_change_keeps_a_head_the_model_needs(tiny_llama, monkeypatch):
 
 
 def test_uncompensated_sweep_reuses_the_allocation_solves(rng, monkeypatch):
-    import qdtk.group as q
+    import qdtk.math.group as q
 
     n, m = 16, 300  # 3 groups
     W = rng.standard_normal((n, m)).astype(np.float32)
@@ -734,7 +735,7 @@ def test_block_feedback_is_the_exact_update_of_the_later_columns(rng):
     the least error any later columns can give for the first group's error: the Schur
     complement (W0 - Q0)(H00 - H01 H11^-1 H10)(W0 - Q0)^T. The published diagonal rule does not.
     """
-    from qdtk.hessian import prepare_hessian
+    from qdtk.math.hessian import prepare_hessian
 
     W = rng.standard_normal((16, 256)).astype(np.float32)
     P = prepare_hessian(correlated_H(rng, 256), dtype=np.float32)

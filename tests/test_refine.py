@@ -1,12 +1,13 @@
-"""qdtk.refine: every step lowers tr(D H D^T); the row refit is the exact least squares."""
+"""qdtk.math.refine: every step lowers tr(D H D^T); the row refit is the exact least squares."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from qdtk.bits import group_slices
-from qdtk.refine import (
+from qdtk.formats.bits import group_slices
+from qdtk.formats.solution import BinaryCodedLayer
+from qdtk.math.refine import (
     MODES,
     balance_scales,
     refine_layer,
@@ -15,7 +16,6 @@ from qdtk.refine import (
     refit_row_scales,
     state_from_layer,
 )
-from qdtk.solution import BinaryCodedLayer
 
 
 def output_error(W, What, H):

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from qdtk.cli.main import cli
-from qdtk.io import read_json
+from qdtk.formats.io import read_json
 from qdtk.quantize import quantize_model
 from qdtk.report import REPORT_MD, write_report
 from tests.test_quantize import OPTIONS, fake_output_change, model_and_stats  # noqa: F401
@@ -54,10 +54,10 @@ def assert_png(path):
 @pytest.fixture
 def model_scope_quant(model_and_stats, tmp_path, monkeypatch):  # noqa: F811
     """A solution folder of `qdtk quantize --budget-scope model` (report.json, orders.json)."""
-    import qdtk.evaluate
+    import qdtk.torch.evaluate
 
     model, stats = model_and_stats
-    monkeypatch.setattr(qdtk.evaluate, "output_change_fn",
+    monkeypatch.setattr(qdtk.torch.evaluate, "output_change_fn",
                         fake_output_change(model, {"down_proj": 1e3}, []))
     out = tmp_path / "q"
     quantize_model(model, stats, out, {**OPTIONS, "abmp": "knapsack", "bits": None,
@@ -137,9 +137,9 @@ def test_report_of_a_folder_without_a_report_is_an_error(tmp_path):
 def test_run_writes_the_report_and_skips_it_without_matplotlib(tiny_bert, tmp_path,
                                                                monkeypatch):
     pytest.importorskip("torch")
-    from qdtk.capture import CaptureOptions
-    from qdtk.mcs import MaskOptions
+    from qdtk.math.mcs import MaskOptions
     from qdtk.pipeline import EvalOptions, RunOptions, run
+    from qdtk.torch.capture import CaptureOptions
 
     opts = RunOptions(
         capture=CaptureOptions(n=4, L=24, chunk_size=2, mask=MaskOptions(mask=True)),

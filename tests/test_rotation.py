@@ -4,7 +4,7 @@ problem keeps the product and the proxy error."""
 import numpy as np
 import pytest
 
-from qdtk.rotation import (
+from qdtk.math.rotation import (
     Rotation,
     block_size,
     fwht,

@@ -1,0 +1,110 @@
+"""CPU kernels (Numba) for y = x What^T on the packed planes of docs/FORMAT.md section 3.
+
+Scope: arrays in, arrays out, no torch. The arrays are the packed buffers as stored (planes
+uint32, scales float16 viewed as uint16: Numba has no float16 on the CPU) and the plane layout
+of `qdtk.formats.packed.plane_layout`. Two ways to the product, both on the stored layout (a row of
+M.planes holds all planes of that output row, so each row is read once, front to back):
+
+- `dequantize_rows`: a tile of rows of What, evaluated exactly as FORMAT.md prescribes (same
+  float32 operations in the same order, so the same bits as `qdtk unpack`); the caller then
+  multiplies the tile with BLAS. For many tokens, where the GEMM's flops dominate.
+- `matmul_packed`: reads only the packed bytes. The column scales are applied to x once per
+  token (`scaled_inputs`, x (.) b laid out like the sign words, 4 bytes per stored bit); each
+  output row then costs, per word of 32 signs, one vector select of +-(x b) and an add, and
+  per plane one multiplication by a. For few tokens, where the weight bytes read dominate.
+  (Lookup tables of partial sums, LUT-GEMM style, measured 3x slower here: a table lookup is a
+  scalar load, while a word of signs is one AVX-512 mask.)
+
+The word-wide steps are `qdtk.math.simd`'s LLVM vector primitives; Numba's own loops stay scalar.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from qdtk.math.simd import LANES, scaled_signed_sum, signed_axpy
+
+WORD_BITS = LANES  # a word of signs is one vector of qdtk.math.simd
+
+# 2^(max(e, 1) - 25) for the 5-bit exponent e of a float16: its value is
+# (mantissa + 1024 if e else mantissa) * POW2[e] (subnormals included).
+POW2 = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], np.float32)
+
+
+def half_to_float32(h):
+    """float16 bits (uint16) -> float32, exactly. Plain Python, compiled by Numba for the CPU
+    here and for CUDA in qdtk.math.bcq_matmul_cuda."""
+    e = (h >> 10) & 0x1F
+    mant = h & 0x3FF
+    if e == 0x1F:
+        v = np.float32(np.inf) if mant == 0 else np.float32(np.nan)
+    else:
+        v = np.float32(mant + (1024 if e else 0)) * POW2[e]
+    return -v if h >> 15 else v
+
+
+_half = njit(inline="always", cache=True)(half_to_float32)
+
+
+@njit(parallel=True, cache=True)
+def dequantize_rows(planes, row_scale, col_scale, start, width, word, col, r0, out):
+    """out[ii, :] = What[r0 + ii, :], the canonical float32 evaluation: s = a b, then +-s added
+    in plane order, no fused multiply-add.
+
+    planes [n, U] uint32; row_scale [P, n] uint16 (float16 bits); col_scale [C] float32;
+    start, width, word, col [P] int64 (plane layout); out [R, m] float32.
+    """
+    for ii in prange(out.shape[0]):
+        i = r0 + ii
+        row = out[ii]
+        row[:] = 0
+        bits_i = planes[i]
+        for p in range(start.shape[0]):  # group-major: plane k of a group adds after k - 1
+            a = _half(row_scale[p, i])
+            s0, w, u0, c0 = start[p], width[p], word[p], col[p]
+            full = w // WORD_BITS
+            signed_axpy(row, s0, col_scale, c0, a, bits_i, u0, full)
+            bits = np.uint32(bits_i[u0 + full]) if full * WORD_BITS < w else np.uint32(0)
+            for e in range(w - full * WORD_BITS):  # a narrow last group's last word
+                s = a * col_scale[c0 + full * WORD_BITS + e]
+                row[s0 + full * WORD_BITS + e] += s if bits & (np.uint32(1) << np.uint32(e)) \
+                    else -s
+    return out
+
+
+@njit(parallel=True, cache=True)
+def scaled_inputs(x, col_scale, start, width, word, col, n_words):
+    """xb [T, 32 U]: xb[t, 32 word_p + j] = x[t, start_p + j] b_p[j] for j < w_p, zero in the
+    rest of plane p's last word (whose sign bits are 0: they add -0)."""
+    xb = np.zeros((x.shape[0], WORD_BITS * n_words), np.float32)
+    for p in prange(start.shape[0]):
+        s0, w, c0, j0 = start[p], width[p], col[p], WORD_BITS * word[p]
+        for t in range(x.shape[0]):
+            for j in range(w):
+                xb[t, j0 + j] = x[t, s0 + j] * col_scale[c0 + j]
+    return xb
+
+
+@njit(parallel=True, cache=True)
+def _packed_kernel(xb, planes, row_scale, word, n_words, y):
+    """y[t, i] = sum_p a_p[i] sum_{words u of plane p} sum_e (+-1 by bit e) xb[t, 32 u + e]."""
+    for i in prange(planes.shape[0]):
+        bits_i = planes[i]
+        for t in range(xb.shape[0]):
+            y[t, i] = scaled_signed_sum(xb[t], bits_i, row_scale, i, word, n_words)
+    return y
+
+
+def matmul_packed(
+    x: np.ndarray, planes: np.ndarray, row_scale: np.ndarray, col_scale: np.ndarray, layout
+) -> np.ndarray:
+    """y [T, n] = x What^T from the packed bytes, What never formed.
+
+    x [T, m] float32; planes [n, U] uint32; row_scale [P, n] uint16 (float16 bits);
+    col_scale [C] float32; layout: `qdtk.formats.packed.PlaneLayout` of the module's orders.
+    """
+    L = layout
+    xb = scaled_inputs(x, col_scale, L.start, L.width, L.word, L.col, L.words)  # [T, 32 U]
+    y = np.empty((x.shape[0], planes.shape[0]), np.float32)
+    return _packed_kernel(xb, planes, row_scale, L.word, -(-L.width // WORD_BITS), y)

@@ -1,0 +1,170 @@
+"""`BCQLinear`: a Linear whose weight stays packed (docs/FORMAT.md section 3) in memory.
+
+Its buffers are the file's tensors of module M, with the same names and dtypes (`orders`
+uint8, `planes` uint32, `row_scale` and `col_scale` float16), so `state_dict()` gives back the
+file's bytes and transformers loads a packed checkpoint into it by name; `bias` is the
+original Linear's. A rotated module (docs/FORMAT.md, qdtk.math.rotation) first rotates its input,
+x -> x Q (the fast Walsh-Hadamard transform; Q comes from the config, it is not a buffer).
+The arithmetic is qdtk's (qdtk.math.bcq_matmul on the CPU, qdtk.math.bcq_matmul_cuda on a GPU) on
+the tensors' own memory; torch only glues and runs the BLAS product of a tile.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from torch import nn
+
+from qdtk.formats.packed import PackedBCQ, PlaneLayout, bcq_expected, plane_layout
+from qdtk.math import bcq_matmul as kernels
+from qdtk.math.rotation import Rotation
+
+# Up to this many tokens the product reads the packed bytes only (`kernels.matmul_packed`);
+# beyond, tiles of What are dequantised and multiplied with BLAS. bench_infer's crossover
+# table as CPU time on one core of the shared machine (load 11-14), ms, packed words / tiles:
+#   4096 x 4096: T=1 2.1 / 12.1, T=2 5.3 / 14.5, T=4 8.1 / 15.1, T=8 16.8 / 15.7, T=16 31.6 / 17.0
+# The words' cost grows with T, the tiles' hardly: they cross between T = 4 and 8.
+FEW_TOKENS = 4
+# Rows per float32 tile of What (the dense weight never exists whole beyond one tile). The
+# tile is BLAS's second operand, and BLAS repacks x for every call: fewer, taller tiles repack
+# it less. 4096 x 12288 at T = 256, one core (CPU ms, dense 190-220): 341 rows 300, 1024 rows
+# 277, 1365 rows 274; with the tile reused instead of allocated per call, 1024 rows 231.
+TILE_ROWS = 1024
+_scratch = threading.local()  # one tile buffer per thread, grown on demand, reused
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint32): torch.uint32,
+                 np.dtype(np.float16): torch.float16}
+
+
+class BCQLinear(nn.Module):
+    """y = x What^T + bias with What kept as sign planes and float16 scales."""
+
+    def __init__(self, in_features: int, out_features: int, orders, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, device=None,
+                 rotation: Rotation | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.rotation = rotation  # Q: the planes code W Q, so inputs go in as x Q
+        orders = np.asarray(orders, np.uint8)
+        for name, (dt, shape) in bcq_expected((out_features, in_features), orders).items():
+            self.register_buffer(name, torch.empty(shape, dtype=_TORCH_DTYPES[dt], device=device))
+        self.orders = torch.from_numpy(orders.copy()).to(device)
+        b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self.bias = nn.Parameter(b, requires_grad=False) if bias else None
+        self._layouts: dict = {}
+
+    @classmethod
+    def from_packed(cls, packed: PackedBCQ, bias: torch.Tensor | None = None) -> BCQLinear:
+        """The module of a packed layer; its buffers share the arrays' memory (no copy)."""
+        n, m = packed.shape
+        mod = cls(m, n, packed.orders, bias is not None, device="meta",
+                  dtype=bias.dtype if bias is not None else torch.float32,
+                  rotation=packed.rotation)
+        for name in PackedBCQ.FIELDS:
+            setattr(mod, name, torch.from_numpy(np.ascontiguousarray(getattr(packed, name))))
+        if bias is not None:
+            mod.bias = nn.Parameter(bias, requires_grad=False)
+        return mod
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"planes={self.row_scale.shape[0]}, bias={self.bias is not None}"
+                + (f", rotation={self.rotation.kind}" if self.rotation else ""))
+
+    def layout(self) -> PlaneLayout:
+        """Where each plane lives, from `orders` (recomputed when a load replaces it)."""
+        key = ("cpu", self.orders.data_ptr(), self.orders._version)
+        if key not in self._layouts:
+            self._layouts = {key: plane_layout(self.orders.cpu().numpy(), self.in_features)}
+        return self._layouts[key]
+
+    @torch.no_grad()  # inference only: the kernels have no backward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # [T, m]
+        if self.rotation is not None:  # x Q: Numba on the CPU, torch's own ops on a GPU
+            x2 = (self.rotation.apply(x2) if x2.is_cuda
+                  else torch.from_numpy(self.rotation.apply(x2.numpy())))
+        y = _matmul_cuda(self, x2) if x2.is_cuda else _matmul_cpu(self, x2)  # [T, n] float32
+        if self.bias is not None:
+            y += self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+
+def _matmul_cpu(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
+    """[T, n] float32 = x What^T, by token count (FEW_TOKENS)."""
+    return (matmul_packed if x.shape[0] <= FEW_TOKENS else matmul_tiled)(mod, x)
+
+
+def _cpu_arrays(mod: BCQLinear):
+    """NumPy views of the buffers for Numba (no copies; float16 scales as their bits)."""
+    planes = mod.planes.numpy()  # [n, U] uint32
+    row_scale = mod.row_scale.numpy().view(np.uint16)  # [P, n]
+    col_scale = mod.col_scale.float().numpy()  # [C] float32: C is about 2 m, small
+    return planes, row_scale, col_scale
+
+
+def matmul_packed(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
+    """[T, n] float32 on the CPU from the packed bytes."""
+    out = kernels.matmul_packed(x.numpy(), *_cpu_arrays(mod), mod.layout())
+    return torch.from_numpy(out)
+
+
+def matmul_tiled(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
+    """[T, n] float32 on the CPU: tiles of What (exact, L2-sized) times x through BLAS."""
+    L = mod.layout()
+    planes, row_scale, col_scale = _cpu_arrays(mod)
+    n, m = mod.out_features, mod.in_features
+    rows = min(n, TILE_ROWS)
+    y = torch.empty(x.shape[0], n)
+    tile = _tile_buffer(rows * m).view(rows, m)  # [rows, m] float32
+    for r0 in range(0, n, rows):
+        r = min(rows, n - r0)
+        kernels.dequantize_rows(planes, row_scale, col_scale, L.start, L.width, L.word, L.col,
+                                r0, tile.numpy()[:r])
+        torch.mm(x, tile[:r].t(), out=y[:, r0 : r0 + r])
+    return y
+
+
+def _tile_buffer(numel: int) -> torch.Tensor:
+    """This thread's float32 scratch of at least `numel` elements (allocating tens of MiB per
+    call costs page faults every time)."""
+    buf = getattr(_scratch, "cpu", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.cpu = torch.empty(numel)
+    return buf[:numel]
+
+
+def _matmul_cuda(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
+    """[T, n] float32 on the GPU: Numba CUDA kernels on the tensors via __cuda_array_interface__."""
+    from numba import cuda
+
+    from qdtk.math import bcq_matmul_cuda as kcuda
+
+    dev = x.device
+    key = (str(dev), mod.orders.data_ptr(), mod.orders._version)
+    if key not in mod._layouts:
+        host = kcuda.device_layout(mod.layout(), mod.orders.cpu().numpy())
+        mod._layouts[key] = {k: cuda.as_cuda_array(torch.from_numpy(v).to(dev))
+                             for k, v in host.items()}
+    L = mod._layouts[key]
+    planes = cuda.as_cuda_array(mod.planes)
+    row_scale = cuda.as_cuda_array(mod.row_scale.view(torch.uint16))
+    col_scale = cuda.as_cuda_array(mod.col_scale.float())
+    n, m = mod.out_features, mod.in_features
+    y = torch.empty(x.shape[0], n, device=dev)
+    if x.shape[0] <= FEW_TOKENS:
+        kcuda.matmul_packed(cuda.as_cuda_array(x), planes, row_scale, col_scale, L,
+                            cuda.as_cuda_array(y))
+        return y
+    rows = min(n, 16 * TILE_ROWS)  # GPU tiles: bigger, for cuBLAS
+    tile = torch.empty(rows, m, device=dev)
+    orders = cuda.as_cuda_array(mod.orders)
+    for r0 in range(0, n, rows):
+        r = min(rows, n - r0)
+        kcuda.dequantize_rows(planes, row_scale, col_scale, L, orders, r0,
+                              cuda.as_cuda_array(tile[:r]))
+        torch.mm(x, tile[:r].t(), out=y[:, r0 : r0 + r])
+    return y
