@@ -21,7 +21,7 @@ seconds, and the peak NumPy memory (tracemalloc). Wall seconds are noisy on a sh
 CPU seconds less so.
 
     .venv/bin/python bench/bench_scale.py [--blocks llada,dream] [--settings published,full]
-        [--all-layers] [--forwards]
+        [--all-layers] [--forwards] [--roles ff_out]
 
 By default only the first Linear of each distinct shape is timed and the block is projected
 from them (each shape's layers cost alike); --all-layers times every one. --forwards also
@@ -39,6 +39,7 @@ import qdtk  # noqa: F401  (first: it sets OpenBLAS's thread policy before NumPy
 import argparse
 import time
 import tracemalloc
+import zlib
 
 import numpy as np
 
@@ -127,6 +128,8 @@ def main() -> None:
     ap.add_argument("--all-layers", action="store_true",
                     help="time every Linear (default: the first of each distinct shape)")
     ap.add_argument("--forwards", action="store_true")
+    ap.add_argument("--roles", default="",
+                    help="time only these Linears (e.g. ff_out); no block totals then")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     # compile the kernels outside the timings
@@ -140,19 +143,24 @@ def main() -> None:
         else:  # the first Linear of each distinct shape
             chosen = list({(n, m): (role, n, m, inp) for role, n, m, inp in reversed(linears)}
                           .values())[::-1]
+        if args.roles:
+            chosen = [c for c in chosen if c[0] in args.roles.split(",")]
         Hs = {}
         for setting in args.settings.split(","):
             per_shape: dict[tuple, dict] = {}
             for role, n, m, inp in chosen:
                 if inp not in Hs:
-                    Hs[inp] = activations_H(np.random.default_rng(hash(inp) % 2**32), m,
+                    Hs[inp] = activations_H(np.random.default_rng(zlib.crc32(inp.encode())), m,
                                             args.tokens)
                 W = (np.random.default_rng(n * m).standard_normal((n, m), dtype=np.float32)
                      / np.sqrt(m))
                 r = time_layer(W, Hs[inp], {**BASE, **SETTINGS[setting]}, role)
                 per_shape.setdefault((n, m), r)
                 print(f"  {block:6} {setting:9} {role:8} {n}x{m}: wall {r['wall']:.1f} s, "
-                      f"cpu {r['cpu']:.1f} s, proxy {r['proxy']:.4f}", flush=True)
+                      f"cpu {r['cpu']:.1f} s, refine {r['refine']:.1f} s, proxy "
+                      f"{r['proxy']:.5f}, peak {r['peak'] / 2**20:,.0f} MiB", flush=True)
+            if args.roles:
+                continue
             # the block: every Linear costs as the measured one of its shape
             total = {k: sum(per_shape[(n, m)][k] for _, n, m, _ in linears)
                      for k in (*PARTS, "wall", "cpu")}

@@ -188,12 +188,12 @@ def test_every_mode_lowers_the_error(rng, mode):
 
 @pytest.mark.parametrize("step", [refit_row_scales, refit_col_scales, refine_signs])
 def test_float32_steps_keep_float32_and_track_float64(problem, step):
-    """The float32 working precision stays float32 through every step and lands where float64
-    does (the same signs, scales to float32 rounding)."""
+    """The float32 working precision stays float32 through every step (the signs are int8 in
+    both) and lands where float64 does (the same signs, scales to float32 rounding)."""
     W, H, layer = problem
     s64 = step(W, H, state_from_layer(layer))
     s32 = step(W.astype(np.float32), H.astype(np.float32), state_from_layer(layer, np.float32))
-    assert s32.S.dtype == s32.a.dtype == s32.b.dtype == np.float32
+    assert s32.a.dtype == s32.b.dtype == np.float32 and s32.S.dtype == s64.S.dtype == np.int8
     e64 = output_error(W, s64.dequantize(), H)
     e32 = output_error(W, s32.dequantize().astype(np.float64), H)
     assert e32 == pytest.approx(e64, rel=1e-3)

@@ -191,8 +191,8 @@ def quantize_layer(
     """DAQ of one Linear weight W [n, m] against its statistic H [m, m] (METHOD.md §4), fitted on H
     shrunk toward its diagonal by `shrink` (qdtk.math.hessian); the reported errors are on H itself.
 
-    `group_solver(W_g, order, d_g)` replaces `solve_group` (e.g. ABMP's memoising
-    `DaqGroupSolver.solution`, so an uncompensated sweep reuses the allocation's solves);
+    `group_solver(W_g, order, d_g)` replaces `solve_group` (e.g. the memoising
+    `DaqGroupSolver.solution`: an uncompensated sweep reuses ABMP's solves);
     `refine` (keyword arguments of qdtk.math.refine.refine_layer, e.g. `refine.MODES["rows"]`)
     refits the solved layer on the full H before its error is measured.
     """
