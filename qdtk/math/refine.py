@@ -177,7 +177,8 @@ def refit_row_scales(
     return CodedState(state.orders, state.S, a, state.b)
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc", "nsz"})
+# IEEE order: a reassociated sum vectorised differently fresh and from the cache (qdtk.math.daq.cpu)
+@njit(parallel=True, cache=True)
 def _group_dots(Y, V, starts, k, h, M):  # pragma: no cover - compiled
     """M[i, k, h, l, g] = M[i, l, g, k, h] = sum_{j in group g} Y[i, j - starts[h]] V[l, i, j]
     for the groups g >= h (Y holds columns starts[h]..m): one pass, no temporaries, and M

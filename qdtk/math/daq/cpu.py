@@ -29,11 +29,12 @@ from qdtk.math.daq.reference import EPS
 
 CHUNK = 64  # rows per parallel work item and per partial sum of the column scales
 PARALLEL_MIN_ROWS = 1024  # smaller blocks run on one thread: a pass would not pay its launch
-# The scale passes may reassociate, which lets LLVM vectorise their row sums (7x on a row of
-# 128); results stay deterministic for one build. The sign search keeps IEEE order (its tie
-# rule is shared with the reference): it is a separate function, as Numba's own inlining
-# would give its code the caller's flags.
-ROWSUM = {"reassoc", "nsz"}
+# The row sums keep IEEE order. Reassociating them let LLVM vectorise them (7x on a row of 128),
+# but how it vectorised depended on where the code was compiled: a pass compiled with its
+# caller and the same pass loaded from Numba's cache gave different bits, so a fresh process
+# (a --cluster worker, a first run) and a warm one disagreed. The sign search keeps IEEE order
+# too (its tie rule is shared with the reference).
+ROWSUM = {"nsz"}
 
 
 @njit(cache=True, inline="always")
