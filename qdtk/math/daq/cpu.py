@@ -29,12 +29,36 @@ from qdtk.math.daq.reference import EPS
 
 CHUNK = 64  # rows per parallel work item and per partial sum of the column scales
 PARALLEL_MIN_ROWS = 1024  # smaller blocks run on one thread: a pass would not pay its launch
-# The row sums keep IEEE order. Reassociating them let LLVM vectorise them (7x on a row of 128),
+# No reassociation anywhere. Reassociated row sums let LLVM vectorise them (7x on a row of 128),
 # but how it vectorised depended on where the code was compiled: a pass compiled with its
 # caller and the same pass loaded from Numba's cache gave different bits, so a fresh process
-# (a --cluster worker, a first run) and a warm one disagreed. The sign search keeps IEEE order
-# too (its tie rule is shared with the reference).
+# (a --cluster worker, a first run) and a warm one disagreed. `_lane_sum` fixes the order of
+# the row sums instead (8 interleaved partial sums), which vectorises without changing a bit.
+# The sign search keeps IEEE order too (its tie rule is shared with the reference).
 ROWSUM = {"nsz"}
+
+
+@njit(cache=True, inline="always")
+def _lane_sum(x, w):
+    """sum_j x[j], j < w, as 8 interleaved partial sums combined in a fixed order: the same bits
+    however LLVM vectorises it (no reassociation), at most of the speed of a vectorised sum."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = x.dtype.type(0)
+    j = 0
+    while j + 8 <= w:
+        s0 += x[j]
+        s1 += x[j + 1]
+        s2 += x[j + 2]
+        s3 += x[j + 3]
+        s4 += x[j + 4]
+        s5 += x[j + 5]
+        s6 += x[j + 6]
+        s7 += x[j + 7]
+        j += 8
+    t = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    while j < w:
+        t += x[j]
+        j += 1
+    return t
 
 
 @njit(cache=True, inline="always")
@@ -131,12 +155,10 @@ def _init_chunk(W, S, a, b, k, num, c):
         num[c, j] = 0
     for i in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
         _others(W, S, a, b, i, k, k, R)  # the planes before k
-        s = W.dtype.type(0)
         for j in range(w):
             S[k, i, j] = 1 if R[j] >= 0 else -1
             R[j] = abs(R[j])
-            s += R[j]
-        ai = s / w
+        ai = _lane_sum(R, w) / w
         a[k, i] = ai
         if ai > 0:
             for j in range(w):
@@ -150,6 +172,8 @@ def _plane_chunk(W, E, S, a, b, k, search, num, den, eps, c):
     n, w = W.shape
     K = a.shape[0]
     Wt = np.empty(w, W.dtype)
+    P1 = np.empty(w, W.dtype)  # the terms of the row sums
+    P2 = np.empty(w, W.dtype)
     C = np.empty((K, w), W.dtype)
     V = np.empty(w, W.dtype)
     best = np.empty(w, W.dtype)
@@ -161,13 +185,11 @@ def _plane_chunk(W, E, S, a, b, k, search, num, den, eps, c):
         if search:
             _search_row(W, S, a, b, i, C, V, best, bp)
         _others(W, S, a, b, i, k, K, Wt)
-        s1 = W.dtype.type(0)
-        s2 = W.dtype.type(0)
         for j in range(w):
             e = E[i, j] * b[k, j]
-            s1 += e * S[k, i, j] * Wt[j]
-            s2 += e * b[k, j]
-        ai = s1 / (s2 + eps)
+            P1[j] = e * S[k, i, j] * Wt[j]
+            P2[j] = e * b[k, j]
+        ai = _lane_sum(P1, w) / (_lane_sum(P2, w) + eps)
         a[k, i] = ai
         for j in range(w):
             e = E[i, j] * ai
