@@ -40,6 +40,7 @@ without them, from an older qdtk, is read with one warning).
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,13 +95,14 @@ def _dequantize_block(signs, a, b, What):
     return What
 
 
-class _InputBasis:
+class _InputBasis(ABC):
     """What a layer's code means in the model's own input basis (both kinds of layer)."""
 
     rotation: Rotation | None
 
+    @abstractmethod
     def dequantize(self) -> np.ndarray:
-        raise NotImplementedError
+        """[n, m] float32 What in the basis the layer was solved in."""
 
     def weight(self) -> np.ndarray:
         """[n, m] float32 What for the model's inputs: `dequantize()` Q^T when the layer codes
