@@ -534,15 +534,19 @@ def _check_tensor(ckpt: Checkpoint, name: str, dtype: np.dtype, shape: tuple, mo
         )
 
 
-def read_packed_layer(ckpt: Checkpoint, module: str, info: dict) -> PackedLayer:
-    """One module's packed tensors, every dtype and shape checked against the format."""
+def check_packed_layer(ckpt: Checkpoint, module: str, info: dict
+                       ) -> tuple[tuple[int, int], np.ndarray | None, dict, Rotation | None]:
+    """(shape, orders [G] or None for affine, {field: (dtype, shape)}, rotation) of one module,
+    every tensor's dtype and shape checked against the format from the shard headers; of the
+    data only the few bytes of `M.orders` are read."""
     shape = (int(info["shape"][0]), int(info["shape"][1]))
+    orders = None
     if info["kind"] == "affine":
         expected = affine_expected(shape, int(info["bits"]))
     else:
         G = len(group_widths(shape[1]))
         _check_tensor(ckpt, f"{module}.orders", np.dtype(np.uint8), (G,), module)
-        orders = ckpt.read(f"{module}.orders")
+        orders = np.array(ckpt.read(f"{module}.orders"))
         if orders.min() < 1 or orders.max() > MAX_ORDER:
             raise QdtkError(
                 f"{ckpt.info(module + '.orders').file}: tensor {module + '.orders'!r} holds "
@@ -551,8 +555,14 @@ def read_packed_layer(ckpt: Checkpoint, module: str, info: dict) -> PackedLayer:
         expected = bcq_expected(shape, orders)
     for field, (dtype, fshape) in expected.items():
         _check_tensor(ckpt, f"{module}.{field}", dtype, fshape, module)
-    t = {f: np.array(ckpt.read(f"{module}.{f}")) for f in expected}
     rot = Rotation.from_dict(info["rotation"], shape[1]) if "rotation" in info else None
+    return shape, orders, expected, rot
+
+
+def read_packed_layer(ckpt: Checkpoint, module: str, info: dict) -> PackedLayer:
+    """One module's packed tensors, every dtype and shape checked first (check_packed_layer)."""
+    shape, _, expected, rot = check_packed_layer(ckpt, module, info)
+    t = {f: np.array(ckpt.read(f"{module}.{f}")) for f in expected}
     if info["kind"] == "affine":
         return PackedAffine(shape, int(info["bits"]), t["codes"], t["scale"], t["zero"], rot)
     return PackedBCQ(shape, t["orders"], t["planes"], t["row_scale"], t["col_scale"], rot)
@@ -560,8 +570,8 @@ def read_packed_layer(ckpt: Checkpoint, module: str, info: dict) -> PackedLayer:
 
 def verify_packed(folder: str | Path, qc: dict, ckpt: Checkpoint) -> set[str]:
     """Check a packed folder whole: every shard's content hash against the config's record,
-    and every quantized module's tensors against the format. Returns the tensor names the
-    modules own. Reads each file once."""
+    and every quantized module's tensors against the format (their headers). Returns the
+    tensor names the modules own. Reads each file once."""
     recorded = qc.get("sha256")
     config = Path(folder) / "config.json"
     if recorded is None:
@@ -576,5 +586,5 @@ def verify_packed(folder: str | Path, qc: dict, ckpt: Checkpoint) -> set[str]:
     for module, info in qc["modules"].items():
         fields = PackedAffine.FIELDS if info["kind"] == "affine" else PackedBCQ.FIELDS
         owned |= {f"{module}.{f}" for f in fields}
-        read_packed_layer(ckpt, module, info)
+        check_packed_layer(ckpt, module, info)  # the headers: the hashes above read the data
     return owned

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
+from qdtk.backend import array_module
 from qdtk.errors import QdtkError
 
 KINDS = ("none", "hadamard")
@@ -140,8 +141,6 @@ class Rotation:
         torch = sys.modules.get("torch")  # torch only when x is a tensor (never imported here)
         if torch is not None and isinstance(x, torch.Tensor):
             return torch.from_numpy(self.signs).to(device=x.device, dtype=x.dtype)
-        from qdtk.backend import array_module
-
         return array_module(x).asarray(self.signs, x.dtype)
 
     def to_dict(self) -> dict[str, Any]:

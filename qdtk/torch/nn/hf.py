@@ -3,9 +3,10 @@
 `register_transformers()` (called once, lazily, by `import qdtk` when transformers is
 importable) registers the config class and quantizer under quant_method "qdtk". Before the
 weights load, the quantizer validates every quantized module's tensors exactly as
-`qdtk unpack` does (qdtk.formats.packed.read_packed_layer: clear errors naming the file and tensor,
-before anything is loaded) and swaps each quantized nn.Linear for a `BCQLinear` of the right buffer
-shapes; transformers then fills the buffers by name from the shards, in their stored dtypes.
+`qdtk unpack` does (qdtk.formats.packed.check_packed_layer, from the shard headers: clear
+errors naming the file and tensor, before anything is loaded) and swaps each quantized
+nn.Linear for a `BCQLinear` of the right buffer shapes; transformers then fills the buffers by
+name from the shards, in their stored dtypes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def quantized_modules(folder: str | Path) -> dict[str, tuple]:
     """{module: (shape, orders, rotation)} of a packed folder, every tensor validated against
     FORMAT.md (the same checks and messages as `qdtk unpack`)."""
     from qdtk.formats.checkpoint import Checkpoint
-    from qdtk.formats.packed import read_packed_layer, read_quantization_config
+    from qdtk.formats.packed import check_packed_layer, read_quantization_config
 
     qc = read_quantization_config(folder)
     ckpt = Checkpoint(folder)
@@ -34,8 +35,8 @@ def quantized_modules(folder: str | Path) -> dict[str, tuple]:
         if info["kind"] != "bcq":
             raise QdtkError(f"{folder}: module {module!r} is {info['kind']!r}-coded; packed "
                             "inference supports 'bcq' modules (run `qdtk unpack` for others)")
-        layer = read_packed_layer(ckpt, module, info)
-        found[module] = (layer.shape, layer.orders, layer.rotation)
+        shape, orders, _, rotation = check_packed_layer(ckpt, module, info)  # headers only
+        found[module] = (shape, orders, rotation)
     return found
 
 
