@@ -80,6 +80,10 @@ def capture_options(n: int | None = 128, L: int | None = 2048, device: bool = Tr
                      type=click.IntRange(1), help="Number of calibration windows N."),
         click.option("-L", "--seqlen", "L", default=L, show_default=L is not None,
                      type=click.IntRange(1), help="Tokens per window L."),
+        click.option("--validation", default=8, show_default=True, type=click.IntRange(0),
+                     help="Calibration windows kept out of H for a validation statistic "
+                     "(OUT/validation): quantize stops the refinement where the fit stops "
+                     "improving on them (see qdtk quantize --early-stop); 0: none."),
         click.option("--gamma", default=0.25, show_default=True, type=float,
                      help="Visible prefix ratio: the first floor(gamma*L) tokens are never "
                      "masked."),
@@ -141,7 +145,7 @@ def capture_options_from(kw: dict):
         n=kw.pop("n"), L=kw.pop("L"), mask=mask, mask_token_id=kw.pop("mask_token_id"),
         dtype=kw.pop("dtype"), device=kw.pop("device", "cpu"), chunk_size=kw.pop("chunk_size"),
         offload=kw.pop("offload"), accumulate=kw.pop("accumulate"),
-        expert_weighting=kw.pop("expert_weighting"),
+        expert_weighting=kw.pop("expert_weighting"), validation=kw.pop("validation"),
         trust_remote_code=kw.pop("trust_remote_code"), model_code=kw.pop("model_code"),
     )
 

@@ -4,6 +4,7 @@ folders."""
 import importlib.util
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +297,42 @@ def test_sequential_block_recaptures_after_replacing_weights(tmp_path):
 def _opts(**kw):
     return cap.CaptureOptions(n=3, L=16, mask_token_id=kw.pop("mask_token_id", None),
                               chunk_size=2, **kw)
+
+
+def test_validation_statistic_kept_out_of_h(llama_dir, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"{i:04d}" for i in range(200)))  # no window repeats
+    opts = cap.CaptureOptions(n=3, L=16, chunk_size=2, mask=MaskOptions(mask=False))
+    plain = Stats(cap.capture(llama_dir, calib, tmp_path / "plain", opts, progress=False))
+    assert plain.validation() is None
+    out = cap.capture(llama_dir, calib, tmp_path / "val", replace(opts, validation=2),
+                      progress=False)
+    s = Stats(out)
+    v = s.validation()
+    assert s.fingerprint == plain.fingerprint  # the training H and its fingerprint unchanged
+    assert v is not None and v.manifest["options"]["validation_of"] == s.fingerprint
+    assert v.manifest["options"]["tokens"] == 2 * 16
+    model = cap.load_model(llama_dir)
+    tok = cap.load_tokenizer(llama_dir)
+    vbatch, _ = cap.calibration_batch(llama_dir, model, tok, calib, replace(opts, validation=2),
+                                      validation=True)
+    batch, _ = cap.calibration_batch(llama_dir, model, tok, calib, opts)
+    assert not {tuple(r) for r in vbatch.ids} & {tuple(r) for r in batch.ids}
+    for w in s.layers():
+        np.testing.assert_array_equal(s.hessian(w)[0], plain.hessian(w)[0])
+        assert not np.allclose(v.hessian(w)[0], s.hessian(w)[0])
+    # a rerun keeps both; a validation folder of another capture is not used
+    assert Stats(cap.capture(llama_dir, calib, out, replace(opts, validation=2),
+                             progress=False)).validation() is not None
+    import json
+    manifest = json.loads((out / "validation" / "manifest.json").read_text())
+    manifest["options"]["validation_of"] = "other"
+    (out / "validation" / "manifest.json").write_text(json.dumps(manifest))
+    assert Stats(out).validation() is None
+    # too short a text for 3 + 80 disjoint windows (it holds 62): none, the capture completes
+    short = cap.capture(llama_dir, calib, tmp_path / "short", replace(opts, validation=80),
+                        progress=False)
+    assert Stats(short).validation() is None
 
 
 def test_resume_after_kill(bert_dir, tmp_path, monkeypatch):

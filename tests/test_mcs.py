@@ -25,6 +25,7 @@ from qdtk.math.mcs import (
     mask_probability,
     resolve_mask_token_id,
     timestep_grid,
+    validation_windows,
 )
 
 MASK = 999
@@ -143,6 +144,19 @@ def test_windows_disjoint_seeded_or_padded():
     assert att.sum() == 90 and not att[:, 30:].any()
     with pytest.raises(QdtkError, match="no tokens"):
         cut_windows(np.array([], dtype=np.int64), 2, 8, 0, 0)
+
+
+def test_validation_windows_disjoint_from_training():
+    train = choose_windows(10_000, 8, 100, seed=3)
+    val = validation_windows(10_000, 8, 5, 100, seed=3)
+    assert len(set(val)) == 5 and np.all(val % 100 == 0) and not set(val) & set(train)
+    assert np.array_equal(val, validation_windows(10_000, 8, 5, 100, seed=3))
+    assert validation_windows(1_200, 8, 5, 100, seed=3) is None  # 12 slots < 8 + 5
+    assert validation_windows(1_300, 8, 5, 100, seed=3) is not None
+    assert validation_windows(10_000, 8, 0, 100, seed=3) is None
+    stream = np.arange(10_000)
+    ids, att = cut_windows(stream, len(val), 100, 0, -1, starts=val)
+    assert np.array_equal(ids[:, 0], val) and att.all()
 
 
 def test_mask_token_id_rule():

@@ -8,6 +8,8 @@ Format "qdtk-stats/1", a folder:
          "options": {...capture options...},
          "fingerprint": str,              # of model fingerprint + options: what the blocks are of
          "complete": bool,                # every block written
+         "validation": {"folder": "validation", "fingerprint": str, "windows": V, "tokens": T},
+                                          # optional: the validation statistic (below)
          "blocks": [{"name": "model.layers.0", "file": "block_0000.safetensors",
                      "sha256": str,       # of the block file's bytes, checked by every reader
                      "inputs": [{"key": str, "members": [weight names], "dim": m, "tokens": T}]}]}
@@ -21,6 +23,11 @@ of the Linear weights that read it (e.g. "model.layers.0.self_attn.q_proj.weight
 how `quantize` finds the H of a weight. T counts the tokens that entered H (padding never does);
 for a mixture-of-experts expert, the tokens routed to it, and an expert that too few reached has
 "fallback": what its H was taken from instead (qdtk.torch.capture.Recorder.statistics).
+The validation statistic (`qdtk capture --validation V`, absent from older folders and where
+the text was too short) is a stats folder of its own in OUT/validation: the H of V windows of
+the same text, disjoint from those in OUT's H, its options recording "validation_of": OUT's
+fingerprint. Quantize measures fits on it (inputs they were not fitted to); it is not part of
+OUT's fingerprint, so adding it changes no solution that does not use it.
 Block files are written atomically and the manifest is rewritten after each, so a killed capture
 resumes at the first block missing from the manifest. A manifest without "sha256" entries (older
 qdtk) is read with one warning and no integrity check.
@@ -51,6 +58,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "qdtk-stats/1"
 MANIFEST = "manifest.json"
+VALIDATION = "validation"  # the validation statistic's sub-folder
 
 
 @dataclass
@@ -106,6 +114,8 @@ class StatsWriter:
                 self.manifest["complete"] = bool(old.get("complete")) and len(
                     self.manifest["blocks"]
                 ) == len(old.get("blocks", []))
+                if old.get("validation"):
+                    self.manifest["validation"] = old["validation"]
             else:
                 log.info("%s: statistics of other inputs or options; starting afresh", path)
 
@@ -149,6 +159,11 @@ class StatsWriter:
         self.manifest["complete"] = True
         write_json_atomic(self.folder / MANIFEST, self.manifest)
 
+    def set_validation(self, entry: dict) -> None:
+        """Record the validation statistic (a complete stats folder inside this one)."""
+        self.manifest["validation"] = entry
+        write_json_atomic(self.folder / MANIFEST, self.manifest)
+
 
 class Stats:
     """Read access to a stats folder: which input each weight reads, and its H."""
@@ -179,6 +194,26 @@ class Stats:
                     self._where[member] = (block, inp)
         self._cache: tuple[str, dict[str, np.ndarray]] | None = None
         self._verified: set[str] = set()  # block files whose content hash was checked
+
+    def validation(self) -> Stats | None:
+        """The validation statistic (H of calibration windows kept out of this H), or None when
+        the manifest records none (older folders) or it does not belong to this capture (a
+        warning then)."""
+        entry = self.manifest.get("validation")
+        if not entry:
+            return None
+        folder = self.folder / entry.get("folder", VALIDATION)
+        try:
+            val = Stats(folder)
+        except QdtkError as e:
+            log.warning("%s; quantizing without the validation statistic", e)
+            return None
+        if (val.fingerprint != entry.get("fingerprint")
+                or val.manifest.get("options", {}).get("validation_of") != self.fingerprint):
+            log.warning("%s: not the validation statistic of %s; quantizing without it", folder,
+                        self.folder)
+            return None
+        return val
 
     def layers(self) -> list[str]:
         """Every weight with a statistic, in block order."""

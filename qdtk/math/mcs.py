@@ -80,10 +80,25 @@ def choose_windows(n_tokens: int, N: int, L: int, seed: int) -> np.ndarray:
     return rng.integers(0, n_tokens - L + 1, size=N).astype(np.int64)
 
 
-def cut_windows(stream: np.ndarray, N: int, L: int, seed: int, pad_id: int):
-    """ids [N, L] and attention [N, L] of N seeded windows of `stream`, right-padded."""
+def validation_windows(n_tokens: int, N: int, V: int, L: int, seed: int) -> np.ndarray | None:
+    """Start offsets [V] of V windows disjoint from the N of `choose_windows` (and from each
+    other), from the slots of L tokens those leave free (seeded apart from them); None when the
+    stream holds fewer than N + V disjoint windows, so no window can be kept out of H."""
+    K = n_tokens // L
+    if V < 1 or n_tokens <= L or K < N + V:
+        return None
+    free = np.setdiff1d(np.arange(K), choose_windows(n_tokens, N, L, seed) // L)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
+    return np.sort(rng.choice(free, size=V, replace=False)).astype(np.int64) * L
+
+
+def cut_windows(stream: np.ndarray, N: int, L: int, seed: int, pad_id: int,
+                starts: np.ndarray | None = None):
+    """ids [N, L] and attention [N, L] of N seeded windows of `stream` (or of the windows at
+    `starts` [N]), right-padded."""
     stream = np.asarray(stream, dtype=np.int64)
-    starts = choose_windows(len(stream), N, L, seed)
+    if starts is None:
+        starts = choose_windows(len(stream), N, L, seed)
     ids = np.full((N, L), pad_id, dtype=np.int64)
     attention = np.zeros((N, L), dtype=bool)
     for i, s in enumerate(starts):

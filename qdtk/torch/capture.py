@@ -39,9 +39,16 @@ from typing import Any
 import numpy as np
 
 from qdtk.errors import QdtkError
-from qdtk.formats.stats import InputStat, StatsWriter, hessian_from_sums
+from qdtk.formats.stats import VALIDATION, InputStat, StatsWriter, hessian_from_sums
 from qdtk.formats.validate import check_model_finite
-from qdtk.math.mcs import MaskedBatch, MaskOptions, cut_windows, mask_batch, resolve_mask_token_id
+from qdtk.math.mcs import (
+    MaskedBatch,
+    MaskOptions,
+    cut_windows,
+    mask_batch,
+    resolve_mask_token_id,
+    validation_windows,
+)
 from qdtk.torch.experts import expert_names
 from qdtk.torch.models import (
     flat_config,
@@ -838,12 +845,18 @@ class CaptureOptions:
     trust_remote_code: bool = False
     model_code: str = "auto"
     expert_weighting: str = "tokens"  # qdtk.torch.experts.EXPERT_WEIGHTINGS
+    # windows of the text kept out of H, for the validation statistic (OUT/validation/; the
+    # CLI's default is 8)
+    validation: int = 0
 
 
 def calibration_batch(
-    model_path: str | Path, model, tokenizer, calib: str | Path | None, opts: CaptureOptions
-) -> tuple[MaskedBatch, dict]:
-    """Tokenised, windowed and masked calibration sequences, and what identifies them."""
+    model_path: str | Path, model, tokenizer, calib: str | Path | None, opts: CaptureOptions,
+    validation: bool = False,
+) -> tuple[MaskedBatch | None, dict]:
+    """Tokenised, windowed and masked calibration sequences, and what identifies them.
+    `validation`: the opts.validation windows disjoint from those (qdtk.math.mcs.
+    validation_windows), masked with draws of their own; None when the text is too short."""
     from qdtk.formats.calib import calibration_text
 
     config = flat_config(model)
@@ -865,8 +878,16 @@ def calibration_batch(
             config, getattr(tokenizer, "mask_token_id", None), opts.mask_token_id, str(model_path)
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, attention = cut_windows(stream, opts.n, opts.L, opts.mask.seed, pad_id)
-    batch = mask_batch(ids, attention, mask_id, opts.mask, prompt, noise)
+    starts, mask = None, opts.mask
+    if validation:
+        starts = validation_windows(len(stream), opts.n, opts.validation, opts.L, opts.mask.seed)
+        # the mask draws continue after the training sequences' seeds
+        mask = replace(opts.mask, seed=opts.mask.seed + opts.n * opts.mask.per_sequence)
+    batch = None
+    if not validation or starts is not None:
+        ids, attention = cut_windows(stream, opts.n if starts is None else len(starts), opts.L,
+                                     opts.mask.seed, pad_id, starts)
+        batch = mask_batch(ids, attention, mask_id, mask, prompt, noise)
     ident = {
         "calib": {"source": str(calib or "builtin"),
                   "sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
@@ -907,9 +928,10 @@ def capture(
     echo: Callable[[str], None] = log.info,
     progress: bool = True,
 ) -> Path:
-    """`qdtk capture`: write the statistics folder `out` (resumes a killed run)."""
-    from tqdm import tqdm
-
+    """`qdtk capture`: write the statistics folder `out` (resumes a killed run), and with
+    opts.validation > 0 its validation statistic in OUT/validation: H of that many windows of
+    the same text kept out of OUT's H, so quantize can check a fit on inputs it was not fitted
+    to (recorded in OUT's manifest; a text too short for them gives none)."""
     opts = opts or CaptureOptions()
     out = Path(out)
     model_fp, ckpt_names = model_fingerprint(model_path)
@@ -917,15 +939,43 @@ def capture(
     model = load_model(model_path, opts.dtype, "cpu", opts.trust_remote_code, opts.model_code)
     tokenizer = load_tokenizer(model_path, opts.trust_remote_code)
     batch, ident = calibration_batch(model_path, model, tokenizer, calib, opts)
-    options = {"n": opts.n, "L": opts.L, **opts.mask.as_dict(), **ident, "dtype": opts.dtype,
-               "accumulate": opts.accumulate, "expert_weighting": opts.expert_weighting,
-               "sequences": int(len(batch.t)),
-               "tokens": batch.tokens, "masked_tokens": int(batch.masked.sum())}
-    writer = StatsWriter(out, str(model_path), model_fp, options)
+    writer = StatsWriter(out, str(model_path), model_fp, batch_options(opts, batch, ident))
     if writer.complete:
         echo(f"{out}: capture already complete")
-        return out
-    offload = out / ".hidden" if opts.offload else None
+    else:
+        record_pass(model, batch, writer, opts, ckpt_names, model_path, echo, progress)
+    if opts.validation > 0:
+        vbatch, ident = calibration_batch(model_path, model, tokenizer, calib, opts,
+                                          validation=True)
+        if vbatch is None:
+            echo(f"the calibration text holds fewer than {opts.n + opts.validation} disjoint "
+                 f"windows of {opts.L} tokens: no validation statistic")
+            return out
+        options = {**batch_options(opts, vbatch, ident), "n": opts.validation,
+                   "validation_of": writer.fingerprint}
+        vwriter = StatsWriter(out / VALIDATION, str(model_path), model_fp, options)
+        if not vwriter.complete:
+            record_pass(model, vbatch, vwriter, opts, ckpt_names, model_path, echo, progress)
+        writer.set_validation({"folder": VALIDATION, "fingerprint": vwriter.fingerprint,
+                               "windows": opts.validation, "tokens": vbatch.tokens})
+    return out
+
+
+def batch_options(opts: CaptureOptions, batch: MaskedBatch, ident: dict) -> dict:
+    """What a stats folder's H depend on (its manifest's options, and its fingerprint)."""
+    return {"n": opts.n, "L": opts.L, **opts.mask.as_dict(), **ident, "dtype": opts.dtype,
+            "accumulate": opts.accumulate, "expert_weighting": opts.expert_weighting,
+            "sequences": int(len(batch.t)),
+            "tokens": batch.tokens, "masked_tokens": int(batch.masked.sum())}
+
+
+def record_pass(model, batch: MaskedBatch, writer: StatsWriter, opts: CaptureOptions,
+                ckpt_names, model_path: str | Path, echo: Callable[[str], None],
+                progress: bool) -> None:
+    """Run `batch` through the model block by block, writing every unfinished block's H."""
+    from tqdm import tqdm
+
+    offload = writer.folder / ".hidden" if opts.offload else None
     session = BlockSession(
         model, batch.ids, batch.attention, device=opts.device, chunk_size=opts.chunk_size,
         offload=offload, accumulate=opts.accumulate, ckpt_names=ckpt_names, progress=progress,
@@ -935,9 +985,9 @@ def capture(
         writer.check_space(session.estimate_bytes())
         hidden = batch.ids.size * flat_config(model).get("hidden_size", 0) * \
             session.store[0].element_size()
-        echo(f"{len(batch.t)} sequences x {opts.L} tokens ({batch.tokens} counted, "
-             f"{int(batch.masked.sum())} masked); {len(session)} blocks; estimated H storage "
-             f"{session.estimate_bytes() / 2**20:,.1f} MiB; hidden states "
+        echo(f"{writer.folder}: {len(batch.t)} sequences x {opts.L} tokens ({batch.tokens} "
+             f"counted, {int(batch.masked.sum())} masked); {len(session)} blocks; estimated H "
+             f"storage {session.estimate_bytes() / 2**20:,.1f} MiB; hidden states "
              f"{hidden / 2**20:,.1f} MiB {'on disk' if offload else 'in memory'}")
         todo = [b for b in range(len(session)) if not writer.done(session.block_name(b))]
         if len(todo) < len(session):
@@ -954,4 +1004,3 @@ def capture(
             echo(fallback_summary(fallbacks))
     finally:
         session.close()
-    return out
