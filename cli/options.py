@@ -82,8 +82,8 @@ def capture_options(n: int | None = 128, L: int | None = 2048, device: bool = Tr
                      type=click.IntRange(1), help="Tokens per window L."),
         click.option("--validation", default=8, show_default=True, type=click.IntRange(0),
                      help="Calibration windows kept out of H for a validation statistic "
-                     "(OUT/validation): quantize stops the refinement where the fit stops "
-                     "improving on them (see qdtk quantize --early-stop); 0: none."),
+                     "(OUT/validation), on which qdtk quantize --early-stop checks the "
+                     "refinement; 0: none."),
         click.option("--gamma", default=0.25, show_default=True, type=float,
                      help="Visible prefix ratio: the first floor(gamma*L) tokens are never "
                      "masked."),
@@ -234,6 +234,10 @@ def quantize_options(include: bool = True):
                      help="Rounds of the refinement (each: rows, then signs; full and all end "
                      "with one more sign pass). Default: the mode's own (rows 1, full 4, all "
                      "4)."),
+        click.option("--early-stop/--no-early-stop", default=False, show_default=True,
+                     help="Stop the refinement rounds (up to --refine-rounds) at the first that "
+                     "does not lower the error on the validation statistic (capture "
+                     "--validation), keeping the best; without one, refine as usual."),
         click.option("--backend", "--device", "backend",
                      type=click.Choice(["auto", "cpu", "reference", "cuda"]), default="auto",
                      show_default=True,
@@ -262,6 +266,7 @@ def quantize_options_from(kw: dict, **run: Any) -> QuantizeOptions:
         "iters": kw.pop("iters"), "tau": kw.pop("tau"), "lam": kw.pop("lam"),
         "compensate": not kw.pop("no_compensation"), "feedback": kw.pop("feedback"),
         "refit": True, "refine": kw.pop("refine"), "refine_rounds": kw.pop("refine_rounds"),
+        "early_stop": kw.pop("early_stop"),
         "shrink": kw.pop("shrink"),
     }
     backend = kw.pop("backend")

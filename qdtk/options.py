@@ -37,6 +37,8 @@ RUN_ONLY = ("trust_remote_code", "model_code", "cluster", "num_cpus")
 BASELINE_FIELDS = ("method", "bits", "percdamp")
 # --rotate applies to every method; fingerprinted only when it rotates.
 ROTATION_FIELDS = ("rotate", "rotate_seed")
+# Fingerprinted only when on (off, the results are those of qdtk before it).
+OPTIONAL_FIELDS = ("early_stop",)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class QuantizeOptions:
     refit: bool = True  # DAQ's closed-form scale refit
     refine: str = "none"  # qdtk.math.refine.MODES
     refine_rounds: int | None = None  # None: the mode's own
+    early_stop: bool = False  # refinement rounds stopped on the validation statistic's error
     backend: str = "cpu"  # qdtk.math.daq.BACKENDS
     shrink: float = 0.0  # H shrunk toward its diagonal by this much for the fit
     rotate: str = "none"  # none, or hadamard: solved as W Q against Q^T H Q (qdtk.math.rotation)
@@ -106,6 +109,9 @@ class QuantizeOptions:
         rotation = {} if self.rotate == "none" else {k: values[k] for k in ROTATION_FIELDS}
         for k in ROTATION_FIELDS:  # unrotated runs keep the fingerprints they had before
             del values[k]
+        for k in OPTIONAL_FIELDS:
+            if not values[k]:
+                del values[k]
         if self.method != "daq":
             return {**{k: values[k] for k in BASELINE_FIELDS}, **rotation}
         return {**values, "orders": list(self.orders), **rotation}
@@ -160,9 +166,11 @@ def _normalised(o: QuantizeOptions) -> dict[str, Any]:
         out[name] = _number(name, getattr(o, name), integer=True)
     if o.refine_rounds is not None:
         out["refine_rounds"] = _number("refine_rounds", o.refine_rounds, integer=True)
-    for name in ("compensate", "refit", "trust_remote_code"):
+    for name in ("compensate", "refit", "trust_remote_code", "early_stop"):
         if not isinstance(getattr(o, name), bool):
             raise QdtkError(f"{name} must be true or false, got {getattr(o, name)!r}")
+    if o.method != "daq" or o.refine == "none":
+        out["early_stop"] = False  # it stops refinement rounds: without them it changes nothing
     return out
 
 

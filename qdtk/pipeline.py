@@ -20,7 +20,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +200,10 @@ def sequential_quantize(model: Path, calib: str | None, quant: Path, opts: RunOp
     if opts.quantize.model_scope:
         raise QdtkError("--sequential solves each block before the next is calibrated, so a "
                         "model-wide budget cannot be planned: use --budget-scope layer")
+    if opts.quantize.early_stop:
+        log.warning("--sequential captures no validation statistic: refining without early "
+                    "stopping")
+        opts = replace(opts, quantize=replace(opts.quantize, early_stop=False))
     solver = opts.solver or make_solver(opts.quantize)
     c = opts.capture
     ckpt = Checkpoint(model)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,9 @@ def solve_layer(
     solve of the stage, here or on a --cluster worker."""
     W = ckpt.read(w, np.float32)
     H, _ = stats.hessian(w, dim=W.shape[1])
-    layer, rep = solver(W, H, options, w, orders)
+    val = stats.validation() if options.early_stop else None
+    extra = {} if val is None else {"validation": val.hessian(w, dim=W.shape[1])[0]}
+    layer, rep = solver(W, H, options, w, orders, **extra)
     return W.shape, layer, rep
 
 
@@ -192,8 +195,12 @@ def quantize_model(
     fingerprinted) lets that pre-pass run the model's code.
     """
     options = QuantizeOptions.of(options)
-    solver = solver or make_solver(options)
     ckpt, stats = Checkpoint(model_dir), Stats(stats_dir)
+    if options.early_stop and stats.validation() is None:
+        log.warning("%s: no validation statistic (capture --validation); refining without "
+                    "early stopping", stats.folder)
+        options = replace(options, early_stop=False)  # and fingerprinted as such
+    solver = solver or make_solver(options)
     selected = ckpt.linear_names(include, exclude)
     have = set(stats.layers())
     missing = [w for w in selected if w not in have]
@@ -242,8 +249,10 @@ def _quantize(ckpt: Checkpoint, stats: Stats, out: Path, options: QuantizeOption
     result_options = report.data["options"]
     jobs = []  # (file, block name, weights, fingerprint, solved by an earlier run)
     for file, block, weights in plan:
+        val = stats.validation() if options.early_stop else None
         fp = fingerprint(model_fp, stats.block_fingerprint(block), result_options, weights,
-                         alloc["fingerprint"])
+                         alloc["fingerprint"],
+                         *([] if val is None else [val.block_fingerprint(block)]))
         jobs.append((file, block, weights, fp, report.done(file, weights, fp)))
     orders = {w: alloc["layers"].get(w, {}).get("orders") for w in selected}
     todo = [w for *_, weights, _, done in jobs if not done for w in weights]

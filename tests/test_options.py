@@ -15,7 +15,7 @@ OTHER = {"method": "gptq", "bits": 2.3, "abmp": "swap", "rho": 0.1, "count": "pl
          "budget_scope": "model", "orders": (1, 2), "iters": 3, "tau": 1.5, "lam": 2.0,
          "percdamp": 0.05, "compensate": False, "feedback": "block", "refit": False,
          "refine": "rows", "refine_rounds": 2, "backend": "reference", "shrink": 0.25,
-         "rotate": "hadamard", "rotate_seed": 5,
+         "rotate": "hadamard", "rotate_seed": 5, "early_stop": True,
          "trust_remote_code": True, "model_code": "native", "cluster": "ray", "num_cpus": 4}
 
 
@@ -25,6 +25,7 @@ def test_every_field_that_changes_the_result_is_fingerprinted_and_no_other():
     for name, value in OTHER.items():
         integer_bits = {"bits": 2} if name in ("abmp", "method") else {}
         base = rotated if name == "rotate_seed" else BASE
+        base = replace(base, refine="full") if name == "early_stop" else base  # stops rounds
         changed = replace(base, **{name: value, **integer_bits})
         same = changed.fingerprinted() == base.fingerprinted()
         assert same == (name in RUN_ONLY), name
@@ -32,6 +33,9 @@ def test_every_field_that_changes_the_result_is_fingerprinted_and_no_other():
     # without a rotation its fields are left out: fingerprints of earlier runs stay valid
     assert replace(BASE, rotate_seed=5).fingerprinted() == BASE.fingerprinted()
     assert "rotate" not in BASE.fingerprinted()
+    # early stopping: left out when off, and off where there are no rounds to stop
+    assert "early_stop" not in replace(BASE, refine="full").fingerprinted()
+    assert replace(BASE, early_stop=True).fingerprinted() == BASE.fingerprinted()
 
 
 def test_equal_meanings_fingerprint_alike():

@@ -8,8 +8,9 @@ from qdtk.cli.main import cli
 from qdtk.errors import QdtkError
 from qdtk.formats.bits import bcq_bits, group_slices
 from qdtk.formats.checkpoint import Checkpoint, CheckpointWriter
+from qdtk.formats.io import read_json, write_json_atomic
 from qdtk.formats.solution import REPORT, read_solution_block
-from qdtk.formats.stats import InputStat, StatsWriter
+from qdtk.formats.stats import VALIDATION, InputStat, Stats, StatsWriter
 from qdtk.math.forms import quadratic_form
 from qdtk.math.group import solve_group
 from qdtk.math.hessian import prepare_hessian
@@ -610,6 +611,55 @@ def test_refine_lowers_the_proxy_error(model_and_stats, tmp_path):
         assert r["proxy_error"] <= base["layers"][name]["proxy_error"] * (1 + 1e-6)
         assert r["refine"] == "rows" and r["orders"] == base["layers"][name]["orders"]
     assert rows["summary"]["mean_proxy_error"] < 0.95 * base["summary"]["mean_proxy_error"]
+
+
+def add_validation(stats, H, windows=2):
+    """A validation statistic of `stats` whose every H is H(m) (qdtk.formats.stats)."""
+    main = Stats(stats)
+    writer = StatsWriter(stats / VALIDATION, str(main.manifest["model"]["path"]),
+                         main.manifest["model"]["fingerprint"],
+                         {"validation_of": main.fingerprint, "n": windows})
+    for i, block in enumerate(main.blocks):
+        writer.write_block(i, block.name, [InputStat(inp["key"], inp["members"], H(inp["dim"]),
+                                                     10) for inp in block.inputs])
+    writer.finish()
+    manifest = read_json(stats / "manifest.json")
+    manifest["validation"] = {"folder": VALIDATION, "fingerprint": writer.fingerprint}
+    write_json_atomic(stats / "manifest.json", manifest)
+
+
+@pytest.mark.parametrize("rotate", ["none", "hadamard"])
+def test_early_stop_on_the_validation_statistic(model_and_stats, tmp_path, caplog, rotate):
+    model, stats = model_and_stats
+    opts = {**OPTIONS, "refine": "full", "rotate": rotate}
+    full = quantize_model(model, stats, tmp_path / "full", opts, progress=False)
+    with caplog.at_level("WARNING"):  # no validation statistic: refined and fingerprinted as usual
+        same = quantize_model(model, stats, tmp_path / "same", {**opts, "early_stop": True},
+                              progress=False)
+    assert "no validation statistic" in caplog.text
+    assert same["options"] == full["options"] and block_bytes(tmp_path / "same") == \
+        block_bytes(tmp_path / "full")
+    # a validation H that no refinement lowers (zero): every layer stays the sweep's solution
+    add_validation(stats, lambda m: np.zeros((m, m), np.float32))
+    stopped = quantize_model(model, stats, tmp_path / "stop", {**opts, "early_stop": True},
+                             progress=False)
+    quantize_model(model, stats, tmp_path / "none", {**opts, "refine": "none"}, progress=False)
+    assert stopped["options"]["early_stop"] is True
+    assert [b["fingerprint"] for b in stopped["blocks"]] != \
+        [b["fingerprint"] for b in full["blocks"]]
+    for b in stopped["blocks"]:
+        a = read_solution_block(tmp_path / "stop" / b["file"])
+        n = read_solution_block(tmp_path / "none" / b["file"])
+        for w in a:
+            np.testing.assert_array_equal(a[w].weight(), n[w].weight())
+    # another validation statistic: other solutions, other fingerprints
+    for f in (stats / VALIDATION).iterdir():
+        f.unlink()
+    add_validation(stats, lambda m: correlated_H(np.random.default_rng(m), m), windows=3)
+    val = quantize_model(model, stats, tmp_path / "val", {**opts, "early_stop": True},
+                         progress=False)
+    assert [b["fingerprint"] for b in val["blocks"]] != \
+        [b["fingerprint"] for b in stopped["blocks"]]
 
 
 def test_output_change_of_a_real_model(tiny_bert):

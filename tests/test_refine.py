@@ -137,6 +137,25 @@ def test_refine_layer_keeps_a_layer_it_cannot_improve(rng):
     np.testing.assert_array_equal(out.dequantize(), layer.dequantize())
 
 
+def test_early_stop_keeps_the_best_rounds_on_validation(problem, monkeypatch, rng):
+    W, H, layer = problem
+    from qdtk.math import refine
+
+    rounds = []
+    real = refine.refit_row_scales
+    monkeypatch.setattr(refine, "refit_row_scales", lambda *a: rounds.append(1) or real(*a))
+    # a validation H no refit can lower (zero): one round, then the input layer itself
+    assert refine_layer(W, H, layer, rounds=5, validation=np.zeros_like(H)) is layer
+    assert len(rounds) == 1
+    # any validation H: the result never does worse on it than the input layer
+    Hv = correlated_H(rng, W.shape[1])
+    out = refine_layer(W, H, layer, rounds=5, validation=Hv)
+    assert output_error(W, out.dequantize(), Hv) <= output_error(W, layer.dequantize(), Hv)
+    # the training H as validation: rounds run while they lower it, the error still falls
+    out = refine_layer(W, H, layer, rounds=3, validation=H)
+    assert output_error(W, out.dequantize(), H) < output_error(W, layer.dequantize(), H)
+
+
 def test_degenerate_inputs_stay_finite(rng):
     n, m = 8, 256
     W = rng.standard_normal((n, m))

@@ -194,11 +194,18 @@ class Stats:
                     self._where[member] = (block, inp)
         self._cache: tuple[str, dict[str, np.ndarray]] | None = None
         self._verified: set[str] = set()  # block files whose content hash was checked
+        self._validation: Stats | None | bool = False  # False: not opened yet
 
     def validation(self) -> Stats | None:
         """The validation statistic (H of calibration windows kept out of this H), or None when
         the manifest records none (older folders) or it does not belong to this capture (a
         warning then)."""
+        if self._validation is not False:
+            return self._validation
+        self._validation = self._open_validation()
+        return self._validation
+
+    def _open_validation(self) -> Stats | None:
         entry = self.manifest.get("validation")
         if not entry:
             return None

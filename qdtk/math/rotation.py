@@ -180,5 +180,10 @@ def rotate_problem(W: np.ndarray, H: np.ndarray, rot: Rotation | None
         return W, H
     W = np.array(W, np.float32)  # [n, m] a copy
     W[:, np.diag(H) == 0] = 0
+    return rot.apply(W), rotate_statistic(H, rot)
+
+
+def rotate_statistic(H: np.ndarray, rot: Rotation) -> np.ndarray:
+    """[m, m] float32 Q^T H Q."""
     HQ = rot.apply(np.asarray(H, np.float64))  # [m, m] H Q
-    return rot.apply(W), rot.apply(np.ascontiguousarray(HQ.T)).astype(np.float32)
+    return rot.apply(np.ascontiguousarray(HQ.T)).astype(np.float32)

@@ -187,6 +187,7 @@ def quantize_layer(
     group_solver: Callable[[np.ndarray, int, np.ndarray], tuple] | None = None,
     refine: Mapping[str, Any] | None = None,
     shrink: float = 0.0,
+    validation: np.ndarray | None = None,
 ) -> tuple[BinaryCodedLayer, LayerReport]:
     """DAQ of one Linear weight W [n, m] against its statistic H [m, m] (METHOD.md §4), fitted on H
     shrunk toward its diagonal by `shrink` (qdtk.math.hessian); the reported errors are on H itself.
@@ -194,7 +195,8 @@ def quantize_layer(
     `group_solver(W_g, order, d_g)` replaces `solve_group` (e.g. the memoising
     `DaqGroupSolver.solution`: an uncompensated sweep reuses ABMP's solves);
     `refine` (keyword arguments of qdtk.math.refine.refine_layer, e.g. `refine.MODES["rows"]`)
-    refits the solved layer on the full H before its error is measured.
+    refits the solved layer on the full H before its error is measured, its rounds stopped on
+    the error on `validation` [m, m] (H of inputs kept out of H) when given.
     """
     t0 = time.perf_counter()
     W0 = np.asarray(W, dtype=np.float32)  # [n, m] never written to
@@ -228,7 +230,8 @@ def quantize_layer(
     layer, damped_err = sweep(dev.to_device(W), R, o, solve, compensate, feedback)
     t_sweep = time.perf_counter()
     if refine is not None:
-        layer = refine_layer(W0, H, layer, **refine, percdamp=percdamp, shrink=shrink, name=name)
+        layer = refine_layer(W0, H, layer, **refine, percdamp=percdamp, shrink=shrink, name=name,
+                             validation=validation)
         damped_err = None
     if shrink:
         damped_err = None  # quadratic_form undoes the shrinkage

@@ -21,7 +21,7 @@ from qdtk.math import abmp
 from qdtk.math.baselines import SOLVERS
 from qdtk.math.group import DaqGroupSolver
 from qdtk.math.hessian import PreparedHessian
-from qdtk.math.rotation import layer_rotation, rotate_problem
+from qdtk.math.rotation import layer_rotation, rotate_problem, rotate_statistic
 from qdtk.options import QuantizeOptions
 from qdtk.solve.layer import Orders, quantize_layer
 
@@ -30,9 +30,10 @@ LayerSolver = Callable[..., tuple[QuantizedLayer, dict]]
 
 def solve_daq(
     W: np.ndarray, H: np.ndarray, options: QuantizeOptions, name: str = "layer",
-    orders: Orders | None = None,
+    orders: Orders | None = None, validation: np.ndarray | None = None,
 ) -> tuple[BinaryCodedLayer, dict[str, Any]]:
-    """DAQ as a pluggable layer solver.
+    """DAQ as a pluggable layer solver. `validation` [m, m]: the validation statistic's H, which
+    stops the refinement rounds (--early-stop).
 
     The group orders: `orders` when given (a list, or a function of (W, prepared H), e.g. the
     model-scope allocation's), else ABMP on this layer alone (`abmp.choose_orders` with abmp
@@ -65,6 +66,7 @@ def solve_daq(
             W, H, orders, iters=o.iters, tau=o.tau, lam=o.lam, percdamp=o.percdamp,
             compensate=o.compensate, feedback=o.feedback, refit=o.refit, backend=o.backend,
             name=name, group_solver=gs.solution, refine=o.refine_mode(), shrink=o.shrink,
+            validation=validation,
         )
     finally:
         gs.clear()
@@ -81,11 +83,14 @@ def make_solver(options: QuantizeOptions) -> LayerSolver:
 
 def solve_rotated(
     solver: LayerSolver, W: np.ndarray, H: np.ndarray, options: QuantizeOptions,
-    name: str = "layer", orders: Orders | None = None,
+    name: str = "layer", orders: Orders | None = None, **validation: np.ndarray,
 ) -> tuple[QuantizedLayer, dict]:
     """`solver` on the layer's problem in the rotated basis, W Q against Q^T H Q (--rotate,
-    qdtk.math.rotation); the layer records Q. Its errors are those of W and H (Q is orthogonal)."""
+    qdtk.math.rotation), a validation H rotated alike; the layer records Q. Its errors are
+    those of W and H (Q is orthogonal)."""
     rot = layer_rotation(options.rotate, options.rotate_seed, W.shape[1])
-    layer, rep = solver(*rotate_problem(W, H, rot), options, name=name, orders=orders)
+    validation = {k: rotate_statistic(v, rot) for k, v in validation.items()}
+    layer, rep = solver(*rotate_problem(W, H, rot), options, name=name, orders=orders,
+                        **validation)
     layer.rotation = rot
     return layer, {**rep, "rotation": rot.to_dict()}
