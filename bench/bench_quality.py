@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -142,15 +143,23 @@ def print_table(name: str, rows: list[dict], calib: str) -> None:
 
 
 def parse_extra(text: str) -> dict:
-    """KEY=VALUE,... -> quantize option overrides (numbers as floats)."""
-    out = {}
+    """KEY=VALUE,... -> quantize option overrides (numbers as floats; A+B+... a list)."""
+    out: dict = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         try:
             out[key] = float(value)
         except ValueError:
-            out[key] = value
+            out[key] = tuple(value.split("+")) if "+" in value or key == "rotate_exclude" \
+                else value
     return out
+
+
+def extra_tag(extra: dict) -> str:
+    """A folder name for the overrides."""
+    parts = [f"{k}{v:g}" if isinstance(v, float) else
+             f"{k}{'+'.join(v) if isinstance(v, tuple) else v}" for k, v in extra.items()]
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", "-".join(parts))
 
 
 def main() -> None:
@@ -173,8 +182,7 @@ def main() -> None:
         masked = name == "minilm"
         stats = capture_all(model, work, args.calib, args.n, args.L, masked)
         settings = [s for s in args.settings.split(",") if masked or s != "qdtk-plain"]
-        tag = "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}"
-                       for k, v in extra.items())
+        tag = extra_tag(extra)
         out = work / tag if tag else work
         out.mkdir(exist_ok=True)
         rows = [run_setting(model, stats, out, s, extra) for s in settings]

@@ -216,6 +216,9 @@ def quantize_options(include: bool = True):
                      "Hadamard matrix (incoherence processing, as in QuIP#); the packed model "
                      "applies x -> x Q online, unpack writes the weights back in the model's "
                      "basis. none: as published."),
+        click.option("--rotate-exclude", multiple=True, metavar="PATTERN",
+                     help="With --rotate: leave these Linears in the input basis as given (glob "
+                     "or 're:REGEX'; repeatable)."),
         click.option("--rotate-seed", type=click.IntRange(0, 2**63 - 1), default=0,
                      show_default=True, help="Seed of the rotation's random signs."),
         click.option("--feedback", type=click.Choice(["block", "diagonal"]), default="block",
@@ -271,7 +274,8 @@ def quantize_options_from(kw: dict, **run: Any) -> QuantizeOptions:
     }
     backend = kw.pop("backend")
     options: dict[str, Any] = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp"),
-                              "rotate": kw.pop("rotate"), "rotate_seed": kw.pop("rotate_seed")}
+                              "rotate": kw.pop("rotate"), "rotate_seed": kw.pop("rotate_seed"),
+                              "rotate_exclude": tuple(kw.pop("rotate_exclude"))}
     if method == "daq":
         options.update(daq, backend=resolve_backend(backend))
         if daq["abmp"] != "knapsack" and daq["budget_scope"] == "model":

@@ -27,7 +27,7 @@ from qdtk.formats.stats import Stats
 from qdtk.math import abmp
 from qdtk.math.group import DaqGroupSolver
 from qdtk.math.hessian import prepare_hessian
-from qdtk.math.rotation import layer_rotation, rotate_problem
+from qdtk.math.rotation import rotate_problem
 from qdtk.options import QuantizeOptions
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ def allocate_orders(
     """
     opts = {k: getattr(options, k) for k in ALLOCATION_KEYS}
     opts["orders"] = list(options.orders)
+    if options.rotate_exclude:  # (absent otherwise: earlier allocations stay valid)
+        opts["rotate_exclude"] = list(options.rotate_exclude)
     ckpt, stats = Checkpoint(model_dir), stats if stats is not None else Stats(stats_dir)
     names = ckpt.linear_names(include, exclude)
     fp = fingerprint(ckpt.fingerprint(), stats.fingerprint, opts, names, SENSITIVITY_WINDOWS)
@@ -142,7 +144,7 @@ def _candidates(ckpt: Checkpoint, stats: Stats, name: str,
     # --rotate: the problem the layer's solve sees (qdtk.solve.solvers.solve_rotated); What goes
     # back to the model's basis for the sensitivity's forward; err is the same in both (Q
     # orthogonal)
-    rot = layer_rotation(options.rotate, options.rotate_seed, W.shape[1])
+    rot = options.rotation(name, W.shape[1])
     E, What, err = layer_candidates(*rotate_problem(W, H, rot), name, options.orders,
                                     options.percdamp, options.shrink,
                                     DaqGroupSolver(**options.group_settings()))

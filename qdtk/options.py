@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from qdtk.errors import QdtkError
+from qdtk.formats.checkpoint import match_name
 from qdtk.math.abmp import COUNTS, ORDERS, budget_per_weight, check_orders
 from qdtk.math.abmp import METHODS as ABMP_METHODS
 from qdtk.math.daq import BACKENDS
 from qdtk.math.refine import MODES
-from qdtk.math.rotation import check_rotation
+from qdtk.math.rotation import Rotation, check_rotation, layer_rotation
 
 METHODS = ("daq", "gptq", "rtn")
 SCOPES = ("layer", "model")
@@ -38,7 +39,7 @@ BASELINE_FIELDS = ("method", "bits", "percdamp")
 # --rotate applies to every method; fingerprinted only when it rotates.
 ROTATION_FIELDS = ("rotate", "rotate_seed")
 # Fingerprinted only when on (off, the results are those of qdtk before it).
-OPTIONAL_FIELDS = ("early_stop",)
+OPTIONAL_FIELDS = ("early_stop", "rotate_exclude")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class QuantizeOptions:
     shrink: float = 0.0  # H shrunk toward its diagonal by this much for the fit
     rotate: str = "none"  # none, or hadamard: solved as W Q against Q^T H Q (qdtk.math.rotation)
     rotate_seed: int = 0  # the seed of Q's random signs
+    rotate_exclude: tuple[str, ...] = ()  # Linears left unrotated (globs, or re:REGEX)
     trust_remote_code: bool = False
     model_code: str = "auto"
     cluster: str | None = None  # ray or ray://ADDRESS (qdtk.cluster)
@@ -107,14 +109,22 @@ class QuantizeOptions:
         """{field: value} of everything the solutions depend on (JSON-ready)."""
         values = {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
         rotation = {} if self.rotate == "none" else {k: values[k] for k in ROTATION_FIELDS}
+        if self.rotate_exclude:
+            rotation["rotate_exclude"] = list(self.rotate_exclude)
         for k in ROTATION_FIELDS:  # unrotated runs keep the fingerprints they had before
             del values[k]
-        for k in OPTIONAL_FIELDS:
-            if not values[k]:
+        for k in OPTIONAL_FIELDS:  # rotate_exclude: with the rotation's fields
+            if not values[k] or k == "rotate_exclude":
                 del values[k]
         if self.method != "daq":
             return {**{k: values[k] for k in BASELINE_FIELDS}, **rotation}
         return {**values, "orders": list(self.orders), **rotation}
+
+    def rotation(self, name: str, m: int) -> Rotation | None:
+        """The input rotation of the m-wide Linear `name` (None: solved as given)."""
+        if any(match_name(name, p) for p in self.rotate_exclude):
+            return None
+        return layer_rotation(self.rotate, self.rotate_seed, m)
 
     def refine_mode(self) -> dict | None:
         """qdtk.math.refine.refine_layer's keyword arguments for `refine` (None: no refinement),
@@ -169,6 +179,10 @@ def _normalised(o: QuantizeOptions) -> dict[str, Any]:
     for name in ("compensate", "refit", "trust_remote_code", "early_stop"):
         if not isinstance(getattr(o, name), bool):
             raise QdtkError(f"{name} must be true or false, got {getattr(o, name)!r}")
+    if isinstance(o.rotate_exclude, (str, bytes)) or not all(
+            isinstance(p, str) for p in o.rotate_exclude):
+        raise QdtkError(f"--rotate-exclude must be a list of patterns, got {o.rotate_exclude!r}")
+    out["rotate_exclude"] = tuple(o.rotate_exclude) if o.rotate != "none" else ()
     if o.method != "daq" or o.refine == "none":
         out["early_stop"] = False  # it stops refinement rounds: without them it changes nothing
     return out

@@ -16,6 +16,7 @@ OTHER = {"method": "gptq", "bits": 2.3, "abmp": "swap", "rho": 0.1, "count": "pl
          "percdamp": 0.05, "compensate": False, "feedback": "block", "refit": False,
          "refine": "rows", "refine_rounds": 2, "backend": "reference", "shrink": 0.25,
          "rotate": "hadamard", "rotate_seed": 5, "early_stop": True,
+         "rotate_exclude": ("*.v_proj.weight",),
          "trust_remote_code": True, "model_code": "native", "cluster": "ray", "num_cpus": 4}
 
 
@@ -24,7 +25,7 @@ def test_every_field_that_changes_the_result_is_fingerprinted_and_no_other():
     rotated = replace(BASE, rotate="hadamard")  # the seed matters where there is a rotation
     for name, value in OTHER.items():
         integer_bits = {"bits": 2} if name in ("abmp", "method") else {}
-        base = rotated if name == "rotate_seed" else BASE
+        base = rotated if name in ("rotate_seed", "rotate_exclude") else BASE
         base = replace(base, refine="full") if name == "early_stop" else base  # stops rounds
         changed = replace(base, **{name: value, **integer_bits})
         same = changed.fingerprinted() == base.fingerprinted()
@@ -33,6 +34,12 @@ def test_every_field_that_changes_the_result_is_fingerprinted_and_no_other():
     # without a rotation its fields are left out: fingerprints of earlier runs stay valid
     assert replace(BASE, rotate_seed=5).fingerprinted() == BASE.fingerprinted()
     assert "rotate" not in BASE.fingerprinted()
+    assert replace(BASE, rotate_exclude=("*",)).fingerprinted() == BASE.fingerprinted()
+    assert "rotate_exclude" not in rotated.fingerprinted()  # rotated runs of before stay valid
+    some = replace(rotated, rotate_exclude=("*.v_proj.weight", "re:q_proj"))
+    assert some.rotation("m.layers.0.attn.v_proj.weight", 64) is None
+    assert some.rotation("m.layers.0.attn.q_proj.weight", 64) is None
+    assert some.rotation("m.layers.0.attn.o_proj.weight", 64).block == 64
     # early stopping: left out when off, and off where there are no rounds to stop
     assert "early_stop" not in replace(BASE, refine="full").fingerprinted()
     assert replace(BASE, early_stop=True).fingerprinted() == BASE.fingerprinted()

@@ -17,7 +17,7 @@ from qdtk.math.hessian import prepare_hessian
 from qdtk.options import QuantizeOptions
 from qdtk.quantize import quantize_model
 from qdtk.solve.layer import quantize_layer, sweep
-from qdtk.solve.solvers import solve_daq
+from qdtk.solve.solvers import make_solver, solve_daq
 
 
 def correlated_H(rng, m, tokens=600):
@@ -598,6 +598,37 @@ def test_rotate_solves_the_rotated_problem_everywhere(model_and_stats, tmp_path,
         QuantizeOptions.of({**rotated, "rotate_seed": -1})
     with pytest.raises(QdtkError, match=r"--rotate must be one of none, hadamard, got 'givens'"):
         QuantizeOptions.of({**rotated, "rotate": "givens"})
+
+
+def test_rotate_exclude_leaves_those_layers_as_unrotated(model_and_stats, tmp_path):
+    from qdtk.formats.packed import read_quantization_config
+    from qdtk.pack import pack_checkpoint, unpack_checkpoint
+
+    model, stats = model_and_stats
+    options = {**OPTIONS, "refine": "rows", "feedback": "block"}
+    plain = quantize_model(model, stats, tmp_path / "plain", options, progress=False)
+    mixed = {**options, "rotate": "hadamard", "rotate_exclude": ("*.k_proj.weight",)}
+    report = quantize_model(model, stats, tmp_path / "q", mixed,
+                            make_solver(QuantizeOptions.of(mixed)), progress=False)
+    assert report["options"]["rotate_exclude"] == ["*.k_proj.weight"]
+    layers, base = {}, {}
+    for entry in report["blocks"]:
+        layers.update(read_solution_block(tmp_path / "q" / entry["file"]))
+        base.update(read_solution_block(tmp_path / "plain" / entry["file"]))
+    for name, layer in layers.items():
+        if name.endswith(".k_proj.weight"):
+            assert layer.rotation is None and "rotation" not in report["layers"][name]
+            assert layer.weight().tobytes() == base[name].weight().tobytes()
+            assert report["layers"][name]["proxy_error"] == plain["layers"][name]["proxy_error"]
+        else:
+            assert layer.rotation is not None
+    packed = pack_checkpoint(tmp_path / "q", tmp_path / "packed", model)
+    modules = read_quantization_config(packed)["modules"]
+    assert {m for m, i in modules.items() if "rotation" not in i} == {
+        w.removesuffix(".weight") for w in layers if w.endswith(".k_proj.weight")}
+    dense = Checkpoint(unpack_checkpoint(packed, tmp_path / "dense", dtype="float32"))
+    for name, layer in layers.items():
+        assert dense.read(name).tobytes() == layer.weight().tobytes()
 
 
 def test_refine_lowers_the_proxy_error(model_and_stats, tmp_path):

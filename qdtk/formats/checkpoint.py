@@ -141,7 +141,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     return ordered, {str(k): str(v) for k, v in metadata.items()}
 
 
-def _match(name: str, pattern: str) -> bool:
+def match_name(name: str, pattern: str) -> bool:
     """A pattern is a glob (`*.q_proj.weight`), or a regex when written `re:...`."""
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
@@ -285,7 +285,7 @@ class Checkpoint:
         include, exclude = list(include), list(exclude)
         candidates = [v for n in self.tensors for v in self.fused.get(n, [n])]
         if include:
-            chosen = [n for n in candidates if any(_match(n, p) for p in include)]
+            chosen = [n for n in candidates if any(match_name(n, p) for p in include)]
             for n in chosen:
                 info = self.info(n)
                 if len(info.shape) != 2:
@@ -305,7 +305,7 @@ class Checkpoint:
                 and not _VISION.search(n)
                 and n not in routers
             ]
-        return [n for n in chosen if not any(_match(n, p) for p in exclude)]
+        return [n for n in chosen if not any(match_name(n, p) for p in exclude)]
 
     def experts(self) -> dict[str, int]:
         """MoE layers, stored per expert or fused: parent module ("....mlp", or the block for

@@ -21,7 +21,7 @@ from qdtk.math import abmp
 from qdtk.math.baselines import SOLVERS
 from qdtk.math.group import DaqGroupSolver
 from qdtk.math.hessian import PreparedHessian
-from qdtk.math.rotation import layer_rotation, rotate_problem, rotate_statistic
+from qdtk.math.rotation import rotate_problem, rotate_statistic
 from qdtk.options import QuantizeOptions
 from qdtk.solve.layer import Orders, quantize_layer
 
@@ -88,7 +88,9 @@ def solve_rotated(
     """`solver` on the layer's problem in the rotated basis, W Q against Q^T H Q (--rotate,
     qdtk.math.rotation), a validation H rotated alike; the layer records Q. Its errors are
     those of W and H (Q is orthogonal)."""
-    rot = layer_rotation(options.rotate, options.rotate_seed, W.shape[1])
+    rot = options.rotation(name, W.shape[1])
+    if rot is None:  # --rotate-exclude
+        return solver(W, H, options, name=name, orders=orders, **validation)
     validation = {k: rotate_statistic(v, rot) for k, v in validation.items()}
     layer, rep = solver(*rotate_problem(W, H, rot), options, name=name, orders=orders,
                         **validation)
