@@ -15,8 +15,9 @@ float16 scales (DAQ), codes and float16 scale and zero per group of 128 (GPTQ, R
 
 Settings:
     published   DAQ as published: swap rho 0.05, diagonal error feedback, no refinement, no
-                shrinkage of H
+                shrinkage of H, no rotation
     qdtk        DAQ with qdtk's defaults (`qdtk quantize` without options)
+    qdtk-unrotated  the same with `--rotate none` (the defaults before the rotation)
     qdtk-plain  qdtk's defaults on H from unmasked calibration (MiniLM: does MCS matter?)
     qdtk-2.00   qdtk's defaults at a budget of exactly 2.00 real bits per weight
     gptq, rtn   the baselines, 2 bits, group 128
@@ -44,8 +45,10 @@ from qdtk.formats.calib import EVAL_SOURCES, PREFIX  # noqa: E402
 
 SETTINGS = {
     "published": {"method": "daq", "abmp": "swap", "rho": 0.05, "refine": "none",
-                  "budget_scope": "layer", "feedback": "diagonal", "shrink": 0.0},
+                  "budget_scope": "layer", "feedback": "diagonal", "shrink": 0.0,
+                  "rotate": "none"},
     "qdtk": {"method": "daq"},
+    "qdtk-unrotated": {"method": "daq", "rotate": "none"},
     "qdtk-plain": {"method": "daq"},
     "qdtk-2.00": {"method": "daq", "bits": 2.0},
     "gptq": {"method": "gptq", "bits": 2},

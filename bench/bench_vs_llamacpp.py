@@ -23,8 +23,9 @@ llama-cpp-python source distribution, which vendors llama.cpp:
 
 and is found through --llama-quantize, $LLAMA_QUANTIZE or PATH; without it the llama.cpp rows
 are skipped with a message. Settings (qdtk ones are `qdtk quantize` options on one layer,
---budget-scope layer; "rotated" ones add `--rotate hadamard`, the random Hadamard rotation of
-the input dimension):
+--budget-scope layer, whose defaults rotate ffn_down's inputs (`--rotate hadamard`, the random
+Hadamard rotation of the input dimension); "unrotated" and the variants of it add `--rotate
+none`):
 """
 
 from __future__ import annotations
@@ -53,24 +54,26 @@ GGUF_LAYER = "blk.{}.ffn_down.weight"
 N_LAYERS = 30
 LLAMA_TYPES = {"iq2_xs": "IQ2_XS", "iq2_xxs": "IQ2_XXS"}
 QDTK = {"budget_scope": "layer"}  # a layer's own budget: the cost of uniform order 2
+PLAIN = {**QDTK, "rotate": "none"}  # in the input basis as given
 SETTINGS = {
-    "qdtk": {**QDTK},  # qdtk's defaults (--shrink 0.25)
-    "shrink-0": {**QDTK, "shrink": 0.0},
-    "shrink-0.1": {**QDTK, "shrink": 0.1},
-    "shrink-0.5": {**QDTK, "shrink": 0.5},
-    "shrink-0.75": {**QDTK, "shrink": 0.75},
-    "refine-none-shrink-0": {**QDTK, "refine": "none", "shrink": 0.0},
-    "refine-none": {**QDTK, "refine": "none"},
+    "qdtk": {**QDTK},  # qdtk's defaults (--shrink 0.25, ffn_down rotated)
+    "unrotated": {**PLAIN},  # the defaults before the rotation
+    "shrink-0": {**PLAIN, "shrink": 0.0},
+    "shrink-0.1": {**PLAIN, "shrink": 0.1},
+    "shrink-0.5": {**PLAIN, "shrink": 0.5},
+    "shrink-0.75": {**PLAIN, "shrink": 0.75},
+    "refine-none-shrink-0": {**PLAIN, "refine": "none", "shrink": 0.0},
+    "refine-none": {**PLAIN, "refine": "none"},
     "published": {"abmp": "swap", "rho": 0.05, "refine": "none", "budget_scope": "layer",
-                  "feedback": "diagonal", "shrink": 0.0},
-    "no-compensation": {**QDTK, "refine": "none", "no_compensation": True, "shrink": 0.0},
-    "percdamp-0.1": {**QDTK, "percdamp": 0.1, "shrink": 0.0},
+                  "feedback": "diagonal", "shrink": 0.0, "rotate": "none"},
+    "no-compensation": {**PLAIN, "refine": "none", "no_compensation": True, "shrink": 0.0},
+    "percdamp-0.1": {**PLAIN, "percdamp": 0.1, "shrink": 0.0},
     "rotated-shrink-0": {**QDTK, "shrink": 0.0, "rotate": "hadamard"},
     "rotated": {**QDTK, "rotate": "hadamard"},
     "rotated-refine-none": {**QDTK, "refine": "none", "rotate": "hadamard"},
 }
 __doc__ += "".join(f"    {k:<21} {v}\n" for k, v in SETTINGS.items())
-DEFAULT_SETTINGS = "iq2_xs,iq2_xxs,qdtk,shrink-0,refine-none,published,no-compensation,rotated"
+DEFAULT_SETTINGS = "iq2_xs,iq2_xxs,qdtk,unrotated,rotated-refine-none,refine-none,published"
 
 
 def find_llama_quantize(given: str | None) -> Path | None:

@@ -40,6 +40,12 @@ model_code_option = click.option(
     "native; says which it used).")
 
 
+# The CLI's default --rotate-exclude: the Linears reading the attention's input (q/k/v: LLaMA,
+# LLaDA, Dream, Qwen; query/key/value: BERT). Rotated, their error on the first token of a
+# sequence, the attention sink every later token reads, grows tenfold (README, "Measured").
+ROTATE_EXCLUDE = (r"re:(^|\.)(q_proj|k_proj|v_proj|query|key|value)\.weight$",)
+
+
 def _compose(decorators):
     def apply(f):
         for d in reversed(decorators):
@@ -209,16 +215,18 @@ def quantize_options(include: bool = True):
                      "off-diagonal correlations are what fits the calibration text (0.25 "
                      "lowered the error on every held-out text measured; 0: as published). "
                      "Errors are still reported on H."),
-        click.option("--rotate", type=click.Choice(["none", "hadamard"]), default="none",
-                     show_default=True,
+        click.option("--rotate", type=click.Choice(["auto", "none", "hadamard"]),
+                     default="auto", show_default=True,
                      help="Rotate each Linear's input dimension before quantizing: hadamard "
                      "solves W Q against Q^T H Q, Q random signs times a block-diagonal "
                      "Hadamard matrix (incoherence processing, as in QuIP#); the packed model "
                      "applies x -> x Q online, unpack writes the weights back in the model's "
-                     "basis. none: as published."),
+                     "basis. none: as published. auto: hadamard for daq, none for gptq/rtn."),
         click.option("--rotate-exclude", multiple=True, metavar="PATTERN",
-                     help="With --rotate: leave these Linears in the input basis as given (glob "
-                     "or 're:REGEX'; repeatable)."),
+                     help="With a rotation: leave these Linears in the input basis as given "
+                     "(glob or 're:REGEX'; repeatable). Default: the attention's query, key and "
+                     f"value Linears ({ROTATE_EXCLUDE[0]}), whose errors on the first token "
+                     "(the attention sink) a rotation multiplies; 'none': rotate every Linear."),
         click.option("--rotate-seed", type=click.IntRange(0, 2**63 - 1), default=0,
                      show_default=True, help="Seed of the rotation's random signs."),
         click.option("--feedback", type=click.Choice(["block", "diagonal"]), default="block",
@@ -275,7 +283,11 @@ def quantize_options_from(kw: dict, **run: Any) -> QuantizeOptions:
     backend = kw.pop("backend")
     options: dict[str, Any] = {"method": method, "bits": bits, "percdamp": kw.pop("percdamp"),
                               "rotate": kw.pop("rotate"), "rotate_seed": kw.pop("rotate_seed"),
-                              "rotate_exclude": tuple(kw.pop("rotate_exclude"))}
+                              "rotate_exclude": tuple(kw.pop("rotate_exclude")) or ROTATE_EXCLUDE}
+    if options["rotate"] == "auto":
+        options["rotate"] = "hadamard" if method == "daq" else "none"
+    if options["rotate_exclude"] == ("none",):
+        options["rotate_exclude"] = ()
     if method == "daq":
         options.update(daq, backend=resolve_backend(backend))
         if daq["abmp"] != "knapsack" and daq["budget_scope"] == "model":

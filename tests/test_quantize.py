@@ -5,6 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from qdtk.cli.main import cli
+from qdtk.cli.options import ROTATE_EXCLUDE
 from qdtk.errors import QdtkError
 from qdtk.formats.bits import bcq_bits, group_slices
 from qdtk.formats.checkpoint import Checkpoint, CheckpointWriter
@@ -349,7 +350,8 @@ def test_cli(model_and_stats, tmp_path):
         "method": "daq", "bits": 3, "abmp": "none", "rho": 0.05, "count": "real",
         "budget_scope": "layer", "orders": [1, 2, 3], "iters": 3, "tau": 2.0, "lam": 3.0,
         "percdamp": 0.01, "compensate": False, "feedback": "block", "refit": True,
-        "refine": "none", "refine_rounds": None, "shrink": 0.25, "backend": "cpu"}
+        "refine": "none", "refine_rounds": None, "shrink": 0.25, "backend": "cpu",
+        "rotate": "hadamard", "rotate_seed": 0, "rotate_exclude": [ROTATE_EXCLUDE[0]]}
     assert f"{report['summary']['bits_per_weight']:.4f} bits/weight" in r.output
     assert report["summary"]["orders_histogram"] == {"3": sum(
         len(r_["orders"]) for r_ in report["layers"].values())}
@@ -359,8 +361,30 @@ def test_cli(model_and_stats, tmp_path):
     for opt in ("--stats", "--out", "--method", "--bits", "--abmp", "--rho", "--count",
                 "--budget-scope", "--orders", "--iters", "--tau", "--lam", "--percdamp",
                 "--no-compensation", "--refine", "--refine-rounds", "--backend", "--device",
-                "--include", "--exclude", "--rotate", "--rotate-seed"):
+                "--include", "--exclude", "--rotate", "--rotate-seed", "--rotate-exclude",
+                "--early-stop"):
         assert opt in r.output
+
+
+def test_cli_rotates_daq_but_not_the_attention_inputs_nor_the_baselines():
+    o = parse([])
+    assert o.rotate == "hadamard" and o.rotate_exclude == ROTATE_EXCLUDE
+    names = {"model.layers.0.self_attn.q_proj.weight": None,
+             "model.transformer.blocks.3.k_proj.weight": None,
+             "encoder.layer.1.attention.self.value.weight": None,
+             "model.layers.0.self_attn.o_proj.weight": 64,
+             "model.layers.0.mlp.down_proj.weight": 64,
+             "encoder.layer.1.attention.output.dense.weight": 64}
+    for name, block in names.items():
+        rot = o.rotation(name, 64)
+        assert (rot and rot.block) == block, name
+    assert parse(["--rotate-exclude", "none"]).rotate_exclude == ()
+    assert parse(["--rotate-exclude", "*.o_proj.weight"]).rotate_exclude == ("*.o_proj.weight",)
+    assert parse(["--rotate", "none"]).fingerprinted() == parse(
+        ["--rotate", "none", "--rotate-exclude", "x"]).fingerprinted()
+    for method in ("gptq", "rtn"):
+        assert parse(["--method", method]).rotate == "none"
+        assert parse(["--method", method, "--rotate", "hadamard"]).rotate == "hadamard"
 
 
 def test_report_is_complete_only_when_the_stage_finished(model_and_stats, tmp_path):
@@ -415,7 +439,7 @@ def test_options_map_to_the_solver(model_and_stats, tmp_path):
         layers = read_solution_block(tmp_path / method / "block_0000.safetensors")
         assert all(isinstance(x, AffineLayer) and x.bits == 2 for x in layers.values())
     options = parse(["--abmp", "swap", "--rho", "0.5", "--iters", "2", "--refine", "none",
-                     "--backend", "cpu"])
+                     "--backend", "cpu", "--rotate", "none"])
     assert options.bits == 2 and options.budget_scope == "layer"  # model: knapsack only
     assert make_solver(options) is solve_daq
     report = quantize_model(model, stats, tmp_path / "swap", options, progress=False)
