@@ -511,7 +511,9 @@ def model_config(config: dict) -> dict:
         return config
     out = dict(config)
     for key in GATED_KEYS:
-        if saved.get(key) is None:
+        if key not in saved:  # packed before the gate covered it: the entry is the model's
+            continue
+        if saved[key] is None:
             out.pop(key, None)
         else:
             out[key] = saved[key]
