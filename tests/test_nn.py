@@ -15,6 +15,7 @@ from qdtk.formats.packed import PackedBCQ, plane_layout  # noqa: E402
 from qdtk.math import bcq_matmul as kernels  # noqa: E402
 from qdtk.math import bcq_matmul_cuda as kcuda  # noqa: E402
 from qdtk.math.rotation import Rotation  # noqa: E402
+from qdtk.math.simd import HAS_AVX512  # noqa: E402
 from qdtk.pack import pack_checkpoint, unpack_checkpoint  # noqa: E402
 from qdtk.torch.nn import linear  # noqa: E402
 from qdtk.torch.nn.linear import BCQLinear  # noqa: E402
@@ -56,12 +57,14 @@ def test_dequantized_tiles_are_unpacks_what_bit_for_bit(rng, n, m):
     np.testing.assert_array_equal(out.view(np.uint32), What.view(np.uint32))
 
 
-@pytest.mark.parametrize("n,m", SHAPES)
+@pytest.mark.parametrize("n,m", SHAPES + [(48, 300)])  # 16-row blocks with and without a rest
 @pytest.mark.parametrize("T", [1, 3, 17])
-def test_packed_kernel_equals_the_unpacked_matmul(rng, n, m, T):
+@pytest.mark.parametrize("tables", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not HAS_AVX512, reason="the table kernel needs AVX-512"))])
+def test_packed_kernel_equals_the_unpacked_matmul(rng, n, m, T, tables):
     p, What = packed_layer(rng, n, m)
     x = (rng.standard_normal((T, m)) + 2.0).astype(np.float32)  # a mean, as activations have
-    y = kernels.matmul_packed(x, *kernel_args(p), plane_layout(p.orders, m))
+    y = kernels.matmul_packed(x, *kernel_args(p), plane_layout(p.orders, m), tables=tables)
     assert y.shape == (T, n) and y.dtype == np.float32
     assert rel_err(y, x @ What.T) < 1e-5
 

@@ -10,12 +10,17 @@ multiply-add: the IR asks for none), so it gives the same bits as FORMAT.md's ev
 
 from __future__ import annotations
 
-from llvmlite import ir
+import numba
+from llvmlite import binding, ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 LANES = 32  # one 32-bit word of signs
+# `nibble_row_sums` needs AVX-512's 16-lane variable permute, in the code Numba compiles for
+# this host (a NUMBA_CPU_NAME target other than the host may lack it).
+HAS_AVX512 = (numba.config.CPU_NAME in (None, "host")
+              and bool(binding.get_host_cpu_features().get("avx512f")))
 GROUP_WORDS = 4  # words of a plane row of a full 128-column group
 _F32 = ir.FloatType()
 _VEC = ir.VectorType(_F32, LANES)
@@ -152,6 +157,114 @@ def signed_row_sums(typingctx, src, half, planes, row_scale, i0, word, nw, y):
         for r in range(ROWS):
             builder.store(builder.fmul(two, _total(builder, builder.load(acc[r]))),
                           builder.gep(yp, [rows[r]]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+TABLE_ROWS = 16  # output rows per call of nibble_row_sums: one AVX-512 vector of rows
+NIBBLES = LANES // 4  # 4-sign nibbles per word
+_VF16 = ir.VectorType(_F32, TABLE_ROWS)
+_VI16 = ir.VectorType(_I32, TABLE_ROWS)
+
+
+def _permute(builder, table, index):
+    """[16] float32: table[index[r] mod 16] for each lane r (vpermps)."""
+    fnty = ir.FunctionType(_VF16, [_VF16, _VI16])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.permvar.sf.512")
+    return builder.call(fn, [table, index])
+
+
+def _row_words(builder, rows, u0):
+    """The 4 words u0 .. u0 + 3 of each of 16 rows (pointers `rows`) as 4 vectors of the 16
+    rows' word: 16 loads of 4 words, then a transposition in registers."""
+    v4 = ir.VectorType(_I32, 4)
+    quads = [builder.load(builder.bitcast(builder.gep(r, [u0]), v4.as_pointer()), align=4)
+             for r in rows]
+    eights = [builder.shuffle_vector(quads[2 * r], quads[2 * r + 1],
+                                     ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
+              for r in range(8)]
+    sixteens = [builder.shuffle_vector(eights[2 * r], eights[2 * r + 1],
+                                       ir.Constant(_VI16, list(range(16)))) for r in range(4)]
+    out = []
+    for q in range(GROUP_WORDS):  # word q of rows 0-7 from the first two, 8-15 the last two
+        pick = ir.Constant(ir.VectorType(_I32, 8), [q + 4 * k for k in range(8)])
+        lo = builder.shuffle_vector(sixteens[0], sixteens[1], pick)
+        hi = builder.shuffle_vector(sixteens[2], sixteens[3], pick)
+        out.append(builder.shuffle_vector(lo, hi, ir.Constant(_VI16, list(range(16)))))
+    return out
+
+
+@intrinsic
+def nibble_row_sums(typingctx, table, planes, row_scale, i0, word, nw, y):
+    """y[i0 + r] = sum_p a_p[r] sum_{words u of plane p} sum_{j < 8}
+    table[128 u + 16 j + (nibble j of planes[i0 + r, u])] for the 16 rows r < 16 (all of them
+    rows of planes: the caller keeps i0 + 16 <= n), a_p[r] = row_scale[p, i0 + r] (float16
+    bits). table[128 u + 16 j + c] is the signed sum of inputs 4 j .. 4 j + 3 of word u under the 4
+    signs of c (`qdtk.math.bcq_matmul.nibble_tables`).
+
+    T-MAC style: the 16 rows are the 16 lanes of one vector, so a word of 32 signs of all 16 rows
+    costs 8 table lookups (vpermps: the 16 entries of a nibble's table are one vector, the
+    rows' nibbles its indices) and 8 adds, and a plane's row scales are one vector multiply; no
+    sums across lanes. AVX-512 only (HAS_AVX512). table, y float32 1-D contiguous; planes uint32
+    [n, U] and row_scale uint16 [P, n] C-contiguous; word, nw int64 [P].
+    """
+    sig = types.void(table, planes, row_scale, i0, word, nw, y)
+
+    def codegen(context, builder, signature, args):
+        tab_v, planes_v, rs_v, i0_v, word_v, nw_v, y_v = args
+        index = i0_v.type
+        tp = _at(context, builder, signature.args[0], tab_v, ir.Constant(index, 0))
+        pl = context.make_array(signature.args[1])(context, builder, planes_v)
+        n_words = cgutils.unpack_tuple(builder, pl.shape, 2)[1]
+        rows = [builder.gep(pl.data, [builder.mul(builder.add(i0_v, ir.Constant(index, r)),
+                                                  n_words)]) for r in range(TABLE_ROWS)]
+        rs = context.make_array(signature.args[2])(context, builder, rs_v)
+        n_cols = cgutils.unpack_tuple(builder, rs.shape, 2)[1]
+        word_a = context.make_array(signature.args[4])(context, builder, word_v)
+        nw_a = context.make_array(signature.args[5])(context, builder, nw_v)
+        yp = builder.bitcast(_at(context, builder, signature.args[6], y_v, i0_v),
+                             _VF16.as_pointer())
+        n_planes = cgutils.unpack_tuple(builder, word_a.shape, 1)[0]
+        zero = ir.Constant(_VF16, [0.0] * TABLE_ROWS)
+        acc = cgutils.alloca_once_value(builder, zero)
+        part = [cgutils.alloca_once_value(builder, zero) for _ in range(NIBBLES)]  # 8 chains
+
+        def lookups(w, u):
+            base = builder.mul(u, ir.Constant(index, 16 * NIBBLES))
+            for j in range(NIBBLES):  # vpermps reads the low 4 bits of each index
+                nib = builder.lshr(w, ir.Constant(_VI16, [4 * j] * TABLE_ROWS)) if j else w
+                t = builder.load(builder.bitcast(builder.gep(tp, [builder.add(
+                    base, ir.Constant(index, 16 * j))]), _VF16.as_pointer()), align=4)
+                builder.store(builder.fadd(builder.load(part[j]), _permute(builder, t, nib)),
+                              part[j])
+
+        with cgutils.for_range(builder, n_planes) as lp:
+            p = lp.index
+            u0 = builder.load(builder.gep(word_a.data, [p]))
+            count = builder.load(builder.gep(nw_a.data, [p]))
+            for pt in part:
+                builder.store(zero, pt)
+            full = builder.icmp_signed("==", count, ir.Constant(count.type, GROUP_WORDS))
+            with builder.if_else(full, likely=True) as (group, narrow):
+                with group:
+                    for q, w in enumerate(_row_words(builder, rows, u0)):
+                        lookups(w, builder.add(u0, ir.Constant(index, q)))
+                with narrow, cgutils.for_range(builder, count) as lq:  # a narrow last group
+                    u = builder.add(u0, lq.index)
+                    w = ir.Constant(_VI16, None)
+                    for r, ptr in enumerate(rows):
+                        w = builder.insert_element(w, builder.load(builder.gep(ptr, [u])),
+                                                   ir.Constant(_I32, r))
+                    lookups(w, u)
+            hp = builder.gep(rs.data, [builder.add(builder.mul(p, n_cols), i0_v)])
+            a = builder.fpext(builder.load(builder.bitcast(
+                hp, ir.VectorType(ir.HalfType(), TABLE_ROWS).as_pointer()), align=2), _VF16)
+            v = [builder.load(pt) for pt in part]
+            while len(v) > 1:  # a fixed tree
+                v = [builder.fadd(v[2 * k], v[2 * k + 1]) for k in range(len(v) // 2)]
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(a, v[0])), acc)
+        builder.store(builder.load(acc), yp, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
