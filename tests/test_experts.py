@@ -506,10 +506,10 @@ def test_experts_held_as_a_list_of_modules_get_their_routed_tokens():
 
 def _numbers(tree, path=""):
     """{path: number} of every number in a JSON document."""
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _numbers(sub, f"{path}/{key}").items()}
-    if isinstance(tree, list):
-        return {k: v for i, sub in enumerate(tree) for k, v in _numbers(sub, f"{path}/{i}").items()}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) \
+        if isinstance(tree, list) else None
+    if items is not None:
+        return {k: v for key, sub in items for k, v in _numbers(sub, f"{path}/{key}").items()}
     return {path: tree} if isinstance(tree, int | float) and not isinstance(tree, bool) else {}
 
 
@@ -547,3 +547,30 @@ def test_a_packed_moe_evaluates_and_generates_as_its_unpacked_folder(fixture, re
                 "--steps", "8"]
         a, b = run("generate", str(dense), *args), run("generate", str(packed), *args)
         assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 16
+
+
+def test_fused_experts_run_packed_only_whole(tiny_moe):
+    """A runtime-fused experts module is replaced only when the checkpoint packs every one of
+    its matrices with the model's shapes; otherwise one clear error, before any weight."""
+    from qdtk.torch.models import load_model
+    from qdtk.torch.nn.experts import BCQExperts
+    from qdtk.torch.nn.hf import replace_modules
+
+    model = load_model(tiny_moe)
+    p = "model.layers.0.mlp.experts"
+    if not ex.is_fused_experts(model.get_submodule(p)):
+        pytest.skip("this transformers runs the experts as Linears")
+    orders = np.ones(1, np.uint8)
+    whole = {f"{p}.{e}.{k}": ((48, 32) if k != "down_proj" else (32, 48), orders, None)
+             for e in range(4) for k in ex.PROJ}
+    with pytest.raises(QdtkError, match="packs 11 of its 12 expert matrices"):
+        replace_modules(model, {k: v for k, v in whole.items() if k != f"{p}.3.up_proj"})
+    with pytest.raises(QdtkError, match=r"experts\.2\.down_proj: the model's expert matrix is "
+                       "32 x 48, the checkpoint's 48 x 32"):
+        replace_modules(model, whole | {f"{p}.2.down_proj": ((48, 32), orders, None)})
+    assert ex.is_fused_experts(model.get_submodule(p))  # nothing replaced
+    replace_modules(model, whole)
+    assert isinstance(model.get_submodule(p), BCQExperts)
+    assert sorted(k for k in model.state_dict() if k.startswith(p + ".1.")) == sorted(
+        f"{p}.1.{k}.{f}" for k in ex.PROJ for f in ("orders", "planes", "row_scale",
+                                                     "col_scale"))
