@@ -312,6 +312,29 @@ def test_diffusion_gemma_block_by_block_H_equals_the_full_forward(tiny_diffusion
         "model.decoder.layers.0.experts.0.up_proj.weight"]
 
 
+def test_diffusion_gemma_capture_holds_no_encoder_cache_between_blocks(tiny_diffusion_gemma):
+    """The encoder's cache is streamed: empty after the recorded forwards and after every
+    block (encoder layer b writes its layer, decoder layer b reads it, then it is dropped); a
+    rerun of a block (the sequential order's steps) gives the same H."""
+    model = cap.load_model(tiny_diffusion_gemma)
+    ids = np.random.default_rng(0).integers(5, 100, (4, 24))
+    session = _session(model, ids, np.ones_like(ids, bool), tiny_diffusion_gemma, chunk_size=2)
+    caches = [cap._caches(session._recorded[c]) for c in range(len(session.chunks))]
+    assert [len(cs) for cs in caches] == [1, 1]
+
+    def held():
+        return sum(layer.keys is not None for cs in caches for cache in cs
+                   for layer in cache.layers)
+
+    assert held() == 0
+    first = {s.key: s.H for s in session.run_block(0, advance=False)}
+    assert held() == 0
+    again = {s.key: s.H for s in session.run_block(0)}
+    assert held() == 0 and set(first) == set(again)
+    for key, H in first.items():
+        assert np.array_equal(H, again[key]), key
+
+
 def test_run_end_to_end_on_diffusion_gemma_replaces_every_fused_expert(tiny_diffusion_gemma,
                                                                       tmp_path):
     out = tmp_path / "run"
