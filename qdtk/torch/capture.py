@@ -77,12 +77,19 @@ def model_fingerprint(path: str | Path) -> tuple[str, list[str] | None]:
 # ----------------------------------------------------------------------------- structure
 
 
+# Another untied stack of transformer blocks with at least this share of the largest one's
+# parameters is a second network the forward runs (T5's encoder beside its decoder), not a
+# vision tower (a few percent of a multimodal LM: DiffusionGemma-26B's is about 2%).
+RIVAL_STACK_SHARE = 0.25
+
+
 def find_stacks(model) -> list[tuple[str, Any]]:
     """The transformer block stacks the forward runs, (name, ModuleList) in model order: the
     nn.ModuleList of blocks of one class, not nested in another such list (so MoE expert lists
     lose), that holds the most parameters (a vision tower's holds fewer), with every other such
     list whose blocks share all their parameters with it block by block (DiffusionGemma's
-    encoder and decoder run the same weights)."""
+    encoder and decoder run the same weights). A second large stack with weights of its own (an
+    encoder-decoder such as T5) is an error: capture follows one stack."""
     from torch import nn
 
     lists = [
@@ -100,8 +107,17 @@ def find_stacks(model) -> list[tuple[str, Any]]:
             for n, m in outer}
     main_name, main = max(outer, key=lambda nm: (size[nm[0]], len(nm[1])))
     own = params(main)
-    return [(n, m) for n, m in outer if n == main_name or (
+    stacks = [(n, m) for n, m in outer if n == main_name or (
         len(m) == len(main) and all(a and a <= b for a, b in zip(params(m), own, strict=True)))]
+    rivals = [n for n, m in outer if n not in dict(stacks) and
+              size[n] >= RIVAL_STACK_SHARE * size[main_name] and
+              all(sum(isinstance(x, nn.Linear) for x in blk.modules()) >= 2 for blk in m)]
+    if rivals:
+        found = ", ".join(f"{n} ({len(m)} blocks)" for n, m in outer if n in {main_name, *rivals})
+        raise QdtkError(f"{type(model).__name__}: several block stacks with weights of their "
+                        f"own ({found}); qdtk captures one stack, or a block-diffusion encoder "
+                        "and decoder that share their weights, not an encoder-decoder such as T5")
+    return stacks
 
 
 def find_blocks(model) -> tuple[str, Any]:
