@@ -135,10 +135,12 @@ def test_run_end_to_end_replaces_every_expert(tiny_moe, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["layers"] == 2 * (4 + 4 * 3)
     orig, dense = Checkpoint(tiny_moe), Checkpoint(out / "dense")
+    packed = Checkpoint(out / "packed")
     report = json.loads((out / "quant" / "report.json").read_text())
     for name in orig.linear_names():
         if ".experts." in name:
             assert name in report["layers"]
+            assert name not in packed and name.removesuffix(".weight") + ".planes" in packed
             assert not np.array_equal(orig.read(name, np.float32), dense.read(name, np.float32))
     for name in orig.routers():
         assert np.array_equal(orig.read(name, np.float32), dense.read(name, np.float32))
