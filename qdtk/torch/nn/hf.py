@@ -5,8 +5,10 @@ importable) registers the config class and quantizer under quant_method "qdtk". 
 weights load, the quantizer validates every quantized module's tensors exactly as
 `qdtk unpack` does (qdtk.formats.packed.check_packed_layer, from the shard headers: clear
 errors naming the file and tensor, before anything is loaded) and swaps each quantized
-nn.Linear for a `BCQLinear` of the right buffer shapes; transformers then fills the buffers by
-name from the shards, in their stored dtypes.
+nn.Linear for a `BCQLinear` of the right buffer shapes, each experts module that runs fused 3-D
+parameters for a `BCQExperts` of per-expert BCQLinears, and each module tied to a swapped one
+(DiffusionGemma's encoder layers) for a `Shared` alias of it (`replace_modules`); transformers
+then fills the buffers by name from the shards, in their stored dtypes.
 """
 
 from __future__ import annotations
