@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"BCQLinear": "qdtk.torch.nn.linear", "register_transformers": "qdtk.torch.nn.hf"}
+_EXPORTS = {"BCQLinear": "qdtk.torch.nn.linear", "BCQExperts": "qdtk.torch.nn.experts",
+            "register_transformers": "qdtk.torch.nn.hf"}
 __all__ = list(_EXPORTS)
 
 
