@@ -45,6 +45,7 @@ from qdtk.formats.stats import Stats
 from qdtk.formats.validate import check_free_space, check_tensors_finite
 from qdtk.math import abmp
 from qdtk.options import QuantizeOptions
+from qdtk.solve import solver_code
 from qdtk.solve.solvers import LayerSolver, make_solver
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ def _quantize(ckpt: Checkpoint, stats: Stats, out: Path, options: QuantizeOption
     jobs = []  # (file, block name, weights, fingerprint, solved by an earlier run)
     for file, block, weights in plan:
         fp = fingerprint(model_fp, stats.block_fingerprint(block), result_options, weights,
-                         alloc["fingerprint"])
+                         alloc["fingerprint"], solver_code())
         jobs.append((file, block, weights, fp, report.done(file, weights, fp)))
     orders = {w: alloc["layers"].get(w, {}).get("orders") for w in selected}
     todo = [w for *_, weights, _, done in jobs if not done for w in weights]

@@ -3,7 +3,7 @@ transformers' from_pretrained on packed folders, and their errors on damaged one
 
 import numpy as np
 import pytest
-from numba import cuda
+from numba import cuda, njit
 
 torch = pytest.importorskip("torch")
 
@@ -60,42 +60,59 @@ def test_dequantized_tiles_are_unpacks_what_bit_for_bit(rng, n, m):
 @pytest.mark.parametrize("T", [1, 3, 17])
 def test_packed_kernel_equals_the_unpacked_matmul(rng, n, m, T):
     p, What = packed_layer(rng, n, m)
-    x = rng.standard_normal((T, m)).astype(np.float32)
+    x = (rng.standard_normal((T, m)) + 2.0).astype(np.float32)  # a mean, as activations have
     y = kernels.matmul_packed(x, *kernel_args(p), plane_layout(p.orders, m))
     assert y.shape == (T, n) and y.dtype == np.float32
     assert rel_err(y, x @ What.T) < 1e-5
 
 
 @pytest.mark.parametrize("nw", [0, 1, 3, 4, 5])  # empty, odd, full group, beyond
-def test_vector_primitives_equal_their_scalar_definitions(rng, nw):
+def test_signed_axpy_equals_its_scalar_definition(rng, nw):
     from numba import njit
 
-    from qdtk.math.simd import scaled_signed_sum, signed_axpy, signed_sum
+    from qdtk.math.simd import signed_axpy
 
     @njit
-    def run(src, words, b, a, out, rs, word, n_words):
-        s = signed_sum(src, 32, words, 1, nw)  # offsets: word 1 of words, lane 32 of src
-        signed_axpy(out, 3, b, 32, a, words, 1, nw)
-        return s, scaled_signed_sum(src, words, rs, 1, word, n_words)
+    def run(out, b, a, words):
+        signed_axpy(out, 3, b, 32, a, words, 1, nw)  # offsets: word 1 of words, lane 32 of b
 
     words = rng.integers(0, 2**32, 8, dtype=np.uint64).astype(np.uint32)
-    src, b = rng.standard_normal((2, 32 * 8)).astype(np.float32)
+    b = rng.standard_normal(32 * 8).astype(np.float32)
     a = np.float32(0.37)
     out = rng.standard_normal(32 * 8).astype(np.float32)
-    rs = rng.standard_normal((3, 2)).astype(np.float16)  # [P, n]: row 1's scales, stride 2
-    word, n_words = np.array([0, 2, 5]), np.array([2, 3, 1])  # planes of 2, 3 and 1 words
     sign = (np.unpackbits(words.view(np.uint8), bitorder="little") * 2.0 - 1).astype(np.float32)
-    lanes = slice(32, 32 + 32 * nw)
-    want_out = out.copy()
+    want = out.copy()
     for j in range(32 * nw):  # the canonical order: one rounded product, then +-
         s = np.float32(a * b[32 + j])
-        want_out[3 + j] = np.float32(want_out[3 + j] + (s if sign[32 + j] > 0 else -s))
-    got_sum, got_scaled = run(src, words, b, a, out, rs.view(np.uint16), word, n_words)
-    np.testing.assert_allclose(got_sum, np.dot(sign[lanes], src[lanes]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(out.view(np.uint32), want_out.view(np.uint32))
-    planes = [slice(32 * u, 32 * (u + k)) for u, k in zip(word, n_words, strict=True)]
-    want = sum(float(rs[p, 1]) * np.dot(sign[c], src[c]) for p, c in enumerate(planes))
-    np.testing.assert_allclose(got_scaled, want, rtol=1e-5, atol=1e-5)
+        want[3 + j] = np.float32(want[3 + j] + (s if sign[32 + j] > 0 else -s))
+    run(out, b, a, words)
+    np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("n,i0", [(9, 0), (9, 4), (9, 8), (2, 0)])  # full, last full, clamped
+@pytest.mark.parametrize("shift", [0.0, 3.0])  # inputs with a mean: no cancellation
+def test_signed_row_sums_equal_their_definition(rng, n, i0, shift):
+    from qdtk.math.bcq_matmul import plane_halves
+    from qdtk.math.simd import ROWS, signed_row_sums
+
+    @njit
+    def run(src, half, planes, rs, word, n_words, y):
+        signed_row_sums(src, half, planes, rs, i0, word, n_words, y)
+
+    word, n_words = np.array([0, 4, 5, 8]), np.array([4, 1, 3, 2])  # full, 1 and 3 words, 2
+    planes = rng.integers(0, 2**32, (n, 10), dtype=np.uint64).astype(np.uint32)
+    src = (rng.standard_normal(32 * 10) + shift).astype(np.float32)
+    rs = rng.standard_normal((4, n)).astype(np.float16)
+    y = np.full(n, np.nan, np.float32)
+    half = plane_halves(src[None], word, n_words)[0]
+    run(src, half, planes, rs.view(np.uint16), word, n_words, y)
+    sign = np.unpackbits(planes.view(np.uint8), axis=1, bitorder="little") * 2.0 - 1  # [n, 320]
+    want = [sum(float(rs[p, i]) * sign[i, 32 * u : 32 * (u + k)] @ src[32 * u : 32 * (u + k)]
+                for p, (u, k) in enumerate(zip(word, n_words, strict=True))) for i in range(n)]
+    done = slice(i0, min(n, i0 + ROWS))
+    np.testing.assert_allclose(y[done], np.array(want)[done], rtol=1e-5, atol=1e-5)
+    assert np.isnan(y[: i0]).all() and np.isnan(y[i0 + ROWS :]).all()  # no other row written
+
 
 
 def test_half_decoding_is_exact_for_every_float16():
@@ -250,8 +267,9 @@ if hide:  # as if qdtk were not installed
                 raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     sys.meta_path.insert(0, Hide())
 import torch, transformers
+cls = transformers.LlamaForCausalLM if sys.argv[5] == "1" else transformers.AutoModelForCausalLM
 try:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
+    model = cls.from_pretrained(folder, trust_remote_code=trust)
 except Exception as e:
     print("ERROR", type(e).__name__, " ".join(str(e).split()))
     sys.exit(0)
@@ -264,13 +282,14 @@ print("LOADED", type(model).__name__, packed)
 """
 
 
-def from_pretrained_without_qdtk(tmp_path, folder, trust: bool, hide: bool = False):
+def from_pretrained_without_qdtk(tmp_path, folder, trust: bool, hide: bool = False,
+                                concrete: bool = False):
     import subprocess
     import sys
 
     env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
     r = subprocess.run([sys.executable, "-c", WITHOUT_QDTK, str(folder), str(int(trust)),
-                        str(int(hide)), str(tmp_path / "logits.pt")],
+                        str(int(hide)), str(tmp_path / "logits.pt"), str(int(concrete))],
                        capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().splitlines()[-1]
@@ -284,6 +303,10 @@ def test_transformers_without_qdtk_never_loads_random_linears(tiny_llama, tmp_pa
     # untrusted: transformers stops before any weight (an unknown model_type with remote code)
     out = from_pretrained_without_qdtk(tmp_path, packed, trust=False)
     assert out.startswith("ERROR ValueError") and "trust_remote_code=True" in out, out
+    # the model's own class, past AutoConfig: its config stops at the dtype, before any weight
+    for trust in (False, True):
+        out = from_pretrained_without_qdtk(tmp_path, packed, trust=trust, concrete=True)
+        assert out.startswith("ERROR AttributeError") and "qdtk_load" in out, out
     # trusted without qdtk installed: the folder's code asks for it
     out = from_pretrained_without_qdtk(tmp_path, packed, trust=True, hide=True)
     assert "ImportError" in out.split()[1] and "qdtk" in out, out

@@ -10,8 +10,9 @@ M.planes holds all planes of that output row, so each row is read once, front to
   multiplies the tile with BLAS. For many tokens, where the GEMM's flops dominate.
 - `matmul_packed`: reads only the packed bytes. The column scales are applied to x once per
   token (`scaled_inputs`, x (.) b laid out like the sign words, 4 bytes per stored bit); each
-  output row then costs, per word of 32 signs, one vector select of +-(x b) and an add, and
-  per plane one multiplication by a. For few tokens, where the weight bytes read dominate.
+  output row then costs, per word of 32 signs, one masked vector add of x b (the signed sum is
+  twice the sum over the set bits less the plane's total), and per plane one multiplication by
+  a; four rows share each load of x b. For few tokens, where the weight bytes read dominate.
   (Lookup tables of partial sums, LUT-GEMM style, measured 3x slower here: a table lookup is a
   scalar load, while a word of signs is one AVX-512 mask.)
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from qdtk.math.simd import LANES, scaled_signed_sum, signed_axpy
+from qdtk.math.simd import LANES, ROWS, signed_axpy, signed_row_sums
 
 WORD_BITS = LANES  # a word of signs is one vector of qdtk.math.simd
 
@@ -87,12 +88,27 @@ def scaled_inputs(x, col_scale, start, width, word, col, n_words):
 
 
 @njit(parallel=True, cache=True)
-def _packed_kernel(xb, planes, row_scale, word, n_words, y):
-    """y[t, i] = sum_p a_p[i] sum_{words u of plane p} sum_e (+-1 by bit e) xb[t, 32 u + e]."""
-    for i in prange(planes.shape[0]):
-        bits_i = planes[i]
+def plane_halves(xb, word, n_words):
+    """half [T, 32 P]: half[t, 32 p + e] = (1/2) sum over plane p's words u of xb[t, 32 u + e]
+    (`signed_row_sums` starts each row's lanes there)."""
+    half = np.zeros((xb.shape[0], WORD_BITS * word.shape[0]), np.float32)
+    for t in prange(xb.shape[0]):
+        for p in range(word.shape[0]):
+            for q in range(n_words[p]):
+                for e in range(WORD_BITS):
+                    half[t, WORD_BITS * p + e] += xb[t, WORD_BITS * (word[p] + q) + e]
+            for e in range(WORD_BITS):
+                half[t, WORD_BITS * p + e] *= np.float32(0.5)
+    return half
+
+
+@njit(parallel=True, cache=True)
+def _packed_kernel(xb, half, planes, row_scale, word, n_words, y):
+    """y[t, i] = sum_p a_p[i] sum_{words u of plane p} sum_e (+-1 by bit e) xb[t, 32 u + e],
+    ROWS output rows at a time (one load of xb serves them all)."""
+    for block in prange(-(-planes.shape[0] // ROWS)):
         for t in range(xb.shape[0]):
-            y[t, i] = scaled_signed_sum(xb[t], bits_i, row_scale, i, word, n_words)
+            signed_row_sums(xb[t], half[t], planes, row_scale, block * ROWS, word, n_words, y[t])
     return y
 
 
@@ -105,6 +121,8 @@ def matmul_packed(
     col_scale [C] float32; layout: `qdtk.formats.packed.PlaneLayout` of the module's orders.
     """
     L = layout
+    n_words = -(-L.width // WORD_BITS)  # [P]
     xb = scaled_inputs(x, col_scale, L.start, L.width, L.word, L.col, L.words)  # [T, 32 U]
+    half = plane_halves(xb, L.word, n_words)  # [T, 32 P]
     y = np.empty((x.shape[0], planes.shape[0]), np.float32)
-    return _packed_kernel(xb, planes, row_scale, L.word, -(-L.width // WORD_BITS), y)
+    return _packed_kernel(xb, half, planes, row_scale, L.word, n_words, y)

@@ -40,6 +40,7 @@ from qdtk.formats.bits import GROUP, group_slices
 from qdtk.formats.solution import BinaryCodedLayer, group_index
 from qdtk.math.forms import damped_quadratic_form
 from qdtk.math.hessian import prepare_hessian
+from qdtk.math.lanes import lane_dot
 from qdtk.threads import thread_invariant
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def refit_row_scales(
     return CodedState(state.orders, state.S, a, state.b)
 
 
-# IEEE order: a reassociated sum vectorised differently fresh and from the cache (qdtk.math.daq.cpu)
+# Fixed-order sums (qdtk.math.lanes): the same bits fresh and from Numba's cache, vectorised
 @njit(parallel=True, cache=True)
 def _group_dots(Y, V, starts, k, h, M):  # pragma: no cover - compiled
     """M[i, k, h, l, g] = M[i, l, g, k, h] = sum_{j in group g} Y[i, j - starts[h]] V[l, i, j]
@@ -189,10 +190,8 @@ def _group_dots(Y, V, starts, k, h, M):  # pragma: no cover - compiled
     for i in prange(n):
         for l in range(K):
             for g in range(h, G):
-                stop = starts[g + 1] if g + 1 < G else m
-                s = 0.0
-                for j in range(starts[g], stop):
-                    s += Y[i, j - starts[h]] * V[l, i, j]
+                j0, stop = starts[g], starts[g + 1] if g + 1 < G else m
+                s = lane_dot(Y[i, j0 - starts[h] :], V[l, i, j0:stop], stop - j0)
                 M[i, k, h, l, g] = s
                 M[i, l, g, k, h] = s
 

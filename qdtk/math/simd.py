@@ -3,9 +3,9 @@
 Numba leaves "add +-v by bit e of a word" scalar (32 compares and selects per word, 4-7x
 slower); here a word becomes a <32 x i1> mask of one select over a <32 x float> vector, which
 LLVM lowers to the host's vector unit (AVX-512: mask registers). Called only from njit code.
-Both keep the float32 operations of the scalar code, in the same order (no fused
-multiply-add: the IR asks for none), so `signed_axpy` gives the same bits as FORMAT.md's
-evaluation.
+`signed_axpy` keeps the float32 operations of the scalar code in the same order (no fused
+multiply-add: the IR asks for none), so it gives the same bits as FORMAT.md's evaluation;
+`signed_row_sums` is a product, held to 1e-5 of the unpacked matmul, not to its bits.
 """
 
 from __future__ import annotations
@@ -49,28 +49,6 @@ def _total(builder, v):
 
 
 @intrinsic
-def signed_sum(typingctx, src, s0, words, u0, nw):
-    """float32 sum over q < nw, e < 32 of (bit e of words[u0 + q] ? +1 : -1) src[s0 + 32 q + e].
-    src float32 and words uint32: 1-D contiguous arrays."""
-    sig = types.float32(src, s0, words, u0, nw)
-
-    def codegen(context, builder, signature, args):
-        src_v, s0_v, words_v, u0_v, nw_v = args
-        sp = _at(context, builder, signature.args[0], src_v, s0_v)
-        wp = _at(context, builder, signature.args[2], words_v, u0_v)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_VEC, [0.0] * LANES))
-        with cgutils.for_range(builder, nw_v) as loop:
-            q = loop.index
-            v = builder.load(_vector_at(builder, sp, builder.mul(q, ir.Constant(q.type, LANES))),
-                             align=4)
-            signed = builder.select(_signs(builder, wp, q), v, builder.fneg(v))
-            builder.store(builder.fadd(builder.load(acc), signed), acc)
-        return _total(builder, builder.load(acc))
-
-    return sig, codegen
-
-
-@intrinsic
 def signed_axpy(typingctx, out, o0, b, b0, a, words, u0, nw):
     """out[o0 + 32 q + e] += (bit e of words[u0 + q] ? s : -s), s = a * b[b0 + 32 q + e] (one
     float32 product), for q < nw. out, b float32 and words uint32: 1-D contiguous arrays."""
@@ -100,56 +78,80 @@ def _broadcast(builder, value):
     return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
 
 
+ROWS = 4  # output rows per call of signed_row_sums: each vector of x (.) b loaded serves 4 rows
+
+
 @intrinsic
-def scaled_signed_sum(typingctx, src, words, row_scale, i, word, nw):
-    """float32 sum over planes p of a_p * signed_sum(src, 32 word[p], words, word[p], nw[p]),
-    a_p = row_scale[p, i] (float16 bits, uint16 [P, n] C-contiguous): one output row's product.
-    The planes' vectors are scaled lane by lane and summed across lanes once at the end."""
-    sig = types.float32(src, words, row_scale, i, word, nw)
+def signed_row_sums(typingctx, src, half, planes, row_scale, i0, word, nw, y):
+    """y[r] = sum_p a_p[r] sum_{words u of plane p} sum_e (bit e of planes[r, u] ? +1 : -1)
+    src[32 u + e] for the ROWS rows r = i0 .. i0 + ROWS - 1 (clamped to the last row: a row past
+    it recomputes and rewrites that one), a_p[r] = row_scale[p, r] (float16 bits).
+
+    The signed sum is 2 (sum of src over the set bits) - (sum of src over all bits): each word is
+    one masked vector add per row (no negation, no blend), the planes' totals come in as
+    half [32 P], half[32 p + e] = (1/2) sum_u src[32 u + e] over plane p's words. Each row's lanes
+    start at -half, so they stay half of the signed sum (no large partial sums to cancel when
+    x has a mean). src, half float32 and y float32 1-D contiguous; planes uint32 [n, U] and
+    row_scale uint16 [P, n] C-contiguous; word, nw int64 [P] (the plane's first word, its count).
+    """
+    sig = types.void(src, half, planes, row_scale, i0, word, nw, y)
 
     def codegen(context, builder, signature, args):
-        src_v, words_v, rs_v, i_v, word_v, nw_v = args
+        src_v, half_v, planes_v, rs_v, i0_v, word_v, nw_v, y_v = args
+        index = i0_v.type
         zero = ir.Constant(_VEC, [0.0] * LANES)
-        sp = _at(context, builder, signature.args[0], src_v, ir.Constant(i_v.type, 0))
-        wp = _at(context, builder, signature.args[1], words_v, ir.Constant(i_v.type, 0))
-        rs = context.make_array(signature.args[2])(context, builder, rs_v)
+        sp = _at(context, builder, signature.args[0], src_v, ir.Constant(index, 0))
+        hp = _at(context, builder, signature.args[1], half_v, ir.Constant(index, 0))
+        pl = context.make_array(signature.args[2])(context, builder, planes_v)
+        n, n_words = cgutils.unpack_tuple(builder, pl.shape, 2)
+        last = builder.sub(n, ir.Constant(index, 1))
+        rows = []
+        for r in range(ROWS):
+            i = builder.add(i0_v, ir.Constant(index, r))
+            rows.append(builder.select(builder.icmp_signed("<", i, n), i, last))
+        words = [builder.gep(pl.data, [builder.mul(i, n_words)]) for i in rows]
+        rs = context.make_array(signature.args[3])(context, builder, rs_v)
         n_cols = cgutils.unpack_tuple(builder, rs.shape, 2)[1]
-        word_a = context.make_array(signature.args[4])(context, builder, word_v)
-        nw_a = context.make_array(signature.args[5])(context, builder, nw_v)
-        planes = cgutils.unpack_tuple(builder, word_a.shape, 1)[0]
-        acc = cgutils.alloca_once_value(builder, zero)
-        parts = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
+        word_a = context.make_array(signature.args[5])(context, builder, word_v)
+        nw_a = context.make_array(signature.args[6])(context, builder, nw_v)
+        yp = _at(context, builder, signature.args[7], y_v, ir.Constant(index, 0))
+        n_planes = cgutils.unpack_tuple(builder, word_a.shape, 1)[0]
+        acc = [cgutils.alloca_once_value(builder, zero) for _ in range(ROWS)]
+        part = [cgutils.alloca_once_value(builder, zero) for _ in range(ROWS)]
 
-        def add_word(part, u):
-            v = builder.load(_vector_at(builder, sp, builder.mul(u, ir.Constant(u.type, LANES))),
+        def add_word(u):
+            v = builder.load(_vector_at(builder, sp, builder.mul(u, ir.Constant(index, LANES))),
                              align=4)
-            signed = builder.select(_signs(builder, wp, u), v, builder.fneg(v))
-            builder.store(builder.fadd(builder.load(part), signed), part)
+            for r in range(ROWS):
+                old = builder.load(part[r])
+                builder.store(builder.select(_signs(builder, words[r], u), builder.fadd(old, v),
+                                             old), part[r])
 
-        one = ir.Constant(i_v.type, 1)
-        with cgutils.for_range(builder, planes) as lp:
+        with cgutils.for_range(builder, n_planes) as lp:
             p = lp.index
             u0 = builder.load(builder.gep(word_a.data, [p]))
             count = builder.load(builder.gep(nw_a.data, [p]))
-            for part in parts:
-                builder.store(zero, part)
+            minus_half = builder.fneg(builder.load(
+                _vector_at(builder, hp, builder.mul(p, ir.Constant(index, LANES))), align=4))
+            for r in range(ROWS):
+                builder.store(minus_half, part[r])
             full = builder.icmp_signed("==", count, ir.Constant(count.type, GROUP_WORDS))
             with builder.if_else(full, likely=True) as (group, narrow):
                 with group:  # every group but the last: straight-line code
                     for q in range(GROUP_WORDS):
-                        add_word(parts[q % 2], builder.add(u0, ir.Constant(u0.type, q)))
-                with narrow:  # words in pairs, into two sums: two chains of vector adds
-                    with cgutils.for_range(builder, builder.ashr(count, one)) as lq:
-                        u = builder.add(u0, builder.shl(lq.index, one))
-                        add_word(parts[0], u)
-                        add_word(parts[1], builder.add(u, one))
-                    with builder.if_then(builder.trunc(count, ir.IntType(1))):  # odd last word
-                        add_word(parts[0], builder.sub(builder.add(u0, count), one))
-            h = builder.load(builder.gep(rs.data, [builder.add(builder.mul(p, n_cols), i_v)]))
-            a = builder.fpext(builder.bitcast(h, ir.HalfType()), _F32)  # exact
-            both = builder.fadd(builder.load(parts[0]), builder.load(parts[1]))
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(_broadcast(builder, a),
-                                                                        both)), acc)
-        return _total(builder, builder.load(acc))
+                        add_word(builder.add(u0, ir.Constant(index, q)))
+                with narrow, cgutils.for_range(builder, count) as lq:
+                    add_word(builder.add(u0, lq.index))
+            for r in range(ROWS):
+                h = builder.load(builder.gep(rs.data, [builder.add(builder.mul(p, n_cols),
+                                                                   rows[r])]))
+                a = builder.fpext(builder.bitcast(h, ir.HalfType()), _F32)  # exact
+                builder.store(builder.fadd(builder.load(acc[r]), builder.fmul(
+                    _broadcast(builder, a), builder.load(part[r]))), acc[r])
+        two = ir.Constant(_F32, 2.0)
+        for r in range(ROWS):
+            builder.store(builder.fmul(two, _total(builder, builder.load(acc[r]))),
+                          builder.gep(yp, [rows[r]]))
+        return context.get_dummy_value()
 
     return sig, codegen
