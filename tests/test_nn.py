@@ -194,12 +194,20 @@ def test_cuda_kernels_match_the_cpu_kernels(rng, n, m):
 # ----------------------------------------------------------------------------- loading
 
 
-@pytest.fixture(params=["tiny_llama", "tiny_bert", "tiny_llama-rotated"])
+# (fixture, auto class): a decoder, an encoder, a Qwen3-MoE (per-expert 2-D weights that
+# transformers 5 runs fused, 4.x as Linears) and DiffusionGemma (fused 3-D experts; encoder
+# layers tied to the decoder's)
+PACKED_MODELS = {"tiny_llama": "AutoModelForCausalLM", "tiny_bert": "AutoModelForMaskedLM",
+                 "tiny_llama-rotated": "AutoModelForCausalLM", "tiny_moe": "AutoModelForCausalLM",
+                 "tiny_diffusion_gemma": "AutoModelForImageTextToText"}
+
+
+@pytest.fixture(params=list(PACKED_MODELS))
 def packed_model(request, tmp_path_factory):
     """(packed folder, unpacked float32 folder, AutoModel class) of a tiny model whose every
-    block Linear is quantized with mixed orders (rotated: each with an input rotation); the
-    packed folder is sharded."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    block Linear and expert matrix is quantized with mixed orders (rotated: each with an input
+    rotation); the packed folder is sharded."""
+    import transformers
 
     fixture, _, rotated = request.param.partition("-")
     model_dir = request.getfixturevalue(fixture)
@@ -207,8 +215,7 @@ def packed_model(request, tmp_path_factory):
     write_quant(model_dir, tmp / "quant", np.random.default_rng(1), rotate=bool(rotated))
     packed = pack_checkpoint(tmp / "quant", tmp / "packed", model_dir, max_shard_bytes=40_000)
     dense = unpack_checkpoint(packed, tmp / "dense", dtype="float32")
-    auto = AutoModelForCausalLM if fixture == "tiny_llama" else AutoModelForMaskedLM
-    return packed, dense, auto
+    return packed, dense, getattr(transformers, PACKED_MODELS[request.param])
 
 
 def test_load_keeps_the_files_tensors_bit_for_bit(packed_model):
@@ -230,19 +237,26 @@ def test_load_keeps_the_files_tensors_bit_for_bit(packed_model):
     qc = model.config.quantization_config
     assert sum(isinstance(m, BCQLinear) for m in model.modules()) == len(qc.modules)
     rotated = {m.rotation for m in model.modules() if isinstance(m, BCQLinear)} - {None}
-    assert len(rotated) == (len(qc.modules) if qc.format == "qdtk-bcq/2" else 0)
+    assert len(rotated) == (len(qc.modules) if qc.format == "qdtk-bcq/2" and
+                            not getattr(qc, "fused", None) else 0)
+    # no expert runs from 3-D parameters: every expert matrix is a packed module
+    from qdtk.torch.experts import is_fused_experts
+
+    assert not any(is_fused_experts(m) for m in model.modules())
 
 
 @pytest.mark.parametrize("tokens", [(2, 24), (1, 3)])  # tiled GEMM, then lookup tables
 def test_packed_model_gives_the_unpacked_models_logits(packed_model, tokens):
+    from qdtk.torch.models import forward_inputs
+
     packed, dense, auto = packed_model
     ids = torch.tensor(np.random.default_rng(2).integers(5, 100, tokens))
     ref = auto.from_pretrained(dense, dtype=torch.float32).eval()
     with torch.no_grad():
-        want = ref(ids).logits
+        want = ref(**forward_inputs(ref, ids)).logits
         for model in (qdtk.load(packed), auto.from_pretrained(packed)):
             assert isinstance(model, type(ref))
-            assert rel_err(model(ids).logits, want) < 1e-5
+            assert rel_err(model(**forward_inputs(model, ids)).logits, want) < 1e-5
 
 
 # transformers alone on a packed folder, in a fresh process without qdtk imported
