@@ -186,7 +186,7 @@ def main() -> None:
                          on_gpu))
     print("\n| block | setting | " + " | ".join(PARTS) + " | block wall (s) | block cpu (s) "
           "| median proxy | bits/w | peak MiB | model (h, wall) | GPU block wall (s) |")
-    print("|" + "---|" * (len(PARTS) + 10))
+    print("|" + "---|" * (len(PARTS) + 9))
     for block, setting, t, proxy, bits, peak, count, on_gpu in rows:
         print(f"| {block} | {setting} | " + " | ".join(f"{t[p]:.1f}" for p in PARTS)
               + f" | {t['wall']:.1f} | {t['cpu']:.1f} | {proxy:.4f} | {bits:.3f} | "
