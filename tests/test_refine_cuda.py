@@ -4,10 +4,6 @@ same arithmetic in the same order), and so does refine_layer; on a real GPU (nee
 float rounding.
 """
 
-import json
-import os
-import subprocess
-import sys
 from functools import partial
 
 import numpy as np
@@ -19,6 +15,7 @@ from qdtk.formats.solution import group_index
 from qdtk.math import refine, refine_cuda
 from qdtk.math.refine import MODES, refine_layer
 from qdtk.solve import layer as driver
+from tests.ptx import ptx_facts
 from tests.test_refine import correlated_H, output_error, random_layer
 
 needs_gpu = pytest.mark.skipif(
@@ -130,31 +127,12 @@ def test_quantize_layer_refines_on_its_backend(rng, small_launches, monkeypatch)
     assert rep.output_error == pytest.approx(np.einsum("ij,ij->", D @ H, D), rel=1e-4)
 
 
-PTX_CHECK = """
-import json, sys
-import numpy as np
-from numba.cuda.cudadrv import nvvm
-try:
-    nvvm.NVVM()
-except Exception as e:
-    print(e)
-    sys.exit(3)
-from qdtk.math.refine_cuda import ptx
-print(json.dumps({k: ".local" in v for dt in (np.float32, np.float64) for k, v in ptx(dt).items()}))
-"""
-
-
 def test_kernels_compile_for_a_real_gpu():
     """The simulator runs Python, not the CUDA target: compile the kernels (float32 and float64
     states) to sm_90 PTX, so typing errors show here; nothing spills to local memory."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
-    r = subprocess.run(
-        [sys.executable, "-c", PTX_CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
-    if r.returncode == 3:
-        pytest.skip(f"needs NVVM (the CUDA toolkit's compiler library): {r.stdout.strip()}")
-    assert r.returncode == 0, r.stderr[-2000:]
-    uses = json.loads(r.stdout.strip().splitlines()[-1])
+    uses = ptx_facts("import numpy as np\nfrom qdtk.math.refine_cuda import ptx\n"
+                     "uses = {k: '.local' in v for dt in (np.float32, np.float64) "
+                     "for k, v in ptx(dt).items()}")
     assert uses == {"dequantize": False, "group_dots": False, "sign_pass_group": False}
 
 
