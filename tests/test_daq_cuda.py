@@ -223,3 +223,32 @@ def test_layer_driver_on_a_gpu_matches_cpu(rng):
     D = W.astype(np.float64) - got.dequantize()
     assert rep.output_error == pytest.approx(np.einsum("ij,ij->", D @ H, D), rel=1e-4)
     assert rep.proxy_error == pytest.approx(rep0.proxy_error, rel=0.02)
+
+
+def test_group_solver_prefetches_whole_layers(rng, monkeypatch):
+    """DaqGroupSolver.prefetch on the cuda backend: one solve_blocks per order for all groups,
+    and ABMP's candidate values exactly those of the groups solved one by one."""
+    from qdtk.math import abmp
+    from qdtk.math.group import DaqGroupSolver
+
+    calls = []
+
+    def counted(*args, _solve=daq_cuda.solve_blocks, **kw):
+        calls.append(args[0].shape)
+        return _solve(*args, **{**kw, **SMALL})
+
+    monkeypatch.setattr(daq_cuda, "solve_blocks", counted)
+    W, H = layer(rng, n=5, m=300)  # groups 128, 128, 44
+    P = prepare_hessian(H, dtype=np.float32)
+    batched = DaqGroupSolver(iters=1, backend="cuda")
+    E = abmp.group_errors(W, P.H, P.d, (1, 2), batched)
+    assert calls == [(5, 300), (5, 300)]  # the later per-group calls were all cached
+    one_by_one = DaqGroupSolver(iters=1, backend="cuda")
+    want = abmp.group_errors(W, P.H, P.d, (1, 2), one_by_one.__call__)  # no prefetch
+    assert len(calls) == 2 + 2 * 3
+    np.testing.assert_array_equal(E, want)
+    for cols in group_slices(300):
+        Wg, dg = np.ascontiguousarray(W[:, cols]), P.d.astype(np.float32)[cols]
+        for got, ref in zip(batched.solution(Wg, 2, dg), one_by_one.solution(Wg, 2, dg),
+                            strict=True):
+            np.testing.assert_array_equal(got, ref)
