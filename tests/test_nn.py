@@ -253,8 +253,9 @@ if hide:  # as if qdtk were not installed
                 raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     sys.meta_path.insert(0, Hide())
 import torch, transformers
+cls = transformers.LlamaForCausalLM if sys.argv[5] == "1" else transformers.AutoModelForCausalLM
 try:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
+    model = cls.from_pretrained(folder, trust_remote_code=trust)
 except Exception as e:
     print("ERROR", type(e).__name__, " ".join(str(e).split()))
     sys.exit(0)
@@ -267,13 +268,14 @@ print("LOADED", type(model).__name__, packed)
 """
 
 
-def from_pretrained_without_qdtk(tmp_path, folder, trust: bool, hide: bool = False):
+def from_pretrained_without_qdtk(tmp_path, folder, trust: bool, hide: bool = False,
+                                concrete: bool = False):
     import subprocess
     import sys
 
     env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
     r = subprocess.run([sys.executable, "-c", WITHOUT_QDTK, str(folder), str(int(trust)),
-                        str(int(hide)), str(tmp_path / "logits.pt")],
+                        str(int(hide)), str(tmp_path / "logits.pt"), str(int(concrete))],
                        capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().splitlines()[-1]
@@ -287,6 +289,10 @@ def test_transformers_without_qdtk_never_loads_random_linears(tiny_llama, tmp_pa
     # untrusted: transformers stops before any weight (an unknown model_type with remote code)
     out = from_pretrained_without_qdtk(tmp_path, packed, trust=False)
     assert out.startswith("ERROR ValueError") and "trust_remote_code=True" in out, out
+    # the model's own class, past AutoConfig: its config stops at the dtype, before any weight
+    for trust in (False, True):
+        out = from_pretrained_without_qdtk(tmp_path, packed, trust=trust, concrete=True)
+        assert out.startswith("ERROR AttributeError") and "qdtk_load" in out, out
     # trusted without qdtk installed: the folder's code asks for it
     out = from_pretrained_without_qdtk(tmp_path, packed, trust=True, hide=True)
     assert "ImportError" in out.split()[1] and "qdtk" in out, out
