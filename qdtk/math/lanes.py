@@ -9,6 +9,8 @@ independent chains to vectorise without changing a bit.
 
 from __future__ import annotations
 
+from types import FunctionType
+
 from numba import njit
 
 
@@ -38,3 +40,9 @@ def lane_dot(x, y, w):
         t += _term(x, y, j)
         j += 1
     return t
+
+
+# Numba's CUDA simulator runs kernels as Python on its own array type, which compiled functions
+# cannot take: there the CUDA kernels call this, the same code with its helper as Python too.
+lane_dot_python = FunctionType(lane_dot.py_func.__code__,
+                               {**lane_dot.py_func.__globals__, "_term": _term.py_func})
