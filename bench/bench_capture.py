@@ -1,6 +1,7 @@
 """Capture throughput vs a plain forward, and peak memory vs N and L.
 
     .venv/bin/python bench/bench_capture.py [--threads 2] [--skip-smollm] [--skip-memory]
+    .venv/bin/python bench/bench_capture.py --diffusion-gemma
 
 Rows (tokens per second over the same masked sequences and batches):
   forward      the base model's ordinary forward (embedding + block stack), no hooks
@@ -12,6 +13,9 @@ The H arithmetic (T m^2 per input, m up to the FFN width) is a fixed cost on top
 shared machine are noisy: rerun on a quiet one.
 
 Peak memory: one subprocess per (N, L), the rise of the peak resident set over the loaded model.
+--diffusion-gemma: the same for a tiny random DiffusionGemma (8 layers alternating sliding and
+full attention, hidden 64; the decoder reads the encoder's cache), whose capture streams the
+encoder's cache one layer at a time: with --offload the rise should not grow with N.
 """
 
 from __future__ import annotations
@@ -95,6 +99,27 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _diffusion_gemma():
+    """A tiny random DiffusionGemmaForBlockDiffusion (built here, nothing read) and its
+    sequence length limit."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                global_head_dim=16, num_global_key_value_heads=1, num_experts=4,
+                top_k_experts=2, max_position_embeddings=1024, sliding_window=64,
+                layer_types=["sliding_attention", "full_attention"] * 4)
+    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                  patch_size=4, position_embedding_size=16)
+    config = transformers.DiffusionGemmaConfig(
+        text_config=text, vision_config=vision, canvas_length=8, boi_token_id=120,
+        eoi_token_id=121, image_token_id=122)
+    return transformers.DiffusionGemmaForBlockDiffusion(config).eval()
+
+
 def _peak_child(path: str, N: int, L: int, chunk: int, offload: bool) -> None:
     import gc
     import tempfile
@@ -102,8 +127,13 @@ def _peak_child(path: str, N: int, L: int, chunk: int, offload: bool) -> None:
     from qdtk.torch.capture import BlockSession
     from qdtk.torch.models import load_model
 
-    model = load_model(path)
-    b = _batch(path, N, L)
+    if path == "diffusion-gemma":
+        model = _diffusion_gemma()
+        ids = np.random.default_rng(0).integers(5, 100, (N, L))
+        b = type("B", (), {"ids": ids, "attention": np.ones_like(ids, bool)})
+    else:
+        model = load_model(path)
+        b = _batch(path, N, L)
     gc.collect()
     base, peak, running = _rss_mib(), [0.0], [True]
 
@@ -153,10 +183,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-smollm", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--diffusion-gemma", action="store_true",
+                    help="only the peak memory of a tiny DiffusionGemma's capture")
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(a.threads)
+    if a.diffusion_gemma:
+        mem = []
+        for N, off in ((16, False), (64, False), (256, False), (16, True), (64, True),
+                       (256, True)):
+            mem.append({"model": "tiny DiffusionGemma", "N": N, "L": 256, "batch": 8,
+                        "offload": off, "hidden MiB": N * 256 * 64 * 4 / 2**20,
+                        "rise MiB": peak_memory("diffusion-gemma", N, 256, 8, off)})
+        print("Peak memory over the built model\n" + _table(mem))
+        return
     rows = throughput(MINILM, 16, 256, 8)
     if not a.skip_smollm and SMOLLM.exists():
         try:

@@ -18,7 +18,9 @@ need a model and are timed by --forwards):
 Per layer: orders (ABMP: the knapsack's per-order group solves), factor (Cholesky of H), sweep
 (block solves + compensation), refine, error (proxy error), pack (bit packing), the process CPU
 seconds, and the peak NumPy memory (tracemalloc). Wall seconds are noisy on a shared machine;
-CPU seconds less so.
+CPU seconds less so. Where CuPy sees a GPU (qdtk.backend.gpu_available), every layer is also
+solved with --backend cuda (sweep and refinement on the GPU) and the table's GPU column gives
+that block's wall seconds; without one it says "not measured".
 
     .venv/bin/python bench/bench_scale.py [--blocks llada,dream] [--settings published,full]
         [--all-layers] [--forwards] [--roles ff_out]
@@ -43,6 +45,7 @@ import zlib
 
 import numpy as np
 
+from qdtk.backend import gpu_available
 from qdtk.formats.packed import pack_layer
 from qdtk.options import QuantizeOptions
 from qdtk.solve.solvers import solve_daq
@@ -132,9 +135,11 @@ def main() -> None:
                     help="time only these Linears (e.g. ff_out); no block totals then")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
+    gpu = gpu_available()
     # compile the kernels outside the timings
-    solve_daq(rng.standard_normal((8, 256)).astype(np.float32), np.eye(256),
-              QuantizeOptions.of({**BASE, **SETTINGS["full"]}))
+    for dev in ("cpu", "cuda") if gpu else ("cpu",):
+        solve_daq(rng.standard_normal((8, 256)).astype(np.float32), np.eye(256),
+                  QuantizeOptions.of({**BASE, **SETTINGS["full"], "backend": dev}))
     rows = []
     for block in args.blocks.split(","):
         linears, count = BLOCKS[block]
@@ -148,6 +153,7 @@ def main() -> None:
         Hs = {}
         for setting in args.settings.split(","):
             per_shape: dict[tuple, dict] = {}
+            gpu_wall: dict[tuple, float] = {}
             for role, n, m, inp in chosen:
                 if inp not in Hs:
                     Hs[inp] = activations_H(np.random.default_rng(zlib.crc32(inp.encode())), m,
@@ -159,6 +165,12 @@ def main() -> None:
                 print(f"  {block:6} {setting:9} {role:8} {n}x{m}: wall {r['wall']:.1f} s, "
                       f"cpu {r['cpu']:.1f} s, refine {r['refine']:.1f} s, proxy "
                       f"{r['proxy']:.5f}, peak {r['peak'] / 2**20:,.0f} MiB", flush=True)
+                if gpu:
+                    g = time_layer(W, Hs[inp], {**BASE, **SETTINGS[setting], "backend": "cuda"},
+                                   role)
+                    gpu_wall.setdefault((n, m), g["wall"])
+                    print(f"  {'':6} {'':9} {'':8} on the GPU: wall {g['wall']:.1f} s, refine "
+                          f"{g['refine']:.1f} s, proxy {g['proxy']:.5f}", flush=True)
             if args.roles:
                 continue
             # the block: every Linear costs as the measured one of its shape
@@ -168,14 +180,17 @@ def main() -> None:
             weights = sum(n * m for _, n, m, _ in linears)
             bits = sum(per_shape[(n, m)]["bits"] * n * m for _, n, m, _ in linears) / weights
             peak = max(r["peak"] for r in per_shape.values())
-            rows.append((block, setting, total, float(np.median(proxies)), bits, peak, count))
+            on_gpu = (f"{sum(gpu_wall[(n, m)] for _, n, m, _ in linears):.1f}" if gpu
+                      else "not measured (no GPU)")
+            rows.append((block, setting, total, float(np.median(proxies)), bits, peak, count,
+                         on_gpu))
     print("\n| block | setting | " + " | ".join(PARTS) + " | block wall (s) | block cpu (s) "
-          "| median proxy | bits/w | peak MiB | model (h, wall) |")
+          "| median proxy | bits/w | peak MiB | model (h, wall) | GPU block wall (s) |")
     print("|" + "---|" * (len(PARTS) + 9))
-    for block, setting, t, proxy, bits, peak, count in rows:
+    for block, setting, t, proxy, bits, peak, count, on_gpu in rows:
         print(f"| {block} | {setting} | " + " | ".join(f"{t[p]:.1f}" for p in PARTS)
               + f" | {t['wall']:.1f} | {t['cpu']:.1f} | {proxy:.4f} | {bits:.3f} | "
-              f"{peak / 2**20:,.0f} | {t['wall'] * count / 3600:.2f} |")
+              f"{peak / 2**20:,.0f} | {t['wall'] * count / 3600:.2f} | {on_gpu} |")
     if args.forwards:
         f = block_forward_seconds()
         print(f"\none LLaDA-shaped block forward on 8 x 128 tokens: {f:.2f} s; the model-scope "

@@ -254,8 +254,8 @@ def quantize_options(include: bool = True):
                      show_default=True,
                      help="Where layers are solved: auto (a GPU when CuPy sees one, else cpu), "
                      "cpu (Numba kernels, LAPACK/BLAS), reference (the NumPy solver, slow), cuda "
-                     "(cuSOLVER factor, CuPy compensation, Numba CUDA kernels; ABMP and "
-                     "refinement stay on the CPU)."),
+                     "(cuSOLVER factor, CuPy compensation and refinement, Numba CUDA kernels, "
+                     "ABMP's group solves batched; ABMP's knapsack stays on the CPU)."),
     ]
     if include:
         opts += [include_option, exclude_option]

@@ -29,6 +29,7 @@ from qdtk.math.group import DaqGroupSolver
 from qdtk.math.hessian import prepare_hessian
 from qdtk.math.rotation import rotate_problem
 from qdtk.options import QuantizeOptions
+from qdtk.solve import solver_code
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def allocate_orders(
         opts["rotate_exclude"] = list(options.rotate_exclude)
     ckpt, stats = Checkpoint(model_dir), stats if stats is not None else Stats(stats_dir)
     names = ckpt.linear_names(include, exclude)
-    fp = fingerprint(ckpt.fingerprint(), stats.fingerprint, opts, names, SENSITIVITY_WINDOWS)
+    fp = fingerprint(ckpt.fingerprint(), stats.fingerprint, opts, names, SENSITIVITY_WINDOWS,
+                     solver_code())
     path = Path(out_dir) / ORDERS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():

@@ -46,6 +46,7 @@ from qdtk.formats.stats import Stats
 from qdtk.formats.validate import check_free_space, check_tensors_finite
 from qdtk.math import abmp
 from qdtk.options import QuantizeOptions
+from qdtk.solve import solver_code
 from qdtk.solve.solvers import LayerSolver, make_solver
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ def _quantize(ckpt: Checkpoint, stats: Stats, out: Path, options: QuantizeOption
     for file, block, weights in plan:
         val = stats.validation() if options.early_stop else None
         fp = fingerprint(model_fp, stats.block_fingerprint(block), result_options, weights,
-                         alloc["fingerprint"],
+                         alloc["fingerprint"], solver_code(),
                          *([] if val is None else [val.block_fingerprint(block)]))
         jobs.append((file, block, weights, fp, report.done(file, weights, fp)))
     orders = {w: alloc["layers"].get(w, {}).get("orders") for w in selected}

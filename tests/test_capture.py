@@ -451,3 +451,33 @@ def test_each_block_gets_its_own_arguments(tmp_path):
     assert len(got) == 16
     for s in got.values():
         assert _rel(s.H, ref[modules[s.members[0].removesuffix(".weight")]]) < 1e-6
+
+
+def test_an_encoder_decoder_with_two_stacks_of_its_own_is_a_clear_error(tmp_path):
+    """T5: an encoder stack and a decoder stack (with cross-attention: the larger) holding
+    weights of their own. Capture follows one stack, so it refuses the model in one line
+    naming both, instead of calibrating the decoder alone; T5's encoder alone is one stack."""
+    from click.testing import CliRunner
+    from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
+
+    from qdtk.cli.main import cli
+    from qdtk.errors import QdtkError
+    from tests.conftest import save_char_tokenizer
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                      num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    with pytest.raises(QdtkError, match=r"^T5ForConditionalGeneration: several block stacks "
+                       r"with weights of their own \(encoder\.block \(2 blocks\), decoder\.block "
+                       r"\(2 blocks\)\); qdtk captures one stack"):
+        cap.find_stacks(model)
+    encoder = T5EncoderModel(config).eval()
+    assert [(n, len(m)) for n, m in cap.find_stacks(encoder)] == [("encoder.block", 2)]
+    model.save_pretrained(tmp_path / "t5")
+    save_char_tokenizer(tmp_path / "t5")
+    r = CliRunner().invoke(cli, ["capture", str(tmp_path / "t5"), "-n", "2", "-L", "16",
+                                 "--out", str(tmp_path / "stats")])
+    assert r.exit_code == 1
+    assert "Error: T5ForConditionalGeneration: several block stacks" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "stats" / "manifest.json").exists()

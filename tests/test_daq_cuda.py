@@ -4,10 +4,6 @@ Launches are shrunk (rows per tile, threads per block) so that every block spans
 thread blocks, the last one ragged, and every thread strides over several columns.
 """
 
-import json
-import os
-import subprocess
-import sys
 from functools import partial
 
 import numpy as np
@@ -22,6 +18,7 @@ from qdtk.math.daq import cuda as daq_cuda
 from qdtk.math.daq import reference, solve_block
 from qdtk.math.hessian import prepare_hessian
 from qdtk.solve import layer as driver
+from tests.ptx import ptx_facts
 
 needs_gpu = pytest.mark.skipif(
     not backend.gpu_available(), reason="needs a CUDA GPU (CuPy reports none)"
@@ -117,31 +114,12 @@ def test_bad_requests(rng):
         daq_cuda.solve_block(np.zeros((2, 129)), 1)
 
 
-PTX_CHECK = """
-import json, sys
-from numba.cuda.cudadrv import nvvm
-try:
-    nvvm.NVVM()
-except Exception as e:
-    print(e)
-    sys.exit(3)
-from qdtk.math.daq.cuda import ptx
-print(json.dumps({k: [".local" in v, ".f64" in v] for k, v in ptx().items()}))
-"""
-
-
 def test_kernels_compile_for_a_real_gpu():
     """The simulator runs Python, not the CUDA target: compile the float32 kernels to sm_90 PTX
     (no GPU needed) so typing errors show here. Signs live in registers (no local memory) and
     the float32 kernels do no float64 arithmetic."""
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
-    r = subprocess.run(
-        [sys.executable, "-c", PTX_CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
-    if r.returncode == 3:
-        pytest.skip(f"needs NVVM (the CUDA toolkit's compiler library): {r.stdout.strip()}")
-    assert r.returncode == 0, r.stderr[-2000:]
-    uses = json.loads(r.stdout.strip().splitlines()[-1])
+    uses = ptx_facts("from qdtk.math.daq.cuda import ptx\n"
+                     "uses = {k: ['.local' in v, '.f64' in v] for k, v in ptx().items()}")
     assert uses == {"plane_pass": [False, False], "finalize": [False, False]}
 
 
@@ -245,3 +223,32 @@ def test_layer_driver_on_a_gpu_matches_cpu(rng):
     D = W.astype(np.float64) - got.dequantize()
     assert rep.output_error == pytest.approx(np.einsum("ij,ij->", D @ H, D), rel=1e-4)
     assert rep.proxy_error == pytest.approx(rep0.proxy_error, rel=0.02)
+
+
+def test_group_solver_prefetches_whole_layers(rng, monkeypatch):
+    """DaqGroupSolver.prefetch on the cuda backend: one solve_blocks per order for all groups,
+    and ABMP's candidate values exactly those of the groups solved one by one."""
+    from qdtk.math import abmp
+    from qdtk.math.group import DaqGroupSolver
+
+    calls = []
+
+    def counted(*args, _solve=daq_cuda.solve_blocks, **kw):
+        calls.append(args[0].shape)
+        return _solve(*args, **{**kw, **SMALL})
+
+    monkeypatch.setattr(daq_cuda, "solve_blocks", counted)
+    W, H = layer(rng, n=5, m=300)  # groups 128, 128, 44
+    P = prepare_hessian(H, dtype=np.float32)
+    batched = DaqGroupSolver(iters=1, backend="cuda")
+    E = abmp.group_errors(W, P.H, P.d, (1, 2), batched)
+    assert calls == [(5, 300), (5, 300)]  # the later per-group calls were all cached
+    one_by_one = DaqGroupSolver(iters=1, backend="cuda")
+    want = abmp.group_errors(W, P.H, P.d, (1, 2), one_by_one.__call__)  # no prefetch
+    assert len(calls) == 2 + 2 * 3
+    np.testing.assert_array_equal(E, want)
+    for cols in group_slices(300):
+        Wg, dg = np.ascontiguousarray(W[:, cols]), P.d.astype(np.float32)[cols]
+        for got, ref in zip(batched.solution(Wg, 2, dg), one_by_one.solution(Wg, 2, dg),
+                            strict=True):
+            np.testing.assert_array_equal(got, ref)

@@ -135,10 +135,12 @@ def test_run_end_to_end_replaces_every_expert(tiny_moe, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["layers"] == 2 * (4 + 4 * 3)
     orig, dense = Checkpoint(tiny_moe), Checkpoint(out / "dense")
+    packed = Checkpoint(out / "packed")
     report = json.loads((out / "quant" / "report.json").read_text())
     for name in orig.linear_names():
         if ".experts." in name:
             assert name in report["layers"]
+            assert name not in packed and name.removesuffix(".weight") + ".planes" in packed
             assert not np.array_equal(orig.read(name, np.float32), dense.read(name, np.float32))
     for name in orig.routers():
         assert np.array_equal(orig.read(name, np.float32), dense.read(name, np.float32))
@@ -310,6 +312,29 @@ def test_diffusion_gemma_block_by_block_H_equals_the_full_forward(tiny_diffusion
     assert got["model.decoder.layers.0.experts.0.gate_proj"].members == [
         "model.decoder.layers.0.experts.0.gate_proj.weight",
         "model.decoder.layers.0.experts.0.up_proj.weight"]
+
+
+def test_diffusion_gemma_capture_holds_no_encoder_cache_between_blocks(tiny_diffusion_gemma):
+    """The encoder's cache is streamed: empty after the recorded forwards and after every
+    block (encoder layer b writes its layer, decoder layer b reads it, then it is dropped); a
+    rerun of a block (the sequential order's steps) gives the same H."""
+    model = cap.load_model(tiny_diffusion_gemma)
+    ids = np.random.default_rng(0).integers(5, 100, (4, 24))
+    session = _session(model, ids, np.ones_like(ids, bool), tiny_diffusion_gemma, chunk_size=2)
+    caches = [cap._caches(session._recorded[c]) for c in range(len(session.chunks))]
+    assert [len(cs) for cs in caches] == [1, 1]
+
+    def held():
+        return sum(layer.keys is not None for cs in caches for cache in cs
+                   for layer in cache.layers)
+
+    assert held() == 0
+    first = {s.key: s.H for s in session.run_block(0, advance=False)}
+    assert held() == 0
+    again = {s.key: s.H for s in session.run_block(0)}
+    assert held() == 0 and set(first) == set(again)
+    for key, H in first.items():
+        assert np.array_equal(H, again[key]), key
 
 
 def test_run_end_to_end_on_diffusion_gemma_replaces_every_fused_expert(tiny_diffusion_gemma,
@@ -499,3 +524,78 @@ def test_experts_held_as_a_list_of_modules_get_their_routed_tokens():
     padded[1, 7:] = False
     with pytest.raises(QdtkError, match="holds only the tokens routed to it"):
         _capture_all(cap.BlockSession(model, ids, padded))
+
+
+# ----------------------------------------------------------------------------- packed experts
+
+
+def _numbers(tree, path=""):
+    """{path: number} of every number in a JSON document."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) \
+        if isinstance(tree, list) else None
+    if items is not None:
+        return {k: v for key, sub in items for k, v in _numbers(sub, f"{path}/{key}").items()}
+    return {path: tree} if isinstance(tree, int | float) and not isinstance(tree, bool) else {}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_moe", "tiny_diffusion_gemma"])
+def test_a_packed_moe_evaluates_and_generates_as_its_unpacked_folder(fixture, request, tmp_path):
+    """Every expert matrix packed (DiffusionGemma: from fused 3-D tensors): `qdtk eval` and
+    `qdtk generate` on the packed folder, run with packed experts, give the unpacked folder's
+    metrics (to 4 digits) and tokens."""
+    from qdtk.pack import pack_checkpoint, unpack_checkpoint
+    from qdtk.torch.models import load_model
+    from qdtk.torch.nn.experts import BCQExperts
+    from tests.test_pack import write_quant
+
+    model_dir = request.getfixturevalue(fixture)
+    write_quant(model_dir, tmp_path / "quant", np.random.default_rng(1))
+    packed = pack_checkpoint(tmp_path / "quant", tmp_path / "packed", model_dir)
+    dense = unpack_checkpoint(packed, tmp_path / "dense", dtype="float32")
+    if fixture == "tiny_diffusion_gemma" or ex.is_fused_experts(
+            load_model(model_dir).model.layers[0].mlp.experts):  # transformers 5
+        assert sum(isinstance(m, BCQExperts) for m in load_model(packed).modules()) == 2
+
+    def run(*args):
+        r = CliRunner().invoke(cli, [*args, "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output[r.output.index("{"):])
+
+    fast = ["--n", "2", "-L", "24", "--batch", "2", "--text", "builtin:pydoc"]
+    want = _numbers(run("eval", str(model_dir), str(dense), *fast)["sources"])
+    got = _numbers(run("eval", str(model_dir), str(packed), *fast)["sources"])
+    assert set(got) == set(want) and len(want) > 2
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    if fixture == "tiny_diffusion_gemma":  # tiny_moe is causal: no masked-diffusion sampler
+        args = ["--prompt", "packed experts", "--gen-length", "16", "--steps", "8"]
+        # (--block-length does not apply to its own sampler: the default 32 is not checked)
+        a, b = run("generate", str(dense), *args), run("generate", str(packed), *args)
+        assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 16
+
+
+def test_fused_experts_run_packed_only_whole(tiny_moe):
+    """A runtime-fused experts module is replaced only when the checkpoint packs every one of
+    its matrices with the model's shapes; otherwise one clear error, before any weight."""
+    from qdtk.torch.models import load_model
+    from qdtk.torch.nn.experts import BCQExperts
+    from qdtk.torch.nn.hf import replace_modules
+
+    model = load_model(tiny_moe)
+    p = "model.layers.0.mlp.experts"
+    if not ex.is_fused_experts(model.get_submodule(p)):
+        pytest.skip("this transformers runs the experts as Linears")
+    orders = np.ones(1, np.uint8)
+    whole = {f"{p}.{e}.{k}": ((48, 32) if k != "down_proj" else (32, 48), orders, None)
+             for e in range(4) for k in ex.PROJ}
+    with pytest.raises(QdtkError, match="packs 11 of its 12 expert matrices"):
+        replace_modules(model, {k: v for k, v in whole.items() if k != f"{p}.3.up_proj"})
+    with pytest.raises(QdtkError, match=r"experts\.2\.down_proj: the model's expert matrix is "
+                       "32 x 48, the checkpoint's 48 x 32"):
+        replace_modules(model, whole | {f"{p}.2.down_proj": ((48, 32), orders, None)})
+    assert ex.is_fused_experts(model.get_submodule(p))  # nothing replaced
+    replace_modules(model, whole)
+    assert isinstance(model.get_submodule(p), BCQExperts)
+    assert sorted(k for k in model.state_dict() if k.startswith(p + ".1.")) == sorted(
+        f"{p}.1.{k}.{f}" for k in ex.PROJ for f in ("orders", "planes", "row_scale",
+                                                     "col_scale"))

@@ -106,9 +106,12 @@ def test_temperature_zero_is_deterministic_and_sampling_is_seeded(tiny_llada):
 
 def test_options_are_checked():
     with pytest.raises(QdtkError, match="not a multiple of --block-length"):
-        GenerateOptions(gen_length=10, block_length=4)
+        GenerateOptions(gen_length=10, block_length=4).check_blocks()
     with pytest.raises(QdtkError, match="not a multiple of the 4 blocks"):
-        GenerateOptions(gen_length=16, block_length=4, steps=6)
+        diffuse(None, torch.zeros(1, 2, dtype=torch.long), 0,
+                GenerateOptions(gen_length=16, block_length=4, steps=6))
+    with pytest.raises(QdtkError, match="must be positive"):
+        GenerateOptions(gen_length=0)
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])

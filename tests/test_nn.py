@@ -3,7 +3,7 @@ transformers' from_pretrained on packed folders, and their errors on damaged one
 
 import numpy as np
 import pytest
-from numba import cuda
+from numba import cuda, njit
 
 torch = pytest.importorskip("torch")
 
@@ -15,6 +15,7 @@ from qdtk.formats.packed import PackedBCQ, plane_layout  # noqa: E402
 from qdtk.math import bcq_matmul as kernels  # noqa: E402
 from qdtk.math import bcq_matmul_cuda as kcuda  # noqa: E402
 from qdtk.math.rotation import Rotation  # noqa: E402
+from qdtk.math.simd import HAS_AVX512  # noqa: E402
 from qdtk.pack import pack_checkpoint, unpack_checkpoint  # noqa: E402
 from qdtk.torch.nn import linear  # noqa: E402
 from qdtk.torch.nn.linear import BCQLinear  # noqa: E402
@@ -56,46 +57,65 @@ def test_dequantized_tiles_are_unpacks_what_bit_for_bit(rng, n, m):
     np.testing.assert_array_equal(out.view(np.uint32), What.view(np.uint32))
 
 
-@pytest.mark.parametrize("n,m", SHAPES)
+@pytest.mark.parametrize("n,m", SHAPES + [(48, 300)])  # 16-row blocks with and without a rest
 @pytest.mark.parametrize("T", [1, 3, 17])
-def test_packed_kernel_equals_the_unpacked_matmul(rng, n, m, T):
+@pytest.mark.parametrize("tables", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not HAS_AVX512, reason="the table kernel needs AVX-512"))])
+def test_packed_kernel_equals_the_unpacked_matmul(rng, n, m, T, tables):
     p, What = packed_layer(rng, n, m)
-    x = rng.standard_normal((T, m)).astype(np.float32)
-    y = kernels.matmul_packed(x, *kernel_args(p), plane_layout(p.orders, m))
+    x = (rng.standard_normal((T, m)) + 2.0).astype(np.float32)  # a mean, as activations have
+    y = kernels.matmul_packed(x, *kernel_args(p), plane_layout(p.orders, m), tables=tables)
     assert y.shape == (T, n) and y.dtype == np.float32
     assert rel_err(y, x @ What.T) < 1e-5
 
 
 @pytest.mark.parametrize("nw", [0, 1, 3, 4, 5])  # empty, odd, full group, beyond
-def test_vector_primitives_equal_their_scalar_definitions(rng, nw):
+def test_signed_axpy_equals_its_scalar_definition(rng, nw):
     from numba import njit
 
-    from qdtk.math.simd import scaled_signed_sum, signed_axpy, signed_sum
+    from qdtk.math.simd import signed_axpy
 
     @njit
-    def run(src, words, b, a, out, rs, word, n_words):
-        s = signed_sum(src, 32, words, 1, nw)  # offsets: word 1 of words, lane 32 of src
-        signed_axpy(out, 3, b, 32, a, words, 1, nw)
-        return s, scaled_signed_sum(src, words, rs, 1, word, n_words)
+    def run(out, b, a, words):
+        signed_axpy(out, 3, b, 32, a, words, 1, nw)  # offsets: word 1 of words, lane 32 of b
 
     words = rng.integers(0, 2**32, 8, dtype=np.uint64).astype(np.uint32)
-    src, b = rng.standard_normal((2, 32 * 8)).astype(np.float32)
+    b = rng.standard_normal(32 * 8).astype(np.float32)
     a = np.float32(0.37)
     out = rng.standard_normal(32 * 8).astype(np.float32)
-    rs = rng.standard_normal((3, 2)).astype(np.float16)  # [P, n]: row 1's scales, stride 2
-    word, n_words = np.array([0, 2, 5]), np.array([2, 3, 1])  # planes of 2, 3 and 1 words
     sign = (np.unpackbits(words.view(np.uint8), bitorder="little") * 2.0 - 1).astype(np.float32)
-    lanes = slice(32, 32 + 32 * nw)
-    want_out = out.copy()
+    want = out.copy()
     for j in range(32 * nw):  # the canonical order: one rounded product, then +-
         s = np.float32(a * b[32 + j])
-        want_out[3 + j] = np.float32(want_out[3 + j] + (s if sign[32 + j] > 0 else -s))
-    got_sum, got_scaled = run(src, words, b, a, out, rs.view(np.uint16), word, n_words)
-    np.testing.assert_allclose(got_sum, np.dot(sign[lanes], src[lanes]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(out.view(np.uint32), want_out.view(np.uint32))
-    planes = [slice(32 * u, 32 * (u + k)) for u, k in zip(word, n_words, strict=True)]
-    want = sum(float(rs[p, 1]) * np.dot(sign[c], src[c]) for p, c in enumerate(planes))
-    np.testing.assert_allclose(got_scaled, want, rtol=1e-5, atol=1e-5)
+        want[3 + j] = np.float32(want[3 + j] + (s if sign[32 + j] > 0 else -s))
+    run(out, b, a, words)
+    np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("n,i0", [(9, 0), (9, 4), (9, 8), (2, 0)])  # full, last full, clamped
+@pytest.mark.parametrize("shift", [0.0, 3.0])  # inputs with a mean: no cancellation
+def test_signed_row_sums_equal_their_definition(rng, n, i0, shift):
+    from qdtk.math.bcq_matmul import plane_halves
+    from qdtk.math.simd import ROWS, signed_row_sums
+
+    @njit
+    def run(src, half, planes, rs, word, n_words, y):
+        signed_row_sums(src, half, planes, rs, i0, word, n_words, y)
+
+    word, n_words = np.array([0, 4, 5, 8]), np.array([4, 1, 3, 2])  # full, 1 and 3 words, 2
+    planes = rng.integers(0, 2**32, (n, 10), dtype=np.uint64).astype(np.uint32)
+    src = (rng.standard_normal(32 * 10) + shift).astype(np.float32)
+    rs = rng.standard_normal((4, n)).astype(np.float16)
+    y = np.full(n, np.nan, np.float32)
+    half = plane_halves(src[None], word, n_words)[0]
+    run(src, half, planes, rs.view(np.uint16), word, n_words, y)
+    sign = np.unpackbits(planes.view(np.uint8), axis=1, bitorder="little") * 2.0 - 1  # [n, 320]
+    want = [sum(float(rs[p, i]) * sign[i, 32 * u : 32 * (u + k)] @ src[32 * u : 32 * (u + k)]
+                for p, (u, k) in enumerate(zip(word, n_words, strict=True))) for i in range(n)]
+    done = slice(i0, min(n, i0 + ROWS))
+    np.testing.assert_allclose(y[done], np.array(want)[done], rtol=1e-5, atol=1e-5)
+    assert np.isnan(y[: i0]).all() and np.isnan(y[i0 + ROWS :]).all()  # no other row written
+
 
 
 def test_half_decoding_is_exact_for_every_float16():
@@ -174,12 +194,20 @@ def test_cuda_kernels_match_the_cpu_kernels(rng, n, m):
 # ----------------------------------------------------------------------------- loading
 
 
-@pytest.fixture(params=["tiny_llama", "tiny_bert", "tiny_llama-rotated"])
+# (fixture, auto class): a decoder, an encoder, a Qwen3-MoE (per-expert 2-D weights that
+# transformers 5 runs fused, 4.x as Linears) and DiffusionGemma (fused 3-D experts; encoder
+# layers tied to the decoder's)
+PACKED_MODELS = {"tiny_llama": "AutoModelForCausalLM", "tiny_bert": "AutoModelForMaskedLM",
+                 "tiny_llama-rotated": "AutoModelForCausalLM", "tiny_moe": "AutoModelForCausalLM",
+                 "tiny_diffusion_gemma": "AutoModelForImageTextToText"}
+
+
+@pytest.fixture(params=list(PACKED_MODELS))
 def packed_model(request, tmp_path_factory):
     """(packed folder, unpacked float32 folder, AutoModel class) of a tiny model whose every
-    block Linear is quantized with mixed orders (rotated: each with an input rotation); the
-    packed folder is sharded."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    block Linear and expert matrix is quantized with mixed orders (rotated: each with an input
+    rotation); the packed folder is sharded."""
+    import transformers
 
     fixture, _, rotated = request.param.partition("-")
     model_dir = request.getfixturevalue(fixture)
@@ -187,8 +215,7 @@ def packed_model(request, tmp_path_factory):
     write_quant(model_dir, tmp / "quant", np.random.default_rng(1), rotate=bool(rotated))
     packed = pack_checkpoint(tmp / "quant", tmp / "packed", model_dir, max_shard_bytes=40_000)
     dense = unpack_checkpoint(packed, tmp / "dense", dtype="float32")
-    auto = AutoModelForCausalLM if fixture == "tiny_llama" else AutoModelForMaskedLM
-    return packed, dense, auto
+    return packed, dense, getattr(transformers, PACKED_MODELS[request.param])
 
 
 def test_load_keeps_the_files_tensors_bit_for_bit(packed_model):
@@ -210,19 +237,26 @@ def test_load_keeps_the_files_tensors_bit_for_bit(packed_model):
     qc = model.config.quantization_config
     assert sum(isinstance(m, BCQLinear) for m in model.modules()) == len(qc.modules)
     rotated = {m.rotation for m in model.modules() if isinstance(m, BCQLinear)} - {None}
-    assert len(rotated) == (len(qc.modules) if qc.format == "qdtk-bcq/2" else 0)
+    assert len(rotated) == (len(qc.modules) if qc.format == "qdtk-bcq/2" and
+                            not getattr(qc, "fused", None) else 0)
+    # no expert runs from 3-D parameters: every expert matrix is a packed module
+    from qdtk.torch.experts import is_fused_experts
+
+    assert not any(is_fused_experts(m) for m in model.modules())
 
 
 @pytest.mark.parametrize("tokens", [(2, 24), (1, 3)])  # tiled GEMM, then lookup tables
 def test_packed_model_gives_the_unpacked_models_logits(packed_model, tokens):
+    from qdtk.torch.models import forward_inputs
+
     packed, dense, auto = packed_model
     ids = torch.tensor(np.random.default_rng(2).integers(5, 100, tokens))
     ref = auto.from_pretrained(dense, dtype=torch.float32).eval()
     with torch.no_grad():
-        want = ref(ids).logits
+        want = ref(**forward_inputs(ref, ids)).logits
         for model in (qdtk.load(packed), auto.from_pretrained(packed)):
             assert isinstance(model, type(ref))
-            assert rel_err(model(ids).logits, want) < 1e-5
+            assert rel_err(model(**forward_inputs(model, ids)).logits, want) < 1e-5
 
 
 # transformers alone on a packed folder, in a fresh process without qdtk imported
@@ -236,8 +270,9 @@ if hide:  # as if qdtk were not installed
                 raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     sys.meta_path.insert(0, Hide())
 import torch, transformers
+cls = transformers.LlamaForCausalLM if sys.argv[5] == "1" else transformers.AutoModelForCausalLM
 try:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust)
+    model = cls.from_pretrained(folder, trust_remote_code=trust)
 except Exception as e:
     print("ERROR", type(e).__name__, " ".join(str(e).split()))
     sys.exit(0)
@@ -250,13 +285,14 @@ print("LOADED", type(model).__name__, packed)
 """
 
 
-def from_pretrained_without_qdtk(tmp_path, folder, trust: bool, hide: bool = False):
+def from_pretrained_without_qdtk(tmp_path, folder, trust: bool, hide: bool = False,
+                                concrete: bool = False):
     import subprocess
     import sys
 
     env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
     r = subprocess.run([sys.executable, "-c", WITHOUT_QDTK, str(folder), str(int(trust)),
-                        str(int(hide)), str(tmp_path / "logits.pt")],
+                        str(int(hide)), str(tmp_path / "logits.pt"), str(int(concrete))],
                        capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().splitlines()[-1]
@@ -270,6 +306,10 @@ def test_transformers_without_qdtk_never_loads_random_linears(tiny_llama, tmp_pa
     # untrusted: transformers stops before any weight (an unknown model_type with remote code)
     out = from_pretrained_without_qdtk(tmp_path, packed, trust=False)
     assert out.startswith("ERROR ValueError") and "trust_remote_code=True" in out, out
+    # the model's own class, past AutoConfig: its config stops at the dtype, before any weight
+    for trust in (False, True):
+        out = from_pretrained_without_qdtk(tmp_path, packed, trust=trust, concrete=True)
+        assert out.startswith("ERROR AttributeError") and "qdtk_load" in out, out
     # trusted without qdtk installed: the folder's code asks for it
     out = from_pretrained_without_qdtk(tmp_path, packed, trust=True, hide=True)
     assert "ImportError" in out.split()[1] and "qdtk" in out, out

@@ -440,3 +440,24 @@ def test_dequantize_kernel_is_the_formula_bit_for_bit(rng, K):
     # a strided view of the signs (as BinaryCodedLayer.dequantize passes them) gives the same
     wide = np.concatenate([signs, ~signs], axis=2)
     np.testing.assert_array_equal(dequantize_block(wide[:, :, :37], a, b), want)
+
+
+@pytest.mark.parametrize("own", [
+    {"model_type": "llama", "torch_dtype": "bfloat16", "hidden_size": 8},
+    {"model_type": "bert", "dtype": "float32", "auto_map": {"AutoModel": "m.M"}},
+    {"hidden_size": 8},  # none of the gated entries
+])
+def test_gated_config_gives_the_models_config_back(own):
+    from qdtk.formats.packed import DTYPE_GUARD, PACKED_MODEL_TYPE, gated_config, model_config
+
+    config = {**own, "quantization_config": {"quant_method": "qdtk"}}
+    gated = gated_config(config)
+    assert gated["model_type"] == PACKED_MODEL_TYPE
+    assert gated["torch_dtype"] == gated["dtype"] == DTYPE_GUARD
+    back = model_config(gated)
+    assert back == {**config, "quantization_config": gated["quantization_config"]}
+    # a folder gated before the dtype entries were: its own dtype stays where it was
+    older = {**gated, "torch_dtype": "float16", "quantization_config": {
+        "quant_method": "qdtk", "model_config": {"model_type": "llama", "auto_map": None}}}
+    assert model_config(older)["torch_dtype"] == "float16"
+    assert model_config(older)["model_type"] == "llama" and "auto_map" not in model_config(older)

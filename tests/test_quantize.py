@@ -286,6 +286,21 @@ def test_stage_resumes_bit_for_bit(model_and_stats, tmp_path):
     assert len(calls) == 9
 
 
+def test_a_folder_solved_by_other_code_is_solved_again(model_and_stats, tmp_path, monkeypatch):
+    import qdtk.quantize
+
+    model, stats = model_and_stats
+    quantize_model(model, stats, tmp_path / "q", OPTIONS, progress=False)
+    calls = []
+    quantize_model(model, stats, tmp_path / "q", OPTIONS, counting(solve_daq, calls),
+                   progress=False)
+    assert calls == []  # the same code resumes
+    monkeypatch.setattr(qdtk.quantize, "solver_code", lambda: "an upgrade")
+    quantize_model(model, stats, tmp_path / "q", OPTIONS, counting(solve_daq, calls),
+                   progress=False)
+    assert len(calls) == 9  # other code: nothing of the old folder is trusted
+
+
 def test_stage_include_exclude_and_missing_statistics(model_and_stats, tmp_path):
     model, stats = model_and_stats
     report = quantize_model(model, stats, tmp_path / "q", OPTIONS, progress=False,
@@ -550,6 +565,16 @@ def test_model_scope_respects_the_budget_and_resumes_without_the_prepass(
     quantize_model(model, stats, out, {**options, "trust_remote_code": True},
                    counting(solve_daq, solves), progress=False)
     assert calls == solves == [] and block_bytes(out) == before
+    import qdtk.allocate
+
+    with monkeypatch.context() as m:  # written by other code: the pre-pass runs again
+        m.setattr(qdtk.allocate, "solver_code", lambda: "an upgrade")
+        quantize_model(model, stats, out, options, progress=False)
+    assert len(calls) == 1 + 3 * BLOCKS
+    calls.clear()
+    quantize_model(model, stats, out, options, progress=False)  # back: orders.json recomputed
+    assert len(calls) == 1 + 3 * BLOCKS
+    calls.clear()
     report2 = quantize_model(model, stats, tmp_path / "q2", options, progress=False)
     assert len(calls) == 1 + 3 * BLOCKS  # a new folder measures again
     calls.clear()

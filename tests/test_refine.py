@@ -129,6 +129,13 @@ def test_refine_layer_improves_and_is_valid(problem):
     assert output_error(W, out.dequantize(), H) < output_error(W, layer.dequantize(), H)
 
 
+def test_refine_layer_is_deterministic(problem):
+    W, H, layer = problem
+    one, two = (refine_layer(W, H, layer, rounds=2, columns=True) for _ in range(2))
+    for f in ("signs", "row_scale", "col_scale"):
+        np.testing.assert_array_equal(getattr(one, f), getattr(two, f))
+
+
 def test_refine_layer_keeps_a_layer_it_cannot_improve(rng):
     # W exactly representable: the input is optimal and must come back unchanged.
     layer = random_layer(rng, 8, 128, [2])

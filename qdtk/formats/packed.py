@@ -470,11 +470,15 @@ def fused_tensor(entry: dict, dequantized: Callable[[str], np.ndarray], to: np.d
 # Linears; an unknown model_type stops it before any weight loads. So a packed config.json names
 # the model_type PACKED_MODEL_TYPE, which only qdtk knows (qdtk.torch.nn.hf registers it), and an
 # auto_map to LOADER_FILE, code that imports qdtk, for transformers' trust_remote_code path.
-# The model's own model_type and auto_map are kept in quantization_config.model_config.
+# A concrete class (LlamaForCausalLM.from_pretrained) reads config.json without AutoConfig: its
+# dtype entries name DTYPE_GUARD, which every transformers config (4.x and 5.x) looks up in torch
+# before building anything, so that path stops too, with the way out in the error.
+# The model's own entries are kept in quantization_config.model_config.
 PACKED_MODEL_TYPE = "qdtk"
 LOADER_FILE = "qdtk_packed.py"
 LOADER_CLASS = "PackedConfig"
-GATED_KEYS = ("model_type", "auto_map")
+DTYPE_GUARD = "packed_by_qdtk__load_it_with_qdtk_load_or_import_qdtk_and_AutoModel"
+GATED_KEYS = ("model_type", "auto_map", "torch_dtype", "dtype")
 LOADER_CODE = f'''"""This folder is a qdtk packed checkpoint ({FORMAT}): its quantized
 Linears are 2-bit sign planes that only qdtk computes with. Install qdtk and `import qdtk`
 before `from_pretrained`, or load it with `qdtk.load(FOLDER)`. transformers runs this file only
@@ -488,25 +492,28 @@ import qdtk.torch.nn.hf
 
 def gated_config(config: dict) -> dict:
     """config.json of a packed folder from the model's (quantization_config already in it): the
-    model's own model_type and auto_map move into quantization_config.model_config."""
+    model's own GATED_KEYS move into quantization_config.model_config."""
     out = dict(config)
     out["quantization_config"] = {**config["quantization_config"],
                                   "model_config": {k: config.get(k) for k in GATED_KEYS}}
     out["model_type"] = PACKED_MODEL_TYPE
     out["auto_map"] = {"AutoConfig": f"{LOADER_FILE.removesuffix('.py')}.{LOADER_CLASS}"}
+    out["torch_dtype"] = out["dtype"] = DTYPE_GUARD
     return out
 
 
 def model_config(config: dict) -> dict:
-    """The model's own config.json from a packed folder's (its model_type and auto_map back;
-    quantization_config kept). Any other config is returned as it is."""
+    """The model's own config.json from a packed folder's (its GATED_KEYS back; quantization_config
+    kept). Any other config is returned as it is."""
     qc = config.get("quantization_config")
     saved = qc.get("model_config") if isinstance(qc, dict) else None
     if not isinstance(saved, dict):
         return config
     out = dict(config)
     for key in GATED_KEYS:
-        if saved.get(key) is None:
+        if key not in saved:  # packed before the gate covered it: the entry is the model's
+            continue
+        if saved[key] is None:
             out.pop(key, None)
         else:
             out[key] = saved[key]

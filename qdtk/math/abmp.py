@@ -118,8 +118,14 @@ def group_errors(
     H is the layer's prepared (damped) H, d = diag(U); no compensation between groups. W and d
     are passed on in float32, as the layer driver passes them, so that a memoising solver
     (`qdtk.math.group.DaqGroupSolver`) serves the driver's uncompensated solves from its cache.
+    A solver with a `prefetch(W, order, d)` method is first asked for each order's whole layer
+    (on a GPU: every group in one set of launches).
     """
     G = len(group_slices(W.shape[1]))
+    prefetch = getattr(solve, "prefetch", None)
+    if prefetch is not None:
+        for o in orders:
+            prefetch(_host(W, np.float32), int(o), _host(d, np.float32))
     return np.stack([chosen_errors(W, H, d, np.full(G, o), solve) for o in orders], axis=1)
 
 

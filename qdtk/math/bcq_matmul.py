@@ -10,10 +10,13 @@ M.planes holds all planes of that output row, so each row is read once, front to
   multiplies the tile with BLAS. For many tokens, where the GEMM's flops dominate.
 - `matmul_packed`: reads only the packed bytes. The column scales are applied to x once per
   token (`scaled_inputs`, x (.) b laid out like the sign words, 4 bytes per stored bit); each
-  output row then costs, per word of 32 signs, one vector select of +-(x b) and an add, and
-  per plane one multiplication by a. For few tokens, where the weight bytes read dominate.
-  (Lookup tables of partial sums, LUT-GEMM style, measured 3x slower here: a table lookup is a
-  scalar load, while a word of signs is one AVX-512 mask.)
+  output row then costs, per word of 32 signs, one masked vector add of x b (the signed sum is
+  twice the sum over the set bits less the plane's total), and per plane one multiplication by
+  a; four rows share each load of x b. With AVX-512, 16 rows at a time instead, T-MAC style:
+  a table of the 16 signed sums of every 4 inputs, the rows' 4-sign nibbles its indices (one
+  vector permute per nibble of 16 rows). For few tokens, where the weight bytes read dominate.
+  (Tables looked up one row at a time, LUT-GEMM style, measured 3x slower: a scalar load per
+  lookup. With the rows in the lanes, one permute does 16 lookups.)
 
 The word-wide steps are `qdtk.math.simd`'s LLVM vector primitives; Numba's own loops stay scalar.
 """
@@ -23,7 +26,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from qdtk.math.simd import LANES, scaled_signed_sum, signed_axpy
+from qdtk.math.simd import (
+    HAS_AVX512,
+    LANES,
+    NIBBLES,
+    ROWS,
+    TABLE_ROWS,
+    nibble_row_sums,
+    signed_axpy,
+    signed_row_sums,
+)
 
 WORD_BITS = LANES  # a word of signs is one vector of qdtk.math.simd
 
@@ -87,24 +99,82 @@ def scaled_inputs(x, col_scale, start, width, word, col, n_words):
 
 
 @njit(parallel=True, cache=True)
-def _packed_kernel(xb, planes, row_scale, word, n_words, y):
-    """y[t, i] = sum_p a_p[i] sum_{words u of plane p} sum_e (+-1 by bit e) xb[t, 32 u + e]."""
-    for i in prange(planes.shape[0]):
-        bits_i = planes[i]
+def plane_halves(xb, word, n_words):
+    """half [T, 32 P]: half[t, 32 p + e] = (1/2) sum over plane p's words u of xb[t, 32 u + e]
+    (`signed_row_sums` starts each row's lanes there)."""
+    half = np.zeros((xb.shape[0], WORD_BITS * word.shape[0]), np.float32)
+    for t in prange(xb.shape[0]):
+        for p in range(word.shape[0]):
+            for q in range(n_words[p]):
+                for e in range(WORD_BITS):
+                    half[t, WORD_BITS * p + e] += xb[t, WORD_BITS * (word[p] + q) + e]
+            for e in range(WORD_BITS):
+                half[t, WORD_BITS * p + e] *= np.float32(0.5)
+    return half
+
+
+@njit(parallel=True, cache=True)
+def nibble_tables(xb):
+    """table [T, 128 U]: table[t, 128 u + 16 j + c] = sum_{e < 4} (bit e of c ? +1 : -1)
+    xb[t, 32 u + 4 j + e], the 16 signed sums of each 4 inputs of a word (`nibble_row_sums`)."""
+    T, U = xb.shape[0], xb.shape[1] // WORD_BITS
+    table = np.empty((T, 16 * NIBBLES * U), np.float32)
+    for t in range(T):
+        for u in prange(U):
+            for j in range(NIBBLES):
+                s0 = WORD_BITS * u + 4 * j
+                x0, x1, x2, x3 = xb[t, s0], xb[t, s0 + 1], xb[t, s0 + 2], xb[t, s0 + 3]
+                for c in range(16):
+                    table[t, 16 * (NIBBLES * u + j) + c] = (
+                        ((x0 if c & 1 else -x0) + (x1 if c & 2 else -x1))
+                        + ((x2 if c & 4 else -x2) + (x3 if c & 8 else -x3)))
+    return table
+
+
+@njit(parallel=True, cache=True)
+def _packed_kernel(xb, half, planes, row_scale, word, n_words, y):
+    """y[t, i] = sum_p a_p[i] sum_{words u of plane p} sum_e (+-1 by bit e) xb[t, 32 u + e],
+    ROWS output rows at a time (one load of xb serves them all)."""
+    for block in prange(-(-planes.shape[0] // ROWS)):
         for t in range(xb.shape[0]):
-            y[t, i] = scaled_signed_sum(xb[t], bits_i, row_scale, i, word, n_words)
+            signed_row_sums(xb[t], half[t], planes, row_scale, block * ROWS, word, n_words, y[t])
+    return y
+
+
+@njit(parallel=True, cache=True)
+def _table_kernel(table, xb, half, planes, row_scale, word, n_words, y):
+    """`_packed_kernel`'s y, TABLE_ROWS rows at a time by table lookups; the last n mod 16 rows
+    as `_packed_kernel` computes them. (Chunks of planes whose tables stay in L1 measured no
+    faster: the tables, 512 bytes a word, stream from L2 fast enough.)"""
+    n = planes.shape[0]
+    full = n // TABLE_ROWS
+    for block in prange(full + -(-(n - full * TABLE_ROWS) // ROWS)):
+        for t in range(xb.shape[0]):
+            if block < full:
+                nibble_row_sums(table[t], planes, row_scale, block * TABLE_ROWS, word, n_words,
+                                y[t])
+            else:
+                signed_row_sums(xb[t], half[t], planes, row_scale,
+                                full * TABLE_ROWS + (block - full) * ROWS, word, n_words, y[t])
     return y
 
 
 def matmul_packed(
-    x: np.ndarray, planes: np.ndarray, row_scale: np.ndarray, col_scale: np.ndarray, layout
+    x: np.ndarray, planes: np.ndarray, row_scale: np.ndarray, col_scale: np.ndarray, layout,
+    tables: bool = HAS_AVX512,
 ) -> np.ndarray:
     """y [T, n] = x What^T from the packed bytes, What never formed.
 
     x [T, m] float32; planes [n, U] uint32; row_scale [P, n] uint16 (float16 bits);
     col_scale [C] float32; layout: `qdtk.formats.packed.PlaneLayout` of the module's orders.
+    tables: 16 rows at a time by lookups in tables of 4-input signed sums (AVX-512: the
+    default where this CPU has it), else 4 rows at a time by masked vector adds.
     """
     L = layout
+    n_words = -(-L.width // WORD_BITS)  # [P]
     xb = scaled_inputs(x, col_scale, L.start, L.width, L.word, L.col, L.words)  # [T, 32 U]
+    half = plane_halves(xb, L.word, n_words)  # [T, 32 P]
     y = np.empty((x.shape[0], planes.shape[0]), np.float32)
-    return _packed_kernel(xb, planes, row_scale, L.word, -(-L.width // WORD_BITS), y)
+    if tables and HAS_AVX512:
+        return _table_kernel(nibble_tables(xb), xb, half, planes, row_scale, L.word, n_words, y)
+    return _packed_kernel(xb, half, planes, row_scale, L.word, n_words, y)

@@ -25,22 +25,29 @@ them a chunk of rows or columns at a time. The stored float16 scales are produce
 once at the end (after balancing a against b), followed by one sign pass on the rounded scales,
 and the result is kept only if it beats the input layer.
 
-Everything here is pure NumPy/BLAS; costs are stated for an n x m layer with K planes.
+The arrays come from the backend's array module (qdtk.backend: `xp`, NumPy or CuPy), the same
+code on both; the three compiled kernels (What, the row refit's normal matrices, the sign pass)
+are Numba on the CPU and their Numba CUDA counterparts (qdtk.math.refine_cuda) on a "cuda"
+backend. Costs are stated for an n x m layer with K planes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 from numba import njit, prange
 
+from qdtk.backend import CPU, Backend, array_module, to_host
 from qdtk.formats.bits import GROUP, group_slices
 from qdtk.formats.solution import BinaryCodedLayer, group_index
 from qdtk.math.abmp import output_error
 from qdtk.math.forms import damped_quadratic_form
 from qdtk.math.hessian import prepare_hessian
+from qdtk.math.lanes import lane_dot
 from qdtk.threads import thread_invariant
 
 log = logging.getLogger(__name__)
@@ -49,12 +56,22 @@ log = logging.getLogger(__name__)
 @dataclass
 class CodedState:
     """A binary-coded layer in the working form of the refinement: int8 signs, scales in the
-    working precision (float64 or float32)."""
+    working precision (float64 or float32), arrays of `backend` (orders stay on the host)."""
 
     orders: np.ndarray  # [G] int
     S: np.ndarray  # [K, n, m] int8, +-1 on active planes, 0 where k >= o_g(j)
     a: np.ndarray  # [K, G, n] row scales, 0 on inactive planes
     b: np.ndarray  # [K, m] column scales, 0 on inactive planes
+    backend: Backend = CPU  # where S, a, b live and which kernels run on them
+
+    @property
+    def xp(self) -> ModuleType:
+        return self.backend.xp
+
+    @property
+    def kernels(self):
+        """The compiled kernels for this backend (CPU Numba or Numba CUDA; same signatures)."""
+        return kernels(self.backend)
 
     @property
     def dtype(self) -> np.dtype:
@@ -65,18 +82,19 @@ class CodedState:
     def active(self) -> np.ndarray:
         """[K, m] bool, plane k is used by column j."""
         K, _, m = self.S.shape
-        return np.arange(K)[:, None] < self.orders[group_index(m)][None, :]
+        return self.xp.asarray(np.arange(K)[:, None] < self.orders[group_index(m)][None, :])
 
     def row_scale_columns(self, k: int, cols: slice = slice(None)) -> np.ndarray:
         """[n, c] a[k, g(j), i] expanded over the columns `cols` (all: [n, m])."""
-        return self.a[k].T[:, group_index(self.S.shape[2])[cols]]
+        return self.a[k].T[:, self.xp.asarray(group_index(self.S.shape[2])[cols])]
 
     def dequantize(self) -> np.ndarray:
         """[n, m] What = sum_k (a_k expanded * b_k) * S_k, planes added in order, in the
         state's working precision."""
         K, n, m = self.S.shape
-        out = np.empty((n, m), self.dtype)
-        return _dequantize(self.S, self.a, self.b, group_index(m), out)
+        out = self.xp.empty((n, m), self.dtype)
+        return self.kernels.dequantize(self.S, self.a, self.b,
+                                       self.xp.asarray(group_index(m)), out)
 
 
 @njit(parallel=True, cache=True)
@@ -91,26 +109,31 @@ def _dequantize(S, a, b, group, out):  # pragma: no cover - compiled
     return out
 
 
-def state_from_layer(layer: BinaryCodedLayer, dtype: type = np.float64) -> CodedState:
+def state_from_layer(
+    layer: BinaryCodedLayer, dtype: type = np.float64, backend: Backend = CPU
+) -> CodedState:
     """The layer in the working precision `dtype` (float64, or float32: half the memory and
-    twice the BLAS rate for the n x m x m products)."""
+    twice the BLAS rate for the n x m x m products), its arrays on `backend`."""
+    xp = backend.xp
     K, _, m = layer.signs.shape
     orders = np.asarray(layer.orders, np.int64)
     active = np.arange(K)[:, None] < orders[group_index(m)][None, :]  # [K, m]
-    S = np.where(layer.signs, np.int8(1), np.int8(-1))  # [K, n, m] int8
-    S *= active[:, None, :]
-    a = layer.row_scale.astype(dtype) * (np.arange(K)[:, None] < orders[None, :])[..., None]
-    b = layer.col_scale.astype(dtype) * active
-    return CodedState(orders, S, a, b)
+    S = xp.where(xp.asarray(layer.signs), np.int8(1), np.int8(-1))  # [K, n, m] int8
+    S *= xp.asarray(active[:, None, :])
+    planes = np.arange(K)[:, None] < orders[None, :]  # [K, G]
+    a = xp.asarray(layer.row_scale).astype(dtype) * xp.asarray(planes[..., None])
+    b = xp.asarray(layer.col_scale).astype(dtype) * xp.asarray(active)
+    return CodedState(orders, S, a, b, backend)
 
 
 def layer_from_state(state: CodedState) -> BinaryCodedLayer:
-    """Round the scales to float16 (the stored form); inactive planes are False / 0."""
+    """Round the scales to float16 (the stored form), on the host; inactive planes are
+    False / 0."""
     return BinaryCodedLayer(
         orders=state.orders.copy(),
-        signs=state.S > 0,
-        row_scale=state.a.astype(np.float16),
-        col_scale=state.b.astype(np.float16),
+        signs=to_host(state.S > 0),
+        row_scale=to_host(state.a.astype(np.float16)),
+        col_scale=to_host(state.b.astype(np.float16)),
     )
 
 
@@ -119,21 +142,24 @@ def layer_from_state(state: CodedState) -> BinaryCodedLayer:
 def solve_increment(M: np.ndarray, g: np.ndarray, free: np.ndarray) -> np.ndarray:
     """[..., P] delta minimising delta^T M delta - 2 delta^T g over the free unknowns.
 
-    M [..., P, P] symmetric PSD, g [..., P], free [..., P] bool. Fixed unknowns get delta 0; a
-    tiny relative ridge keeps singular systems (repeated or empty planes) solvable, and a system
-    whose solution would not decrease the objective returns 0.
+    M [..., P, P] symmetric PSD, g [..., P], free [..., P] bool, NumPy or CuPy (the batch
+    solved by cuSOLVER on a GPU). Fixed unknowns get delta 0; a tiny relative ridge keeps
+    singular systems (repeated or empty planes) solvable, and a system whose solution would not
+    decrease the objective returns 0.
     """
+    xp = array_module(M)
     fixed = ~free
     M = M * (free[..., :, None] & free[..., None, :])
-    diag = np.einsum("...ii->...i", M)
-    scale = np.maximum(diag.max(axis=-1, keepdims=True), 1e-300)  # [..., 1]
+    diag = xp.diagonal(M, axis1=-2, axis2=-1)  # [..., P]
+    scale = xp.maximum(diag.max(axis=-1, keepdims=True), 1e-300)  # [..., 1]
     ridge = 1e-10 * scale + fixed * scale  # fixed unknowns: a unit diagonal, zero right side
-    Mr = M + np.einsum("...i,ij->...ij", ridge, np.eye(M.shape[-1]))
-    with thread_invariant():  # getrf's bits depend on the thread count (qdtk.threads)
-        delta = np.linalg.solve(Mr, (g * free)[..., None])[..., 0]
-    gain = 2 * np.sum(delta * g, -1) - np.einsum("...i,...ij,...j->...", delta, M, delta)
-    bad = ~np.isfinite(gain) | (gain <= 0)
-    return np.where(bad[..., None], 0.0, delta)
+    Mr = M + ridge[..., :, None] * xp.eye(M.shape[-1])
+    # getrf's bits depend on the thread count on the CPU (qdtk.threads)
+    with thread_invariant() if xp is np else contextlib.nullcontext():
+        delta = xp.linalg.solve(Mr, (g * free)[..., None])[..., 0]
+    gain = 2 * xp.sum(delta * g, -1) - xp.einsum("...i,...ij,...j->...", delta, M, delta)
+    bad = ~xp.isfinite(gain) | (gain <= 0)
+    return xp.where(bad[..., None], 0.0, delta)
 
 
 ROW_SYSTEMS_BYTES = 1 << 28  # the row refit builds its normal matrices this many bytes at a time
@@ -150,35 +176,36 @@ def refit_row_scales(
     once). Cost: K n m^2 (the per-group products V_k[:, h] H[h, h:], half of them by symmetry)
     + 2 n m^2 (D H) + K^2 G n m + n (K G)^3 / 3.
     """
+    xp, group_dots = state.xp, state.kernels.group_dots
     K, n, m = state.S.shape
     slices = group_slices(m)
     G = len(slices)
-    starts = np.array([s.start for s in slices])
+    starts = xp.asarray(np.array([s.start for s in slices]))
     R = (W - state.dequantize()) @ H  # [n, m]
-    free = (np.arange(K)[:, None] < state.orders[None, :]).ravel()  # [K G]
-    delta = np.empty((n, K * G))
+    free = xp.asarray((np.arange(K)[:, None] < state.orders[None, :]).ravel())  # [K G]
+    delta = xp.empty((n, K * G))
     step = max(1, max_bytes // (8 * (K * G) ** 2))
     for r0 in range(0, n, step):
         rows = slice(r0, min(n, r0 + step))
         Vr = state.S[:, rows] * state.b[:, None, :]  # [K, c, m], What = sum_k a-expanded * V_k
         c = Vr.shape[1]
-        g = np.stack([np.add.reduceat(Vr[k] * R[rows], starts, axis=1) for k in range(K)],
+        g = xp.stack([xp.add.reduceat(Vr[k] * R[rows], starts, axis=1) for k in range(K)],
                      1)  # [c, K, G]
-        M = np.empty((c, K, G, K, G))
+        M = xp.empty((c, K, G, K, G))
         for h, cols in enumerate(slices):
             # the (k, h) columns of Phi_i times H, every k in one product, on groups h.. only
             # (M is symmetric)
             Y = Vr[:, :, cols].reshape(K * c, -1) @ H[cols, cols.start :]  # [K c, m - start]
             for k in range(K):
-                _group_dots(Y[k * c : (k + 1) * c], Vr, starts, k, h, M)
+                group_dots(Y[k * c : (k + 1) * c], Vr, starts, k, h, M)
         M = M.reshape(c, K * G, K * G)
-        free_c = np.broadcast_to(free, (c, K * G))
+        free_c = xp.broadcast_to(free, (c, K * G))
         delta[rows] = solve_increment(M, g.reshape(c, K * G), free_c)
     a = (state.a + delta.reshape(n, K, G).transpose(1, 2, 0)).astype(state.a.dtype)
-    return CodedState(state.orders, state.S, a, state.b)
+    return replace(state, a=a)
 
 
-# IEEE order: a reassociated sum vectorised differently fresh and from the cache (qdtk.math.daq.cpu)
+# Fixed-order sums (qdtk.math.lanes): the same bits fresh and from Numba's cache, vectorised
 @njit(parallel=True, cache=True)
 def _group_dots(Y, V, starts, k, h, M):  # pragma: no cover - compiled
     """M[i, k, h, l, g] = M[i, l, g, k, h] = sum_{j in group g} Y[i, j - starts[h]] V[l, i, j]
@@ -190,10 +217,8 @@ def _group_dots(Y, V, starts, k, h, M):  # pragma: no cover - compiled
     for i in prange(n):
         for l in range(K):
             for g in range(h, G):
-                stop = starts[g + 1] if g + 1 < G else m
-                s = 0.0
-                for j in range(starts[g], stop):
-                    s += Y[i, j - starts[h]] * V[l, i, j]
+                j0, stop = starts[g], starts[g + 1] if g + 1 < G else m
+                s = lane_dot(Y[i, j0 - starts[h] :], V[l, i, j0:stop], stop - j0)
                 M[i, k, h, l, g] = s
                 M[i, l, g, k, h] = s
 
@@ -209,6 +234,7 @@ def refit_col_scales(
     joint solution), the others fixed, with R = D H updated after each chunk. Cost: 2 n m^2
     (D H) + per chunk of c columns 2 K^2 n c^2 (Grams) + 2 n c m (update of R) + (K c)^3 / 3.
     """
+    xp = state.xp
     K, n, m = state.S.shape
     slices = group_slices(m)
     per_chunk = max(1, max_unknowns // (K * GROUP))
@@ -218,21 +244,21 @@ def refit_col_scales(
     for first in range(0, len(slices), per_chunk):
         cols = slice(slices[first].start, slices[min(first + per_chunk, len(slices)) - 1].stop)
         # U_k[:, cols] = a-expanded * B_k on these columns: formed a chunk at a time
-        Uc = np.stack([state.row_scale_columns(k, cols) * state.S[k][:, cols]
+        Uc = xp.stack([state.row_scale_columns(k, cols) * state.S[k][:, cols]
                        for k in range(K)])  # [K, n, c]
         c = Uc.shape[2]
         Hc = H[cols, cols]
-        M = np.empty((K, c, K, c))
+        M = xp.empty((K, c, K, c))
         for k in range(K):
             for l in range(K):
                 M[k, :, l, :] = Hc * (Uc[k].T @ Uc[l])
-        g = np.einsum("kic,ic->kc", Uc, R[:, cols])  # [K, c]
+        g = xp.einsum("kic,ic->kc", Uc, R[:, cols])  # [K, c]
         delta = solve_increment(
             M.reshape(K * c, K * c), g.reshape(K * c), active[:, cols].reshape(K * c)
         ).reshape(K, c)
         b[:, cols] += delta
-        R -= np.einsum("kic,kc->ic", Uc, delta) @ H[cols, :]
-    return CodedState(state.orders, state.S, state.a, b)
+        R -= xp.einsum("kic,kc->ic", Uc, delta) @ H[cols, :]
+    return replace(state, b=b)
 
 
 @njit(parallel=True, cache=True)
@@ -269,6 +295,20 @@ def sign_pass_group(
                 R[i, jj] -= d * Hg[j, jj]
 
 
+CPU_KERNELS = SimpleNamespace(dequantize=_dequantize, group_dots=_group_dots,
+                              sign_pass_group=sign_pass_group)
+
+
+def kernels(backend: Backend):
+    """The kernel set of `backend`: Numba CPU kernels, or their Numba CUDA counterparts
+    (qdtk.math.refine_cuda) on a "cuda" backend, a GPU or the simulator."""
+    if backend.daq == "cuda":
+        from qdtk.math import refine_cuda
+
+        return refine_cuda
+    return CPU_KERNELS
+
+
 def refine_signs(W: np.ndarray, H: np.ndarray, state: CodedState) -> CodedState:
     """One Gauss-Seidel pass over the columns: every element takes its best sign pattern.
 
@@ -277,17 +317,18 @@ def refine_signs(W: np.ndarray, H: np.ndarray, state: CodedState) -> CodedState:
     R is updated inside a group element by element (Numba) and after the group with one matrix
     product, as GPTQ does. Cost: 2 n m^2 (D H) + n m^2 (updates) + n m (128 + 2^K K).
     """
+    xp, sign_pass = state.xp, state.kernels.sign_pass_group
     S = state.S.copy()  # [K, n, m] int8
     R = (W - state.dequantize()) @ H  # [n, m]
     for g, cols in enumerate(group_slices(S.shape[2])):
         o = int(state.orders[g])
         ab = state.a[:o, g, :, None] * state.b[:o, None, cols]  # [o, n, w]
-        Sg = np.ascontiguousarray(S[:o, :, cols])
-        Delta = np.zeros((S.shape[1], cols.stop - cols.start), state.dtype)  # [n, w]
-        sign_pass_group(Sg, ab, np.ascontiguousarray(R[:, cols]), H[cols, cols].copy(), Delta)
+        Sg = xp.ascontiguousarray(S[:o, :, cols])
+        Delta = xp.zeros((S.shape[1], cols.stop - cols.start), state.dtype)  # [n, w]
+        sign_pass(Sg, ab, xp.ascontiguousarray(R[:, cols]), H[cols, cols].copy(), Delta)
         S[:o, :, cols] = Sg
         R[:, cols.stop :] -= Delta @ H[cols, cols.stop :]  # only later groups still read R
-    return CodedState(state.orders, S, state.a, state.b)
+    return replace(state, S=S)
 
 
 def balance_scales(state: CodedState) -> CodedState:
@@ -296,15 +337,16 @@ def balance_scales(state: CodedState) -> CodedState:
     The pair (a, b) is defined only up to this factor; equal magnitudes keep both well inside
     float16's range before rounding.
     """
+    xp = state.xp
     a, b = state.a.copy(), state.b.copy()
     for g, cols in enumerate(group_slices(b.shape[1])):
-        ra = np.sqrt(np.mean(a[:, g, :] ** 2, axis=1))  # [K]
-        rb = np.sqrt(np.mean(b[:, cols] ** 2, axis=1))  # [K]
+        ra = xp.sqrt(xp.mean(a[:, g, :] ** 2, axis=1))  # [K]
+        rb = xp.sqrt(xp.mean(b[:, cols] ** 2, axis=1))  # [K]
         ok = (ra > 0) & (rb > 0)
-        c = np.where(ok, np.sqrt(np.where(ok, rb, 1) / np.where(ok, ra, 1)), 1.0)  # [K]
+        c = xp.where(ok, xp.sqrt(xp.where(ok, rb, 1) / xp.where(ok, ra, 1)), 1.0)  # [K]
         a[:, g, :] *= c[:, None]
         b[:, cols] /= c[:, None]
-    return CodedState(state.orders, state.S, a, b)
+    return replace(state, a=a, b=b)
 
 
 # What `qdtk quantize --refine MODE` maps to (measured in bench/bench_refine.py).
@@ -331,6 +373,7 @@ def refine_layer(
     shrink: float = 0.0,
     dtype: type = np.float32,
     validation: np.ndarray | None = None,
+    backend: Backend = CPU,
 ) -> BinaryCodedLayer:
     """Lower tr(D H D^T) of a solved layer by alternating exact refits on the full H.
 
@@ -345,17 +388,19 @@ def refine_layer(
     halves the memory and doubles the BLAS rate; the small systems are solved in float64 and
     the final comparison is exact, so f still never increases (its error matched float64's to
     5 digits on 2048^2 layers).
+    backend: where it runs (qdtk.backend): its arrays and kernels; W, H and the layer come and
+    go as host arrays.
 
     validation [m, m]: H of inputs the fit never saw (the validation statistic, qdtk.formats.
     stats). Then `rounds` is a cap: the rounds stop at the first that does not lower the error
     on it, the best state is kept, and the result must beat the input layer on it instead.
     """
-    P = prepare_hessian(H, percdamp, name=name, shrink=shrink)
-    Hd = P.H.astype(dtype)  # [m, m]
+    P = prepare_hessian(H, percdamp, name=name, shrink=shrink, cholesky=backend.cholesky)
+    Hd = backend.to_device(P.H, dtype)  # [m, m]
     W64 = np.asarray(W, np.float64)
-    W = W64.astype(dtype)
-    state = state_from_layer(layer, dtype)
-    best = validation_error(W64, state.dequantize(), validation)
+    W = backend.to_device(W64, dtype)
+    state = state_from_layer(layer, dtype, backend)
+    best = validation_error(W64, to_host(state.dequantize()), validation)
     for r in range(rounds):
         previous = state
         if scales:
@@ -365,7 +410,7 @@ def refine_layer(
         if signs:
             state = refine_signs(W, Hd, state)
         if validation is not None:
-            err = validation_error(W64, state.dequantize(), validation)
+            err = validation_error(W64, to_host(state.dequantize()), validation)
             if err >= best:
                 log.debug("%s: refinement stopped after %d rounds (validation)", name, r)
                 state = previous
@@ -373,13 +418,14 @@ def refine_layer(
             best = err
     out = layer_from_state(balance_scales(state))
     if signs:
-        out = layer_from_state(refine_signs(W, Hd, state_from_layer(out, dtype)))
+        out = layer_from_state(refine_signs(W, Hd, state_from_layer(out, dtype, backend)))
     if validation is not None:
         before = validation_error(W64, layer.dequantize(), validation)
         after = validation_error(W64, out.dequantize(), validation)
     else:
-        before = damped_quadratic_form(W64 - layer.dequantize(), P.R)  # tr(D Hd D^T), float64
-        after = damped_quadratic_form(W64 - out.dequantize(), P.R)
+        R = backend.to_device(P.R)  # float64: the comparison of the stored layers is exact
+        before = damped_quadratic_form(W64 - layer.dequantize(), R)  # tr(D Hd D^T)
+        after = damped_quadratic_form(W64 - out.dequantize(), R)
     log.debug("%s: refine tr(DHD^T) %.4g -> %.4g", name, before, after)
     return out if after < before else layer
 

@@ -14,7 +14,8 @@ block g is c_g = sum_{h<g} Err_h U_hg = -(Y_<g R_<g,g) U_gg, and Y_g = (Err_g - 
 S_g = Y_<g R_<g,g: left-looking products (the n m^2 flops of GPTQ), the share of all earlier
 groups taken SUPER groups at a time (wider GEMMs), and only the 128 x 128 diagonal blocks of
 U (R_gg^-1). W and R may be CuPy arrays (--backend cuda on a GPU): the sweep runs where they
-live. After the sweep the layer may be refined on the full H (qdtk.math.refine).
+live. After the sweep the layer may be refined on the full H (qdtk.math.refine), on the same
+backend.
 
 Every setting arrives as an explicit argument: the options of `qdtk quantize` are read one
 level up (qdtk.solve.solvers).
@@ -231,7 +232,7 @@ def quantize_layer(
     t_sweep = time.perf_counter()
     if refine is not None:
         layer = refine_layer(W0, H, layer, **refine, percdamp=percdamp, shrink=shrink, name=name,
-                             validation=validation)
+                             backend=dev, validation=validation)
         damped_err = None
     if shrink:
         damped_err = None  # quadratic_form undoes the shrinkage

@@ -84,12 +84,19 @@ def model_fingerprint(path: str | Path) -> tuple[str, list[str] | None]:
 # ----------------------------------------------------------------------------- structure
 
 
+# Another untied stack of transformer blocks with at least this share of the largest one's
+# parameters is a second network the forward runs (T5's encoder beside its decoder), not a
+# vision tower (a few percent of a multimodal LM: DiffusionGemma-26B's is about 2%).
+RIVAL_STACK_SHARE = 0.25
+
+
 def find_stacks(model) -> list[tuple[str, Any]]:
     """The transformer block stacks the forward runs, (name, ModuleList) in model order: the
     nn.ModuleList of blocks of one class, not nested in another such list (so MoE expert lists
     lose), that holds the most parameters (a vision tower's holds fewer), with every other such
     list whose blocks share all their parameters with it block by block (DiffusionGemma's
-    encoder and decoder run the same weights)."""
+    encoder and decoder run the same weights). A second large stack with weights of its own (an
+    encoder-decoder such as T5) is an error: capture follows one stack."""
     from torch import nn
 
     lists = [
@@ -107,8 +114,17 @@ def find_stacks(model) -> list[tuple[str, Any]]:
             for n, m in outer}
     main_name, main = max(outer, key=lambda nm: (size[nm[0]], len(nm[1])))
     own = params(main)
-    return [(n, m) for n, m in outer if n == main_name or (
+    stacks = [(n, m) for n, m in outer if n == main_name or (
         len(m) == len(main) and all(a and a <= b for a, b in zip(params(m), own, strict=True)))]
+    rivals = [n for n, m in outer if n not in dict(stacks) and
+              size[n] >= RIVAL_STACK_SHARE * size[main_name] and
+              all(sum(isinstance(x, nn.Linear) for x in blk.modules()) >= 2 for blk in m)]
+    if rivals:
+        found = ", ".join(f"{n} ({len(m)} blocks)" for n, m in outer if n in {main_name, *rivals})
+        raise QdtkError(f"{type(model).__name__}: several block stacks with weights of their "
+                        f"own ({found}); qdtk captures one stack, or a block-diffusion encoder "
+                        "and decoder that share their weights, not an encoder-decoder such as T5")
+    return stacks
 
 
 def find_blocks(model) -> tuple[str, Any]:
@@ -467,9 +483,12 @@ class BlockSession:
     A block-diffusion encoder-decoder (qdtk.torch.models.canvas_length: DiffusionGemma) has two
     stacks sharing their weights (find_stacks): block b is encoder layer b on the clean prompt
     (the first tokens of each sequence), then decoder layer b on the noised canvas (the rest)
-    reading the encoder's cache; one H per weight sums the inputs of both. Their arguments come
-    from one full forward per chunk (the decoder's need the encoder's cache), recorded at the
-    start: the decoder reads the full-precision encoder's cache, also in the sequential order.
+    reading the encoder's cache; one H per weight sums the inputs of both. Their arguments (masks,
+    rotary embeddings) come from one full forward per chunk, recorded at the start. The cache is
+    streamed, not held: the recorded cache is emptied, encoder layer b writes its layer into it
+    when block b runs and decoder layer b reads it right after, so the session holds one layer's
+    keys and values of one chunk at a time (under the sequential order, those of the encoder as
+    the session runs it: the quantized model's).
     """
 
     def __init__(
@@ -534,8 +553,8 @@ class BlockSession:
         self._recorded: dict[int, list[list[tuple[tuple, dict]]]] = {}  # chunk -> part -> block
         with torch.inference_mode():
             for c in range(len(self.chunks)):
-                for k, (args, _) in enumerate(self._entry(c)):
-                    self.store[self._key(k, c)] = args[0]
+                for k, h in enumerate(self._first_hidden(c)):
+                    self.store[self._key(k, c)] = h
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -564,12 +583,18 @@ class BlockSession:
         """The block's name in checkpoint naming, e.g. "model.layers.3"."""
         return self.fix(f"{self.stack}.{b}.").rstrip(".")
 
+    def _first_hidden(self, c: int) -> list:
+        """Per part, block 0's hidden states on chunk c (an encoder-decoder's forward also
+        records every block's other arguments)."""
+        if len(self.parts) > 1:
+            self._recorded[c], hidden = self._record_forward(c)
+            return hidden
+        return [self._stopped_entry(c, 0)[0][0]]
+
     def _entry(self, c: int, b: int = 0) -> list[tuple[tuple, dict]]:
         """Per part (stack), the arguments the model hands block b on chunk c: (args, kwargs),
-        the hidden states first."""
+        the hidden states first (None for an encoder-decoder's: they are in the store)."""
         if len(self.parts) > 1:
-            if c not in self._recorded:
-                self._recorded[c] = self._record_forward(c)
             return [blocks[b] for blocks in self._recorded[c]]
         return [self._stopped_entry(c, b)]
 
@@ -616,16 +641,20 @@ class BlockSession:
                 del blk.forward
         return _block_inputs(args, kwargs, self.stack, writes_cache=True)
 
-    def _record_forward(self, c: int) -> list[list[tuple[tuple, dict]]]:
-        """Every block's arguments of every part from one full forward of chunk c; the hidden
-        states are kept for block 0 only. The first part writes the cache (its blocks get none:
-        they run alone), the later ones read it."""
+    def _record_forward(self, c: int) -> tuple[list[list[tuple[tuple, dict]]], list]:
+        """Every block's arguments of every part from one full forward of chunk c, without
+        their hidden states (returned apart: block 0's of each part). The parts share the
+        cache the first part writes; it is emptied here, and refilled one layer at a time by
+        `_call` (streamed)."""
         got: list[list] = [[None] * len(blocks) for blocks in self.parts]
+        first: list = [None] * len(self.parts)
 
         def hook(k: int, b: int):
             def pre(module, args, kwargs):
-                a, kw = _block_inputs(args, kwargs, self.stack, writes_cache=k == 0)
-                got[k][b] = (a if b == 0 else (None, *a[1:]), kw)
+                a, kw = _block_inputs(args, kwargs, self.stack, writes_cache=False)
+                if b == 0:
+                    first[k] = a[0]
+                got[k][b] = ((None, *a[1:]), kw)
             return pre
 
         handles = [blk.register_forward_pre_hook(hook(k, b), with_kwargs=True)
@@ -638,13 +667,22 @@ class BlockSession:
         if any(x is None for part in got for x in part):
             raise QdtkError(f"{type(self.model).__name__}: the forward did not run every block "
                             f"of {self.stack}; cannot capture its blocks")
-        return got
+        for cache in _caches(got):
+            for layer in range(len(cache.layers)):
+                _empty_layer(cache, layer)
+        return got, first
 
     def _call(self, b: int, c: int, rec: Recorder | None = None) -> list:
-        """Block b of every part on chunk c's stored hidden states; their outputs."""
+        """Block b of every part on chunk c's stored hidden states; their outputs. An
+        encoder-decoder's cache gets layer b from the encoder's call (written afresh, so a rerun
+        does not write twice), the decoder's call reads it, then it is dropped."""
         sl, outs = self.chunks[c], []
+        entries = self._entry(c, b)
+        caches = _caches([entries]) if len(self.parts) > 1 else []
+        for cache in caches:
+            _empty_layer(cache, b)
         for k, (blocks, span, (args, kwargs)) in enumerate(
-                zip(self.parts, self.spans, self._entry(c, b), strict=True)):
+                zip(self.parts, self.spans, entries, strict=True)):
             if rec is not None:
                 att = self.attention[sl, span]
                 rec.keep, rec.all_kept = att.reshape(-1).to(self.device), bool(att.all())
@@ -653,6 +691,8 @@ class BlockSession:
                 out = blocks[b](h, *_to(args[1:], self.device), **_to(kwargs, self.device))
             self._tuple_out = isinstance(out, (tuple, list))  # what the model's loop expects
             outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        for cache in caches:
+            _empty_layer(cache, b)
         return outs
 
     def _recorder(self, b: int) -> Recorder:
@@ -768,6 +808,26 @@ class BlockSession:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _caches(entries) -> list:
+    """The distinct cache objects (transformers' Cache: per-layer keys and values) among the
+    keyword arguments of recorded block calls (entries: per part, per block, (args, kwargs))."""
+    found = {}
+    for part in entries:
+        for _, kwargs in part:
+            for k in _CACHE_KWARGS:
+                cache = kwargs.get(k)
+                if cache is not None and hasattr(cache, "layers"):
+                    found[id(cache)] = cache
+    return list(found.values())
+
+
+def _empty_layer(cache, layer: int) -> None:
+    """Drop one layer's keys and values (transformers 5's layer reset: the tensors freed, the
+    layer as if never written)."""
+    if layer < len(cache.layers):
+        cache.layers[layer].reset()
 
 
 def _block_inputs(args: tuple, kwargs: dict, stack: str, writes_cache: bool

@@ -36,14 +36,18 @@ class GenerateOptions:
     def __post_init__(self) -> None:
         if min(self.gen_length, self.block_length, self.steps) < 1:
             raise QdtkError("--gen-length, --block-length and --steps must be positive")
+        if self.temperature < 0:
+            raise QdtkError(f"--temperature {self.temperature} is negative")
+
+    def check_blocks(self) -> None:
+        """The block schedule of qdtk's sampler (`diffuse`); a block-diffusion model's own
+        sampler has none, so it is checked only where it applies."""
         if self.gen_length % self.block_length:
             raise QdtkError(f"--gen-length {self.gen_length} is not a multiple of "
                             f"--block-length {self.block_length}")
         if self.steps % self.blocks:
             raise QdtkError(f"--steps {self.steps} is not a multiple of the {self.blocks} "
                             f"blocks (gen_length / block_length)")
-        if self.temperature < 0:
-            raise QdtkError(f"--temperature {self.temperature} is negative")
 
     @property
     def blocks(self) -> int:
@@ -87,6 +91,7 @@ def diffuse(logits_fn: Callable, prompt, mask_id: int, opts: GenerateOptions, sh
     x = torch.cat([prompt, torch.full((B, opts.gen_length), mask_id, dtype=prompt.dtype,
                                       device=prompt.device)], dim=1)
     generator = torch.Generator(device=prompt.device).manual_seed(opts.seed)
+    opts.check_blocks()
     per_block = opts.steps // opts.blocks
     bar = tqdm(total=opts.steps, desc="steps", unit="step", leave=False, disable=not progress)
     for b in range(opts.blocks):
@@ -143,9 +148,11 @@ def generate(model_path, prompt: str, opts: GenerateOptions, *, chat: bool = Fal
     if model_kind(model) != "mlm":
         raise QdtkError(f"{model_path}: a {model_kind(model)} model; `qdtk generate` samples "
                         f"masked diffusion models (LLaDA, Dream, DiffusionGemma)")
+    canvas = canvas_length(model)
+    if not canvas:
+        opts.check_blocks()
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     config = flat_config(model)
-    canvas = canvas_length(model)
     mask_id = None if canvas else resolve_mask_token_id(
         config, getattr(tokenizer, "mask_token_id", None), mask_token_id, str(model_path))
     if chat:

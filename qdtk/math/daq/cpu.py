@@ -26,39 +26,20 @@ import numpy as np
 from numba import njit, prange
 
 from qdtk.math.daq.reference import EPS
+from qdtk.math.lanes import lane_dot
 
 CHUNK = 64  # rows per parallel work item and per partial sum of the column scales
 PARALLEL_MIN_ROWS = 1024  # smaller blocks run on one thread: a pass would not pay its launch
-# No reassociation anywhere. Reassociated row sums let LLVM vectorise them (7x on a row of 128),
-# but how it vectorised depended on where the code was compiled: a pass compiled with its
-# caller and the same pass loaded from Numba's cache gave different bits, so a fresh process
-# (a --cluster worker, a first run) and a warm one disagreed. `_lane_sum` fixes the order of
-# the row sums instead (8 interleaved partial sums), which vectorises without changing a bit.
-# The sign search keeps IEEE order too (its tie rule is shared with the reference).
+# No reassociation anywhere: the bits must not depend on where a kernel was compiled
+# (qdtk.math.lanes). The row sums are `_lane_sum`s; the sign search keeps IEEE order too (its
+# tie rule is shared with the reference).
 ROWSUM = {"nsz"}
 
 
 @njit(cache=True, inline="always")
 def _lane_sum(x, w):
-    """sum_j x[j], j < w, as 8 interleaved partial sums combined in a fixed order: the same bits
-    however LLVM vectorises it (no reassociation), at most of the speed of a vectorised sum."""
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = x.dtype.type(0)
-    j = 0
-    while j + 8 <= w:
-        s0 += x[j]
-        s1 += x[j + 1]
-        s2 += x[j + 2]
-        s3 += x[j + 3]
-        s4 += x[j + 4]
-        s5 += x[j + 5]
-        s6 += x[j + 6]
-        s7 += x[j + 7]
-        j += 8
-    t = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
-    while j < w:
-        t += x[j]
-        j += 1
-    return t
+    """sum_{j < w} x[j] in qdtk.math.lanes' fixed order."""
+    return lane_dot(x, None, w)
 
 
 @njit(cache=True, inline="always")

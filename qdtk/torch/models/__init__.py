@@ -210,9 +210,9 @@ def load_native(folder: str | Path, dtype: str = "float32", device: str = "cpu")
     folder = Path(folder)
     model = build_native(read_config(folder), str(folder))
     if is_packed(folder):
-        from qdtk.torch.nn.hf import quantized_modules, replace_linears
+        from qdtk.torch.nn.hf import quantized_modules, replace_modules
 
-        replace_linears(model, quantized_modules(folder))
+        replace_modules(model, quantized_modules(folder))
     ckpt = Checkpoint(folder)
     params = set(dict(model.named_parameters()))
     wanted = model.state_dict(keep_vars=True)  # parameters and the packed modules' buffers
@@ -472,11 +472,6 @@ def load_packed(path: str | Path, device: str = "cpu", dtype: str | None = None)
         return load_native(path, dtype or "float32", device)
     if not register_transformers():
         raise QdtkError("qdtk.load needs transformers >= 4.50 (its quantizer registry)")
-    from qdtk.formats.packed import read_quantization_config
-
-    if read_quantization_config(path).get("fused"):
-        raise QdtkError(f"{path}: its experts are packed from fused 3-D tensors, which qdtk "
-                        f"cannot run packed yet; `qdtk unpack` it and run the dense folder")
     quantized_modules(path)  # validate everything before building anything
     config = transformers.AutoConfig.from_pretrained(path)
     kept = torch_dtype(dtype) if dtype else "auto"

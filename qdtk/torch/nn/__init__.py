@@ -1,4 +1,5 @@
-"""Packed inference: `BCQLinear` and transformers' quantizer for qdtk-bcq/1 folders.
+"""Packed inference: `BCQLinear`, `BCQExperts` (packed fused experts) and transformers' quantizer
+for qdtk-bcq folders.
 
 The torch corner of qdtk: attributes are imported on first use, so that `import
 qdtk.math.bcq_matmul` (Numba only) never imports torch.
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"BCQLinear": "qdtk.torch.nn.linear", "register_transformers": "qdtk.torch.nn.hf"}
+_EXPORTS = {"BCQLinear": "qdtk.torch.nn.linear", "BCQExperts": "qdtk.torch.nn.experts",
+            "register_transformers": "qdtk.torch.nn.hf"}
 __all__ = list(_EXPORTS)
 
 

@@ -23,10 +23,11 @@ from qdtk.math.rotation import Rotation
 
 # Up to this many tokens the product reads the packed bytes only (`kernels.matmul_packed`);
 # beyond, tiles of What are dequantised and multiplied with BLAS. bench_infer's crossover
-# table as CPU time on one core of the shared machine (load 11-14), ms, packed words / tiles:
-#   4096 x 4096: T=1 2.1 / 12.1, T=2 5.3 / 14.5, T=4 8.1 / 15.1, T=8 16.8 / 15.7, T=16 31.6 / 17.0
-# The words' cost grows with T, the tiles' hardly: they cross between T = 4 and 8.
-FEW_TOKENS = 4
+# table as CPU time on one core of the shared machine (load about 7), ms, packed words / tiles
+# (AVX-512 table lookups):
+#   4096 x 4096: T=1 0.96 / 11.0, T=4 3.3 / 13.5, T=8 5.4 / 17.1, T=12 8.2 / 19.4, T=16 14.9 / 17.5
+# The words' cost grows with T, the tiles' hardly: they cross just beyond T = 16.
+FEW_TOKENS = 16
 # Rows per float32 tile of What (the dense weight never exists whole beyond one tile). The
 # tile is BLAS's second operand, and BLAS repacks x for every call: fewer, taller tiles repack
 # it less. 4096 x 12288 at T = 256, one core (CPU ms, dense 190-220): 341 rows 300, 1024 rows
