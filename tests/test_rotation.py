@@ -42,6 +42,14 @@ def test_sylvester_and_signs():
     assert s[0] == (1.0 if z >> 63 else -1.0)
 
 
+@pytest.mark.parametrize("m", [2, 4, 12, 40, 256, 1536, 12288])  # blocks under 8 and over
+def test_numba_transform_gives_the_butterflies_bits(m):
+    x = np.random.default_rng(1).standard_normal((3, m)).astype(np.float32)
+    b = block_size(m)
+    fast, plain = fwht(x.copy(), b), fwht_xp(x.copy(), b)
+    np.testing.assert_array_equal(fast.view(np.uint32), plain.view(np.uint32))
+
+
 @pytest.mark.parametrize("m", [12, 256, 1536])
 def test_fast_transforms_equal_dense(m):
     rng = np.random.default_rng(0)

@@ -77,18 +77,38 @@ def fwht_xp(x: Any, b: int) -> Any:
     return v.reshape(x.shape)  # x itself where reshape gave views
 
 
+@njit(cache=True, inline="always")
+def _butterflies8(row, i):
+    """The passes h = 1, 2, 4 of the transform on row[i:i + 8], unrolled (the short inner loops
+    of those passes do not vectorise): the same sums and differences in the same order."""
+    a0, a1, a2, a3 = row[i], row[i + 1], row[i + 2], row[i + 3]
+    a4, a5, a6, a7 = row[i + 4], row[i + 5], row[i + 6], row[i + 7]
+    b0, b1, b2, b3 = a0 + a1, a0 - a1, a2 + a3, a2 - a3
+    b4, b5, b6, b7 = a4 + a5, a4 - a5, a6 + a7, a6 - a7
+    c0, c1, c2, c3 = b0 + b2, b1 + b3, b0 - b2, b1 - b3
+    c4, c5, c6, c7 = b4 + b6, b5 + b7, b4 - b6, b5 - b7
+    row[i], row[i + 1], row[i + 2], row[i + 3] = c0 + c4, c1 + c5, c2 + c6, c3 + c7
+    row[i + 4], row[i + 5], row[i + 6], row[i + 7] = c0 - c4, c1 - c5, c2 - c6, c3 - c7
+
+
 @njit(parallel=True, cache=True)
 def _fwht_rows(x, b):  # x [T, m] contiguous, in place, blocks of b
     T, m = x.shape
     for t in prange(T):
+        row = x[t]
         for s in range(0, m, b):
             h = 1
+            if b >= 8:
+                for i in range(s, s + b, 8):
+                    _butterflies8(row, i)
+                h = 8
             while h < b:
                 for i in range(s, s + b, 2 * h):
-                    for j in range(i, i + h):
-                        u, v = x[t, j], x[t, j + h]
-                        x[t, j] = u + v
-                        x[t, j + h] = u - v
+                    lo, hi = row[i : i + h], row[i + h : i + 2 * h]
+                    for j in range(h):
+                        u, v = lo[j], hi[j]
+                        lo[j] = u + v
+                        hi[j] = u - v
                 h *= 2
 
 
