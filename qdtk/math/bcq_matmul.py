@@ -173,8 +173,11 @@ def matmul_packed(
     L = layout
     n_words = -(-L.width // WORD_BITS)  # [P]
     xb = scaled_inputs(x, col_scale, L.start, L.width, L.word, L.col, L.words)  # [T, 32 U]
-    half = plane_halves(xb, L.word, n_words)  # [T, 32 P]
     y = np.empty((x.shape[0], planes.shape[0]), np.float32)
-    if tables and HAS_AVX512:
+    tables = tables and HAS_AVX512
+    # [T, 32 P]; the table kernel needs it only for the last n mod 16 rows
+    half = (plane_halves(xb, L.word, n_words) if not tables or planes.shape[0] % TABLE_ROWS
+            else np.empty((x.shape[0], 0), np.float32))
+    if tables:
         return _table_kernel(nibble_tables(xb), xb, half, planes, row_scale, L.word, n_words, y)
     return _packed_kernel(xb, half, planes, row_scale, L.word, n_words, y)
