@@ -154,14 +154,28 @@ class Rotation:
         return fwht(x * self.scale, self.block) * self._signs_like(x)
 
     def _signs_like(self, x: Any) -> Any:
+        """The signs as an array of x's kind, dtype and device, made once per kind (a packed
+        Linear on a GPU would otherwise copy them to the device on every forward)."""
         if isinstance(x, np.ndarray):
             return self.signs.astype(x.dtype, copy=False)
         import sys
 
         torch = sys.modules.get("torch")  # torch only when x is a tensor (never imported here)
         if torch is not None and isinstance(x, torch.Tensor):
-            return torch.from_numpy(self.signs).to(device=x.device, dtype=x.dtype)
-        return array_module(x).asarray(self.signs, x.dtype)
+            key = ("torch", str(x.device), str(x.dtype))
+            if key not in self._signs_cache:
+                self._signs_cache[key] = torch.from_numpy(self.signs).to(device=x.device,
+                                                                         dtype=x.dtype)
+        else:
+            xp = array_module(x)
+            key = (xp.__name__, str(getattr(x, "device", "")), str(x.dtype))
+            if key not in self._signs_cache:
+                self._signs_cache[key] = xp.asarray(self.signs, x.dtype)
+        return self._signs_cache[key]
+
+    @cached_property
+    def _signs_cache(self) -> dict:
+        return {}
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "seed": self.seed, "block": self.block}
