@@ -98,10 +98,14 @@ def write_imatrix(path: Path, diagonals: dict[str, np.ndarray], dataset: str) ->
 def llamacpp_layers(exe: Path, imatrix: Path, qtype: str, work: Path, layers: list[int]
                     ) -> dict[int, np.ndarray]:
     """Every ffn_down quantized by llama-quantize at `qtype`, read back dequantized [n, m]."""
+    import hashlib
+
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    out = work / f"smollm-{qtype}.gguf"
+    # named by the importance matrix it was quantized with: a new calibration requantizes
+    key = hashlib.sha256(imatrix.read_bytes()).hexdigest()[:12]
+    out = work / f"smollm-{qtype}-{key}.gguf"
     if not out.exists():
         cmd = [str(exe), "--allow-requantize", "--imatrix", str(imatrix), "--tensor-type",
                f"ffn_down={qtype}", str(smollm_gguf()), str(out), "Q8_0", "1"]
