@@ -12,6 +12,7 @@ are Ray tasks (`layer_candidates_at`); the model's forwards stay on the driver.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from qdtk.cluster import Cluster, task_resources
+from qdtk.errors import QdtkError
+from qdtk.formats.calib import calibration_text
 from qdtk.formats.checkpoint import Checkpoint
 from qdtk.formats.io import fingerprint, read_json, write_json_atomic
 from qdtk.formats.stats import Stats
@@ -78,7 +81,7 @@ def allocate_orders(
             log.info("%s: reusing the model-scope allocation", path)
             return old
     if output_change is None:
-        output_change = default_output_change(model_dir, options)
+        output_change = default_output_change(model_dir, options, calibration_of(stats))
     cands, weights = model_candidates(ckpt, stats, names, options, output_change, progress,
                                       cluster)
     bits = options.budget([(c.n, c.m) for c in cands])
@@ -102,14 +105,33 @@ def allocate_orders(
     return result
 
 
-def default_output_change(model_dir: str | Path,
-                          options: QuantizeOptions) -> Callable[[str, np.ndarray], float]:
-    """qdtk.torch.evaluate's output-change measure of the model in model_dir (torch, imported here
-    only: the formats and the math run without it). The forwards run where the solver does (a
-    layer set of an 8B model is hours of forwards on a CPU)."""
+def calibration_of(stats: Stats) -> str | None:
+    """The text `stats` were captured on, for the sensitivity forwards (None: the built-in
+    calibration); the built-in one, with a warning, where that file is gone or has changed."""
+    calib = stats.manifest.get("options", {}).get("calib") or {}
+    source = calib.get("source", "builtin")
+    if source == "builtin":
+        return None
+    try:
+        text = calibration_text(source)
+    except QdtkError:
+        text = None
+    if text is None or hashlib.sha256(text.encode()).hexdigest()[:16] != calib.get("sha256"):
+        log.warning("%s: the calibration text %s is gone or changed since capture; the layers' "
+                    "sensitivities are measured on the built-in text", stats.folder, source)
+        return None
+    return text
+
+
+def default_output_change(model_dir: str | Path, options: QuantizeOptions,
+                          text: str | None = None) -> Callable[[str, np.ndarray], float]:
+    """qdtk.torch.evaluate's output-change measure of the model in model_dir on windows of `text`
+    (None: the built-in calibration), torch imported here only: the formats and the math run
+    without it. The forwards run where the solver does (a layer set of an 8B model is hours of
+    forwards on a CPU)."""
     from qdtk.torch.evaluate import output_change_fn
 
-    return output_change_fn(model_dir, **SENSITIVITY_WINDOWS,
+    return output_change_fn(model_dir, text=text, **SENSITIVITY_WINDOWS,
                             trust_remote_code=options.trust_remote_code,
                             model_code=options.model_code,
                             device="cuda" if options.backend == "cuda" else "cpu")

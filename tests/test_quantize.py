@@ -937,3 +937,27 @@ def test_the_bits_do_not_depend_on_the_blas_thread_count(rng):
     for field in ("orders", "signs", "row_scale", "col_scale"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     assert rep_a == rep_b
+
+
+def test_sensitivities_are_measured_on_the_captured_calibration_text(tmp_path, caplog):
+    import hashlib
+    from types import SimpleNamespace
+
+    from qdtk.allocate import calibration_of
+
+    def stats_of(source, text):
+        sha = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return SimpleNamespace(folder=tmp_path, manifest={"options": {"calib": {
+            "source": str(source), "sha256": sha}}})
+
+    assert calibration_of(stats_of("builtin", "")) is None  # the built-in text
+    own = tmp_path / "domain.txt"
+    own.write_text("text of the user's own domain, which the sensitivities must see")
+    stats = stats_of(own, own.read_text())
+    assert calibration_of(stats) == own.read_text()
+    own.write_text("edited since the capture")  # changed: the built-in text, with a warning
+    with caplog.at_level("WARNING"):
+        assert calibration_of(stats) is None
+    assert "gone or changed" in caplog.text
+    own.unlink()
+    assert calibration_of(stats) is None

@@ -348,8 +348,15 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
         device = "cpu"
     lm = load_for_eval(path, "float32", device, trust_remote_code, model_code)
     L = min(L, lm.config.get("max_position_embeddings") or L)
-    windows = token_windows(calibration_text(None) if text is None else text, lm.tokenizer,
-                            lm.config["vocab_size"], n, L)
+    try:
+        windows = token_windows(calibration_text(None) if text is None else text, lm.tokenizer,
+                                lm.config["vocab_size"], n, L)
+    except QdtkError as e:  # a short calibration file: its windows fit capture's -L, not L
+        if text is None:
+            raise
+        log.warning("sensitivities on the built-in calibration text: %s", e)
+        windows = token_windows(calibration_text(None), lm.tokenizer, lm.config["vocab_size"],
+                                n, L)
     ids = torch.from_numpy(windows.ids).to(device)
     params = dict(lm.model.named_parameters(remove_duplicate=False))  # tied: under every name
 
