@@ -160,6 +160,7 @@ class PlaneLayout:
     start: np.ndarray  # [P] first input column of the group
     width: np.ndarray  # [P] w_g
     word: np.ndarray  # [P] first word in a row of `planes`
+    n_words: np.ndarray  # [P] its words in a row of `planes`
     col: np.ndarray  # [P] first entry in `col_scale`
     words: int  # words per row of `planes`
     cols: int  # length of `col_scale`
@@ -174,7 +175,8 @@ def plane_layout(orders: np.ndarray, m: int, group: int = GROUP) -> PlaneLayout:
     u = -(-w[g] // WORD_BITS)  # [P] words per row of each plane
     word = np.concatenate([[0], np.cumsum(u)[:-1]]).astype(np.int64)
     col = np.concatenate([[0], np.cumsum(w[g])[:-1]]).astype(np.int64)
-    return PlaneLayout(g, k, g * group, w[g], word, col, int(u.sum()), int(w[g].sum()))
+    return PlaneLayout(g, k, g * group, w[g], word, u.astype(np.int64), col, int(u.sum()),
+                       int(w[g].sum()))
 
 
 @dataclass

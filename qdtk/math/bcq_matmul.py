@@ -171,7 +171,7 @@ def matmul_packed(
     default where this CPU has it), else 4 rows at a time by masked vector adds.
     """
     L = layout
-    n_words = -(-L.width // WORD_BITS)  # [P]
+    n_words = L.n_words  # [P]
     xb = scaled_inputs(x, col_scale, L.start, L.width, L.word, L.col, L.words)  # [T, 32 U]
     y = np.empty((x.shape[0], planes.shape[0]), np.float32)
     tables = tables and HAS_AVX512

@@ -97,7 +97,7 @@ def matmul_packed(x, planes, row_scale, col_scale, layout, y, threads: int = THR
 def device_layout(layout, orders: np.ndarray) -> dict[str, np.ndarray]:
     """The int32 index arrays the CUDA kernels read, from a qdtk.formats.packed.PlaneLayout."""
     o = np.asarray(orders, np.int64)
-    plane_of = np.repeat(np.arange(len(layout.word)), -(-layout.width // WORD_BITS))  # [U]
+    plane_of = np.repeat(np.arange(len(layout.word)), layout.n_words)  # [U]
     return {
         "first": np.concatenate([[0], np.cumsum(o)[:-1]]).astype(np.int32),
         "start": layout.start.astype(np.int32),

@@ -1,11 +1,12 @@
-"""Two vector primitives for the CPU kernels, written as LLVM IR through Numba intrinsics.
+"""The vector primitives of the CPU kernels, written as LLVM IR through Numba intrinsics.
 
 Numba leaves "add +-v by bit e of a word" scalar (32 compares and selects per word, 4-7x
 slower); here a word becomes a <32 x i1> mask of one select over a <32 x float> vector, which
 LLVM lowers to the host's vector unit (AVX-512: mask registers). Called only from njit code.
 `signed_axpy` keeps the float32 operations of the scalar code in the same order (no fused
 multiply-add: the IR asks for none), so it gives the same bits as FORMAT.md's evaluation;
-`signed_row_sums` is a product, held to 1e-5 of the unpacked matmul, not to its bits.
+`signed_row_sums` (masked adds) and `nibble_row_sums` (AVX-512 table lookups) are products,
+held to 1e-5 of the unpacked matmul, not to its bits.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def _total(builder, v):
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
 
+def _broadcast(builder, value):
+    v = builder.insert_element(ir.Constant(_VEC, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+
+
 @intrinsic
 def signed_axpy(typingctx, out, o0, b, b0, a, words, u0, nw):
     """out[o0 + 32 q + e] += (bit e of words[u0 + q] ? s : -s), s = a * b[b0 + 32 q + e] (one
@@ -64,8 +70,7 @@ def signed_axpy(typingctx, out, o0, b, b0, a, words, u0, nw):
         op = _at(context, builder, signature.args[0], out_v, o0_v)
         bp = _at(context, builder, signature.args[2], b_v, b0_v)
         wp = _at(context, builder, signature.args[5], words_v, u0_v)
-        av = builder.insert_element(ir.Constant(_VEC, None), a_v, ir.Constant(_I32, 0))
-        av = builder.shuffle_vector(av, av, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+        av = _broadcast(builder, a_v)
         with cgutils.for_range(builder, nw_v) as loop:
             q = loop.index
             off = builder.mul(q, ir.Constant(q.type, LANES))
@@ -76,11 +81,6 @@ def signed_axpy(typingctx, out, o0, b, b0, a, words, u0, nw):
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-def _broadcast(builder, value):
-    v = builder.insert_element(ir.Constant(_VEC, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
 
 
 ROWS = 4  # output rows per call of signed_row_sums: each vector of x (.) b loaded serves 4 rows
