@@ -12,7 +12,6 @@ are Ray tasks (`layer_candidates_at`); the model's forwards stay on the driver.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -23,7 +22,7 @@ import numpy as np
 
 from qdtk.cluster import Cluster, task_resources
 from qdtk.errors import QdtkError
-from qdtk.formats.calib import calibration_text
+from qdtk.formats.calib import calibration_text, text_hash
 from qdtk.formats.checkpoint import Checkpoint
 from qdtk.formats.io import fingerprint, read_json, write_json_atomic
 from qdtk.formats.stats import Stats
@@ -116,7 +115,7 @@ def calibration_of(stats: Stats) -> str | None:
         text = calibration_text(source)
     except QdtkError:
         text = None
-    if text is None or hashlib.sha256(text.encode()).hexdigest()[:16] != calib.get("sha256"):
+    if text is None or text_hash(text) != calib.get("sha256"):
         log.warning("%s: the calibration text %s is gone or changed since capture; the layers' "
                     "sensitivities are measured on the built-in text", stats.folder, source)
         return None

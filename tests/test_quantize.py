@@ -940,15 +940,14 @@ def test_the_bits_do_not_depend_on_the_blas_thread_count(rng):
 
 
 def test_sensitivities_are_measured_on_the_captured_calibration_text(tmp_path, caplog):
-    import hashlib
     from types import SimpleNamespace
 
     from qdtk.allocate import calibration_of
+    from qdtk.formats.calib import text_hash
 
-    def stats_of(source, text):
-        sha = hashlib.sha256(text.encode()).hexdigest()[:16]
+    def stats_of(source, text):  # the manifest entry capture writes
         return SimpleNamespace(folder=tmp_path, manifest={"options": {"calib": {
-            "source": str(source), "sha256": sha}}})
+            "source": str(source), "sha256": text_hash(text)}}})
 
     assert calibration_of(stats_of("builtin", "")) is None  # the built-in text
     own = tmp_path / "domain.txt"

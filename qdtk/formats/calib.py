@@ -18,6 +18,7 @@ source: its calibration part for calibration, its held-out part for evaluation.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import inspect
 import json
 import re
@@ -301,6 +302,12 @@ def calibration_documents(source: str | Path | None) -> list[str]:
 def calibration_text(source: str | Path | None) -> str:
     """All documents of a source joined by blank lines: the stream windows are cut from."""
     return SEPARATOR.join(calibration_documents(source))
+
+
+def text_hash(text: str) -> str:
+    """What a stats manifest records of its calibration text ("sha256", 16 hex digits), and what
+    the model-scope pre-pass checks a file against before it measures on it again."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def evaluation_text(source: str | Path) -> str:

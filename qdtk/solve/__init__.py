@@ -4,8 +4,9 @@ refinement (`layer`), and the layer solvers the quantize options name (`solvers`
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
+
+from qdtk.formats.io import new_hash
 
 # The sources whose code decides a layer's solution and the model-scope allocation (the
 # pre-pass's forwards included), relative to the package.
@@ -19,7 +20,7 @@ def solver_code() -> str:
     fingerprint: a run folder written by other code (an upgrade, an edit) is solved again
     instead of resumed with results the code in use would not give."""
     root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
+    h = new_hash()
     for src in SOLVER_SOURCES:
         path = root / src
         for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:

@@ -27,7 +27,6 @@ HF Conv1D (GPT-2 style, weight stored [in, out]) is not captured: quantize expec
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import weakref
@@ -917,7 +916,7 @@ def calibration_batch(
     """Tokenised, windowed and masked calibration sequences, and what identifies them.
     `validation`: the opts.validation windows disjoint from those (qdtk.math.mcs.
     validation_windows), masked with draws of their own; None when the text is too short."""
-    from qdtk.formats.calib import calibration_text
+    from qdtk.formats.calib import calibration_text, text_hash
 
     config = flat_config(model)
     max_pos = config.get("max_position_embeddings")
@@ -950,7 +949,7 @@ def calibration_batch(
         batch = mask_batch(ids, attention, mask_id, mask, prompt, noise)
     ident = {
         "calib": {"source": str(calib or "builtin"),
-                  "sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+                  "sha256": text_hash(text),
                   "stream_tokens": int(len(stream))},
         "mask_token_id": mask_id,
         "masked": bool(opts.mask.mask),
