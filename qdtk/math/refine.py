@@ -400,7 +400,8 @@ def refine_layer(
     W64 = np.asarray(W, np.float64)
     W = backend.to_device(W64, dtype)
     state = state_from_layer(layer, dtype, backend)
-    best = validation_error(W64, to_host(state.dequantize()), validation)
+    if validation is not None:  # (an n x m dequantisation: only when stopping on it)
+        best = validation_error(W64, to_host(state.dequantize()), validation)
     for r in range(rounds):
         previous = state
         if scales:
