@@ -7,13 +7,17 @@ import pytest
 
 from qdtk.formats.bits import group_slices
 from qdtk.formats.solution import BinaryCodedLayer
+from qdtk.math.hessian import prepare_hessian
 from qdtk.math.refine import (
     MODES,
     balance_scales,
+    refine_group_rows,
     refine_layer,
+    refine_prepared,
     refine_signs,
     refit_col_scales,
     refit_row_scales,
+    residual_gradient,
     state_from_layer,
 )
 
@@ -150,7 +154,8 @@ def test_early_stop_keeps_the_best_rounds_on_validation(problem, monkeypatch, rn
 
     rounds = []
     real = refine.refit_row_scales
-    monkeypatch.setattr(refine, "refit_row_scales", lambda *a: rounds.append(1) or real(*a))
+    monkeypatch.setattr(refine, "refit_row_scales",
+                        lambda *a, **k: rounds.append(1) or real(*a, **k))
     # a validation H no refit can lower (zero): one round, then the input layer itself
     assert refine_layer(W, H, layer, rounds=5, validation=np.zeros_like(H)) is layer
     assert len(rounds) == 1
@@ -231,3 +236,77 @@ def test_refine_layer_in_float32_matches_float64(problem):
          for dt in (np.float32, np.float64)}
     assert e[np.float32] == pytest.approx(e[np.float64], rel=1e-3)
     assert e[np.float32] < output_error(W, layer.dequantize(), H)
+
+
+def test_sign_passes_keep_the_residual_gradient(problem):
+    """Given R = D H, refine_signs keeps it equal to D H of the state it returns (row updates
+    inside the pass), so chained passes need no product."""
+    W, H, layer = problem
+    state = state_from_layer(layer)
+    R = residual_gradient(W, H, state)
+    for _ in range(3):
+        state = refine_signs(W, H, state, R)
+    want = residual_gradient(W, H, state)
+    np.testing.assert_allclose(R, want, rtol=0, atol=1e-9 * np.abs(want).max())
+    assert output_error(W, state.dequantize(), H) < output_error(W, layer.dequantize(), H)
+
+
+def test_refine_prepared_returns_its_error_and_trusts_a_given_start(problem):
+    W, H, layer = problem
+    P = prepare_hessian(H, 0.01)
+    out, err = refine_prepared(W, P, layer, rounds=2)
+    D = np.asarray(W, np.float64) - out.dequantize()
+    assert err == pytest.approx(float(np.sum((D @ P.H) * D)), rel=1e-9)
+    assert refine_prepared(W, P, layer, rounds=2, start_error=np.inf)[0].signs.tobytes() == \
+        out.signs.tobytes()
+    # a start it cannot beat: the input comes back, with that error
+    kept, e = refine_prepared(W, P, layer, rounds=2, start_error=0.0)
+    assert kept is layer and e == 0.0
+
+
+def group_problem(rng, n=30, w=128, o=3):
+    Wg = rng.standard_normal((n, w))
+    A = correlated_H(rng, w)
+    signs = rng.random((o, n, w)) < 0.5
+    a = (np.abs(rng.standard_normal((o, n))) * 0.5).astype(np.float16)
+    b = np.abs(rng.standard_normal((o, w))).astype(np.float16)
+    return Wg, A, signs, a, b
+
+
+def row_errors(Wg, A, signs, a, b):
+    What = np.einsum("kn,kw,knw->nw", a.astype(np.float64), b.astype(np.float64),
+                     np.where(signs, 1.0, -1.0))
+    D = Wg - What
+    return np.einsum("nw,nw->n", D @ A, D)  # [n]
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_group_rows_never_raise_a_row_and_are_independent(rng, rounds):
+    """refine_group_rows: every row's D A D^T falls or the row keeps its input (after the
+    float16 rounding too); a row's result does not depend on the other rows."""
+    Wg, A, signs, a, b = group_problem(rng)
+    a[:, 3] = 0  # a dead row: stays finite
+    s1, a1 = refine_group_rows(Wg, A, signs, a, b, rounds)
+    assert s1.dtype == bool and a1.dtype == np.float16 and np.all(np.isfinite(a1))
+    before, after = row_errors(Wg, A, signs, a, b), row_errors(Wg, A, s1, a1, b)
+    kept = np.all(s1 == signs, axis=(0, 2)) & np.all(a1 == a, axis=0)
+    assert np.all((after < before) | kept) and after.sum() < 0.8 * before.sum()
+    rows = [0, 5, 17]
+    s2, a2 = refine_group_rows(Wg[rows], A, signs[:, rows], a[:, rows], b, rounds)
+    np.testing.assert_array_equal(s2, s1[:, rows])
+    np.testing.assert_array_equal(a2, a1[:, rows])
+
+
+def test_group_rows_refit_is_the_least_squares_where_no_sign_moves(rng):
+    """With the signs already optimal for the refit scales (a second call changes no sign),
+    each row's scales are the least squares of D A D^T over its o scales, to float16."""
+    Wg, A, signs, a, b = group_problem(rng, n=6, o=2)
+    for _ in range(6):  # to a fixed point of the signs
+        signs, a = refine_group_rows(Wg, A, signs, a, b, 1)
+    s2, a2 = refine_group_rows(Wg, A, signs, a, b, 1)
+    moved = np.any(s2 != signs, axis=(0, 2))
+    for i in np.flatnonzero(~moved):
+        V = np.where(signs[:, i], 1.0, -1.0) * b.astype(np.float64)  # [o, w]
+        ls = np.linalg.solve(V @ A @ V.T, V @ A @ Wg[i])
+        np.testing.assert_allclose(a2[:, i].astype(np.float64), ls, rtol=2e-3, atol=1e-3)
+    assert (~moved).sum() >= 3

@@ -29,7 +29,7 @@ def small_launches(monkeypatch):
     """Few simulated threads, each striding over several items; ragged last blocks."""
     for name, launch in [("dequantize", dict(threads=32, blocks=8)),
                          ("group_dots", dict(threads=16, blocks=4)),
-                         ("sign_pass_group", dict(rows=3, lanes=2))]:
+                         ("sign_pass", dict(rows=3, lanes=2, threads=16, blocks=4))]:
         monkeypatch.setattr(refine_cuda, name, partial(getattr(refine_cuda, name), **launch))
 
 
@@ -65,19 +65,22 @@ def test_group_dots_kernel(rng, small_launches, h):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize(("o", "w", "dtype"), [(1, 128, np.float32), (3, 45, np.float32),
-                                               (2, 60, np.float64)])
-def test_sign_pass_kernel(rng, small_launches, o, w, dtype):
-    n = 7  # rows in blocks of 3: the last block ragged
+@pytest.mark.parametrize(("o", "w", "j0", "dtype"), [(1, 128, 0, np.float32),
+                                                     (3, 45, 128, np.float32),
+                                                     (2, 60, 100, np.float64)])
+def test_sign_pass_kernel(rng, small_launches, o, w, j0, dtype):
+    """One group at columns j0 .. j0 + w of a 7 x 300 R: the same patterns, changes and R on
+    every column (rows in blocks of 3: the last block ragged)."""
+    n, m = 7, 300
     S = rng.choice(np.array([-1, 1], np.int8), (o, n, w))
     ab = rng.random((o, n, w)).astype(dtype)
-    R = rng.standard_normal((n, w)).astype(dtype)
-    Hg = correlated_H(rng, w).astype(dtype)
+    R = rng.standard_normal((n, m)).astype(dtype)
+    Hrows = correlated_H(rng, m).astype(dtype)[j0 : j0 + w]
     out = {}
-    for name, kern in [("cpu", refine.sign_pass_group), ("cuda", refine_cuda.sign_pass_group)]:
-        Sk, Dk = S.copy(), np.zeros((n, w), dtype)
-        kern(Sk, ab, R.copy(), Hg, Dk)
-        out[name] = Sk, Dk
+    for name, kern in [("cpu", refine.sign_pass), ("cuda", refine_cuda.sign_pass)]:
+        Sk, Rk, Dk = S.copy(), R.copy(), np.zeros((n, w), dtype)
+        kern(Sk, ab, Rk, Hrows, j0, Dk)
+        out[name] = Sk, Rk, Dk
     assert np.any(out["cpu"][0] != S)  # the pass changed something
     for c, g in zip(out["cpu"], out["cuda"], strict=True):
         np.testing.assert_array_equal(g, c)
@@ -86,7 +89,7 @@ def test_sign_pass_kernel(rng, small_launches, o, w, dtype):
 def test_sign_pass_rejects_bad_launches():
     z = np.zeros((1, 2, 4), np.float32)
     with pytest.raises(ValueError, match="rows"):
-        refine_cuda.sign_pass_group(z.astype(np.int8), z, z[0], np.zeros((4, 4)), z[0], rows=9)
+        refine_cuda.sign_pass(z.astype(np.int8), z, z[0], np.zeros((4, 4)), 0, z[0], rows=9)
 
 
 def test_refine_layer_on_the_cuda_backend_equals_cpu(rng, small_launches):
@@ -133,7 +136,8 @@ def test_kernels_compile_for_a_real_gpu():
     uses = ptx_facts("import numpy as np\nfrom qdtk.math.refine_cuda import ptx\n"
                      "uses = {k: '.local' in v for dt in (np.float32, np.float64) "
                      "for k, v in ptx(dt).items()}")
-    assert uses == {"dequantize": False, "group_dots": False, "sign_pass_group": False}
+    assert uses == {"dequantize": False, "group_dots": False, "sign_pass_group": False,
+                    "apply_changes": False}
 
 
 @needs_gpu
@@ -161,13 +165,13 @@ def test_kernels_on_cupy_arrays_match_cpu(rng):
     dev = [cupy.asarray(x) for x in (S, a, b, group_index(m))]
     got = refine_cuda.dequantize(*dev, cupy.empty((n, m), np.float32))
     np.testing.assert_allclose(got.get(), want, rtol=1e-6, atol=1e-6)
-    o, w = 3, 128
+    o, w, j0 = 3, 128, 128
     Sg, ab = S[:o, :, :w].copy(), rng.random((o, n, w)).astype(np.float32)
-    R, Hg = rng.standard_normal((n, w)).astype(np.float32), correlated_H(rng, w)
-    Hg = Hg.astype(np.float32)
+    R = rng.standard_normal((n, m)).astype(np.float32)
+    Hrows = correlated_H(rng, m).astype(np.float32)[j0 : j0 + w]
     D0, Sd, D1 = np.zeros((n, w), np.float32), cupy.asarray(Sg), cupy.zeros((n, w), np.float32)
-    refine_cuda.sign_pass_group(Sd, cupy.asarray(ab), cupy.asarray(R), cupy.asarray(Hg), D1)
-    refine.sign_pass_group(Sg, ab, R.copy(), Hg, D0)
+    refine_cuda.sign_pass(Sd, cupy.asarray(ab), cupy.asarray(R), cupy.asarray(Hrows), j0, D1)
+    refine.sign_pass(Sg, ab, R.copy(), Hrows, j0, D0)
     # fused multiply-adds may flip a near tie, and a row's later columns follow it
     same = np.all(Sd.get() == Sg, axis=(0, 2))  # [n]
     assert same.mean() > 0.9

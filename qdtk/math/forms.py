@@ -34,9 +34,15 @@ def quadratic_form(X, P: PreparedHessian, R=None) -> float:
     undone (hessian.shrunk_form_correction); all exact.
     R: P.R where it lives (a CuPy copy on a GPU); X NumPy or of R's kind."""
     R = P.R if R is None else R
-    xp = array_module(R)
-    X = xp.asarray(X, R.dtype)
-    total = damped_quadratic_form(X, R) - P.damping * sum_squares(X)
+    X = array_module(R).asarray(X, R.dtype)
+    return undamped_form(damped_quadratic_form(X, R), X, P)
+
+
+def undamped_form(damped: float, X, P: PreparedHessian) -> float:
+    """tr(X H X^T) for the H as given from damped = tr(X H_damped X^T) (quadratic_form's
+    corrections, for a damped form known already); X NumPy or CuPy, n m flops."""
+    xp = array_module(X)
+    total = damped - P.damping * sum_squares(X)
     total -= sum_squares(X[:, xp.asarray(P.dead)])
     if P.shrink:
         col_sq = (X * X).sum(axis=0, dtype=xp.float64)  # [m]

@@ -5,11 +5,16 @@ kernels, with the same signatures, the same arithmetic in the same order, chosen
     dequantize       What from the state, one thread per element (grid-stride)
     group_dots       the row refit's normal matrices, one thread per (row, plane, group), each
                      sum the 8-lane fixed-order qdtk.math.lanes.lane_dot of the CPU kernel
-    sign_pass_group  the Gauss-Seidel sign pass of one group: a thread block owns `rows` rows,
-                     `lanes` threads per row; every thread of a row finds the same best pattern
-                     (float64 scalars, as on the CPU), then the row's lanes update its R, kept in
-                     shared memory, for the later columns; one barrier per column
+    sign_pass        the Gauss-Seidel sign pass of one group, two kernels: in sign_pass_group
+                     a thread block owns `rows` rows, `lanes` threads per row; every thread of a
+                     row finds the same best pattern (float64 scalars, as on the CPU), then the
+                     row's lanes update its R, kept in shared memory, for the later columns; one
+                     barrier per column. apply_changes then subtracts the group's changes
+                     Delta H[group, :] from R on every column, one thread per element, the
+                     changes in column order as the CPU kernel applies them
 
+The CPU's sign pass updates R row by row inside its kernel; on a GPU, where rows are many and
+short loops slow, the two kernels split that work with the same operations per element.
 Arrays are CuPy arrays on a GPU (passed to the kernels through __cuda_array_interface__, no
 copy) or NumPy arrays on Numba's simulator, where the results equal the CPU kernels' bit for
 bit (tests/test_refine_cuda.py); on a GPU, fused multiply-adds may change the last bits.
@@ -24,19 +29,20 @@ import numba
 import numpy as np
 from numba import cuda
 
-from qdtk.backend import simulator_enabled
+from qdtk.backend import array_module, simulator_enabled
 from qdtk.formats.bits import GROUP
 from qdtk.math.lanes import lane_dot, lane_dot_python
 
 THREADS = 256  # threads per block of dequantize and group_dots
 BLOCKS = 4096  # at most this many blocks; the threads stride over the rest
-ROWS = 8  # sign_pass_group: rows per thread block
+ROWS = 8  # sign_pass: rows per thread block of sign_pass_group
 LANES = 32  # and threads per row (one warp)
 
 
 @cache
 def kernels(dtype: np.dtype):
-    """(dequantize, group_dots, sign_pass_group) compiled for the working precision `dtype`."""
+    """(dequantize, group_dots, sign_pass_group, apply_changes) compiled for the working
+    precision `dtype`."""
     T = numba.from_dtype(dtype)
     f64 = numba.float64
     dot = lane_dot_python if simulator_enabled() else lane_dot
@@ -69,8 +75,9 @@ def kernels(dtype: np.dtype):
 
     @cuda.jit
     def sign_pass_group(S, ab, R, Hg, Delta):
-        """One group's Gauss-Seidel sign pass, as qdtk.math.refine.sign_pass_group (in place:
-        S [o, n, w] int8, Delta [n, w]; R [n, w] is read, its updates stay in shared memory).
+        """One group's Gauss-Seidel sign choices, as in qdtk.math.refine.sign_pass (in place:
+        S [o, n, w] int8, Delta [n, w]; R [n, w], the group's columns of D H, is read, its
+        updates stay in shared memory; Hg [w, w] = H on the group).
         Block (lanes, rows): thread (x, y) works on row blockIdx.x * rows + y."""
         o, n, w = S.shape
         lane, r = cuda.threadIdx.x, cuda.threadIdx.y
@@ -102,16 +109,31 @@ def kernels(dtype: np.dtype):
                         best, best_p, d = change, p, step
                 last_p, last_j = best_p, j
                 if best_p >= 0:
+                    dd = T(d)  # the change in R's precision, as on the CPU
                     if lane == 0:
-                        Delta[i, j] = d
+                        Delta[i, j] = dd
                     for jj in range(j + 1 + lane, w, lanes):
-                        Rt[r, jj] -= d * Hg[j, jj]
+                        Rt[r, jj] -= dd * Hg[j, jj]
             cuda.syncthreads()
         if live and lane == 0 and last_p >= 0:
             for k in range(o):
                 S[k, i, last_j] = 1 if (last_p >> k) & 1 else -1
 
-    return dequantize, group_dots, sign_pass_group
+    @cuda.jit
+    def apply_changes(R, Delta, Hrows):
+        """R[i, jj] -= Delta[i, j] Hrows[j, jj] for the changed j of row i, in column order."""
+        n, m = R.shape
+        w = Delta.shape[1]
+        for q in range(cuda.grid(1), n * m, cuda.gridsize(1)):
+            i, jj = q // m, q % m
+            acc = R[i, jj]
+            for j in range(w):
+                dd = Delta[i, j]
+                if dd != 0:
+                    acc -= dd * Hrows[j, jj]
+            R[i, jj] = acc
+
+    return dequantize, group_dots, sign_pass_group, apply_changes
 
 
 def _grid(items: int, threads: int, blocks: int) -> int:
@@ -133,18 +155,24 @@ def group_dots(Y, V, starts, k: int, h: int, M, *, threads: int = THREADS, block
     kern[_grid(items, threads, blocks), threads](Y, V, starts, k, h, M)
 
 
-def sign_pass_group(S, ab, R, Hg, Delta, *, rows: int = ROWS, lanes: int = LANES) -> None:
-    """One group's sign pass in place (qdtk.math.refine.sign_pass_group); `rows` (<= ROWS) and
-    `lanes` shape the launch (tests shrink them)."""
-    if not 1 <= rows <= ROWS or Hg.shape[0] > GROUP:
+def sign_pass(S, ab, R, Hrows, j0: int, Delta, *, rows: int = ROWS, lanes: int = LANES,
+              threads: int = THREADS, blocks: int = BLOCKS) -> None:
+    """One group's sign pass in place (qdtk.math.refine.sign_pass): S, R [n, m] and Delta;
+    `rows` (<= ROWS), `lanes`, `threads` and `blocks` shape the launches (tests shrink them)."""
+    o, n, w = S.shape
+    if not 1 <= rows <= ROWS or w > GROUP:
         raise ValueError(f"sign pass: need 1 <= rows <= {ROWS} and a group of at most {GROUP} "
-                         f"columns; got rows {rows}, {Hg.shape[0]} columns")
-    n = S.shape[1]
-    kernels(np.dtype(R.dtype))[2][-(-n // rows), (lanes, rows)](S, ab, R, Hg, Delta)
+                         f"columns; got rows {rows}, {w} columns")
+    xp = array_module(R)
+    cols = slice(j0, j0 + w)
+    choose, apply = kernels(np.dtype(R.dtype))[2:]
+    choose[-(-n // rows), (lanes, rows)](S, ab, xp.ascontiguousarray(R[:, cols]),
+                                         xp.ascontiguousarray(Hrows[:, cols]), Delta)
+    apply[_grid(R.size, threads, blocks), threads](R, Delta, Hrows)
 
 
 def ptx(dtype=np.float32, cc: tuple[int, int] = (9, 0)) -> dict[str, str]:
-    """PTX of the three kernels for compute capability `cc`, built without a GPU (needs NVVM and
+    """PTX of the four kernels for compute capability `cc`, built without a GPU (needs NVVM and
     NUMBA_ENABLE_CUDASIM unset): shows they type-check and compile for a real device."""
     T = numba.from_dtype(np.dtype(dtype))
     A = {(t, nd): numba.types.Array(t, nd, "C") for t in (T, numba.int8, numba.int64,
@@ -154,6 +182,7 @@ def ptx(dtype=np.float32, cc: tuple[int, int] = (9, 0)) -> dict[str, str]:
         void(A[numba.int8, 3], A[T, 3], A[T, 2], A[numba.int64, 1], A[T, 2]),
         void(A[T, 2], A[T, 3], A[numba.int64, 1], i, i, A[numba.float64, 5]),
         void(A[numba.int8, 3], A[T, 3], A[T, 2], A[T, 2], A[T, 2]),
+        void(A[T, 2], A[T, 2], A[T, 2]),
     ]
     kern = kernels(np.dtype(dtype))
     return {k.py_func.__name__: cuda.compile_ptx(k.py_func, sig, cc=cc)[0]
