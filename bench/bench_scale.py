@@ -8,13 +8,19 @@ Blocks (rows x input columns of each Linear; Linears reading one input share its
 W is Gaussian / sqrt(m); H = (2/T) X^T X of T correlated activations X = Z A (a decaying
 spectrum, eight outlier channels twenty times larger), T = --tokens (2048 = -n 8 -L 256).
 
-Settings (the options of `qdtk quantize`, budget per layer: the model-scope pre-pass's forwards
-need a model and are timed by --forwards):
-  published  --abmp swap --rho 0.05 --feedback diagonal --refine none
-  none       --abmp knapsack --feedback block --refine none
-  rows       ... --refine rows
-  full       ... --refine full (4 rounds)
-  full2      ... --refine full --refine-rounds 2
+Settings (the options of `qdtk quantize` beside its defaults, budget per layer: the model-scope
+pre-pass's forwards need a model and are timed by --forwards; unrotated, --rotate none, as the
+blocks are random; the defaults: knapsack orders, block feedback, --iters 5, --group-refine 1,
+--refine signs):
+  published  --abmp swap --rho 0.05 --bits 2 --feedback diagonal --refine none --shrink 0
+             --iters 15
+  none       --refine none --group-refine 0 (knapsack orders and block feedback only)
+  rows       --refine rows --group-refine 0
+  full       --refine full --group-refine 0 --iters 15 (the default until session 6)
+  full2      --refine full --refine-rounds 2 --group-refine 0
+  group      --refine none (the group refinement in the sweep alone)
+  signs2     --refine-rounds 2 (two sign passes instead of four)
+  default    the defaults
 Per layer: orders (ABMP: the knapsack's per-order group solves), factor (Cholesky of H), sweep
 (block solves + compensation), refine, error (proxy error), pack (bit packing), the process CPU
 seconds, and the peak NumPy memory (tracemalloc). Wall seconds are noisy on a shared machine;
@@ -63,16 +69,19 @@ BLOCKS = {
 }
 SETTINGS = {
     "published": {"abmp": "swap", "rho": 0.05, "bits": 2, "feedback": "diagonal",
-                  "refine": "none", "shrink": 0.0},
-    "none": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "none"},
-    "rows": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "rows"},
-    "full": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "full"},
-    "full2": {"abmp": "knapsack", "bits": None, "feedback": "block", "refine": "full",
-              "refine_rounds": 2},
+                  "refine": "none", "shrink": 0.0, "iters": 15},
+    "none": {"refine": "none", "group_refine": 0},
+    "rows": {"refine": "rows", "group_refine": 0},
+    "full": {"refine": "full", "group_refine": 0, "iters": 15},  # the default until session 6
+    "full2": {"refine": "full", "refine_rounds": 2, "group_refine": 0},
+    "group": {"refine": "none"},
+    "signs2": {"refine": "signs", "refine_rounds": 2},
+    "default": {},
 }
-BASE = {"method": "daq", "iters": 15, "tau": 2.0, "lam": 3.0, "percdamp": 0.01,
+BASE = {"method": "daq", "iters": 5, "tau": 2.0, "lam": 3.0, "percdamp": 0.01,
         "compensate": True, "refit": True, "backend": "cpu", "budget_scope": "layer",
-        "count": "real", "orders": [1, 2, 3], "shrink": 0.25}  # the CLI's defaults
+        "count": "real", "orders": [1, 2, 3], "shrink": 0.25, "abmp": "knapsack", "bits": None,
+        "feedback": "block", "refine": "signs", "group_refine": 1}  # the CLI's, unrotated
 PARTS = ("orders", "factor", "sweep", "refine", "error", "pack")
 
 
@@ -126,7 +135,7 @@ def block_forward_seconds(tokens: int = 1024) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--blocks", default="llada,dream")
-    ap.add_argument("--settings", default="published,none,rows,full")
+    ap.add_argument("--settings", default="published,full,default")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--all-layers", action="store_true",
                     help="time every Linear (default: the first of each distinct shape)")
@@ -138,8 +147,9 @@ def main() -> None:
     gpu = gpu_available()
     # compile the kernels outside the timings
     for dev in ("cpu", "cuda") if gpu else ("cpu",):
-        solve_daq(rng.standard_normal((8, 256)).astype(np.float32), np.eye(256),
-                  QuantizeOptions.of({**BASE, **SETTINGS["full"], "backend": dev}))
+        for warm in ("full", "default"):
+            solve_daq(rng.standard_normal((8, 256)).astype(np.float32), np.eye(256),
+                      QuantizeOptions.of({**BASE, **SETTINGS[warm], "backend": dev}))
     rows = []
     for block in args.blocks.split(","):
         linears, count = BLOCKS[block]

@@ -39,7 +39,7 @@ BASELINE_FIELDS = ("method", "bits", "percdamp")
 # --rotate applies to every method; fingerprinted only when it rotates.
 ROTATION_FIELDS = ("rotate", "rotate_seed")
 # Fingerprinted only when on (off, the results are those of qdtk before it).
-OPTIONAL_FIELDS = ("early_stop", "rotate_exclude")
+OPTIONAL_FIELDS = ("early_stop", "rotate_exclude", "group_refine")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class QuantizeOptions:
     feedback: str = "diagonal"  # diagonal (published) or block (exact)
     refit: bool = True  # DAQ's closed-form scale refit
     refine: str = "none"  # qdtk.math.refine.MODES
+    group_refine: int = 0  # rounds of each group's refinement in the sweep (block feedback)
     refine_rounds: int | None = None  # None: the mode's own
     early_stop: bool = False  # refinement rounds stopped on the validation statistic's error
     backend: str = "cpu"  # qdtk.math.daq.BACKENDS
@@ -172,7 +173,7 @@ def _normalised(o: QuantizeOptions) -> dict[str, Any]:
         out["bits"] = float(bits) if knapsack or bits != int(bits) else int(bits)
     for name in ("rho", "tau", "lam", "percdamp", "shrink"):
         out[name] = float(_number(name, getattr(o, name)))
-    for name in ("iters", "num_cpus"):
+    for name in ("iters", "num_cpus", "group_refine"):
         out[name] = _number(name, getattr(o, name), integer=True)
     if o.refine_rounds is not None:
         out["refine_rounds"] = _number("refine_rounds", o.refine_rounds, integer=True)
@@ -185,6 +186,8 @@ def _normalised(o: QuantizeOptions) -> dict[str, Any]:
     out["rotate_exclude"] = tuple(o.rotate_exclude) if o.rotate != "none" else ()
     if o.method != "daq" or o.refine == "none":
         out["early_stop"] = False  # it stops refinement rounds: without them it changes nothing
+    if o.method != "daq" or o.feedback != "block" or not o.compensate:
+        out["group_refine"] = 0  # it refines on the metric of block feedback: none without it
     return out
 
 
@@ -233,6 +236,8 @@ def _check(o: QuantizeOptions) -> None:
     _choice("backend", o.backend, tuple(BACKENDS))
     if o.iters < 0:
         raise QdtkError(f"--iters must be at least 0, got {o.iters}")
+    if o.group_refine < 0:
+        raise QdtkError(f"--group-refine must be at least 0, got {o.group_refine}")
     if o.refine_rounds is not None and o.refine_rounds < 1:
         raise QdtkError(f"--refine-rounds must be a whole number >= 1, got {o.refine_rounds!r}")
     if not 0 <= o.shrink < 1:

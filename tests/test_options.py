@@ -15,7 +15,7 @@ OTHER = {"method": "gptq", "bits": 2.3, "abmp": "swap", "rho": 0.1, "count": "pl
          "budget_scope": "model", "orders": (1, 2), "iters": 3, "tau": 1.5, "lam": 2.0,
          "percdamp": 0.05, "compensate": False, "feedback": "block", "refit": False,
          "refine": "rows", "refine_rounds": 2, "backend": "reference", "shrink": 0.25,
-         "rotate": "hadamard", "rotate_seed": 5, "early_stop": True,
+         "rotate": "hadamard", "rotate_seed": 5, "early_stop": True, "group_refine": 1,
          "rotate_exclude": ("*.v_proj.weight",),
          "trust_remote_code": True, "model_code": "native", "cluster": "ray", "num_cpus": 4}
 
@@ -27,6 +27,7 @@ def test_every_field_that_changes_the_result_is_fingerprinted_and_no_other():
         integer_bits = {"bits": 2} if name in ("abmp", "method") else {}
         base = rotated if name in ("rotate_seed", "rotate_exclude") else BASE
         base = replace(base, refine="full") if name == "early_stop" else base  # stops rounds
+        base = replace(base, feedback="block") if name == "group_refine" else base  # its metric
         changed = replace(base, **{name: value, **integer_bits})
         same = changed.fingerprinted() == base.fingerprinted()
         assert same == (name in RUN_ONLY), name
@@ -43,6 +44,10 @@ def test_every_field_that_changes_the_result_is_fingerprinted_and_no_other():
     # early stopping: left out when off, and off where there are no rounds to stop
     assert "early_stop" not in replace(BASE, refine="full").fingerprinted()
     assert replace(BASE, early_stop=True).fingerprinted() == BASE.fingerprinted()
+    # the sweep's group refinement: left out when off, and off without block feedback
+    assert "group_refine" not in replace(BASE, feedback="block").fingerprinted()
+    assert replace(BASE, group_refine=2).group_refine == 0
+    assert replace(BASE, feedback="block", compensate=False, group_refine=2).group_refine == 0
 
 
 def test_equal_meanings_fingerprint_alike():

@@ -10,14 +10,15 @@ from qdtk.errors import QdtkError
 from qdtk.formats.bits import bcq_bits, group_slices
 from qdtk.formats.checkpoint import Checkpoint, CheckpointWriter
 from qdtk.formats.io import read_json, write_json_atomic
-from qdtk.formats.solution import REPORT, read_solution_block
+from qdtk.formats.solution import REPORT, dequantize_block, read_solution_block
 from qdtk.formats.stats import VALIDATION, InputStat, Stats, StatsWriter
 from qdtk.math.forms import quadratic_form
 from qdtk.math.group import solve_group
 from qdtk.math.hessian import prepare_hessian
+from qdtk.math.refine import MODES
 from qdtk.options import QuantizeOptions
 from qdtk.quantize import quantize_model
-from qdtk.solve.layer import quantize_layer, sweep
+from qdtk.solve.layer import quantize_layer, refine_group, sweep
 from qdtk.solve.solvers import make_solver, solve_daq
 
 
@@ -960,3 +961,51 @@ def test_sensitivities_are_measured_on_the_captured_calibration_text(tmp_path, c
     assert "gone or changed" in caplog.text
     own.unlink()
     assert calibration_of(stats) is None
+
+
+def test_group_refinement_in_the_sweep_lowers_the_error(rng):
+    """group_rounds refines each group on its exact metric R_gg R_gg^T before its error is fed
+    forward: lower layer error, the report still the stored layer's true error; nothing
+    without block feedback."""
+    W = rng.standard_normal((48, 384)).astype(np.float32)
+    H = correlated_H(rng, 384)
+    out = {r: quantize_layer(W, H, [2, 1, 3], iters=3, feedback="block", group_rounds=r)
+           for r in (0, 1, 2)}
+    e = {r: output_error(W, layer.dequantize(), H) for r, (layer, _) in out.items()}
+    assert e[1] < 0.95 * e[0] and e[2] <= e[1] * 1.001
+    for r, (_, report) in out.items():
+        assert report.output_error == pytest.approx(e[r], rel=1e-4)
+    diag = [quantize_layer(W, H, [2, 1, 3], iters=3, group_rounds=r)[0] for r in (0, 1)]
+    np.testing.assert_array_equal(diag[0].signs, diag[1].signs)
+
+
+def test_refine_group_never_raises_the_group_metric(rng):
+    n, w = 20, 128
+    Wg = rng.standard_normal((n, w)).astype(np.float32)
+    Rgg = prepare_hessian(correlated_H(rng, w), dtype=np.float32).R  # as in the sweep
+    A = np.asarray(Rgg, np.float64) @ Rgg.T
+    start = solve_group(Wg, 2, 1 / np.diag(Rgg))
+    errors = [output_error(Wg, start[3], A)]
+    for rounds in (1, 3):
+        signs, a, b, Q = refine_group(Wg, Rgg, start, rounds)
+        np.testing.assert_array_equal(Q, dequantize_block(signs, a, b))
+        assert a.dtype == b.dtype == np.float16
+        errors.append(output_error(Wg, Q, A))
+    assert errors[1] < errors[0] and errors[2] <= errors[1] * 1.001
+
+
+@pytest.mark.parametrize("refine", ["signs", "full"])
+@pytest.mark.parametrize("shrink", [0.0, 0.25])
+def test_refined_report_is_the_true_error(rng, refine, shrink):
+    """After refinement on the sweep's prepared H the report comes from the refinement's own
+    final error (undamped, unshrunk): the true tr(D H D^T), dead columns included."""
+    W = rng.standard_normal((24, 300)).astype(np.float32)
+    H = correlated_H(rng, 300)
+    H[5, :] = H[:, 5] = 0
+    for dead in (False, True):
+        Hx = H if dead else correlated_H(rng, 300)
+        layer, report = quantize_layer(W, Hx, [2, 1, 2], iters=2, feedback="block",
+                                       refine=MODES[refine], shrink=shrink, group_rounds=1)
+        e = output_error(W, layer.dequantize(), Hx)
+        assert report.output_error == pytest.approx(e, rel=1e-4)
+        assert report.proxy_error == pytest.approx(e / output_error(W, 0 * W, Hx), rel=1e-4)

@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 from scipy.linalg import lapack
 
-from qdtk.backend import CPU, array_module, get_backend, to_host
+from qdtk.backend import CPU, Backend, array_module, get_backend, to_host
 from qdtk.errors import QdtkError
 from qdtk.formats.bits import bcq_bits, group_slices
 from qdtk.formats.solution import BinaryCodedLayer
-from qdtk.math.forms import quadratic_form, sum_squares
-from qdtk.math.group import solve_group
+from qdtk.math.forms import quadratic_form, sum_squares, undamped_form
+from qdtk.math.group import GroupSolution, solve_group, stored_solution
 from qdtk.math.hessian import PreparedHessian, all_finite, prepare_hessian
-from qdtk.math.refine import refine_layer
+from qdtk.math.refine import refine_group_rows, refine_prepared
 from qdtk.threads import thread_invariant
 
 # orders as an array [G], or a function of (W, prepared H) giving them (ABMP)
@@ -104,6 +104,26 @@ def feed_forward(Y, Wg, Q, R, d, S, Ugg, cols: slice, feedback: str = "diagonal"
     return sum_squares(Err)
 
 
+def refine_group(Wg, Rgg, solution: GroupSolution, rounds: int,
+                 backend: Backend = CPU) -> GroupSolution:
+    """A group's solution refined on the group's exact metric (qdtk.math.refine).
+
+    With block feedback the later columns absorb the group's error optimally, and what remains
+    is ||(W_g - Q_g) R_gg||^2 = tr(D A D^T) with A = R_gg R_gg^T [w, w]: the Schur complement
+    of the later columns in H, so D's rows couple only through A. DAQ fits the group with
+    diagonal salience weights; `rounds` of exact row-scale refits and sign passes on A lower
+    that remainder row by row, never raising it (`refine_group_rows`: a row keeps its input
+    otherwise). Cost per round about (K + 2) n w^2: small next to the sweep's products. On the
+    host, rows in parallel; the arrays go back to `backend` (where the sweep runs).
+    """
+    xp = backend.xp
+    signs, a, b, _ = solution
+    Rgg = to_host(Rgg).astype(np.float64)
+    A = Rgg @ Rgg.T  # [w, w], positive definite: damped already
+    signs, a = refine_group_rows(to_host(Wg), A, to_host(signs), to_host(a), to_host(b), rounds)
+    return stored_solution(xp.asarray(signs), xp.asarray(a), b)
+
+
 def sweep(
     W,
     R,
@@ -111,11 +131,15 @@ def sweep(
     solve: Callable[[Any, int, Any], tuple],
     compensate: bool = True,
     feedback: str = "diagonal",
+    group_rounds: int = 0,
+    backend: Backend = CPU,
 ) -> tuple[BinaryCodedLayer, float | None]:
     """Solve the groups of W [n, m] left to right with GPTQ-style compensation through R
     [m, m] (upper, H_damped = R R^T); feedback "diagonal" (published: Err_g = (W_g - Q_g) /
     d_g) or "block" (exact). W and R are NumPy or CuPy arrays: the groups are solved where
-    they live, `solve(W_g, order, d_g)` taking and giving arrays of that kind.
+    they live, `solve(W_g, order, d_g)` taking and giving arrays of that kind. With block
+    feedback and compensation, `group_rounds` > 0 refines each group's solution on its exact
+    metric before its error is fed forward (`refine_group`, on `backend`: the arrays' own).
 
     Returns the layer (host arrays) and, with compensation and block feedback, its output
     error on the damped H for free: D = Err U, so tr(D H_damped D^T) = sum_g ||Err_g||^2
@@ -142,6 +166,9 @@ def sweep(
         else:
             Wg = W[:, cols]  # [n, w]
         sg, a, b, Q = solve(xp.ascontiguousarray(Wg), o, d[cols])
+        if group_rounds and compensate and feedback == "block":
+            sg, a, b, Q = refine_group(Wg, R[cols, cols], (sg, a, b, Q), group_rounds,
+                                       backend)
         signs[:o, :, cols], row_scale[:o, g], col_scale[:o, cols] = map(to_host, (sg, a, b))
         if compensate:
             err += feed_forward(Y, Wg, Q, R, d, S, Ugg, cols, feedback)
@@ -189,6 +216,7 @@ def quantize_layer(
     refine: Mapping[str, Any] | None = None,
     shrink: float = 0.0,
     validation: np.ndarray | None = None,
+    group_rounds: int = 0,
 ) -> tuple[BinaryCodedLayer, LayerReport]:
     """DAQ of one Linear weight W [n, m] against its statistic H [m, m] (METHOD.md §4), fitted on H
     shrunk toward its diagonal by `shrink` (qdtk.math.hessian); the reported errors are on H itself.
@@ -197,7 +225,8 @@ def quantize_layer(
     `DaqGroupSolver.solution`: an uncompensated sweep reuses ABMP's solves);
     `refine` (keyword arguments of qdtk.math.refine.refine_layer, e.g. `refine.MODES["rows"]`)
     refits the solved layer on the full H before its error is measured, its rounds stopped on
-    the error on `validation` [m, m] (H of inputs kept out of H) when given.
+    the error on `validation` [m, m] (H of inputs kept out of H) when given. `group_rounds`:
+    rounds of each group's refinement inside the sweep (`refine_group`; block feedback only).
     """
     t0 = time.perf_counter()
     W0 = np.asarray(W, dtype=np.float32)  # [n, m] never written to
@@ -228,20 +257,27 @@ def quantize_layer(
         return out
 
     t2 = time.perf_counter()
-    layer, damped_err = sweep(dev.to_device(W), R, o, solve, compensate, feedback)
+    layer, damped_err = sweep(dev.to_device(W), R, o, solve, compensate, feedback, group_rounds,
+                              dev)
     t_sweep = time.perf_counter()
+    X = None  # W0 - What, where the error below has it
     if refine is not None:
-        layer = refine_layer(W0, H, layer, **refine, percdamp=percdamp, shrink=shrink, name=name,
-                             backend=dev, validation=validation)
-        damped_err = None
-    if shrink:
-        damped_err = None  # quadratic_form undoes the shrinkage
+        # on the sweep's prepared H (float32, factored once); its error is the guard's start
+        # when the sweep gave it for W0 itself (no dead columns zeroed)
+        start = None if P.dead.any() else damped_err
+        layer, damped_err = refine_prepared(W0, P, layer, **refine, name=name, backend=dev,
+                                            validation=validation, R=R, start_error=start)
+        X = W0 - layer.dequantize()
     t3 = time.perf_counter()
     if not (np.all(np.isfinite(layer.row_scale)) and np.all(np.isfinite(layer.col_scale))):
         raise QdtkError(f"{name}: scales overflow float16 (weights beyond 65504?)")
     if damped_err is None:
-        err = quadratic_form(W0 - layer.dequantize(), P, R)
-    else:  # the sweep's tr(Dz H_damped Dz^T), Dz = W - What (dead columns zeroed): undamp it
+        err = quadratic_form(W0 - layer.dequantize() if X is None else X, P, R)
+    elif X is not None:  # the refinement's tr(D H_damped D^T)
+        err = undamped_form(damped_err, dev.to_device(X), P)
+    elif shrink:  # the sweep's, on Dz = W - What (dead columns zeroed: H is 0 there)
+        err = undamped_form(damped_err, dev.to_device(W - layer.dequantize()), P)
+    else:  # the sweep's, undamped group by group (What is never formed whole)
         dz2, dz2_dead = residual_sum_squares(W, layer, P.dead)
         err = max(damped_err - P.damping * dz2 - dz2_dead, 0.0)  # = tr(D H D^T), H undamped
     energy = quadratic_form(W0, P, R)

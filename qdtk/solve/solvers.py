@@ -65,8 +65,10 @@ def solve_daq(
         layer, report = quantize_layer(
             W, H, orders, iters=o.iters, tau=o.tau, lam=o.lam, percdamp=o.percdamp,
             compensate=o.compensate, feedback=o.feedback, refit=o.refit, backend=o.backend,
-            name=name, group_solver=gs.solution, refine=o.refine_mode(), shrink=o.shrink,
-            validation=validation,
+            name=name, refine=o.refine_mode(), shrink=o.shrink,
+            # compensated groups never repeat the allocation's solves: no memo (its hashes)
+            group_solver=None if o.compensate else gs.solution,
+            validation=validation, group_rounds=o.group_refine,
         )
     finally:
         gs.clear()
