@@ -39,7 +39,7 @@ from qdtk.formats.solution import BinaryCodedLayer
 from qdtk.math.forms import quadratic_form, sum_squares, undamped_form
 from qdtk.math.group import GroupSolution, solve_group, stored_solution
 from qdtk.math.hessian import PreparedHessian, all_finite, prepare_hessian
-from qdtk.math.refine import refine_group_rows, refine_prepared
+from qdtk.math.refine import refine_group_rows, refine_layer, refine_prepared
 from qdtk.threads import thread_invariant
 
 # orders as an array [G], or a function of (W, prepared H) giving them (ABMP)
@@ -114,14 +114,24 @@ def refine_group(Wg, Rgg, solution: GroupSolution, rounds: int,
     diagonal salience weights; `rounds` of exact row-scale refits and sign passes on A lower
     that remainder row by row, never raising it (`refine_group_rows`: a row keeps its input
     otherwise). Cost per round about (K + 2) n w^2: small next to the sweep's products. On the
-    host, rows in parallel; the arrays go back to `backend` (where the sweep runs).
+    CPU rows in parallel; on a "cuda" backend through refine_layer's GPU path. The arrays come
+    from and go back to `backend` (where the sweep runs).
     """
     xp = backend.xp
     signs, a, b, _ = solution
     Rgg = to_host(Rgg).astype(np.float64)
     A = Rgg @ Rgg.T  # [w, w], positive definite: damped already
-    signs, a = refine_group_rows(to_host(Wg), A, to_host(signs), to_host(a), to_host(b), rounds)
-    return stored_solution(xp.asarray(signs), xp.asarray(a), b)
+    if backend.daq != "cuda":
+        signs, a = refine_group_rows(to_host(Wg), A, to_host(signs), to_host(a), to_host(b),
+                                     rounds)
+        return stored_solution(xp.asarray(signs), xp.asarray(a), b)
+    # on a GPU: the layer refinement's array code and kernels on the group's problem (the same
+    # steps, a guard for the whole group instead of per row; scales balanced before rounding)
+    o = signs.shape[0]
+    layer = BinaryCodedLayer(np.array([o]), to_host(signs), to_host(a)[:, None, :], to_host(b))
+    out = refine_layer(to_host(Wg), A, layer, rounds=rounds, percdamp=1e-8, backend=backend)
+    return stored_solution(*(xp.asarray(x) for x in (out.signs, out.row_scale[:, 0],
+                                                      out.col_scale)))
 
 
 def sweep(
