@@ -112,6 +112,21 @@ def time_layer(W: np.ndarray, H: np.ndarray, options: dict, name: str = "layer")
             "weights": W.size}
 
 
+def capture_seconds_per_token(tokens: int = 1024) -> tuple[float, float]:
+    """(forward, statistics) seconds per token of capturing one LLaDA-8B-shaped block: its
+    forward, and the float64 X^T X sums of its four inputs (hidden 4096 x 3, intermediate
+    12288), as qdtk.torch.capture.add_xtx accumulates them."""
+    import torch
+
+    from qdtk.torch.capture import add_xtx
+
+    forward = block_forward_seconds(tokens)
+    t = time.perf_counter()
+    for m in (4096, 4096, 12288):  # attention and ff inputs, attn_out's, ff_out's
+        add_xtx(None, torch.randn(tokens, m))
+    return forward / tokens, (time.perf_counter() - t) / tokens
+
+
 def block_forward_seconds(tokens: int = 1024) -> float:
     """Seconds of one LLaDA-8B-shaped block (qdtk's native forward, float32) on `tokens`."""
     import torch
@@ -202,6 +217,10 @@ def main() -> None:
               + f" | {t['wall']:.1f} | {t['cpu']:.1f} | {proxy:.4f} | {bits:.3f} | "
               f"{peak / 2**20:,.0f} | {t['wall'] * count / 3600:.2f} | {on_gpu} |")
     if args.forwards:
+        fwd, xtx = capture_seconds_per_token()
+        print(f"\ncapture of one LLaDA-shaped block: {fwd * 1e3:.2f} ms forward + {xtx * 1e3:.2f} "
+              f"ms statistics per token; LLaDA-8B at -n 128 -L 2048 (262,144 tokens): "
+              f"{(fwd + xtx) * 262144 * 32 / 3600:.1f} h on this CPU")
         f = block_forward_seconds()
         print(f"\none LLaDA-shaped block forward on 8 x 128 tokens: {f:.2f} s; the model-scope "
               f"pre-pass runs about n_layers/2 blocks per Linear:")

@@ -284,30 +284,44 @@ def sign_pass(
     later ones, measured on 2048^2 layers), so these row updates cost far less than the
     product D H, computed once for all passes.
     """
-    o, n, w = S.shape
+    _, n, w = S.shape
     m = R.shape[1]
     for i in prange(n):  # rows are independent
+        S_i, ab_i = S[:, i, :], ab[:, i, :]
         for j in range(w):
-            q = 0.0
-            for k in range(o):
-                q += S[k, i, j] * ab[k, i, j]
-            best, best_p, d = 0.0, -1, 0.0
-            for p in range(2**o):
-                v = 0.0
-                for k in range(o):
-                    v += ab[k, i, j] if (p >> k) & 1 else -ab[k, i, j]
-                step = v - q
-                change = Hrows[j, j0 + j] * step * step - 2.0 * step * R[i, j0 + j]
-                if change < best:
-                    best, best_p, d = change, p, step
-            if best_p < 0:
+            d = _best_step(S_i, ab_i, j, Hrows[j, j0 + j], R[i, j0 + j])
+            if d == 0.0:
                 continue
-            for k in range(o):
-                S[k, i, j] = 1 if (best_p >> k) & 1 else -1
             Delta[i, j] = d
             dd = Delta[i, j]  # the change in R's precision: the update vectorises in it
             for jj in range(m):
                 R[i, jj] -= dd * Hrows[j, jj]
+
+
+@njit(cache=True)
+def _best_step(S_i, ab_i, j, hjj, rij):  # pragma: no cover - compiled
+    """Element j of a row takes its best sign pattern: the one minimising the change of f,
+    hjj step^2 - 2 step rij, for step = its value minus the current one; S_i [o, w] updated,
+    the step returned (0: no pattern lowers f). ab_i [o, w] = a_k b_kj of the row; float64
+    arithmetic, patterns in order (ties keep the earlier)."""
+    o = S_i.shape[0]
+    q = 0.0
+    for k in range(o):
+        q += S_i[k, j] * ab_i[k, j]
+    best, best_p, d = 0.0, -1, 0.0
+    for p in range(2**o):
+        v = 0.0
+        for k in range(o):
+            v += ab_i[k, j] if (p >> k) & 1 else -ab_i[k, j]
+        step = v - q
+        change = hjj * step * step - 2.0 * step * rij
+        if change < best:
+            best, best_p, d = change, p, step
+    if best_p < 0:
+        return 0.0
+    for k in range(o):
+        S_i[k, j] = 1 if (best_p >> k) & 1 else -1
+    return d
 
 
 # One group's refinement on its own metric A, row by row (the sweep's --group-refine). With the
@@ -352,27 +366,18 @@ def _small_solve(M, g, ridge):  # pragma: no cover - compiled
 def _row_sign_pass(A, S, a, b, i, D, R):  # pragma: no cover - compiled
     """sign_pass on row i of one group, D[i] and R[i] = D[i] A kept up to date."""
     o, _, w = S.shape
+    ab_i = np.empty((o, w))
+    for k in range(o):
+        for j in range(w):
+            ab_i[k, j] = a[k, i] * b[k, j]
+    S_i = S[:, i, :]
     for j in range(w):
-        q = 0.0
-        for k in range(o):
-            q += S[k, i, j] * a[k, i] * b[k, j]
-        best, best_p, step_best = 0.0, -1, 0.0
-        for p in range(2**o):
-            v = 0.0
-            for k in range(o):
-                c = a[k, i] * b[k, j]
-                v += c if (p >> k) & 1 else -c
-            step = v - q
-            change = A[j, j] * step * step - 2.0 * step * R[i, j]
-            if change < best:
-                best, best_p, step_best = change, p, step
-        if best_p < 0:
+        d = _best_step(S_i, ab_i, j, A[j, j], R[i, j])
+        if d == 0.0:
             continue
-        for k in range(o):
-            S[k, i, j] = 1 if (best_p >> k) & 1 else -1
-        D[i, j] -= step_best
+        D[i, j] -= d
         for jj in range(w):
-            R[i, jj] -= step_best * A[j, jj]
+            R[i, jj] -= d * A[j, jj]
 
 
 @njit(parallel=True, cache=True)
