@@ -12,11 +12,12 @@ M.planes holds all planes of that output row, so each row is read once, front to
   token (`scaled_inputs`, x (.) b laid out like the sign words, 4 bytes per stored bit); each
   output row then costs, per word of 32 signs, one masked vector add of x b (the signed sum is
   twice the sum over the set bits less the plane's total), and per plane one multiplication by
-  a; four rows share each load of x b. With AVX-512, 16 rows at a time instead, T-MAC style:
+  a; four rows share each load of x b. With AVX-512, 32 rows at a time instead, T-MAC style:
   a table of the 16 signed sums of every 4 inputs, the rows' 4-sign nibbles its indices (one
-  vector permute per nibble of 16 rows). For few tokens, where the weight bytes read dominate.
-  (Tables looked up one row at a time, LUT-GEMM style, measured 3x slower: a scalar load per
-  lookup. With the rows in the lanes, one permute does 16 lookups.)
+  vector permute per nibble of 16 rows, two vectors of rows per table load). For few tokens,
+  where the weight bytes read dominate. (Tables looked up one row at a time, LUT-GEMM style,
+  measured 3x slower: a scalar load per lookup. With the rows in the lanes, one permute does
+  16 lookups.)
 
 The word-wide steps are `qdtk.math.simd`'s LLVM vector primitives; Numba's own loops stay scalar.
 """
@@ -146,9 +147,10 @@ def _packed_kernel(xb, half, planes, row_scale, word, n_words, y):
 @njit(parallel=True, cache=True)
 def _table_kernel(table, xb, half, planes, row_scale, word, n_words, y):
     """`_packed_kernel`'s y, TABLE_ROWS rows at a time by table lookups, then 16 rows if as
-    many are left; the last n mod 16 rows as `_packed_kernel` computes them. (Chunks of planes
-    whose tables stay in L1 measured no faster: with two vectors of rows per table load, the
-    tables, 256 bytes a word and vector, stream from L2 fast enough.)"""
+    many are left; the last n mod 16 rows as `_packed_kernel` computes them. (One vector of 16
+    rows per table load streamed 512 bytes of tables from L2 per word and vector, and measured
+    1.2-1.35x slower than two; with two, tables kept in L1, the best chunking of the planes could
+    give, measured 7-10% faster, not worth scattering the reads of the rows.)"""
     n = planes.shape[0]
     full = n // TABLE_ROWS
     tail = full * TABLE_ROWS + (n - full * TABLE_ROWS) // VECTOR_ROWS * VECTOR_ROWS
@@ -175,7 +177,7 @@ def matmul_packed(
 
     x [T, m] float32; planes [n, U] uint32; row_scale [P, n] uint16 (float16 bits);
     col_scale [C] float32; layout: `qdtk.formats.packed.PlaneLayout` of the module's orders.
-    tables: 16 rows at a time by lookups in tables of 4-input signed sums (AVX-512: the
+    tables: 32 rows at a time by lookups in tables of 4-input signed sums (AVX-512: the
     default where this CPU has it), else 4 rows at a time by masked vector adds.
     """
     L = layout
