@@ -61,10 +61,12 @@ def test_dequantized_tiles_are_unpacks_what_bit_for_bit(rng, n, m):
 @pytest.mark.parametrize("T", [1, 3, 17])
 @pytest.mark.parametrize("tables", [False, pytest.param(True, marks=pytest.mark.skipif(
     not HAS_AVX512, reason="the table kernel needs AVX-512"))])
-def test_packed_kernel_equals_the_unpacked_matmul(rng, n, m, T, tables):
+def test_packed_kernel_equals_the_unpacked_matmul(rng, monkeypatch, n, m, T, tables):
     p, What = packed_layer(rng, n, m)
+    L = plane_layout(p.orders, m)
+    monkeypatch.setattr(kernels, "TABLE_BYTES", 2 * 512 * L.words)  # passes of 2 tokens
     x = (rng.standard_normal((T, m)) + 2.0).astype(np.float32)  # a mean, as activations have
-    y = kernels.matmul_packed(x, *kernel_args(p), plane_layout(p.orders, m), tables=tables)
+    y = kernels.matmul_packed(x, *kernel_args(p), L, tables=tables)
     assert y.shape == (T, n) and y.dtype == np.float32
     assert rel_err(y, x @ What.T) < 1e-5
 

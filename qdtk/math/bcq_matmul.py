@@ -144,28 +144,36 @@ def _packed_kernel(xb, half, planes, row_scale, word, n_words, y):
     return y
 
 
+# Bytes of tables (128 KiB a token for m = 4096) that one pass over the rows looks up: they stay
+# in L2 (2 MiB a core here) next to the rows. Passes of more tokens measured 1.7-2.7x slower at
+# T = 16 (4096 x 4096 and 4096 x 12288, one core): the tables came from L3 for every 32 rows.
+TABLE_BYTES = 3 * 2**18
+
+
 @njit(parallel=True, cache=True)
-def _table_kernel(table, xb, half, planes, row_scale, word, n_words, y):
+def _table_kernel(table, xb, half, planes, row_scale, word, n_words, y, chunk):
     """`_packed_kernel`'s y, TABLE_ROWS rows at a time by table lookups, then 16 rows if as
-    many are left; the last n mod 16 rows as `_packed_kernel` computes them. (One vector of 16
-    rows per table load streamed 512 bytes of tables from L2 per word and vector, and measured
-    1.2-1.35x slower than two; with two, tables kept in L1, the best chunking of the planes could
-    give, measured 7-10% faster, not worth scattering the reads of the rows.)"""
+    many are left; the last n mod 16 rows as `_packed_kernel` computes them. One pass over the
+    rows for every `chunk` tokens. (One vector of 16 rows per table load streamed 512 bytes of
+    tables from L2 per word and vector, and measured 1.2-1.35x slower than two; with two,
+    tables kept in L1, the best chunking of the planes could give, measured 7-10% faster, not
+    worth scattering the reads of the rows.)"""
     n = planes.shape[0]
     full = n // TABLE_ROWS
     tail = full * TABLE_ROWS + (n - full * TABLE_ROWS) // VECTOR_ROWS * VECTOR_ROWS
     first = full + (tail - full * TABLE_ROWS) // VECTOR_ROWS  # the first block of ROWS rows
-    for block in prange(first + -(-(n - tail) // ROWS)):
-        for t in range(xb.shape[0]):
-            if block < full:
-                nibble_row_sums(table[t], planes, row_scale, block * TABLE_ROWS, word, n_words,
-                                y[t])
-            elif block < first:
-                nibble_row_sums_16(table[t], planes, row_scale, full * TABLE_ROWS, word,
-                                   n_words, y[t])
-            else:
-                signed_row_sums(xb[t], half[t], planes, row_scale, tail + (block - first) * ROWS,
-                                word, n_words, y[t])
+    for t0 in range(0, xb.shape[0], chunk):
+        for block in prange(first + -(-(n - tail) // ROWS)):
+            for t in range(t0, min(xb.shape[0], t0 + chunk)):
+                if block < full:
+                    nibble_row_sums(table[t], planes, row_scale, block * TABLE_ROWS, word,
+                                    n_words, y[t])
+                elif block < first:
+                    nibble_row_sums_16(table[t], planes, row_scale, full * TABLE_ROWS, word,
+                                       n_words, y[t])
+                else:
+                    signed_row_sums(xb[t], half[t], planes, row_scale,
+                                    tail + (block - first) * ROWS, word, n_words, y[t])
     return y
 
 
@@ -189,5 +197,7 @@ def matmul_packed(
     half = (plane_halves(xb, L.word, n_words) if not tables or planes.shape[0] % VECTOR_ROWS
             else np.empty((x.shape[0], 0), np.float32))
     if tables:
-        return _table_kernel(nibble_tables(xb), xb, half, planes, row_scale, L.word, n_words, y)
+        table = nibble_tables(xb)  # [T, 128 U]
+        chunk = max(1, TABLE_BYTES // table[0].nbytes)
+        return _table_kernel(table, xb, half, planes, row_scale, L.word, n_words, y, chunk)
     return _packed_kernel(xb, half, planes, row_scale, L.word, n_words, y)
