@@ -162,7 +162,8 @@ def test_half_decoding_is_exact_for_every_float16():
 
 
 @pytest.mark.parametrize("n,m", SHAPES)
-@pytest.mark.parametrize("T", [1, linear.FEW_TOKENS, linear.FEW_TOKENS + 1, 40])  # words, tiles
+# 2 T tokens: words, the last count of words, the first of tiles, tiles
+@pytest.mark.parametrize("T", [1, linear.FEW_TOKENS // 2, linear.FEW_TOKENS // 2 + 1, 40])
 @pytest.mark.parametrize("bias", [True, False])
 def test_bcq_linear_is_the_unpacked_linear(rng, monkeypatch, n, m, T, bias):
     monkeypatch.setattr(linear, "TILE_ROWS", 16)  # tiles of 16 rows: n is ragged
