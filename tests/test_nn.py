@@ -61,10 +61,12 @@ def test_dequantized_tiles_are_unpacks_what_bit_for_bit(rng, n, m):
 @pytest.mark.parametrize("T", [1, 3, 17])
 @pytest.mark.parametrize("tables", [False, pytest.param(True, marks=pytest.mark.skipif(
     not HAS_AVX512, reason="the table kernel needs AVX-512"))])
-def test_packed_kernel_equals_the_unpacked_matmul(rng, n, m, T, tables):
+def test_packed_kernel_equals_the_unpacked_matmul(rng, monkeypatch, n, m, T, tables):
     p, What = packed_layer(rng, n, m)
+    L = plane_layout(p.orders, m)
+    monkeypatch.setattr(kernels, "TABLE_BYTES", 2 * 512 * L.words)  # passes of 2 tokens
     x = (rng.standard_normal((T, m)) + 2.0).astype(np.float32)  # a mean, as activations have
-    y = kernels.matmul_packed(x, *kernel_args(p), plane_layout(p.orders, m), tables=tables)
+    y = kernels.matmul_packed(x, *kernel_args(p), L, tables=tables)
     assert y.shape == (T, n) and y.dtype == np.float32
     assert rel_err(y, x @ What.T) < 1e-5
 
@@ -118,6 +120,34 @@ def test_signed_row_sums_equal_their_definition(rng, n, i0, shift):
 
 
 
+@pytest.mark.skipif(not HAS_AVX512, reason="the table kernel needs AVX-512")
+@pytest.mark.parametrize("rows", [32, 16])  # nibble_row_sums, nibble_row_sums_16
+@pytest.mark.parametrize("i0", [0, 3])  # row scales and y at an odd offset
+def test_nibble_row_sums_equal_their_definition(rng, rows, i0):
+    from qdtk.math.bcq_matmul import nibble_tables
+    from qdtk.math.simd import nibble_row_sums, nibble_row_sums_16
+
+    kernel = nibble_row_sums if rows == 32 else nibble_row_sums_16
+
+    @njit
+    def run(table, planes, rs, word, n_words, y):
+        kernel(table, planes, rs, i0, word, n_words, y)
+
+    n = i0 + rows + 5
+    word, n_words = np.array([0, 4, 8, 9]), np.array([4, 4, 1, 3])  # full, full, narrow, narrow
+    planes = rng.integers(0, 2**32, (n, 12), dtype=np.uint64).astype(np.uint32)
+    src = (rng.standard_normal(32 * 12) + 3.0).astype(np.float32)
+    rs = rng.standard_normal((4, n)).astype(np.float16)
+    y = np.full(n, np.nan, np.float32)
+    run(nibble_tables(src[None])[0], planes, rs.view(np.uint16), word, n_words, y)
+    sign = np.unpackbits(planes.view(np.uint8), axis=1, bitorder="little") * 2.0 - 1  # [n, 384]
+    want = [sum(float(rs[p, i]) * sign[i, 32 * u : 32 * (u + k)] @ src[32 * u : 32 * (u + k)]
+                for p, (u, k) in enumerate(zip(word, n_words, strict=True))) for i in range(n)]
+    done = slice(i0, i0 + rows)
+    np.testing.assert_allclose(y[done], np.array(want)[done], rtol=1e-5, atol=1e-5)
+    assert np.isnan(y[:i0]).all() and np.isnan(y[i0 + rows :]).all()  # no other row written
+
+
 def test_half_decoding_is_exact_for_every_float16():
     h = np.arange(2**16, dtype=np.uint16)
     want = h.view(np.float16).astype(np.float32)
@@ -132,7 +162,8 @@ def test_half_decoding_is_exact_for_every_float16():
 
 
 @pytest.mark.parametrize("n,m", SHAPES)
-@pytest.mark.parametrize("T", [1, linear.FEW_TOKENS, linear.FEW_TOKENS + 1, 40])  # words, tiles
+# 2 T tokens: words, the last count of words, the first of tiles, tiles
+@pytest.mark.parametrize("T", [1, linear.FEW_TOKENS // 2, linear.FEW_TOKENS // 2 + 1, 40])
 @pytest.mark.parametrize("bias", [True, False])
 def test_bcq_linear_is_the_unpacked_linear(rng, monkeypatch, n, m, T, bias):
     monkeypatch.setattr(linear, "TILE_ROWS", 16)  # tiles of 16 rows: n is ragged

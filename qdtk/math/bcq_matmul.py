@@ -12,11 +12,12 @@ M.planes holds all planes of that output row, so each row is read once, front to
   token (`scaled_inputs`, x (.) b laid out like the sign words, 4 bytes per stored bit); each
   output row then costs, per word of 32 signs, one masked vector add of x b (the signed sum is
   twice the sum over the set bits less the plane's total), and per plane one multiplication by
-  a; four rows share each load of x b. With AVX-512, 16 rows at a time instead, T-MAC style:
+  a; four rows share each load of x b. With AVX-512, 32 rows at a time instead, T-MAC style:
   a table of the 16 signed sums of every 4 inputs, the rows' 4-sign nibbles its indices (one
-  vector permute per nibble of 16 rows). For few tokens, where the weight bytes read dominate.
-  (Tables looked up one row at a time, LUT-GEMM style, measured 3x slower: a scalar load per
-  lookup. With the rows in the lanes, one permute does 16 lookups.)
+  vector permute per nibble of 16 rows, two vectors of rows per table load). For few tokens,
+  where the weight bytes read dominate. (Tables looked up one row at a time, LUT-GEMM style,
+  measured 3x slower: a scalar load per lookup. With the rows in the lanes, one permute does
+  16 lookups.)
 
 The word-wide steps are `qdtk.math.simd`'s LLVM vector primitives; Numba's own loops stay scalar.
 """
@@ -32,7 +33,9 @@ from qdtk.math.simd import (
     NIBBLES,
     ROWS,
     TABLE_ROWS,
+    VECTOR_ROWS,
     nibble_row_sums,
+    nibble_row_sums_16,
     signed_axpy,
     signed_row_sums,
 )
@@ -141,21 +144,36 @@ def _packed_kernel(xb, half, planes, row_scale, word, n_words, y):
     return y
 
 
+# Bytes of tables (128 KiB a token for m = 4096) that one pass over the rows looks up: they stay
+# in L2 (2 MiB a core here) next to the rows. Passes of more tokens measured 1.7-2.7x slower at
+# T = 16 (4096 x 4096 and 4096 x 12288, one core): the tables came from L3 for every 32 rows.
+TABLE_BYTES = 3 * 2**18
+
+
 @njit(parallel=True, cache=True)
-def _table_kernel(table, xb, half, planes, row_scale, word, n_words, y):
-    """`_packed_kernel`'s y, TABLE_ROWS rows at a time by table lookups; the last n mod 16 rows
-    as `_packed_kernel` computes them. (Chunks of planes whose tables stay in L1 measured no
-    faster: the tables, 512 bytes a word, stream from L2 fast enough.)"""
+def _table_kernel(table, xb, half, planes, row_scale, word, n_words, y, chunk):
+    """`_packed_kernel`'s y, TABLE_ROWS rows at a time by table lookups, then 16 rows if as
+    many are left; the last n mod 16 rows as `_packed_kernel` computes them. One pass over the
+    rows for every `chunk` tokens. (One vector of 16 rows per table load streamed 512 bytes of
+    tables from L2 per word and vector, and measured 1.2-1.35x slower than two; with two,
+    tables kept in L1, the best chunking of the planes could give, measured 7-10% faster, not
+    worth scattering the reads of the rows.)"""
     n = planes.shape[0]
     full = n // TABLE_ROWS
-    for block in prange(full + -(-(n - full * TABLE_ROWS) // ROWS)):
-        for t in range(xb.shape[0]):
-            if block < full:
-                nibble_row_sums(table[t], planes, row_scale, block * TABLE_ROWS, word, n_words,
-                                y[t])
-            else:
-                signed_row_sums(xb[t], half[t], planes, row_scale,
-                                full * TABLE_ROWS + (block - full) * ROWS, word, n_words, y[t])
+    tail = full * TABLE_ROWS + (n - full * TABLE_ROWS) // VECTOR_ROWS * VECTOR_ROWS
+    first = full + (tail - full * TABLE_ROWS) // VECTOR_ROWS  # the first block of ROWS rows
+    for t0 in range(0, xb.shape[0], chunk):
+        for block in prange(first + -(-(n - tail) // ROWS)):
+            for t in range(t0, min(xb.shape[0], t0 + chunk)):
+                if block < full:
+                    nibble_row_sums(table[t], planes, row_scale, block * TABLE_ROWS, word,
+                                    n_words, y[t])
+                elif block < first:
+                    nibble_row_sums_16(table[t], planes, row_scale, full * TABLE_ROWS, word,
+                                       n_words, y[t])
+                else:
+                    signed_row_sums(xb[t], half[t], planes, row_scale,
+                                    tail + (block - first) * ROWS, word, n_words, y[t])
     return y
 
 
@@ -167,7 +185,7 @@ def matmul_packed(
 
     x [T, m] float32; planes [n, U] uint32; row_scale [P, n] uint16 (float16 bits);
     col_scale [C] float32; layout: `qdtk.formats.packed.PlaneLayout` of the module's orders.
-    tables: 16 rows at a time by lookups in tables of 4-input signed sums (AVX-512: the
+    tables: 32 rows at a time by lookups in tables of 4-input signed sums (AVX-512: the
     default where this CPU has it), else 4 rows at a time by masked vector adds.
     """
     L = layout
@@ -176,8 +194,10 @@ def matmul_packed(
     y = np.empty((x.shape[0], planes.shape[0]), np.float32)
     tables = tables and HAS_AVX512
     # [T, 32 P]; the table kernel needs it only for the last n mod 16 rows
-    half = (plane_halves(xb, L.word, n_words) if not tables or planes.shape[0] % TABLE_ROWS
+    half = (plane_halves(xb, L.word, n_words) if not tables or planes.shape[0] % VECTOR_ROWS
             else np.empty((x.shape[0], 0), np.float32))
     if tables:
-        return _table_kernel(nibble_tables(xb), xb, half, planes, row_scale, L.word, n_words, y)
+        table = nibble_tables(xb)  # [T, 128 U]
+        chunk = max(1, TABLE_BYTES // table[0].nbytes)
+        return _table_kernel(table, xb, half, planes, row_scale, L.word, n_words, y, chunk)
     return _packed_kernel(xb, half, planes, row_scale, L.word, n_words, y)

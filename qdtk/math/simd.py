@@ -162,10 +162,11 @@ def signed_row_sums(typingctx, src, half, planes, row_scale, i0, word, nw, y):
     return sig, codegen
 
 
-TABLE_ROWS = 16  # output rows per call of nibble_row_sums: one AVX-512 vector of rows
+VECTOR_ROWS = 16  # rows in the lanes of one AVX-512 vector of float32
+TABLE_ROWS = 32  # output rows per call of nibble_row_sums: two vectors share each table load
 NIBBLES = LANES // 4  # 4-sign nibbles per word
-_VF16 = ir.VectorType(_F32, TABLE_ROWS)
-_VI16 = ir.VectorType(_I32, TABLE_ROWS)
+_VF16 = ir.VectorType(_F32, VECTOR_ROWS)
+_VI16 = ir.VectorType(_I32, VECTOR_ROWS)
 
 
 def _permute(builder, table, index):
@@ -175,96 +176,148 @@ def _permute(builder, table, index):
     return builder.call(fn, [table, index])
 
 
+def _prefetch(builder, ptr):
+    """Ask for ptr's cache line in L2 (prefetcht1); it never faults, past the array too."""
+    i8p = ir.IntType(8).as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+    builder.call(fn, [builder.bitcast(ptr, i8p)] + [ir.Constant(_I32, v) for v in (0, 2, 1)])
+
+
+def _shuffle(builder, a, b, mask):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(mask)), mask))
+
+
+# Within each 128-bit block l of two vectors a, b (x86's unpack instructions, one uop each)
+_LO32 = [i for k in range(0, 16, 4) for i in (k, 16 + k, k + 1, 17 + k)]
+_HI32 = [i for k in range(0, 16, 4) for i in (k + 2, 18 + k, k + 3, 19 + k)]
+_LO64 = [i for k in range(0, 16, 4) for i in (k, k + 1, 16 + k, 17 + k)]
+_HI64 = [i for k in range(0, 16, 4) for i in (k + 2, k + 3, 18 + k, 19 + k)]
+
+
 def _row_words(builder, rows, u0):
-    """The 4 words u0 .. u0 + 3 of each of 16 rows (pointers `rows`) as 4 vectors of the 16
-    rows' word: 16 loads of 4 words, then a transposition in registers."""
+    """The 4 words u0 .. u0 + 3 of each of 16 rows (pointers `rows`) as 4 vectors, lane r of
+    vector q = word u0 + q of row r. Vector A_k gathers rows k, 4 + k, 8 + k, 12 + k (a load
+    of 4 words each, one per 128-bit block); the 4 x 4 transposition within every block (8
+    unpacks) then leaves the rows in order."""
     v4 = ir.VectorType(_I32, 4)
-    quads = [builder.load(builder.bitcast(builder.gep(r, [u0]), v4.as_pointer()), align=4)
-             for r in rows]
-    eights = [builder.shuffle_vector(quads[2 * r], quads[2 * r + 1],
-                                     ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
-              for r in range(8)]
-    sixteens = [builder.shuffle_vector(eights[2 * r], eights[2 * r + 1],
-                                       ir.Constant(_VI16, list(range(16)))) for r in range(4)]
-    out = []
-    for q in range(GROUP_WORDS):  # word q of rows 0-7 from the first two, 8-15 the last two
-        pick = ir.Constant(ir.VectorType(_I32, 8), [q + 4 * k for k in range(8)])
-        lo = builder.shuffle_vector(sixteens[0], sixteens[1], pick)
-        hi = builder.shuffle_vector(sixteens[2], sixteens[3], pick)
-        out.append(builder.shuffle_vector(lo, hi, ir.Constant(_VI16, list(range(16)))))
-    return out
+    A = []
+    for k in range(4):
+        quads = [builder.load(builder.bitcast(builder.gep(rows[4 * l + k], [u0]),
+                                              v4.as_pointer()), align=4) for l in range(4)]
+        A.append(_shuffle(builder, _shuffle(builder, quads[0], quads[1], list(range(8))),
+                          _shuffle(builder, quads[2], quads[3], list(range(8))),
+                          list(range(16))))
+    t0, t1 = _shuffle(builder, A[0], A[1], _LO32), _shuffle(builder, A[0], A[1], _HI32)
+    t2, t3 = _shuffle(builder, A[2], A[3], _LO32), _shuffle(builder, A[2], A[3], _HI32)
+    return [_shuffle(builder, t0, t2, _LO64), _shuffle(builder, t0, t2, _HI64),
+            _shuffle(builder, t1, t3, _LO64), _shuffle(builder, t1, t3, _HI64)]
 
 
-@intrinsic
-def nibble_row_sums(typingctx, table, planes, row_scale, i0, word, nw, y):
-    """y[i0 + r] = sum_p a_p[r] sum_{words u of plane p} sum_{j < 8}
-    table[128 u + 16 j + (nibble j of planes[i0 + r, u])] for the 16 rows r < 16 (all of them
-    rows of planes: the caller keeps i0 + 16 <= n), a_p[r] = row_scale[p, i0 + r] (float16
-    bits). table[128 u + 16 j + c] is the signed sum of inputs 4 j .. 4 j + 3 of word u under the 4
-    signs of c (`qdtk.math.bcq_matmul.nibble_tables`).
+def _nibble_row_sums(vectors: int):
+    """`nibble_row_sums` for 16 `vectors` rows a call."""
+    n_rows = VECTOR_ROWS * vectors
 
-    T-MAC style: the 16 rows are the 16 lanes of one vector, so a word of 32 signs of all 16 rows
-    costs 8 table lookups (vpermps: the 16 entries of a nibble's table are one vector, the
-    rows' nibbles its indices) and 8 adds, and a plane's row scales are one vector multiply; no
-    sums across lanes. AVX-512 only (HAS_AVX512). table, y float32 1-D contiguous; planes uint32
-    [n, U] and row_scale uint16 [P, n] C-contiguous; word, nw int64 [P].
-    """
-    sig = types.void(table, planes, row_scale, i0, word, nw, y)
+    @intrinsic
+    def kernel(typingctx, table, planes, row_scale, i0, word, nw, y):
+        sig = types.void(table, planes, row_scale, i0, word, nw, y)
 
-    def codegen(context, builder, signature, args):
-        tab_v, planes_v, rs_v, i0_v, word_v, nw_v, y_v = args
-        index = i0_v.type
-        tp = _at(context, builder, signature.args[0], tab_v, ir.Constant(index, 0))
-        pl = context.make_array(signature.args[1])(context, builder, planes_v)
-        n_words = cgutils.unpack_tuple(builder, pl.shape, 2)[1]
-        rows = [builder.gep(pl.data, [builder.mul(builder.add(i0_v, ir.Constant(index, r)),
-                                                  n_words)]) for r in range(TABLE_ROWS)]
-        rs = context.make_array(signature.args[2])(context, builder, rs_v)
-        n_cols = cgutils.unpack_tuple(builder, rs.shape, 2)[1]
-        word_a = context.make_array(signature.args[4])(context, builder, word_v)
-        nw_a = context.make_array(signature.args[5])(context, builder, nw_v)
-        yp = builder.bitcast(_at(context, builder, signature.args[6], y_v, i0_v),
-                             _VF16.as_pointer())
-        n_planes = cgutils.unpack_tuple(builder, word_a.shape, 1)[0]
-        zero = ir.Constant(_VF16, [0.0] * TABLE_ROWS)
-        acc = cgutils.alloca_once_value(builder, zero)
-        part = [cgutils.alloca_once_value(builder, zero) for _ in range(NIBBLES)]  # 8 chains
+        def codegen(context, builder, signature, args):
+            tab_v, planes_v, rs_v, i0_v, word_v, nw_v, y_v = args
+            index = i0_v.type
+            tp = _at(context, builder, signature.args[0], tab_v, ir.Constant(index, 0))
+            pl = context.make_array(signature.args[1])(context, builder, planes_v)
+            n_words = cgutils.unpack_tuple(builder, pl.shape, 2)[1]
+            block = builder.gep(pl.data, [builder.mul(i0_v, n_words)])
+            rows = [builder.gep(block, [builder.mul(ir.Constant(index, r), n_words)])
+                    for r in range(n_rows)]
+            following = builder.gep(rows[-1], [n_words])  # the next call's rows, contiguous
+            rs = context.make_array(signature.args[2])(context, builder, rs_v)
+            n_cols = cgutils.unpack_tuple(builder, rs.shape, 2)[1]
+            word_a = context.make_array(signature.args[4])(context, builder, word_v)
+            nw_a = context.make_array(signature.args[5])(context, builder, nw_v)
+            yp = _at(context, builder, signature.args[6], y_v, i0_v)
+            n_planes = cgutils.unpack_tuple(builder, word_a.shape, 1)[0]
+            # -0 is the additive identity LLVM may drop (x + 0 is not x for x = -0)
+            zero = ir.Constant(_VF16, [-0.0] * VECTOR_ROWS)
+            acc = [cgutils.alloca_once_value(builder, zero) for _ in range(vectors)]
+            part = [cgutils.alloca_once_value(builder, zero) for _ in range(vectors)]
 
-        def lookups(w, u):
-            base = builder.mul(u, ir.Constant(index, 16 * NIBBLES))
-            for j in range(NIBBLES):  # vpermps reads the low 4 bits of each index
-                nib = builder.lshr(w, ir.Constant(_VI16, [4 * j] * TABLE_ROWS)) if j else w
-                t = builder.load(builder.bitcast(builder.gep(tp, [builder.add(
+            def lookups(ws, u):
+                """part[v] += the 8 lookups of word u of vector v's rows (words ws[v])."""
+                base = builder.mul(u, ir.Constant(index, 16 * NIBBLES))
+                tabs = [builder.load(builder.bitcast(builder.gep(tp, [builder.add(
                     base, ir.Constant(index, 16 * j))]), _VF16.as_pointer()), align=4)
-                builder.store(builder.fadd(builder.load(part[j]), _permute(builder, t, nib)),
-                              part[j])
+                    for j in range(NIBBLES)]
+                for v, w in enumerate(ws):  # vpermps reads the low 4 bits of each index
+                    s = [_permute(builder, tabs[j], builder.lshr(
+                        w, ir.Constant(_VI16, [4 * j] * VECTOR_ROWS)) if j else w)
+                        for j in range(NIBBLES)]
+                    while len(s) > 1:  # a fixed tree
+                        s = [builder.fadd(s[2 * k], s[2 * k + 1]) for k in range(len(s) // 2)]
+                    builder.store(builder.fadd(builder.load(part[v]), s[0]), part[v])
 
-        with cgutils.for_range(builder, n_planes) as lp:
-            p = lp.index
-            u0 = builder.load(builder.gep(word_a.data, [p]))
-            count = builder.load(builder.gep(nw_a.data, [p]))
-            for pt in part:
-                builder.store(zero, pt)
-            full = builder.icmp_signed("==", count, ir.Constant(count.type, GROUP_WORDS))
-            with builder.if_else(full, likely=True) as (group, narrow):
-                with group:
-                    for q, w in enumerate(_row_words(builder, rows, u0)):
-                        lookups(w, builder.add(u0, ir.Constant(index, q)))
-                with narrow, cgutils.for_range(builder, count) as lq:  # a narrow last group
-                    u = builder.add(u0, lq.index)
-                    w = ir.Constant(_VI16, None)
-                    for r, ptr in enumerate(rows):
-                        w = builder.insert_element(w, builder.load(builder.gep(ptr, [u])),
-                                                   ir.Constant(_I32, r))
-                    lookups(w, u)
-            hp = builder.gep(rs.data, [builder.add(builder.mul(p, n_cols), i0_v)])
-            a = builder.fpext(builder.load(builder.bitcast(
-                hp, ir.VectorType(ir.HalfType(), TABLE_ROWS).as_pointer()), align=2), _VF16)
-            v = [builder.load(pt) for pt in part]
-            while len(v) > 1:  # a fixed tree
-                v = [builder.fadd(v[2 * k], v[2 * k + 1]) for k in range(len(v) // 2)]
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(a, v[0])), acc)
-        builder.store(builder.load(acc), yp, align=4)
-        return context.get_dummy_value()
+            with cgutils.for_range(builder, n_planes) as lp:
+                p = lp.index
+                u0 = builder.load(builder.gep(word_a.data, [p]))
+                count = builder.load(builder.gep(nw_a.data, [p]))
+                for pt in part:
+                    builder.store(zero, pt)
+                full = builder.icmp_signed("==", count, ir.Constant(count.type, GROUP_WORDS))
+                with builder.if_else(full, likely=True) as (group, narrow):
+                    with group:
+                        # The rows of the next call stream into L2 meanwhile: as many bytes
+                        # of them as these 4 words of n_rows rows (the hardware prefetcher
+                        # follows n_rows rows a page apart poorly).
+                        ahead = builder.mul(u0, ir.Constant(index, n_rows))
+                        for k in range(n_rows // 4):  # 16 n_rows bytes, lines of 64
+                            _prefetch(builder, builder.gep(following, [
+                                builder.add(ahead, ir.Constant(index, 16 * k))]))
+                        words = [_row_words(builder, rows[VECTOR_ROWS * v:VECTOR_ROWS * (v + 1)],
+                                            u0) for v in range(vectors)]
+                        for q in range(GROUP_WORDS):
+                            lookups([w[q] for w in words],
+                                    builder.add(u0, ir.Constant(index, q)))
+                    with narrow, cgutils.for_range(builder, count) as lq:  # a narrow last group
+                        u = builder.add(u0, lq.index)
+                        ws = []
+                        for v in range(vectors):
+                            w = ir.Constant(_VI16, None)
+                            for r in range(VECTOR_ROWS):
+                                w = builder.insert_element(w, builder.load(builder.gep(
+                                    rows[VECTOR_ROWS * v + r], [u])), ir.Constant(_I32, r))
+                            ws.append(w)
+                        lookups(ws, u)
+                for v in range(vectors):
+                    hp = builder.gep(rs.data, [builder.add(builder.mul(p, n_cols), builder.add(
+                        i0_v, ir.Constant(index, VECTOR_ROWS * v)))])
+                    a = builder.fpext(builder.load(builder.bitcast(
+                        hp, ir.VectorType(ir.HalfType(), VECTOR_ROWS).as_pointer()), align=2),
+                        _VF16)
+                    builder.store(builder.fadd(builder.load(acc[v]),
+                                               builder.fmul(a, builder.load(part[v]))), acc[v])
+            for v in range(vectors):
+                builder.store(builder.load(acc[v]), builder.bitcast(builder.gep(
+                    yp, [ir.Constant(index, VECTOR_ROWS * v)]), _VF16.as_pointer()), align=4)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    kernel.__doc__ = f"""y[i0 + r] = sum_p a_p[r] sum_{{words u of plane p}} sum_{{j < 8}}
+    table[128 u + 16 j + (nibble j of planes[i0 + r, u])] for the {n_rows} rows r < {n_rows}
+    (all of them rows of planes: the caller keeps i0 + {n_rows} <= n), a_p[r] =
+    row_scale[p, i0 + r] (float16 bits). table[128 u + 16 j + c] is the signed sum of inputs
+    4 j .. 4 j + 3 of word u under the 4 signs of c (`qdtk.math.bcq_matmul.nibble_tables`).
+
+    T-MAC style: 16 rows are the 16 lanes of one vector, so a word of 32 signs of 16 rows costs
+    8 table lookups (vpermps: the 16 entries of a nibble's table are one vector, the rows'
+    nibbles its indices), 7 shifts and 8 adds, and a plane's row scales are one vector multiply;
+    no sums across lanes. {vectors} vector(s) of rows share each table load. AVX-512 only
+    (HAS_AVX512). table, y float32 1-D contiguous; planes uint32 [n, U] and row_scale uint16
+    [P, n] C-contiguous; word, nw int64 [P].
+    """
+    return kernel
+
+
+nibble_row_sums = _nibble_row_sums(TABLE_ROWS // VECTOR_ROWS)
+nibble_row_sums_16 = _nibble_row_sums(1)  # the last n mod 32 rows, 16 of them when there are

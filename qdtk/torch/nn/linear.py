@@ -23,11 +23,15 @@ from qdtk.math.rotation import Rotation
 
 # Up to this many tokens the product reads the packed bytes only (`kernels.matmul_packed`);
 # beyond, tiles of What are dequantised and multiplied with BLAS. bench_infer's crossover
-# table as CPU time on one core of the shared machine (load about 7), ms, packed words / tiles
-# (AVX-512 table lookups):
-#   4096 x 4096: T=1 0.96 / 11.0, T=4 3.3 / 13.5, T=8 5.4 / 17.1, T=12 8.2 / 19.4, T=16 14.9 / 17.5
-# The words' cost grows with T, the tiles' hardly: they cross just beyond T = 16.
-FEW_TOKENS = 16
+# table as CPU time on one core of the shared machine (load 4-5), ms, packed words / tiles
+# (AVX-512 table lookups, 32 rows a call, tables of a chunk of tokens kept in L2):
+#   4096 x 4096:  T=1 0.82 / 13.7, T=16 8.1 / 17.6, T=24 11.7 / 18.8, T=32 16.5 / 20.6,
+#                 T=48 23.5 / 25.0, T=64 33.9 / 33.0
+#   4096 x 12288: T=16 39 / 78, T=32 56 / 82, T=48 86 / 104
+# and on both cores (wall time) 4096 x 4096 T=32 28.4 / 40.2, T=48 48.9 / 45.7. The words'
+# cost grows with T, the tiles' hardly: they cross between T = 32 and 48 (32: the words won
+# in every run).
+FEW_TOKENS = 32
 # Rows per float32 tile of What (the dense weight never exists whole beyond one tile). The
 # tile is BLAS's second operand, and BLAS repacks x for every call: fewer, taller tiles repack
 # it less. 4096 x 12288 at T = 256, one core (CPU ms, dense 190-220): 341 rows 300, 1024 rows
