@@ -146,12 +146,13 @@ def print_table(name: str, rows: list[dict], calib: str) -> None:
 
 
 def parse_extra(text: str) -> dict:
-    """KEY=VALUE,... -> quantize option overrides (numbers as floats; A+B+... a list)."""
+    """KEY=VALUE,... -> quantize option overrides (whole numbers as ints, other numbers as
+    floats; A+B+... a list)."""
     out: dict = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         try:
-            out[key] = float(value)
+            out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
         except ValueError:
             out[key] = tuple(value.split("+")) if "+" in value or key == "rotate_exclude" \
                 else value

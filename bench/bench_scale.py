@@ -20,6 +20,7 @@ blocks are random; the defaults: knapsack orders, block feedback, --iters 5, --g
   full2      --refine full --refine-rounds 2 --group-refine 0
   group      --refine none (the group refinement in the sweep alone)
   signs2     --refine-rounds 2 (two sign passes instead of four)
+  iters15    --iters 15 (the DAQ solver's published iterations)
   default    the defaults
 Per layer: orders (ABMP: the knapsack's per-order group solves), factor (Cholesky of H), sweep
 (block solves + compensation), refine, error (proxy error), pack (bit packing), the process CPU
@@ -76,6 +77,7 @@ SETTINGS = {
     "full2": {"refine": "full", "refine_rounds": 2, "group_refine": 0},
     "group": {"refine": "none"},
     "signs2": {"refine": "signs", "refine_rounds": 2},
+    "iters15": {"iters": 15},
     "default": {},
 }
 BASE = {"method": "daq", "iters": 5, "tau": 2.0, "lam": 3.0, "percdamp": 0.01,
