@@ -12,6 +12,7 @@ are Ray tasks (`layer_candidates_at`); the model's forwards stay on the driver.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -79,10 +80,14 @@ def allocate_orders(
         if old.get("fingerprint") == fp:
             log.info("%s: reusing the model-scope allocation", path)
             return old
-    if output_change is None:
+    built = output_change is None
+    if built:
         output_change = default_output_change(model_dir, options, calibration_of(stats))
     cands, weights = model_candidates(ckpt, stats, names, options, output_change, progress,
                                       cluster)
+    if built:  # the torch model lives in reference cycles: freed now, not during the sweep
+        del output_change
+        gc.collect()
     bits = options.budget([(c.n, c.m) for c in cands])
     chosen = abmp.allocate_model(cands, bits, options.count, weights)
     layers = {}

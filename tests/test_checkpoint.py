@@ -2,6 +2,7 @@
 
 import json
 import struct
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -219,3 +220,31 @@ def test_fingerprint_changes_with_content(tmp_path, rng):
     _write(tmp_path / "b", t, 10**9)
     assert Checkpoint(tmp_path / "a").fingerprint() != Checkpoint(tmp_path / "b").fingerprint()
     assert Checkpoint(tmp_path / "a").fingerprint() == Checkpoint(tmp_path / "a").fingerprint()
+
+
+def _mapped(path) -> int:
+    """How many regions of this process map `path` (Linux /proc)."""
+    with open("/proc/self/maps") as f:
+        return sum(line.rstrip().endswith(str(path)) for line in f)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_a_read_maps_its_tensor_until_the_array_is_dropped(tmp_path, rng):
+    """No map of the whole file stays open: every page once read would stay resident."""
+    tensors = _tensors(rng)
+    _write(tmp_path, tensors, 10**9)
+    ckpt, path = Checkpoint(tmp_path), (tmp_path / "model.safetensors").resolve()
+    arr = ckpt.read("lm_head.weight")
+    assert _mapped(path) == 1 and arr.tobytes() == tensors["lm_head.weight"].tobytes()
+    del arr
+    W = ckpt.read("model.layers.0.self_attn.q_proj.weight", np.float32)
+    assert _mapped(path) == 0 and W.flags.writeable and W.flags.owndata
+    np.testing.assert_array_equal(W, tensors["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_a_file_truncated_after_opening_is_named(tmp_path):
+    write_safetensors(tmp_path / "model.safetensors", {"w": np.ones((8, 8), np.float32)})
+    ckpt, path = Checkpoint(tmp_path), tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(QdtkError, match="model.safetensors: truncated while qdtk ran.*'w'"):
+        ckpt.read("w", np.float32)

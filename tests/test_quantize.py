@@ -770,7 +770,7 @@ def test_output_change_replays_the_blocks_before_the_weight(which, request, monk
     real_load = ev.load_for_eval
     monkeypatch.setattr(ev, "load_for_eval", lambda *a, **k: loaded.append(real_load(*a, **k))
                         or loaded[-1])
-    change = ev.output_change_fn(path, n=2, L=16)
+    change = ev.output_change_fn(path, n=2, L=16, at_rest="float32")  # a float32 reference
     model = loaded[-1].model
     _, blocks = find_blocks(model)
     last = len(blocks) - 1
@@ -795,6 +795,69 @@ def test_output_change_replays_the_blocks_before_the_weight(which, request, monk
         mod.weight.copy_(torch.from_numpy(W))
     assert got > 0 and got == pytest.approx(float(((new - base) ** 2).sum() / ids.numel()),
                                             rel=1e-6)
+
+
+def test_output_change_never_writes_into_the_model_weights(tiny_llama, monkeypatch):
+    """What is swapped in as the parameter's tensor, not copied into it: the model's own
+    tensors (memory-mapped from the checkpoint) stay untouched, no private copy per Linear."""
+    import qdtk.torch.evaluate as ev
+
+    loaded = []
+    real_load = ev.load_for_eval
+    monkeypatch.setattr(ev, "load_for_eval", lambda *a, **k: loaded.append(real_load(*a, **k))
+                        or loaded[-1])
+    change = ev.output_change_fn(tiny_llama, n=2, L=16)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    mod = loaded[-1].model.get_submodule(name.removesuffix(".weight"))
+    own, before = mod.weight.data, mod.weight.detach().clone()
+    seen = []
+    mod.register_forward_pre_hook(lambda m, a: seen.append(m.weight.data_ptr()))
+    What = before.numpy() + 0.05
+    assert change(name, What) > 0
+    assert seen and seen[0] != own.data_ptr()  # ran on What, held elsewhere
+    assert mod.weight.data_ptr() == own.data_ptr() and bool((own == before).all())
+
+
+@pytest.mark.parametrize("which", ["bert", "llama", "llada", "dream"])
+def test_output_change_of_a_bfloat16_checkpoint_keeps_its_blocks_narrow(which, request,
+                                                                       tmp_path, monkeypatch):
+    """The blocks rest in bfloat16 as stored, widened for their own forward only: the same
+    sensitivities, bit for bit, as the whole model loaded in float32."""
+    import torch
+
+    import qdtk.torch.evaluate as ev
+    from qdtk.torch.capture import find_blocks
+
+    path = request.getfixturevalue(f"tiny_{which}")
+    if which in ("bert", "llama"):  # the float32 test models, stored in bfloat16
+        lm = ev.load_for_eval(path)
+        lm.model.to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True)
+        for f in path.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                (tmp_path / f.name).write_bytes(f.read_bytes())
+        path = tmp_path
+    assert ev.stored_dtype(path) == "bfloat16"
+    loaded = []
+    real_load = ev.load_for_eval
+    monkeypatch.setattr(ev, "load_for_eval", lambda *a, **k: loaded.append(real_load(*a, **k))
+                        or loaded[-1])
+    wide = ev.output_change_fn(path, n=2, L=16, at_rest="float32")
+    narrow = ev.output_change_fn(path, n=2, L=16)
+    _, blocks = find_blocks(loaded[-1].model)
+    widths = []  # inside the last block's forward: the dtypes of its parameters
+    inner = next(m for m in blocks[-1].modules() if isinstance(m, torch.nn.Linear))
+    inner.register_forward_pre_hook(
+        lambda m, a: widths.append({p.dtype for p in blocks[-1].parameters()}))
+    ckpt = Checkpoint(path)
+    names = ckpt.linear_names()
+    assert {p.dtype for blk in blocks for p in blk.parameters()} == {torch.bfloat16}
+    for name in (names[0], names[-1]):
+        W = ckpt.read(name, np.float32)
+        What = W + 0.01 * np.sign(W) * np.abs(W).mean()  # not representable in bfloat16
+        got = narrow(name, What)
+        assert got > 0 and got == wide(name, What)
+    assert {p.dtype for blk in blocks for p in blk.parameters()} == {torch.bfloat16}
+    assert widths and all(w == {torch.float32} for w in widths)
 
 
 def test_output_change_needs_no_head(tiny_llama, monkeypatch):

@@ -185,7 +185,6 @@ class Checkpoint:
                     )
                 self.tensors[name] = info
         self._check_index()
-        self._maps: dict[Path, np.memmap] = {}
         self.views: dict[str, TensorInfo] = {}  # per-expert name -> view of a fused tensor
         self.fused: dict[str, list[str]] = {}  # fused tensor -> its per-expert names, in order
         for info in list(self.tensors.values()):
@@ -263,13 +262,22 @@ class Checkpoint:
         return out
 
     def read(self, name: str, dtype: np.dtype | type | None = None) -> np.ndarray:
-        """One tensor as a NumPy array (a read-only memory map unless `dtype` converts it)."""
+        """One tensor as a NumPy array (a read-only memory map unless `dtype` converts it).
+
+        Each read maps its own tensor alone, unmapped when the array is dropped: a map of the
+        whole file kept open would hold every page ever read in the resident set (a pass over
+        all Linears: the model's size, however little is in use)."""
         info = self.info(name)
-        mm = self._maps.get(info.file)
-        if mm is None:
-            with os_faults(info.file):
-                mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
-        arr = mm[info.begin : info.end].view(DTYPES[info.dtype]).reshape(info.shape)
+        if info.end == info.begin:  # nothing to map
+            arr = np.empty(info.shape, DTYPES[info.dtype])
+        else:
+            try:
+                with os_faults(info.file):
+                    arr = np.memmap(info.file, dtype=DTYPES[info.dtype], mode="r",
+                                    offset=info.begin, shape=tuple(info.shape))
+            except ValueError:  # shorter than its header said when it was opened
+                raise QdtkError(f"{info.file}: truncated while qdtk ran (tensor {name!r} ends "
+                                f"at byte {info.end})") from None
         return arr if dtype is None else arr.astype(dtype)
 
     def linear_names(

@@ -327,7 +327,7 @@ def compare_texts(model_a: str | Path, model_b: str | Path, texts: dict[str, str
 
 def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: int = 128,
                      trust_remote_code: bool = False, device: str = "cpu", skip_head: bool = True,
-                     model_code: str = "auto"):
+                     model_code: str = "auto", at_rest: str | None = None):
     """output_change(name, What) -> float for model-scope bit allocation
     (qdtk.math.abmp.sensitivity).
 
@@ -339,14 +339,34 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
     `skip_head`: a Linear output head (vocabulary-sized, 20% of SmolLM2's flops) returns one
     column instead; the final hidden states do not use it. `device` "cuda" without a usable GPU
     runs on the CPU.
+
+    Every forward computes in float32, but the blocks' weights rest in the dtype the checkpoint
+    stores them in (`at_rest`, default `stored_dtype`): a bfloat16 block is widened to float32
+    for its call only (exact), so that a bfloat16 model takes half the memory of its float32
+    copy plus one block. Models with several block stacks (sharing their weights) or fused
+    experts (a weight under test is an expert's rows of a parameter) are held in float32.
     """
     import torch
 
     from qdtk.formats.calib import calibration_text
+    from qdtk.torch.capture import find_blocks, find_stacks
+    from qdtk.torch.experts import is_fused_experts
 
     if device == "cuda" and not torch.cuda.is_available():
         device = "cpu"
-    lm = load_for_eval(path, "float32", device, trust_remote_code, model_code)
+    at_rest = stored_dtype(path) if at_rest is None else at_rest
+    lm = load_for_eval(path, at_rest, device, trust_remote_code, model_code)
+    narrow = at_rest != "float32"
+    if narrow and (len(find_stacks(lm.model)) > 1 or any(
+            is_fused_experts(m) for m in lm.model.modules())):
+        del lm  # loaded again as before: a shared or fused weight cannot be widened alone
+        lm, narrow = load_for_eval(path, "float32", device, trust_remote_code, model_code), False
+    stack, blocks = find_blocks(lm.model)
+    if narrow:  # all but the blocks' parameters in float32 for good
+        in_blocks = {id(p) for blk in blocks for p in blk.parameters()}
+        for t in (*lm.model.parameters(), *lm.model.buffers()):
+            if t.is_floating_point() and id(t) not in in_blocks:
+                t.data = t.data.float()
     L = min(L, lm.config.get("max_position_embeddings") or L)
     try:
         windows = token_windows(calibration_text(None) if text is None else text, lm.tokenizer,
@@ -362,9 +382,6 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
 
     head = lm.model.get_output_embeddings() if skip_head else None
     skipped = [head] if isinstance(head, torch.nn.Linear) else []
-    from qdtk.torch.capture import find_blocks
-
-    stack, blocks = find_blocks(lm.model)
     replay: list = [None] * len(blocks)  # each block's output in the unchanged model
 
     def hidden(start: int = 0):
@@ -375,11 +392,13 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
             h.forward = lambda x: x[..., :1]  # an instance attribute shadows the method
         for i in range(start):
             blocks[i].forward = lambda *a, _out=replay[i], **k: _out
+        for blk in blocks[start:] if narrow else ():
+            blk.forward = in_float32(blk)
         try:
             with torch.inference_mode():
                 return _forward(lm.model, ids, hidden=True, source=lm.source)[1].double()
         finally:
-            for m in skipped + list(blocks[:start]):
+            for m in skipped + list(blocks if narrow else blocks[:start]):
                 del m.forward
 
     def record(i: int):
@@ -426,11 +445,54 @@ def output_change_fn(path: str | Path, text: str | None = None, n: int = 8, L: i
 
     def output_change(name: str, What: np.ndarray) -> float:
         key, p = param_of(name)
-        old = p.data.clone()
-        p.data.copy_(torch.from_numpy(np.asarray(What, np.float32)).to(p.dtype))
+        new = torch.from_numpy(np.asarray(What, np.float32)).to(p.device)  # float32 at rest too
+        # A parameter gets What as its tensor and its own back after: written into, the
+        # weights of a model loaded from a memory-mapped checkpoint (transformers maps the
+        # file) would each become a private copy, the size of every Linear by the pass's end.
+        # An expert's rows of a fused parameter can only be written into.
+        swap = isinstance(p, torch.nn.Parameter)
+        old = p.data if swap else p.clone()
+        if swap:
+            p.data = new
+        else:
+            p.copy_(new)
         try:
             return float(((hidden(first_block(key)) - base) ** 2).sum() / ids.numel())
         finally:
-            p.data.copy_(old)
+            if swap:
+                p.data = old
+            else:
+                p.copy_(old)
 
     return output_change
+
+
+def stored_dtype(path: str | Path) -> str:
+    """The dtype a checkpoint folder stores its Linear weights in: "bfloat16" or "float16" when
+    all of them are, else (mixed, float32, a GGUF file) "float32"."""
+    from qdtk.formats.checkpoint import Checkpoint
+
+    if not Path(path).is_dir():
+        return "float32"
+    ckpt = Checkpoint(path)
+    codes = {ckpt.info(w).dtype for w in ckpt.linear_names()}
+    return {frozenset({"BF16"}): "bfloat16", frozenset({"F16"}): "float16"}.get(
+        frozenset(codes), "float32")
+
+
+def in_float32(module):
+    """A forward for `module` that runs its own with its narrower floating parameters widened
+    to float32 for the call (a parameter already float32, as a weight under test, is left)."""
+    import torch
+
+    def forward(*args, **kwargs):
+        low = [(p, p.data) for p in module.parameters()
+               if p.is_floating_point() and p.dtype != torch.float32]
+        for p, kept in low:
+            p.data = kept.float()
+        try:
+            return type(module).forward(module, *args, **kwargs)
+        finally:
+            for p, kept in low:
+                p.data = kept
+    return forward
