@@ -105,5 +105,9 @@ class DaqGroupSolver:
     def __call__(self, W_g: np.ndarray, order: int, d_g: np.ndarray) -> np.ndarray:
         return self.solution(W_g, order, d_g)[3]
 
+    def uncached(self, W_g: np.ndarray, order: int, d_g: np.ndarray) -> np.ndarray:
+        """Q of `solve_group` with these settings, neither looked up nor kept."""
+        return solve_group(W_g, int(order), d_g, **self.settings)[3]
+
     def clear(self) -> None:
         self._cache.clear()

@@ -42,6 +42,8 @@ def solve_daq(
     without compensation (whose sweep reuses the allocation's cached solves).
     """
     o = options
+    # its memo pays where the solves are asked again (the uncompensated sweep) or batched
+    # (cuda); elsewhere its hashes of every group would be all it adds
     gs = DaqGroupSolver(**o.group_settings())
     info: dict[str, Any] = {}
     if orders is None:
@@ -49,12 +51,15 @@ def solve_daq(
             raise QdtkError(f"{name}: --budget-scope model needs the model's allocation "
                             f"(quantize_model computes it from the statistics folder)")
         bits = o.budget([W.shape]) if o.knapsack else float(o.bits)
+        group_solve = None  # swap and none rank groups without solving them
+        if o.knapsack or not o.compensate:
+            group_solve = gs if not o.compensate or o.backend == "cuda" else gs.uncached
 
         def orders(W_: np.ndarray, P: PreparedHessian) -> np.ndarray:
             chosen, rep = abmp.choose_orders(
                 name, W_, P.H, P.d, method=o.abmp, rho=o.rho, bits=bits, count=o.count,
                 orders=o.orders, uniform=2 if o.knapsack else int(bits),
-                solve=gs if o.knapsack or not o.compensate else None,
+                solve=group_solve,
             )
             info.update(rep)
             return chosen
