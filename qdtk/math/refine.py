@@ -423,10 +423,24 @@ def _rows_finish(A, S, a, b, D, R, S0, a0, start):  # pragma: no cover - compile
                     S[k, i, j] = S0[k, i, j]
 
 
+@njit(parallel=True, cache=True)
+def _rows_residual(Wg, S, a, b, V, D):  # pragma: no cover - compiled
+    """V [o, n, w] = b_k S_k and D [n, w] = Wg - sum_k a_k V_k (planes in order), in place."""
+    o, n, w = S.shape
+    for i in prange(n):
+        for j in range(w):
+            v = 0.0
+            for k in range(o):
+                x = b[k, j] * S[k, i, j]
+                V[k, i, j] = x
+                v += a[k, i] * x
+            D[i, j] = Wg[i, j] - v
+
+
 def _group_residual(Wg, A, S, a, b):
     """(V [o, n, w] = b_k S_k, D = Wg - sum_k a_k V_k, R = D A), float64."""
-    V = S * b[:, None, :]  # [o, n, w]
-    D = Wg - np.einsum("kn,knw->nw", a, V)
+    V, D = np.empty(S.shape), np.empty(Wg.shape)
+    _rows_residual(Wg, S, a, b, V, D)
     return V, D, D @ A
 
 
@@ -447,10 +461,11 @@ def refine_group_rows(
     o, n, w = S.shape
     V, D, R = _group_residual(Wg, A, S, a1, b)
     start = np.einsum("nw,nw->n", D, R)  # [n] f_i of the input
-    for _ in range(rounds):
+    for r in range(rounds):
+        if r:  # V of the new signs (D and R the kernel kept)
+            _rows_residual(Wg, S, a1, b, V, np.empty_like(D))
         VA = (V.reshape(o * n, w) @ A).reshape(o, n, w)
         _rows_round(A, S, a1, b, V, VA, D, R)
-        V = S * b[:, None, :]
     a1 = a1.astype(np.float16).astype(np.float64)  # the stored precision
     _, D, R = _group_residual(Wg, A, S, a1, b)
     _rows_finish(A, S, a1, b, D, R, S0, a0, start)
