@@ -11,7 +11,7 @@ spectrum, eight outlier channels twenty times larger), T = --tokens (2048 = -n 8
 Settings (the options of `qdtk quantize` beside its defaults, budget per layer: the model-scope
 pre-pass's forwards need a model and are timed by --forwards; unrotated, --rotate none, as the
 blocks are random; the defaults: knapsack orders, block feedback, --iters 5, --group-refine 1,
---refine signs, two passes):
+--refine signs, four passes):
   published  --abmp swap --rho 0.05 --bits 2 --feedback diagonal --refine none --shrink 0
              --iters 15
   none       --refine none --group-refine 0 (knapsack orders and block feedback only)
@@ -19,7 +19,7 @@ blocks are random; the defaults: knapsack orders, block feedback, --iters 5, --g
   full       --refine full --group-refine 0 --iters 15 (the default until session 6)
   full2      --refine full --refine-rounds 2 --group-refine 0
   group      --refine none (the group refinement in the sweep alone)
-  signs4     --refine-rounds 4 (four sign passes instead of two)
+  signs2     --refine-rounds 2 (two sign passes instead of four)
   iters15    --iters 15 (the DAQ solver's published iterations)
   default    the defaults
 Per layer: orders (ABMP: the knapsack's per-order group solves), factor (Cholesky of H), sweep
@@ -76,7 +76,7 @@ SETTINGS = {
     "full": {"refine": "full", "group_refine": 0, "iters": 15},  # the default until session 6
     "full2": {"refine": "full", "refine_rounds": 2, "group_refine": 0},
     "group": {"refine": "none"},
-    "signs4": {"refine": "signs", "refine_rounds": 4},
+    "signs2": {"refine": "signs", "refine_rounds": 2},
     "iters15": {"iters": 15},
     "default": {},
 }

@@ -247,7 +247,7 @@ def quantize_options(include: bool = True):
         click.option("--refine-rounds", type=click.IntRange(1), default=None,
                      help="Rounds of the refinement (each: rows, then signs; full and all end "
                      "with one more sign pass; signs: one pass each). Default: the mode's own "
-                     "(rows 1, signs 2, full 4, all 4)."),
+                     "(rows 1, signs 4, full 4, all 4)."),
         click.option("--group-refine", type=click.IntRange(0), default=1, show_default=True,
                      help="Rounds of each 128-column group's refinement inside the sweep (exact "
                      "row-scale refit and sign pass on the group's own error metric, with "

@@ -531,7 +531,7 @@ def balance_scales(state: CodedState) -> CodedState:
 MODES: dict[str, dict | None] = {
     "none": None,
     "rows": dict(rounds=1, signs=False),  # one exact row-scale refit
-    "signs": dict(rounds=2, scales=False),  # sign passes only: the scales stay the sweep's
+    "signs": dict(rounds=4, scales=False),  # sign passes only: the scales stay the sweep's
     "full": dict(rounds=4),  # rows + signs alternated
     "all": dict(rounds=4, columns=True),  # rows + columns + signs: slower, slightly better
 }
