@@ -31,7 +31,9 @@ the input layer.
 The arrays come from the backend's array module (qdtk.backend: `xp`, NumPy or CuPy), the same
 code on both; the three compiled kernels (What, the row refit's normal matrices, the sign pass)
 are Numba on the CPU and their Numba CUDA counterparts (qdtk.math.refine_cuda) on a "cuda"
-backend. Costs are stated for an n x m layer with K planes.
+backend. The sweep's group refinement (`refine_group_rows`, one 128-column group on its own
+metric) is CPU kernels over rows; on a GPU the sweep runs `refine_layer` on the group instead.
+Costs are stated for an n x m layer with K planes.
 """
 
 from __future__ import annotations
