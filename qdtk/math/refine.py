@@ -625,19 +625,19 @@ def refine_prepared(
                 state = previous
                 break
             best = err
-    del G, Hd
+    del G  # [n, m]
     if scales:  # the refit scales to float16, then the signs once more on the rounded ones
         out = layer_from_state(balance_scales(state))
         if signs:
-            out = layer_from_state(refine_signs(W, backend.to_device(P.H, dtype),
-                                                state_from_layer(out, dtype, backend)))
+            out = layer_from_state(refine_signs(W, Hd, state_from_layer(out, dtype, backend)))
     else:  # the scales are still the input's float16 ones
         out = layer_from_state(state)
     R = backend.to_device(P.R) if R is None else R
-    after = damped_quadratic_form(W64 - out.dequantize(), R)  # tr(D Hd D^T)
+    What = out.dequantize()  # [n, m]
+    after = damped_quadratic_form(W64 - What, R)  # tr(D Hd D^T)
     if validation is not None:
         before = validation_error(W64, layer.dequantize(), validation)
-        better = validation_error(W64, out.dequantize(), validation) < before
+        better = validation_error(W64, What, validation) < before
     else:
         before = (damped_quadratic_form(W64 - layer.dequantize(), R) if start_error is None
                   else start_error)
