@@ -46,11 +46,17 @@ import qdtk  # noqa: F401  (first: it sets OpenBLAS's thread policy before NumPy
 # isort: on
 
 import argparse
+import sys
 import time
 import tracemalloc
 import zlib
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import quantize_options  # noqa: E402
 
 from qdtk.backend import gpu_available
 from qdtk.formats.packed import pack_layer
@@ -80,10 +86,8 @@ SETTINGS = {
     "iters15": {"iters": 15},
     "default": {},
 }
-BASE = {"method": "daq", "iters": 5, "tau": 2.0, "lam": 3.0, "percdamp": 0.01,
-        "compensate": True, "refit": True, "backend": "cpu", "budget_scope": "layer",
-        "count": "real", "orders": [1, 2, 3], "shrink": 0.25, "abmp": "knapsack", "bits": None,
-        "feedback": "block", "refine": "signs", "group_refine": 1}  # the CLI's, unrotated
+# the CLI's defaults (qdtk quantize without options), unrotated, budget per layer
+BASE = quantize_options({"rotate": "none", "budget_scope": "layer", "backend": "cpu"})
 PARTS = ("orders", "factor", "sweep", "refine", "error", "pack")
 
 
@@ -97,7 +101,8 @@ def activations_H(rng: np.random.Generator, m: int, T: int) -> np.ndarray:
     return (2.0 / T) * (X.T.astype(np.float64) @ X)
 
 
-def time_layer(W: np.ndarray, H: np.ndarray, options: dict, name: str = "layer") -> dict:
+def time_layer(W: np.ndarray, H: np.ndarray, options: QuantizeOptions, name: str = "layer"
+               ) -> dict:
     tracemalloc.start()
     cpu, wall = time.process_time(), time.perf_counter()
     layer, rep = solve_daq(W, H, QuantizeOptions.of(options), name)
@@ -166,7 +171,7 @@ def main() -> None:
     for dev in ("cpu", "cuda") if gpu else ("cpu",):
         for warm in ("full", "default"):
             solve_daq(rng.standard_normal((8, 256)).astype(np.float32), np.eye(256),
-                      QuantizeOptions.of({**BASE, **SETTINGS[warm], "backend": dev}))
+                      replace(BASE, **SETTINGS[warm], backend=dev))
     rows = []
     for block in args.blocks.split(","):
         linears, count = BLOCKS[block]
@@ -187,13 +192,13 @@ def main() -> None:
                                             args.tokens)
                 W = (np.random.default_rng(n * m).standard_normal((n, m), dtype=np.float32)
                      / np.sqrt(m))
-                r = time_layer(W, Hs[inp], {**BASE, **SETTINGS[setting]}, role)
+                r = time_layer(W, Hs[inp], replace(BASE, **SETTINGS[setting]), role)
                 per_shape.setdefault((n, m), r)
                 print(f"  {block:6} {setting:9} {role:8} {n}x{m}: wall {r['wall']:.1f} s, "
                       f"cpu {r['cpu']:.1f} s, refine {r['refine']:.1f} s, proxy "
                       f"{r['proxy']:.5f}, peak {r['peak'] / 2**20:,.0f} MiB", flush=True)
                 if gpu:
-                    g = time_layer(W, Hs[inp], {**BASE, **SETTINGS[setting], "backend": "cuda"},
+                    g = time_layer(W, Hs[inp], replace(BASE, **SETTINGS[setting], backend="cuda"),
                                    role)
                     gpu_wall.setdefault((n, m), g["wall"])
                     print(f"  {'':6} {'':9} {'':8} on the GPU: wall {g['wall']:.1f} s, refine "
