@@ -21,6 +21,7 @@ blocks are random; the defaults: knapsack orders, block feedback, --iters 5, --g
   group      --refine none (the group refinement in the sweep alone)
   signs2     --refine-rounds 2 (two sign passes instead of four)
   iters15    --iters 15 (the DAQ solver's published iterations)
+  cand1      --candidate-iters 1 (the knapsack's candidates at one DAQ iteration)
   default    the defaults
 Per layer: orders (ABMP: the knapsack's per-order group solves), factor (Cholesky of H), sweep
 (block solves + compensation), refine, error (proxy error), pack (bit packing), the process CPU
@@ -84,6 +85,7 @@ SETTINGS = {
     "group": {"refine": "none"},
     "signs2": {"refine": "signs", "refine_rounds": 2},
     "iters15": {"iters": 15},
+    "cand1": {"candidate_iters": 1},  # the knapsack's candidates at one DAQ iteration
     "default": {},
 }
 # the CLI's defaults (qdtk quantize without options), unrotated, budget per layer

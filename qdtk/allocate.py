@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 ORDERS_FILE = "orders.json"
 # What the allocation depends on among the quantize options (compensation, refinement and the
-# sweep do not change it).
+# sweep do not change it; iters: those of the candidate solves, --candidate-iters).
 ALLOCATION_KEYS = ("bits", "count", "orders", "iters", "tau", "lam", "percdamp", "refit",
                    "shrink", "backend", "rotate", "rotate_seed")
 SENSITIVITY_WINDOWS = {"n": 8, "L": 128}  # calibration windows of the output-change measure
@@ -67,6 +67,7 @@ def allocate_orders(
     """
     opts = {k: getattr(options, k) for k in ALLOCATION_KEYS}
     opts["orders"] = list(options.orders)
+    opts["iters"] = options.group_settings(candidates=True)["iters"]  # the candidates' own
     if options.rotate_exclude:  # (absent otherwise: earlier allocations stay valid)
         opts["rotate_exclude"] = list(options.rotate_exclude)
     ckpt, stats = Checkpoint(model_dir), stats if stats is not None else Stats(stats_dir)
@@ -175,7 +176,7 @@ def _candidates(ckpt: Checkpoint, stats: Stats, name: str,
     rot = options.rotation(name, W.shape[1])
     E, What, err = layer_candidates(*rotate_problem(W, H, rot), name, options.orders,
                                     options.percdamp, options.shrink,
-                                    DaqGroupSolver(**options.group_settings()))
+                                    DaqGroupSolver(**options.group_settings(candidates=True)))
     return E, (What if rot is None else rot.apply_t(What)), err
 
 

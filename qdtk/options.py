@@ -40,6 +40,8 @@ BASELINE_FIELDS = ("method", "bits", "percdamp")
 ROTATION_FIELDS = ("rotate", "rotate_seed")
 # Fingerprinted only when on (off, the results are those of qdtk before it).
 OPTIONAL_FIELDS = ("early_stop", "rotate_exclude", "group_refine")
+# Fingerprinted only when set (None: what qdtk did before them).
+UNSET_FIELDS = ("candidate_iters",)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class QuantizeOptions:
     budget_scope: str = "layer"  # knapsack: one budget per layer, or one over the model
     orders: tuple[int, ...] = ORDERS  # knapsack: the allowed orders
     iters: int = 15  # DAQ block solver iterations
+    candidate_iters: int | None = None  # knapsack: those of its candidate solves (None: iters)
     tau: float = 2.0  # salience z-score threshold
     lam: float = 3.0  # error weight of the salient weights
     percdamp: float = 0.01  # damping of H, a fraction of its mean diagonal
@@ -117,6 +120,9 @@ class QuantizeOptions:
         for k in OPTIONAL_FIELDS:  # rotate_exclude: with the rotation's fields
             if not values[k] or k == "rotate_exclude":
                 del values[k]
+        for k in UNSET_FIELDS:
+            if values[k] is None:
+                del values[k]
         if self.method != "daq":
             return {**{k: values[k] for k in BASELINE_FIELDS}, **rotation}
         return {**values, "orders": list(self.orders), **rotation}
@@ -135,9 +141,12 @@ class QuantizeOptions:
             return mode
         return {**mode, "rounds": self.refine_rounds}
 
-    def group_settings(self) -> dict[str, Any]:
-        """The settings of qdtk.math.group.solve_group (and DaqGroupSolver)."""
-        return dict(iters=self.iters, tau=self.tau, lam=self.lam, refit=self.refit,
+    def group_settings(self, candidates: bool = False) -> dict[str, Any]:
+        """The settings of qdtk.math.group.solve_group (and DaqGroupSolver): of the sweep's
+        solves, or with `candidates` of the knapsack's (each group alone at every order)."""
+        iters = self.iters if not candidates or self.candidate_iters is None else \
+            self.candidate_iters
+        return dict(iters=iters, tau=self.tau, lam=self.lam, refit=self.refit,
                     backend=self.backend)
 
     def budget(self, shapes: Sequence[Sequence[int]]) -> float:
@@ -177,6 +186,11 @@ def _normalised(o: QuantizeOptions) -> dict[str, Any]:
         out[name] = _number(name, getattr(o, name), integer=True)
     if o.refine_rounds is not None:
         out["refine_rounds"] = _number("refine_rounds", o.refine_rounds, integer=True)
+    if o.candidate_iters is not None and _number(
+            "candidate_iters", o.candidate_iters, integer=True) < 0:  # (before it is dropped)
+        raise QdtkError(f"--candidate-iters must be at least 0, got {o.candidate_iters}")
+    if not (o.method == "daq" and o.abmp == "knapsack") or o.candidate_iters == o.iters:
+        out["candidate_iters"] = None  # no candidates, or solved as the sweep's: one setting
     for name in ("compensate", "refit", "trust_remote_code", "early_stop"):
         if not isinstance(getattr(o, name), bool):
             raise QdtkError(f"{name} must be true or false, got {getattr(o, name)!r}")

@@ -16,6 +16,7 @@ OTHER = {"method": "gptq", "bits": 2.3, "abmp": "swap", "rho": 0.1, "count": "pl
          "percdamp": 0.05, "compensate": False, "feedback": "block", "refit": False,
          "refine": "rows", "refine_rounds": 2, "backend": "reference", "shrink": 0.25,
          "rotate": "hadamard", "rotate_seed": 5, "early_stop": True, "group_refine": 1,
+         "candidate_iters": 0,
          "rotate_exclude": ("*.v_proj.weight",),
          "trust_remote_code": True, "model_code": "native", "cluster": "ray", "num_cpus": 4}
 
@@ -48,6 +49,13 @@ def test_every_field_that_changes_the_result_is_fingerprinted_and_no_other():
     assert "group_refine" not in replace(BASE, feedback="block").fingerprinted()
     assert replace(BASE, group_refine=2).group_refine == 0
     assert replace(BASE, feedback="block", compensate=False, group_refine=2).group_refine == 0
+    # the candidates' iterations: left out when unset, unset where they are the sweep's or
+    # there are no candidates (then they change nothing)
+    assert "candidate_iters" not in BASE.fingerprinted()
+    assert replace(BASE, candidate_iters=BASE.iters) == BASE
+    assert replace(BASE, abmp="swap", bits=2, candidate_iters=1).candidate_iters is None
+    assert replace(BASE, candidate_iters=1).group_settings(candidates=True)["iters"] == 1
+    assert replace(BASE, candidate_iters=1).group_settings()["iters"] == BASE.iters
 
 
 def test_equal_meanings_fingerprint_alike():
@@ -67,6 +75,8 @@ def test_equal_meanings_fingerprint_alike():
     ({"iter": 3}, r"unknown quantize option\(s\) 'iter'"),
     ({"iters": "3"}, r"--iters must be a whole number, got '3'"),
     ({"iters": -1}, r"--iters must be at least 0"),
+    ({"candidate_iters": -1}, r"--candidate-iters must be at least 0"),
+    ({"candidate_iters": 1.5}, r"--candidate-iters must be a whole number"),
     ({"bits": True}, r"--bits must be a finite number"),
     ({"tau": float("nan")}, r"--tau must be a finite number"),
     ({"orders": "1,2"}, r"--orders must be a list"),

@@ -587,6 +587,42 @@ def test_model_scope_respects_the_budget_and_resumes_without_the_prepass(
     assert report2["summary"]["bits_per_weight"] == report["summary"]["bits_per_weight"]
 
 
+def test_knapsack_candidates_are_solved_at_their_own_iterations(
+        rng, model_and_stats, tmp_path, monkeypatch):
+    """--candidate-iters: every candidate solve (each group alone at each allowed order) runs
+    that many DAQ iterations, the sweep --iters; the allocation depends on the former only."""
+    import qdtk.math.group
+    import qdtk.torch.evaluate
+
+    iters = []
+    solve_block = qdtk.math.group.solve_block
+    monkeypatch.setattr(qdtk.math.group, "solve_block",
+                        lambda *a, **kw: iters.append(kw["iters"]) or solve_block(*a, **kw))
+    W = rng.standard_normal((32, 384)).astype(np.float32)
+    options = QuantizeOptions(abmp="knapsack", bits=2.2, iters=3, candidate_iters=1,
+                              budget_scope="layer")
+    solve_daq(W, correlated_H(rng, 384), options)
+    G, C = len(group_slices(384)), len(options.orders)
+    assert sorted(iters) == [1] * (G * C) + [3] * G
+    # model scope: the pre-pass solves at candidate_iters, and only they change the allocation
+    model, stats = model_and_stats
+    calls = []
+    monkeypatch.setattr(qdtk.torch.evaluate, "output_change_fn",
+                        fake_output_change(model, {}, calls))
+    model_scope = {**OPTIONS, "abmp": "knapsack", "bits": None, "budget_scope": "model",
+                   "candidate_iters": 1}
+    out = tmp_path / "q"
+    iters.clear()
+    quantize_model(model, stats, out, model_scope, progress=False)
+    assert set(iters) == {1, OPTIONS["iters"]} and iters.count(1) > iters.count(OPTIONS["iters"])
+    alloc = read_json(out / "orders.json")
+    calls.clear()
+    quantize_model(model, stats, out, {**model_scope, "iters": 2}, progress=False)
+    assert calls == [] and read_json(out / "orders.json") == alloc  # the sweep's alone
+    quantize_model(model, stats, out, {**model_scope, "candidate_iters": 2}, progress=False)
+    assert calls and read_json(out / "orders.json")["fingerprint"] != alloc["fingerprint"]
+
+
 def test_rotate_solves_the_rotated_problem_everywhere(model_and_stats, tmp_path, monkeypatch):
     """--rotate hadamard: the pre-pass and the solves see W Q and Q^T H Q, the sensitivity
     forwards What in the model's basis, the errors are those of What Q^T on H, and the packed
