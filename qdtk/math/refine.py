@@ -290,8 +290,9 @@ def sign_pass(
     m = R.shape[1]
     for i in prange(n):  # rows are independent
         S_i, ab_i = S[:, i, :], ab[:, i, :]
+        v = np.empty(2 ** S.shape[0])  # _best_step's scratch
         for j in range(w):
-            d = _best_step(S_i, ab_i, j, Hrows[j, j0 + j], R[i, j0 + j])
+            d = _best_step(S_i, ab_i, j, Hrows[j, j0 + j], R[i, j0 + j], v)
             if d == 0.0:
                 continue
             Delta[i, j] = d
@@ -301,29 +302,38 @@ def sign_pass(
 
 
 @njit(cache=True)
-def _best_step(S_i, ab_i, j, hjj, rij):  # pragma: no cover - compiled
+def _best_step(S_i, ab_i, j, hjj, rij, v):  # pragma: no cover - compiled
     """Element j of a row takes its best sign pattern: the one minimising the change of f,
     hjj step^2 - 2 step rij, for step = its value minus the current one; S_i [o, w] updated,
     the step returned (0: no pattern lowers f). ab_i [o, w] = a_k b_kj of the row; float64
-    arithmetic, patterns in order (ties keep the earlier)."""
+    arithmetic, patterns in order (ties keep the earlier). v [2^o]: scratch.
+
+    The values of all patterns are built plane by plane (v[p] = sum_k +-ab_kj, + where bit k of
+    p is set, summed in the order k = 0, 1, ...): 2^(o+1) adds for the 2^o o of one sum per
+    pattern, no branches; the current value is one of them, exactly."""
     o = S_i.shape[0]
-    q = 0.0
+    v[0] = 0.0
+    size, p0 = 1, 0
     for k in range(o):
-        q += S_i[k, j] * ab_i[k, j]
-    best, best_p, d = 0.0, -1, 0.0
-    for p in range(2**o):
-        v = 0.0
-        for k in range(o):
-            v += ab_i[k, j] if (p >> k) & 1 else -ab_i[k, j]
-        step = v - q
+        x = np.float64(ab_i[k, j])
+        for p in range(size):
+            v[p + size] = v[p] + x
+            v[p] = v[p] - x
+        if S_i[k, j] > 0:
+            p0 += size
+        size *= 2
+    q = v[p0]
+    best, best_p = 0.0, -1
+    for p in range(size):
+        step = v[p] - q
         change = hjj * step * step - 2.0 * step * rij
         if change < best:
-            best, best_p, d = change, p, step
+            best, best_p = change, p
     if best_p < 0:
         return 0.0
     for k in range(o):
         S_i[k, j] = 1 if (best_p >> k) & 1 else -1
-    return d
+    return v[best_p] - q
 
 
 # One group's refinement on its own metric A, row by row (the sweep's --group-refine). With the
@@ -372,9 +382,9 @@ def _row_sign_pass(A, S, a, b, i, D, R):  # pragma: no cover - compiled
     for k in range(o):
         for j in range(w):
             ab_i[k, j] = a[k, i] * b[k, j]
-    S_i = S[:, i, :]
+    S_i, v = S[:, i, :], np.empty(2**o)
     for j in range(w):
-        d = _best_step(S_i, ab_i, j, A[j, j], R[i, j])
+        d = _best_step(S_i, ab_i, j, A[j, j], R[i, j], v)
         if d == 0.0:
             continue
         D[i, j] -= d
