@@ -312,9 +312,10 @@ def _best_step(S_i, ab_i, j, hjj, rij, v):  # pragma: no cover - compiled
     p is set, summed in the order k = 0, 1, ...): 2^(o+1) adds for the 2^o o of one sum per
     pattern, no branches; the current value is one of them, exactly."""
     o = S_i.shape[0]
-    v[0] = 0.0
-    size, p0 = 1, 0
-    for k in range(o):
+    x = np.float64(ab_i[0, j])
+    v[0], v[1] = 0.0 - x, 0.0 + x
+    size, p0 = 2, 1 if S_i[0, j] > 0 else 0
+    for k in range(1, o):
         x = np.float64(ab_i[k, j])
         for p in range(size):
             v[p + size] = v[p] + x
