@@ -211,6 +211,15 @@ def test_bcq_linear_follows_its_buffers_after_a_forward(rng):
     assert torch.equal(mod(x), 2 * y)
 
 
+def test_bcq_linear_takes_inputs_that_require_grad(rng):
+    p, _ = packed_layer(rng, 37, 300)
+    mod = BCQLinear.from_packed(p, torch.randn(37))
+    for T in (1, 40):  # words, tiles
+        x = torch.randn(2, T, 300)
+        y = mod(x.clone().requires_grad_())  # as inside a model run without no_grad
+        assert not y.requires_grad and torch.equal(y, mod(x))
+
+
 def test_bcq_linear_cache_pins_and_pickles_nothing(rng):
     import pickle
     import weakref
