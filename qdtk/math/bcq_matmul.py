@@ -189,15 +189,14 @@ def matmul_packed(
     default where this CPU has it), else 4 rows at a time by masked vector adds.
     """
     L = layout
-    product = _tables_product if tables and HAS_AVX512 else _words_product
-    return product(x, planes, row_scale, col_scale, L.start, L.width, L.word, L.col, L.n_words,
-                   L.words, TABLE_BYTES)
+    args = (x, planes, row_scale, col_scale, L.start, L.width, L.word, L.col, L.n_words, L.words)
+    return _tables_product(*args, TABLE_BYTES) if tables and HAS_AVX512 else _words_product(*args)
 
 
-# One compiled call for the whole product: at one token the kernels take about 0.6 ms, and each
-# call from Python into Numba costs tens of microseconds once the rows have pushed the
-# interpreter out of the caches.
-@njit(parallel=True, cache=True)
+# One compiled call for the whole product (serial itself: the kernels it calls run in parallel).
+# At one token the kernels take about 0.6 ms, and each call from Python into Numba costs tens of
+# microseconds once the rows have pushed the interpreter out of the caches.
+@njit(cache=True)
 def _tables_product(x, planes, row_scale, col_scale, start, width, word, col, n_words, words,
                     table_bytes):
     """`matmul_packed` by table lookups (AVX-512)."""
@@ -211,10 +210,9 @@ def _tables_product(x, planes, row_scale, col_scale, start, width, word, col, n_
     return _table_kernel(table, xb, half, planes, row_scale, word, n_words, y, chunk)
 
 
-@njit(parallel=True, cache=True)
-def _words_product(x, planes, row_scale, col_scale, start, width, word, col, n_words, words,
-                   table_bytes):
-    """`matmul_packed` by masked vector adds (`table_bytes`: unused, `_tables_product`'s)."""
+@njit(cache=True)
+def _words_product(x, planes, row_scale, col_scale, start, width, word, col, n_words, words):
+    """`matmul_packed` by masked vector adds."""
     xb = scaled_inputs(x, col_scale, start, width, word, col, words)  # [T, 32 U]
     y = np.empty((x.shape[0], planes.shape[0]), np.float32)
     half = plane_halves(xb, word, n_words)  # [T, 32 P]
