@@ -3,7 +3,7 @@
 (a) One layer (n x m, y = x What^T) at 2.3 bits (ABMP-like orders: 5% of groups at order 1,
     5% at 3, the rest 2) for T tokens: time of the packed module and of the dense matmuls, each
     next to its floor, max(bytes read / memory bandwidth, flops / float32 BLAS rate), both rates
-    measured here first.
+    measured here first; up to FEW_TOKENS also the words kernel alone (the module less its glue).
 (b) The two CPU paths of the packed module (sign words against x (.) b; tiles of What
     then BLAS) at small T: where they cross sets qdtk.torch.nn.linear.FEW_TOKENS.
 (c) Whole models, each run in a fresh process: load time, one forward of T tokens, resident
@@ -58,9 +58,9 @@ def layer_table(shapes, tokens, repeat: int, clock) -> None:
     print(f"memory bandwidth {bw / 1e9:.1f} GB/s, float32 GEMM {gemm / 1e9:.0f} GFLOP/s "
           f"(torch threads {torch.get_num_threads()}); floor = max(bytes / bandwidth, "
           "flops / GEMM rate)\n")
-    print("| layer n x m | bits/weight | T | packed ms | floor | fp32 ms | floor | bf16 ms "
-          "| floor | packed / fp32 | max rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| layer n x m | bits/weight | T | packed ms | floor | its kernel ms | fp32 ms | floor "
+          "| bf16 ms | floor | packed / fp32 | max rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for n, m in shapes:
         layer_rows(rng, n, m, tokens, repeat, bw, gemm, clock)
@@ -71,7 +71,8 @@ def layer_rows(rng, n: int, m: int, tokens, repeat: int, bw: float, gemm: float,
 
     from qdtk.formats.bits import bcq_bits_per_weight
     from qdtk.formats.packed import PackedBCQ
-    from qdtk.torch.nn.linear import FEW_TOKENS, BCQLinear
+    from qdtk.math import bcq_matmul as kernels
+    from qdtk.torch.nn.linear import FEW_TOKENS, BCQLinear, _cpu_arrays
 
     layer = abmp_like_layer(rng, n, m)
     bits = bcq_bits_per_weight(n, m, layer.orders)
@@ -81,6 +82,7 @@ def layer_rows(rng, n: int, m: int, tokens, repeat: int, bw: float, gemm: float,
     Wb = W.bfloat16()
     mod = BCQLinear.from_packed(packed, None)
     packed_bytes = sum(a.nbytes for a in packed.tensors("w").values())
+    arrays = _cpu_arrays(mod)  # planes, scales and layout as the words kernel takes them
     for T in tokens:
         x = torch.randn(T, m)
         xb = x.bfloat16()
@@ -97,9 +99,14 @@ def layer_rows(rng, n: int, m: int, tokens, repeat: int, bw: float, gemm: float,
                  "fp32": max((4 * n * m + io) / bw, flop),
                  "bf16": max((2 * n * m + io / 2) / bw, flop)}
         path = "words" if T <= FEW_TOKENS else "tiles"
-        print(f"| {n} x {m} | {bits:.3f} | {T} ({path}) "
-              + " ".join(f"| {1e3 * t[k]:.2f} | {1e3 * floor[k]:.2f}" for k in t)
-              + f" | {t['packed'] / t['fp32']:.2f} | {err:.1e} |")
+        kernel = "-"
+        if path == "words":  # the kernel alone on the module's arrays: the rest is torch's glue
+            xn = x.numpy()
+            t_kernel = best(lambda xn=xn: kernels.matmul_packed(xn, *arrays), repeat, True, clock)
+            kernel = f"{1e3 * t_kernel:.2f}"
+        cells = [f"{1e3 * t[k]:.2f} | {1e3 * floor[k]:.2f}" for k in t]
+        print(f"| {n} x {m} | {bits:.3f} | {T} ({path}) | {cells[0]} | {kernel} | {cells[1]} "
+              f"| {cells[2]} | {t['packed'] / t['fp32']:.2f} | {err:.1e} |")
 
 
 def crossover_table(n: int, m: int, tokens, repeat: int, clock) -> None:

@@ -194,6 +194,47 @@ def test_rotated_bcq_linear_is_the_unpacked_linear(rng, n, m, T):
     assert list(mod.state_dict()) == ["bias", "orders", "planes", "row_scale", "col_scale"]
 
 
+def test_bcq_linear_follows_its_buffers_after_a_forward(rng):
+    """`_cpu_arrays` keeps views and a float32 col_scale between calls: every way a buffer
+    changes (assignment, load_state_dict in place, an in-place edit) reaches the output."""
+    orders = rng.integers(1, 5, 3).astype(np.uint8)
+    (p, What), (q, Wq) = packed_layer(rng, 37, 300, orders), packed_layer(rng, 37, 300, orders)
+    mod, x = BCQLinear.from_packed(p), torch.randn(3, 300)
+    assert rel_err(mod(x), x @ torch.from_numpy(What).T) < 1e-5
+    mod.planes = torch.from_numpy(q.planes.copy())  # a new tensor, as new as the old: q's signs
+    want = BCQLinear.from_packed(PackedBCQ(p.shape, orders, q.planes, p.row_scale, p.col_scale))
+    assert torch.equal(mod(x), want(x))
+    mod.load_state_dict(BCQLinear.from_packed(q).state_dict())  # copies into the same tensors
+    assert rel_err(mod(x), x @ torch.from_numpy(Wq).T) < 1e-5
+    y = mod(x)
+    mod.col_scale.mul_(2)  # in place: exact in float16, doubles every weight
+    assert torch.equal(mod(x), 2 * y)
+
+
+def test_bcq_linear_takes_inputs_that_require_grad(rng):
+    p, _ = packed_layer(rng, 37, 300)
+    mod = BCQLinear.from_packed(p, torch.randn(37))
+    for T in (1, 40):  # words, tiles
+        x = torch.randn(2, T, 300)
+        y = mod(x.clone().requires_grad_())  # as inside a model run without no_grad
+        assert not y.requires_grad and torch.equal(y, mod(x))
+
+
+def test_bcq_linear_cache_pins_and_pickles_nothing(rng):
+    import pickle
+    import weakref
+
+    p, _ = packed_layer(rng, 37, 300)
+    mod = BCQLinear.from_packed(p)
+    size = len(pickle.dumps(mod))
+    mod(torch.randn(1, 300))
+    assert len(pickle.dumps(mod)) == size  # no views or layouts saved next to them
+    old = weakref.ref(mod.planes)
+    del p
+    mod.to("meta")  # the buffers replaced: the CPU ones are freed, not kept by the cache
+    assert old() is None
+
+
 def test_bcq_linear_buffers_are_the_packed_arrays(rng):
     p, _ = packed_layer(rng, 37, 300)
     sd = BCQLinear.from_packed(p).state_dict()

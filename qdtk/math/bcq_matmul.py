@@ -189,15 +189,31 @@ def matmul_packed(
     default where this CPU has it), else 4 rows at a time by masked vector adds.
     """
     L = layout
-    n_words = L.n_words  # [P]
-    xb = scaled_inputs(x, col_scale, L.start, L.width, L.word, L.col, L.words)  # [T, 32 U]
+    args = (x, planes, row_scale, col_scale, L.start, L.width, L.word, L.col, L.n_words, L.words)
+    return _tables_product(*args, TABLE_BYTES) if tables and HAS_AVX512 else _words_product(*args)
+
+
+# One compiled call for the whole product (serial itself: the kernels it calls run in parallel).
+# At one token the kernels take about 0.6 ms, and each call from Python into Numba costs tens of
+# microseconds once the rows have pushed the interpreter out of the caches.
+@njit(cache=True)
+def _tables_product(x, planes, row_scale, col_scale, start, width, word, col, n_words, words,
+                    table_bytes):
+    """`matmul_packed` by table lookups (AVX-512)."""
+    xb = scaled_inputs(x, col_scale, start, width, word, col, words)  # [T, 32 U]
     y = np.empty((x.shape[0], planes.shape[0]), np.float32)
-    tables = tables and HAS_AVX512
-    # [T, 32 P]; the table kernel needs it only for the last n mod 16 rows
-    half = (plane_halves(xb, L.word, n_words) if not tables or planes.shape[0] % VECTOR_ROWS
+    # [T, 32 P]: needed only for the last n mod 16 rows
+    half = (plane_halves(xb, word, n_words) if planes.shape[0] % VECTOR_ROWS
             else np.empty((x.shape[0], 0), np.float32))
-    if tables:
-        table = nibble_tables(xb)  # [T, 128 U]
-        chunk = max(1, TABLE_BYTES // table[0].nbytes)
-        return _table_kernel(table, xb, half, planes, row_scale, L.word, n_words, y, chunk)
-    return _packed_kernel(xb, half, planes, row_scale, L.word, n_words, y)
+    table = nibble_tables(xb)  # [T, 128 U]
+    chunk = max(1, table_bytes // (4 * table.shape[1]))
+    return _table_kernel(table, xb, half, planes, row_scale, word, n_words, y, chunk)
+
+
+@njit(cache=True)
+def _words_product(x, planes, row_scale, col_scale, start, width, word, col, n_words, words):
+    """`matmul_packed` by masked vector adds."""
+    xb = scaled_inputs(x, col_scale, start, width, word, col, words)  # [T, 32 U]
+    y = np.empty((x.shape[0], planes.shape[0]), np.float32)
+    half = plane_halves(xb, word, n_words)  # [T, 32 P]
+    return _packed_kernel(xb, half, planes, row_scale, word, n_words, y)

@@ -59,6 +59,7 @@ class BCQLinear(nn.Module):
         b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
         self.bias = nn.Parameter(b, requires_grad=False) if bias else None
         self._layouts: dict = {}
+        self._cpu: tuple | None = None  # `_cpu_arrays`' views and conversions of the buffers
 
     @classmethod
     def from_packed(cls, packed: PackedBCQ, bias: torch.Tensor | None = None) -> BCQLinear:
@@ -78,6 +79,14 @@ class BCQLinear(nn.Module):
                 f"planes={self.row_scale.shape[0]}, bias={self.bias is not None}"
                 + (f", rotation={self.rotation.kind}" if self.rotation else ""))
 
+    def _apply(self, fn, recurse=True):
+        self._cpu = None  # .to() and the like replace the buffers: let the old ones go
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        # derived from the buffers (views, device arrays), not state: a copy makes its own
+        return {**super().__getstate__(), "_cpu": None, "_layouts": {}}
+
     def layout(self) -> PlaneLayout:
         """Where each plane lives, from `orders` (recomputed when a load replaces it)."""
         key = ("cpu", self.orders.data_ptr(), self.orders._version)
@@ -85,17 +94,21 @@ class BCQLinear(nn.Module):
             self._layouts = {key: plane_layout(self.orders.cpu().numpy(), self.in_features)}
         return self._layouts[key]
 
-    @torch.no_grad()  # inference only: the kernels have no backward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()  # [T, m]
+        # inference only: the kernels have no backward. detach(), not torch.no_grad(): at one
+        # token the decorator's Python cost a tenth of the product's time
+        x2 = x.detach().reshape(-1, self.in_features)  # [T, m]
+        if x2.dtype != torch.float32 or not x2.is_contiguous():  # each torch call counts at T=1
+            x2 = x2.to(torch.float32).contiguous()
         if self.rotation is not None:  # x Q: Numba on the CPU, torch's own ops on a GPU
             x2 = (self.rotation.apply(x2) if x2.is_cuda
                   else torch.from_numpy(self.rotation.apply(x2.numpy())))
         y = _matmul_cuda(self, x2) if x2.is_cuda else _matmul_cpu(self, x2)  # [T, n] float32
         if self.bias is not None:
             y += self.bias
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def _matmul_cpu(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
@@ -103,24 +116,30 @@ def _matmul_cpu(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
     return (matmul_packed if x.shape[0] <= FEW_TOKENS else matmul_tiled)(mod, x)
 
 
-def _cpu_arrays(mod: BCQLinear):
-    """NumPy views of the buffers for Numba (no copies; float16 scales as their bits)."""
-    planes = mod.planes.numpy()  # [n, U] uint32
-    row_scale = mod.row_scale.numpy().view(np.uint16)  # [P, n]
-    col_scale = mod.col_scale.float().numpy()  # [C] float32: C is about 2 m, small
-    return planes, row_scale, col_scale
+def _cpu_arrays(mod: BCQLinear) -> tuple:
+    """(planes, row_scale, col_scale, layout) for Numba: NumPy views of the buffers (no copies;
+    float16 scales as their bits, col_scale [C] converted to float32: C is about 2 m, small).
+    Made once per set of buffers (at one token, making them took a tenth of the product's
+    time): a buffer replaced (load, assignment) or changed in place (its version) remakes them;
+    the cache holds the buffers it was made of, so their ids stay theirs."""
+    buffers = tuple(mod._buffers.values())  # orders, planes, row_scale, col_scale
+    key = tuple((id(b), b._version) for b in buffers)
+    if mod._cpu is None or mod._cpu[0] != key:
+        arrays = (mod.planes.numpy(), mod.row_scale.numpy().view(np.uint16),  # [n, U], [P, n]
+                  mod.col_scale.float().numpy(), mod.layout())  # [C]
+        mod._cpu = (key, buffers, arrays)
+    return mod._cpu[2]
 
 
 def matmul_packed(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
     """[T, n] float32 on the CPU from the packed bytes."""
-    out = kernels.matmul_packed(x.numpy(), *_cpu_arrays(mod), mod.layout())
+    out = kernels.matmul_packed(x.numpy(), *_cpu_arrays(mod))
     return torch.from_numpy(out)
 
 
 def matmul_tiled(mod: BCQLinear, x: torch.Tensor) -> torch.Tensor:
     """[T, n] float32 on the CPU: tiles of What (exact, L2-sized) times x through BLAS."""
-    L = mod.layout()
-    planes, row_scale, col_scale = _cpu_arrays(mod)
+    planes, row_scale, col_scale, L = _cpu_arrays(mod)
     n, m = mod.out_features, mod.in_features
     rows = min(n, TILE_ROWS)
     y = torch.empty(x.shape[0], n)
