@@ -220,6 +220,22 @@ def test_bcq_linear_takes_inputs_that_require_grad(rng):
         assert not y.requires_grad and torch.equal(y, mod(x))
 
 
+@pytest.mark.parametrize("cast", ["float", "double", "bfloat16", "half"])
+def test_bcq_linear_keeps_its_float16_scales_through_module_casts(rng, cast):
+    """model.bfloat16() and the like cast floating buffers: the scales must keep their bits
+    (the kernels read them as float16), the bias follows, the output is the same What's."""
+    p, What = packed_layer(rng, 37, 300)
+    bias = torch.randn(37)
+    mod = getattr(BCQLinear.from_packed(p, bias), cast)()
+    assert mod.row_scale.dtype == mod.col_scale.dtype == torch.float16
+    assert mod.row_scale.numpy().tobytes() == p.row_scale.tobytes()
+    dtype = mod.bias.dtype
+    assert dtype == getattr(torch, cast if cast != "half" else "float16")
+    x = torch.randn(3, 300)
+    want = x.double() @ torch.from_numpy(What).double().T + bias.to(dtype).double()
+    assert rel_err(mod(x.to(dtype)).double(), want) < (1e-5 if dtype.itemsize >= 4 else 1e-2)
+
+
 def test_bcq_linear_cache_pins_and_pickles_nothing(rng):
     import pickle
     import weakref

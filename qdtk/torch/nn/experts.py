@@ -32,7 +32,7 @@ class BCQExperts(nn.Module):
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}"
 
-    @torch.no_grad()  # inference only, as BCQLinear
+    @torch.no_grad()  # inference only: the packed Linears inside have no backward
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)  # [T, d]

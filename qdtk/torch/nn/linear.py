@@ -43,6 +43,9 @@ _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint32): torch.uin
                  np.dtype(np.float16): torch.float16}
 
 
+SCALES = ("row_scale", "col_scale")  # the float16 buffers
+
+
 class BCQLinear(nn.Module):
     """y = x What^T + bias with What kept as sign planes and float16 scales."""
 
@@ -80,8 +83,16 @@ class BCQLinear(nn.Module):
                 + (f", rotation={self.rotation.kind}" if self.rotation else ""))
 
     def _apply(self, fn, recurse=True):
-        self._cpu = None  # .to() and the like replace the buffers: let the old ones go
-        return super()._apply(fn, recurse)
+        """.to(), .float(), .bfloat16() and the like: the float16 scales move with the module
+        but keep their dtype (they are the stored bits, read as such by the kernels; a cast
+        would change what they mean, and bfloat16 would round them); the bias follows."""
+        self._cpu = None  # the buffers are replaced: let the old ones go
+        scales = {k: self._buffers[k] for k in SCALES}
+        super()._apply(fn, recurse)
+        for k, old in scales.items():
+            if self._buffers[k].dtype != old.dtype:
+                self._buffers[k] = old.to(self._buffers[k].device)
+        return self
 
     def __getstate__(self) -> dict:
         # derived from the buffers (views, device arrays), not state: a copy makes its own
