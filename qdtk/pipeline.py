@@ -1,9 +1,9 @@
-"""`qdtk run`: capture -> quantize -> pack -> unpack -> eval in one output folder.
+"""`qdtk run`: capture -> quantize -> pack -> eval in one output folder.
 
     OUT/stats   capture statistics (one-pass mode)
     OUT/quant   solutions and report.json
-    OUT/packed  the deployable bit-packed checkpoint
-    OUT/dense   the packed model unpacked to dense weights, what eval loads
+    OUT/packed  the deployable bit-packed checkpoint, what eval runs (at 2 bits, no dense copy)
+    OUT/dense   with --unpack only: the packed model unpacked to dense weights
     OUT/eval.json, OUT/summary.json
     OUT/report  figures and report.md (qdtk.report; skipped without matplotlib)
 
@@ -57,7 +57,6 @@ class EvalOptions:
     L: int = 128
     seed: int = 0
     texts: tuple[str, ...] = ()  # sources (qdtk.torch.evaluate.read_text); () = every built-in one
-    dense_dtype: str = "float32"
     device: str = "cpu"
 
 
@@ -70,6 +69,7 @@ class RunOptions:
     include: Sequence[str] = ()
     exclude: Sequence[str] = ()
     eval: EvalOptions = field(default_factory=EvalOptions)
+    unpack: str | None = None  # also write OUT/dense in this dtype (float32, float16, bfloat16)
 
 
 def run(
@@ -105,14 +105,15 @@ def run(
     times["quantize"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    echo("[3/4] pack and unpack")
+    echo("[3/4] pack" + (f" and unpack ({opts.unpack})" if opts.unpack else ""))
     pack_checkpoint(quant, packed, model)
-    unpack_checkpoint(packed, dense, opts.eval.dense_dtype)
+    if opts.unpack:
+        unpack_checkpoint(packed, dense, opts.unpack)
     times["pack"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    echo("[4/4] eval on held-out text")
-    result = evaluate_once(model, dense, quant, out / "eval.json", opts.eval, opts.capture)
+    echo("[4/4] eval on held-out text (the packed model)")
+    result = evaluate_once(model, packed, quant, out / "eval.json", opts.eval, opts.capture)
     times["eval"] = time.perf_counter() - t
 
     report = read_json(quant / "report.json")
@@ -134,19 +135,20 @@ def write_run_report(out: Path, echo: Callable[[str], None]) -> None:
         echo(f"report skipped: {e}")
 
 
-def evaluate_once(model: Path, dense: Path, quant: Path, path: Path, e: EvalOptions,
+def evaluate_once(model: Path, packed: Path, quant: Path, path: Path, e: EvalOptions,
                   capture_opts: Any) -> dict:
-    """qdtk.torch.evaluate.compare_texts, cached in `path` for the same quantized model and
-    options."""
+    """qdtk.torch.evaluate.compare_texts of the original against the packed folder, cached in
+    `path` for the same quantized model and options."""
     from qdtk.torch.evaluate import compare_texts, default_sources, read_text
 
-    fp = fingerprint(read_json(quant / "report.json").get("summary"), e.__dict__, str(model))
+    fp = fingerprint(read_json(quant / "report.json").get("summary"), e.__dict__, str(model),
+                     "packed")
     if path.exists():
         old = read_json(path)
         if old.get("fingerprint") == fp:
             return old
     texts = {src: read_text(src) for src in e.texts or default_sources()}
-    result = compare_texts(model, dense, texts, n=e.n, L=e.L, seed=e.seed, device=e.device,
+    result = compare_texts(model, packed, texts, n=e.n, L=e.L, seed=e.seed, device=e.device,
                            trust_remote_code=getattr(capture_opts, "trust_remote_code", False),
                            model_code=getattr(capture_opts, "model_code", "auto"))
     result["fingerprint"] = fp

@@ -130,7 +130,8 @@ def test_output_change_of_an_expert_slices_the_fused_parameter(tiny_moe):
 def test_run_end_to_end_replaces_every_expert(tiny_moe, tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, ["run", str(tiny_moe), "--out", str(out), "-n", "4", "-L",
-                                 "24", "--eval-n", "2", "--eval-length", "16", "--iters", "2"])
+                                 "24", "--eval-n", "2", "--eval-length", "16", "--iters", "2",
+                                 "--unpack", "float32"])
     assert r.exit_code == 0, r.output
     s = json.loads((out / "summary.json").read_text())
     assert s["layers"] == 2 * (4 + 4 * 3)
@@ -342,7 +343,7 @@ def test_run_end_to_end_on_diffusion_gemma_replaces_every_fused_expert(tiny_diff
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, ["run", str(tiny_diffusion_gemma), "--out", str(out), "-n", "4",
                                  "-L", "24", "--eval-n", "2", "--eval-length", "16",
-                                 "--iters", "2"])
+                                 "--iters", "2", "--unpack", "float32"])
     assert r.exit_code == 0, r.output
     orig, dense = Checkpoint(tiny_diffusion_gemma), Checkpoint(out / "dense")
     report = json.loads((out / "quant" / "report.json").read_text())

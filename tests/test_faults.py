@@ -31,6 +31,7 @@ STATS = ["-n", "4", "-L", "24"]
 QUANT = ["--abmp", "none", "--bits", "2", "--budget-scope", "layer", "--iters", "2",
          "--refine", "none"]
 EVAL = ["--eval-n", "2", "--eval-length", "16"]
+UNPACK = ["--unpack", "float32"]  # the run writes OUT/dense too: its kill and resume covered
 SHARD = ["--max-shard-size", "40KB"]  # several packed shards
 K = "model.layers.1.self_attn.k_proj.weight"
 
@@ -52,7 +53,7 @@ def error_line(output: str) -> str:
 def ref(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     """One uninterrupted run, plus a multi-shard pack of its solutions."""
     out = tmp_path_factory.mktemp("ref")
-    qdtk("run", tiny_llama, "--out", out / "run", *STATS, *QUANT, *EVAL)
+    qdtk("run", tiny_llama, "--out", out / "run", *STATS, *QUANT, *EVAL, *UNPACK)
     qdtk("pack", out / "run" / "quant", "--model", tiny_llama, "--out", out / "packed", *SHARD)
     return {"model": tiny_llama, "stats": out / "run" / "stats", "quant": out / "run" / "quant",
             "packed": out / "packed", "packed1": out / "run" / "packed",
@@ -189,7 +190,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_result(ref, tmp_path, case):
         "quantize": ["quantize", model, "--stats", ref["stats"], "--out", out, *QUANT],
         "pack": ["pack", ref["quant"], "--model", model, "--out", out, *SHARD],
         "unpack": ["unpack", ref["packed1"], "--out", out, "--dtype", "float32"],
-        "run": ["run", model, "--out", out, *STATS, *QUANT, *EVAL],
+        "run": ["run", model, "--out", out, *STATS, *QUANT, *EVAL, *UNPACK],
     }[stage]
     if n is None:  # each shard is written as .partial, then all renamed: die at the second
         n = len(list(ref["packed"].glob("*.safetensors"))) + 2

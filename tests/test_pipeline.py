@@ -27,11 +27,11 @@ QUANT = {"method": "daq", "bits": 2, "iters": 3, "tau": 2.0, "lam": 3.0, "percda
          "compensate": True, "refit": True, "backend": "cpu"}
 
 
-def _opts(solver=solve_daq, sequential=False, mask=True):
+def _opts(solver=solve_daq, sequential=False, mask=True, unpack=None):
     return RunOptions(
         capture=CaptureOptions(n=4, L=24, chunk_size=2, mask=MaskOptions(mask=mask)),
         quantize=QuantizeOptions(**QUANT), solver=solver, sequential=sequential,
-        eval=EvalOptions(n=2, L=16),
+        eval=EvalOptions(n=2, L=16), unpack=unpack,
     )
 
 
@@ -59,15 +59,20 @@ def test_run_cli_end_to_end_and_rerun_is_a_no_op(tiny_bert, tmp_path):
     assert list(s["sources"]) == ["builtin:pydoc", "builtin:docstrings", "builtin:manpages"]
     assert s["metrics"] == s["sources"]["builtin:pydoc"]
     assert "bits per weight" in r.output and "masked-token CE" in r.output
-    # the unpacked model is a real checkpoint with every tensor of the original
-    assert set(Checkpoint(out / "dense").names()) == set(Checkpoint(tiny_bert).names())
+    assert not (out / "dense").exists()  # eval ran the packed folder: no dense copy
     before = {d: _files(out / d) for d in ("stats", "quant", "packed")}
     mtimes = {p: p.stat().st_mtime_ns for d in ("stats", "quant", "packed")
               for p in (out / d).glob("*.safetensors")}
-    r = CliRunner().invoke(cli, args)
+    evaluated = (out / "eval.json").read_bytes()
+    r = CliRunner().invoke(cli, args + ["--unpack", "bfloat16"])
     assert r.exit_code == 0, r.output
     assert {d: _files(out / d) for d in before} == before
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing rewritten
+    assert (out / "eval.json").read_bytes() == evaluated  # nor evaluated again
+    # --unpack: a real checkpoint with every tensor of the original, in the dtype asked for
+    dense = Checkpoint(out / "dense")
+    assert set(dense.names()) == set(Checkpoint(tiny_bert).names())
+    assert "BF16" in {dense.info(name).dtype for name in dense.names()}
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path):
@@ -91,8 +96,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path):
     run(tiny_llama, None, broken, _opts(mask=False))
     for stage in ("stats", "quant"):
         assert _files(broken / stage) == _files(whole / stage), stage
-    for stage in ("packed", "dense"):
-        assert _tensors(broken / stage) == _tensors(whole / stage), stage
+    assert _tensors(broken / "packed") == _tensors(whole / "packed")
     assert _files(broken / "quant")["block_0000.safetensors"] == \
         finished_blocks["block_0000.safetensors"]
 
@@ -107,7 +111,8 @@ def test_sequential_blocks_see_the_quantized_outputs(tiny_llama, tmp_path):
     one_pass = tmp_path / "one"
     run(tiny_llama, None, one_pass, _opts(mask=False))
     seq = tmp_path / "seq"
-    summary = run(tiny_llama, None, seq, _opts(solver=recording, sequential=True, mask=False))
+    summary = run(tiny_llama, None, seq, _opts(solver=recording, sequential=True, mask=False,
+                                               unpack="float32"))
     assert np.isfinite(summary["proxy_error"]["max"])
     assert _files(seq / "quant") != _files(one_pass / "quant")
 
@@ -151,7 +156,8 @@ def test_run_end_to_end_on_published_dllm_checkpoints(arch, request, tmp_path):
     folder = request.getfixturevalue(f"tiny_{arch}")
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, ["run", str(folder), "--out", str(out), "-n", "4", "-L", "24",
-                                 "--eval-n", "2", "--eval-length", "16", "--iters", "2"])
+                                 "--eval-n", "2", "--eval-length", "16", "--iters", "2",
+                                 "--unpack", "float32"])
     assert r.exit_code == 0, r.output
     s = json.loads((out / "summary.json").read_text())
     assert s["layers"] == 14  # 2 blocks x (q, k, v, o, gate, up, down)
