@@ -254,14 +254,15 @@ def test_sign_passes_keep_the_residual_gradient(problem):
 def test_refine_prepared_returns_its_error_and_trusts_a_given_start(problem):
     W, H, layer = problem
     P = prepare_hessian(H, 0.01)
-    out, err = refine_prepared(W, P, layer, rounds=2)
+    out, err, D_out = refine_prepared(W, P, layer, rounds=2)
     D = np.asarray(W, np.float64) - out.dequantize()
     assert err == pytest.approx(float(np.sum((D @ P.H) * D)), rel=1e-9)
+    np.testing.assert_array_equal(D_out, D)  # the D it measured, in P.R's precision
     assert refine_prepared(W, P, layer, rounds=2, start_error=np.inf)[0].signs.tobytes() == \
         out.signs.tobytes()
     # a start it cannot beat: the input comes back, with that error
-    kept, e = refine_prepared(W, P, layer, rounds=2, start_error=0.0)
-    assert kept is layer and e == 0.0
+    kept, e, D_kept = refine_prepared(W, P, layer, rounds=2, start_error=0.0)
+    assert kept is layer and e == 0.0 and D_kept is None
 
 
 def group_problem(rng, n=30, w=128, o=3):

@@ -588,9 +588,10 @@ def refine_prepared(
     backend: Backend = CPU,
     R=None,
     start_error: float | None = None,
-) -> tuple[BinaryCodedLayer, float | None]:
+) -> tuple[BinaryCodedLayer, float | None, object]:
     """`refine_layer` on a prepared H: (the layer, its tr(D H_damped D^T) = ||D R||^2 where
-    computed: None after a validation stop's comparison).
+    computed: None after a validation stop's comparison, D = W - What where formed: the
+    refined layer's, in R's precision and where R lives; None when the input comes back).
 
     Each round: row scales (scales), column scales (scales and columns), signs (signs); then the
     scales are balanced and rounded to float16 and the signs refit once more on the rounded
@@ -645,7 +646,8 @@ def refine_prepared(
         out = layer_from_state(state)
     R = backend.to_device(P.R) if R is None else R
     What = out.dequantize()  # [n, m]
-    after = damped_quadratic_form(W64 - What, R)  # tr(D Hd D^T)
+    D = array_module(R).asarray(W64 - What, R.dtype)  # [n, m]
+    after = damped_quadratic_form(D, R)  # tr(D Hd D^T)
     if validation is not None:
         before = validation_error(W64, layer.dequantize(), validation)
         better = validation_error(W64, What, validation) < before
@@ -655,8 +657,8 @@ def refine_prepared(
         better = after < before
         log.debug("%s: refine tr(DHD^T) %.4g -> %.4g", name, before, after)
     if better:
-        return out, after
-    return layer, (None if validation is not None else before)
+        return out, after, D
+    return layer, (None if validation is not None else before), None
 
 
 def validation_error(W: np.ndarray, What: np.ndarray, Hv: np.ndarray | None) -> float:

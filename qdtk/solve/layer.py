@@ -270,21 +270,20 @@ def quantize_layer(
     layer, damped_err = sweep(dev.to_device(W), R, o, solve, compensate, feedback, group_rounds,
                               dev)
     t_sweep = time.perf_counter()
-    X = None  # W0 - What, where the error below has it
+    X = None  # W0 - What where the refinement formed it (on dev, float32 as R)
     if refine is not None:
         # on the sweep's prepared H (float32, factored once); its error is the guard's start
         # when the sweep gave it for W0 itself (no dead columns zeroed)
         start = None if P.dead.any() else damped_err
-        layer, damped_err = refine_prepared(W0, P, layer, **refine, name=name, backend=dev,
-                                            validation=validation, R=R, start_error=start)
-        X = W0 - layer.dequantize()
+        layer, damped_err, X = refine_prepared(W0, P, layer, **refine, name=name, backend=dev,
+                                               validation=validation, R=R, start_error=start)
     t3 = time.perf_counter()
     if not (np.all(np.isfinite(layer.row_scale)) and np.all(np.isfinite(layer.col_scale))):
         raise QdtkError(f"{name}: scales overflow float16 (weights beyond 65504?)")
     if damped_err is None:
         err = quadratic_form(W0 - layer.dequantize() if X is None else X, P, R)
     elif X is not None:  # the refinement's tr(D H_damped D^T)
-        err = undamped_form(damped_err, dev.to_device(X), P)
+        err = undamped_form(damped_err, X, P)
     elif shrink:  # the sweep's, on Dz = W - What (dead columns zeroed: H is 0 there)
         err = undamped_form(damped_err, dev.to_device(W - layer.dequantize()), P)
     else:  # the sweep's, undamped group by group (What is never formed whole)
