@@ -53,11 +53,12 @@ def solve_daq(
         bits = o.budget([W.shape]) if o.knapsack else float(o.bits)
         group_solve = None  # swap and none rank groups without solving them
         if o.knapsack or not o.compensate:
-            # the knapsack's candidates at their own iterations: a memo the sweep cannot use
-            cs = (DaqGroupSolver(**o.group_settings(candidates=True))
-                  if o.knapsack and o.candidate_iters is not None else gs)
-            reused = cs is gs and not o.compensate
-            group_solve = cs if reused or o.backend == "cuda" else cs.uncached
+            # the knapsack's candidates at their own iterations (set only with knapsack): a
+            # memo of their own, which the sweep cannot use
+            cs = gs if o.candidate_iters is None else DaqGroupSolver(
+                **o.group_settings(candidates=True))
+            memo = (cs is gs and not o.compensate) or o.backend == "cuda"
+            group_solve = cs if memo else cs.uncached
 
         def orders(W_: np.ndarray, P: PreparedHessian) -> np.ndarray:
             chosen, rep = abmp.choose_orders(
